@@ -1,0 +1,39 @@
+"""tl_degen: degeneracy-invariant coordinates (the interaction basis) for TransformerLens.
+
+Data flows one way: model + tokens → statistics → bases (→ graph → patching and views).
+
+>>> import tl_degen
+>>> bases = tl_degen.fit_bases(model, tokens, ["resid_pre.0", "resid_post.0:last", "logits:last"])
+>>> print(bases)
+"""
+
+from tl_degen.basis import Dropped, InteractionBasis, Threshold
+from tl_degen.basis_set import BasisSet
+from tl_degen.errors import (
+    BackendError,
+    BasisMismatchError,
+    DataError,
+    NonFiniteError,
+    SiteError,
+    TLDegenError,
+)
+from tl_degen.fitting import fit_bases, site_activations
+from tl_degen.sites import Site
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fit_bases",
+    "site_activations",
+    "Site",
+    "BasisSet",
+    "InteractionBasis",
+    "Threshold",
+    "Dropped",
+    "TLDegenError",
+    "SiteError",
+    "DataError",
+    "NonFiniteError",
+    "BasisMismatchError",
+    "BackendError",
+]

@@ -1,0 +1,191 @@
+"""``BasisSet``: the bases of several sites, with save/load and model checks.
+
+File format (version 1): one ``.safetensors`` file. Tensors are named ``<site>/<field>``
+(``C``, ``C_pinv``, ``eigenvalues``, ``mean``, ``gram``, ``gram_eigenvalues`` and, for LIB,
+``lambda_all``), all float64. The header metadata key ``tl_degen`` holds JSON: format name
+and version, the fit configuration, the model's architecture signature and a probe (its
+logits on a fixed input), and per site the method, centering, sample count and what was
+dropped. Files are written to a temporary name and renamed, so a failed save leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from tl_degen.basis import Dropped, InteractionBasis
+from tl_degen.errors import BasisMismatchError, DataError
+from tl_degen.sites import Site
+
+__all__ = ["BasisSet", "model_probe", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "tl_degen.basis_set"
+FORMAT_VERSION = 1
+_FIELDS = ("C", "C_pinv", "eigenvalues", "mean", "gram", "gram_eigenvalues")
+
+
+def model_probe(adapter) -> list[list[float]]:
+    """The model's logits on a fixed token sequence (first 8 positions, first 16 logits).
+
+    Stored with a basis so that :meth:`BasisSet.check_model` can refuse a model with other
+    weights, whichever backend (bridge or HookedTransformer) holds them.
+    """
+    n = min(adapter.n_ctx, 8)
+    tokens = ((torch.arange(n) * 7 + 3) % adapter.d_vocab)[None].to(adapter.device)
+    with torch.no_grad():
+        (logits,) = adapter.read_sites(tokens, [Site("logits")])
+    return logits[0, :, :16].double().cpu().tolist()
+
+
+class BasisSet(Mapping):
+    """Bases of several sites, in forward order; ``bases["resid_pre.0"]`` or by :class:`Site`.
+
+    Attributes:
+        config: the settings of the fit (method, centering, threshold, integration, ...).
+        model_signature: architecture facts of the model it was fitted on.
+        model_probe: the model's logits on a fixed input (see :func:`model_probe`).
+    """
+
+    def __init__(self, bases: list[InteractionBasis], *, config: dict | None = None,
+                 model_signature: dict | None = None, model_probe: list | None = None):
+        self._bases = {b.site: b for b in bases}
+        self.config = dict(config or {})
+        self.model_signature = dict(model_signature or {})
+        self.model_probe = model_probe
+
+    # ---------------------------------------------------------------- mapping
+    def _key(self, site: str | Site) -> Site:
+        s = Site.parse(site)
+        if s in self._bases:
+            return s
+        for k in self._bases:  # allow 'resid_pre.0' for 'resid_pre.0:all' etc.
+            if (k.kind, k.layer) == (s.kind, s.layer) and s.positions is None:
+                return k
+        raise KeyError(f"no basis for site {s.name!r}; this set has "
+                       f"{[k.name for k in self._bases]}")
+
+    def __getitem__(self, site: str | Site) -> InteractionBasis:
+        return self._bases[self._key(site)]
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self._bases)
+
+    def __len__(self) -> int:
+        return len(self._bases)
+
+    @property
+    def sites(self) -> list[Site]:
+        return list(self._bases)
+
+    @property
+    def method(self) -> str | None:
+        return self.config.get("method")
+
+    # ---------------------------------------------------------------- display
+    def summary(self) -> str:
+        """One line per site: dimension, kept directions, top eigenvalues, what was dropped."""
+        lines = [f"BasisSet(method={self.method!r}, n_samples={self.config.get('n_samples')}, "
+                 f"threshold={self.config.get('threshold')}, "
+                 f"integration={self.config.get('integration')})"]
+        w = max(len(s.name) for s in self._bases) if self._bases else 0
+        for s, b in self._bases.items():
+            top = ", ".join(f"{v:.4e}" for v in b.eigenvalues[:3].tolist())
+            lines.append(f"  {s.name:<{w}}  d={b.d_site:<5d} kept={b.k:<5d} top=[{top}]  "
+                         f"dropped: {b.dropped.activation} type-1, {b.dropped.jacobian} type-2")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    # ---------------------------------------------------------------- model checks
+    def check_model(self, model) -> None:
+        """Raise :class:`BasisMismatchError` unless ``model`` is the one these bases fit."""
+        from tl_degen.adapters import get_adapter
+
+        adapter = get_adapter(model)
+        sig = adapter.signature()
+        diff = {k: (v, sig.get(k)) for k, v in self.model_signature.items() if sig.get(k) != v}
+        if diff:
+            raise BasisMismatchError(
+                "these bases were fitted on a different architecture: " + ", ".join(
+                    f"{k}={a} (bases) vs {b} (model)" for k, (a, b) in diff.items())
+                + "; fit new bases with fit_bases(model, ...)")
+        if self.model_probe is not None:
+            probe = torch.tensor(model_probe(adapter), dtype=torch.float64)
+            ref = torch.tensor(self.model_probe, dtype=torch.float64)
+            scale = ref.abs().max().clamp_min(1e-6)
+            if probe.shape != ref.shape or (probe - ref).abs().max() > 1e-3 * scale:
+                raise BasisMismatchError(
+                    "these bases were fitted on a model with different weights (its logits "
+                    "on a fixed probe input differ); fit new bases with fit_bases(model, ...)")
+
+    # ---------------------------------------------------------------- save / load
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` (``.safetensors``), atomically. Returns the path."""
+        path = Path(path)
+        tensors: dict[str, Tensor] = {}
+        sites_meta = []
+        for s, b in self._bases.items():
+            for f in _FIELDS:
+                tensors[f"{s.name}/{f}"] = getattr(b, f).detach().to(torch.float64).cpu().contiguous()
+            if b.lambda_all is not None:
+                tensors[f"{s.name}/lambda_all"] = b.lambda_all.detach().double().cpu().contiguous()
+            sites_meta.append({"site": s.name, "method": b.method, "center": b.center,
+                               "n_samples": b.n_samples, "dropped": asdict(b.dropped)})
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config,
+                "model_signature": self.model_signature, "model_probe": self.model_probe,
+                "sites": sites_meta}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"tl_degen": json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None, *, device: str | torch.device = "cpu"
+             ) -> BasisSet:
+        """Read a file written by :meth:`save`; with ``model``, also :meth:`check_model`."""
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"no basis file at {path}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types
+            raise DataError(f"{path} is not a readable safetensors file ({err})") from err
+        try:
+            meta = json.loads(header["tl_degen"])
+            assert meta["format"] == FORMAT_NAME
+        except (KeyError, ValueError, AssertionError):
+            raise DataError(f"{path} is not a tl_degen basis file (no tl_degen metadata)") from None
+        if meta["version"] > FORMAT_VERSION:
+            raise DataError(f"{path} has format version {meta['version']}; this tl_degen reads "
+                            f"up to {FORMAT_VERSION}: upgrade tl_degen")
+        bases = []
+        for sm in meta["sites"]:
+            name = sm["site"]
+            bases.append(InteractionBasis(
+                site=Site.parse(name), method=sm["method"],
+                **{f: tensors[f"{name}/{f}"] for f in _FIELDS},
+                dropped=Dropped(**sm["dropped"]), center=sm["center"],
+                n_samples=sm["n_samples"], lambda_all=tensors.get(f"{name}/lambda_all")))
+        out = cls(bases, config=meta["config"], model_signature=meta["model_signature"],
+                  model_probe=meta["model_probe"])
+        if model is not None:
+            out.check_model(model)
+        return out

@@ -1,0 +1,41 @@
+"""The package's exceptions: one base class, a few specific kinds.
+
+Every error message names the problem and how to fix it. All subclass :class:`TLDegenError`
+(and :class:`ValueError`), so ``except tl_degen.TLDegenError`` catches everything we raise
+on purpose.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TLDegenError",
+    "SiteError",
+    "DataError",
+    "NonFiniteError",
+    "BasisMismatchError",
+    "BackendError",
+]
+
+
+class TLDegenError(ValueError):
+    """Base class of every error tl_degen raises about its inputs."""
+
+
+class SiteError(TLDegenError):
+    """A site name that does not parse, does not exist in the model, or is out of order."""
+
+
+class DataError(TLDegenError):
+    """Tokens or data that cannot be used: empty, wrong shape or dtype, out of range."""
+
+
+class NonFiniteError(DataError):
+    """NaN or Inf activations or Jacobians."""
+
+
+class BasisMismatchError(TLDegenError):
+    """A basis (or basis file) used with a model or site it was not fitted on."""
+
+
+class BackendError(TLDegenError):
+    """A model that is neither a TransformerBridge nor a HookedTransformer, or lacks a hook."""

@@ -1,0 +1,119 @@
+"""Sections: the computation from one site to the next, and its Jacobian Gram.
+
+For consecutive sites ``l → l+1`` the section is ``f(x)``: the site-``l`` vector (all its
+positions, constant coordinate last) mapped to the site-``l+1`` vector, run on the user's
+model with hooks (:mod:`tl_degen.adapters`). This module computes, over a data batch,
+
+    M′ += Σ_b Σ_(t,i) Σ_s J[b,t,i,s,:] J[b,t,i,s,:]ᵀ,   J = ∂f̂[t,i]/∂x[s,:]      (§4 step 4)
+
+with ``f̂ = f(x) C_(l+1)`` the next site's coordinates, and for integrated gradients ``J``
+averaged over ``α·x`` with quadrature weights.
+
+The model is run forward once per batch and quadrature point; the output directions are then
+pulled back with vector-Jacobian products in chunks (``torch.autograd.grad`` with batched
+grad outputs), so nothing upstream of the input site is recomputed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_degen.adapters.base import Adapter
+from tl_degen.errors import TLDegenError
+from tl_degen.sites import Site
+from tl_degen.stats import GramAccumulator
+
+__all__ = ["INTEGRATION_RULES", "integration_rule", "accumulate_jacobian_gram"]
+
+INTEGRATION_RULES = ("gradient", "trapezoid", "gauss-legendre")
+
+
+def integration_rule(name: str, n_alpha: int | None = None) -> tuple[list[float], list[float]]:
+    """Quadrature points ``α`` in [0, 1] and weights (summing to 1) for integrated gradients.
+
+    ``gradient``: ``α = 1`` only (the default; ``n_alpha`` is ignored). ``trapezoid``:
+    ``n_alpha`` equally spaced points including both ends. ``gauss-legendre``: ``n_alpha``
+    Gauss–Legendre nodes mapped to [0, 1].
+    """
+    if name == "gradient":
+        return [1.0], [1.0]
+    if name not in INTEGRATION_RULES:
+        raise TLDegenError(f"unknown integration rule {name!r}; use one of "
+                           f"{', '.join(INTEGRATION_RULES)}")
+    if n_alpha is None:
+        n_alpha = 5
+    if name == "trapezoid":
+        if n_alpha < 2:
+            raise TLDegenError("the trapezoid rule needs n_alpha >= 2")
+        alphas = np.linspace(0.0, 1.0, n_alpha)
+        weights = np.full(n_alpha, 1.0 / (n_alpha - 1))
+        weights[[0, -1]] /= 2
+    else:
+        if n_alpha < 1:
+            raise TLDegenError("the Gauss-Legendre rule needs n_alpha >= 1")
+        nodes, w = np.polynomial.legendre.leggauss(n_alpha)
+        alphas, weights = (nodes + 1) / 2, w / 2
+    return alphas.tolist(), weights.tolist()
+
+
+def accumulate_jacobian_gram(
+    adapter: Adapter,
+    tokens: Int[Tensor, "batch pos"],
+    in_site: Site,
+    out_site: Site,
+    x: Float[Tensor, "batch n_in d_in"],
+    out_basis: Float[Tensor, "d_out k"] | None,
+    acc: GramAccumulator,
+    *,
+    alphas: list[float],
+    weights: list[float],
+    chunk: int = 1,
+    closed_form: bool = True,
+) -> None:
+    """Add one batch's ``Σ J Jᵀ`` (§4 step 4) to ``acc`` and ``N·P_in`` to its count.
+
+    Args:
+        x: the input site's vectors on this batch (constant coordinate last), in the dtype
+            the model runs in.
+        out_basis: ``C`` of the output site (``[d_out (+1), k]``); ``None`` for raw outputs
+            (unrotated logits).
+        chunk: output directions pulled back per autograd call (``is_grads_batched`` when
+            above 1; measured slower than 1 on CPU, see ``benchmarks/``).
+        closed_form: use :mod:`tl_degen.closed_form` where the section allows it.
+    """
+    if closed_form:
+        from tl_degen.closed_form import try_closed_form
+
+        if try_closed_form(adapter, tokens, in_site, out_site, x, out_basis, acc, alphas, weights):
+            return
+    n, n_in, _ = x.shape
+    graphs = []
+    for alpha in alphas:
+        leaf = (alpha * x).detach().requires_grad_(True)
+        y = adapter.run(tokens, read=out_site, write=(in_site, leaf))
+        graphs.append((leaf, y))
+    _, n_out, d_out = graphs[0][1].shape
+    basis = (torch.eye(d_out, dtype=x.dtype, device=x.device) if out_basis is None
+             else out_basis.to(x.dtype))
+    k = basis.shape[1]
+    directions = [(t, i) for t in range(n_out) for i in range(k)]
+    for start in range(0, len(directions), chunk):
+        block = directions[start:start + chunk]
+        m = len(block)
+        grad_out = torch.zeros(m, n, n_out, d_out, dtype=x.dtype, device=x.device)
+        t_idx = torch.tensor([t for t, _ in block], device=x.device)
+        grad_out[torch.arange(m, device=x.device), :, t_idx, :] = (
+            basis[:, [i for _, i in block]].T[:, None, :])
+        total = None
+        for (leaf, y), w in zip(graphs, weights):
+            if m == 1:
+                (g,) = torch.autograd.grad(y, leaf, grad_out[0], retain_graph=True)
+            else:
+                (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
+                                           is_grads_batched=True)
+            total = w * g if total is None else total + w * g
+        acc.add_rows(total)
+    acc.add_count(n * n_in)

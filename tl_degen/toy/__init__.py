@@ -1,0 +1,1 @@
+"""Small models the package ships for tests, examples and the demo."""
