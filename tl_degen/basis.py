@@ -29,13 +29,13 @@ METHODS = ("lib", "pca", "neuron")
 class Threshold:
     """Which eigenvalues count as zero (DESIGN.md §4 step 10).
 
-    ``Threshold.relative(1e-10)`` (the default) drops eigenvalues below ``1e-10 ×`` the
+    ``Threshold.relative(1e-13)`` (the default) drops eigenvalues below ``1e-13 ×`` the
     largest one at that stage; ``Threshold.absolute(1e-15)`` drops those below ``1e-15`` (the
     reference implementation's setting, which cuts inside the float64 noise floor). A bare
     float passed to :func:`tl_degen.fit_bases` means relative.
     """
 
-    value: float = 1e-10
+    value: float = 1e-13
     mode: str = "relative"
 
     def __post_init__(self) -> None:

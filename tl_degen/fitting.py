@@ -134,7 +134,7 @@ def fit_bases(
     method: str = "lib",
     batch_size: int = 256,
     center: bool = True,
-    threshold: float | Threshold = 1e-10,
+    threshold: float | Threshold = 1e-13,
     integration: str = "gradient",
     n_alpha: int | None = None,
     dtype: torch.dtype | None = torch.float64,

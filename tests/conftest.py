@@ -1,0 +1,41 @@
+"""Shared fixtures: small models of every supported architecture, built offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import models as M
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "rib_modadd" / "seed0"
+if os.environ.get("TL_DEGEN_REFERENCE"):
+    REFERENCE = Path(os.environ["TL_DEGEN_REFERENCE"])
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE / "lib_graph.safetensors").exists():
+        pytest.skip(f"reference data not found at {REFERENCE} (../shared is absent)")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return M.save_word_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(params=M.ARCHITECTURES)
+def arch(request) -> str:
+    if request.param == "hooked_transformer" and not M.HAS_HOOKED_TRANSFORMER:
+        pytest.skip("HookedTransformer needs transformer_lens 3.x")
+    return request.param
+
+
+@pytest.fixture
+def model(arch, tokenizer_dir):
+    return M.build(arch, tokenizer_dir)
