@@ -27,8 +27,13 @@ REFERENCE_THRESHOLD = Threshold.absolute(1e-15)
 
 @pytest.fixture(scope="module")
 def setting(reference_dir):
+    """The bridge on TransformerLens 4; the HookedTransformer on 3.x (whose own bridge
+    distributes b_O differently, see tests/test_backends.py)."""
+    from tests.models import HAS_HOOKED_TRANSFORMER
+
     sd = modadd.load_state_dict(reference_dir / "model.safetensors")
-    model = modadd.load_bridge(sd)
+    loader = modadd.load_hooked_transformer if HAS_HOOKED_TRANSFORMER else modadd.load_bridge
+    model = loader(sd)
     train, _ = modadd.train_test_split()
     return model, modadd.tokens_for(train)
 

@@ -255,13 +255,34 @@ def load_bridge(
 ):
     """A TransformerLens 4 native ``TransformerBridge`` holding a modadd state dict (eval mode)."""
     from transformer_lens.model_bridge import TransformerBridge
-    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
     sd = state_dict if isinstance(state_dict, dict) else load_state_dict(state_dict)
     bcfg = _bridge_config(cfg)
     model = TransformerBridge.boot_native(bcfg)
-    model.load_state_dict(convert_tl_checkpoint(sd, bcfg), strict=True)
+    try:  # TransformerLens >= 4
+        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+
+        converted = convert_tl_checkpoint(sd, bcfg)
+    except ImportError:  # TransformerLens 3.x: the same mapping, written out
+        converted = _to_bridge_keys(sd)
+    model.load_state_dict(converted, strict=True)
     return model.to(dtype).eval()
+
+
+def _to_bridge_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HookedTransformer keys/shapes → native-bridge ``nn.Linear`` keys/shapes (one layer)."""
+    a, m = "blocks.0.attn.", "blocks.0.mlp."
+    out = {"embed.weight": sd["embed.W_E"], "pos_embed.weight": sd["pos_embed.W_pos"],
+           "unembed.weight": sd["unembed.W_U"].T, "unembed.bias": sd["unembed.b_U"],
+           m + "in.weight": sd[m + "W_in"].T, m + "in.bias": sd[m + "b_in"],
+           m + "out.weight": sd[m + "W_out"].T, m + "out.bias": sd[m + "b_out"],
+           a + "o.weight": sd[a + "W_O"].reshape(-1, sd[a + "W_O"].shape[-1]).T,
+           a + "o.bias": sd[a + "b_O"]}
+    for x in "QKV":
+        W = sd[a + f"W_{x}"]  # [h, d, e]
+        out[a + f"{x.lower()}.weight"] = W.permute(0, 2, 1).reshape(-1, W.shape[1])
+        out[a + f"{x.lower()}.bias"] = sd[a + f"b_{x}"].reshape(-1)
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def load_hooked_transformer(

@@ -1,0 +1,79 @@
+"""DESIGN.md §4 step 6 on every architecture: the second moment of the LIB coordinates is
+diag(Λ), and every kept direction has unit mean squared Jacobian norm. The Jacobian Gram is
+recomputed here by brute force (full per-sample Jacobians), independently of the batched
+vector-Jacobian products and closed forms the package uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tl_degen
+from tests import models as M
+from tl_degen.adapters import get_adapter
+from tl_degen.fitting import prepared
+from tl_degen.sites import Site
+
+N, N_POS = 10, 5
+
+
+def brute_force_jacobian_gram(model, tokens, in_site, out_site, out_C):
+    adapter = get_adapter(model)
+    total = None
+    for b in range(tokens.shape[0]):
+        tok = tokens[b : b + 1]
+        (x,) = adapter.read_sites(tok, [in_site])
+
+        def f(xb, tok=tok):
+            y = adapter.run(tok, read=out_site, write=(in_site, xb[None]))[0]
+            return y if out_C is None else y @ out_C
+
+        J = torch.autograd.functional.jacobian(f, x[0])  # [P_out, k, P_in, d]
+        rows = J.reshape(-1, J.shape[-1])
+        total = rows.T @ rows if total is None else total + rows.T @ rows
+    return total / (tokens.shape[0] * x.shape[1])
+
+
+@pytest.mark.parametrize("integration", ["gradient", "gauss-legendre"])
+def test_second_moment_and_unit_jacobian_norms(arch, model, integration):
+    tokens = M.random_tokens(N, N_POS)
+    sites = [Site.parse(s) for s in M.mid_sites(arch)]
+    if integration != "gradient" and arch not in ("native_relu", "gpt2"):
+        pytest.skip("integration rules are exercised on two architectures")
+    bases = tl_degen.fit_bases(model, tokens, sites, integration=integration, n_alpha=3,
+                               threshold=1e-12, progress=False)
+    for idx, site in enumerate(sites[:-1]):
+        b = bases[site]
+        lam = b.eigenvalues
+        # (1) second moment of the coordinates = diag(Λ)
+        x = tl_degen.site_activations(model, tokens, site).double().reshape(-1, b.d_site)
+        xhat = b.to_coords(x)
+        second = xhat.T @ xhat / xhat.shape[0]
+        assert (second - torch.diag(lam)).abs().max() <= 1e-8 * lam.max(), site
+        # (2) unit mean squared Jacobian norm of each kept direction
+        if integration != "gradient":
+            continue  # the brute force below takes the plain gradient
+        out_site, out_basis = sites[idx + 1], bases[sites[idx + 1]]
+        out_C = None if out_site.kind == "logits" else out_basis.C
+        with prepared(model, torch.float64):
+            Mp = brute_force_jacobian_gram(model, tokens, site, out_site, out_C)
+        norms = (b.C_pinv @ Mp @ b.C_pinv.T).diagonal()
+        keep = lam > 1e-6 * lam.max()
+        assert (norms[keep] - 1).abs().max() < 1e-8, (site, norms)
+
+
+def test_lib_and_pca_share_whitening_and_neuron_is_identity():
+    model = M.build("native_relu")
+    tokens = M.random_tokens(N, N_POS)
+    sites = ["resid_pre.1", "resid_post.1:last"]
+    neuron = tl_degen.fit_bases(model, tokens, sites, method="neuron", progress=False)
+    b = neuron["resid_pre.1"]
+    assert torch.equal(b.C, torch.eye(17, dtype=torch.float64)) and b.dropped.total == 0
+    x = tl_degen.site_activations(model, tokens, "resid_pre.1").double().reshape(-1, 17)
+    torch.testing.assert_close(b.eigenvalues, (x * x).mean(0))
+    pca = tl_degen.fit_bases(model, tokens, sites, method="pca", progress=False)["resid_pre.1"]
+    # PCA: unit directions, centered coordinates uncorrelated with variances = eigenvalues
+    xc = pca.to_coords(x)
+    torch.testing.assert_close(xc.T @ xc / xc.shape[0], torch.diag(pca.eigenvalues),
+                               atol=1e-10, rtol=0)
+    torch.testing.assert_close(pca.from_coords(xc), x, atol=1e-10, rtol=0)  # full rank here
