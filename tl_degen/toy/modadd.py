@@ -258,7 +258,7 @@ def load_bridge(
 
     sd = state_dict if isinstance(state_dict, dict) else load_state_dict(state_dict)
     bcfg = _bridge_config(cfg)
-    model = TransformerBridge.boot_native(bcfg)
+    model = TransformerBridge.boot_native(bcfg).to(dtype)  # cast first: load without rounding
     try:  # TransformerLens >= 4
         from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
@@ -306,7 +306,7 @@ def load_hooked_transformer(
         act_fn=cfg.act_fn, normalization_type=None, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
         d_vocab_out=cfg.d_vocab, dtype=torch.float32, device="cpu", seed=0,
     )
-    model = HookedTransformer(htcfg)
+    model = HookedTransformer(htcfg).to(dtype)  # cast first: load without rounding
     model.load_state_dict(sd, strict=False)
     return model.to(dtype).eval()
 
