@@ -13,13 +13,13 @@ are orthogonal.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import tl_degen
 from tl_degen.toy import modadd
-from dataclasses import replace
-
 from tl_degen.toy.modadd import ModAddConfig
 
 THRESHOLD = 1e-10
@@ -86,7 +86,8 @@ def add_dead_neurons(sd, cfg, n=3, seed=0):
     return out, replace(cfg, d_mlp=w_in.shape[1] + n)
 
 
-TRANSFORMS = {"residual basis": change_residual_basis, "permute+rescale": permute_and_rescale_neurons,
+TRANSFORMS = {"residual basis": change_residual_basis,
+              "permute+rescale": permute_and_rescale_neurons,
               "split neuron": split_neuron, "dead neurons": add_dead_neurons}
 
 
@@ -109,7 +110,8 @@ def trained():
 
 def fit(sd, cfg, tokens, method):
     model = modadd.load_bridge(sd, cfg=cfg, dtype=torch.float64)
-    bases = tl_degen.fit_bases(model, tokens, SITES, method=method, progress=False, threshold=THRESHOLD)
+    bases = tl_degen.fit_bases(model, tokens, SITES, method=method, progress=False,
+                               threshold=THRESHOLD)
     coords = {s: bases[s].to_coords(tl_degen.site_activations(model, tokens, s)) for s in SITES}
     return bases, coords
 

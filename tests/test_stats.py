@@ -65,7 +65,7 @@ def test_merge_equals_single_pass():
 def test_errors():
     acc = MomentAccumulator(3, name="resid_pre.0")
     with pytest.raises(DataError, match="no data"):
-        acc.mean
+        _ = acc.mean
     with pytest.raises(DataError, match="expected vectors of size 3"):
         acc.update(torch.ones(2, 4))
     bad = torch.ones(2, 3)

@@ -40,7 +40,8 @@ class Threshold:
 
     def __post_init__(self) -> None:
         if self.mode not in ("relative", "absolute"):
-            raise TLDegenError(f"threshold mode must be 'relative' or 'absolute', not {self.mode!r}")
+            raise TLDegenError(
+                f"threshold mode must be 'relative' or 'absolute', not {self.mode!r}")
         if not (self.value >= 0):
             raise TLDegenError(f"threshold must be a non-negative number, got {self.value}")
 

@@ -98,8 +98,11 @@ class BasisSet(Mapping):
                  f"integration={self.config.get('integration')})"]
         w = max(len(s.name) for s in self._bases) if self._bases else 0
         for s, b in self._bases.items():
-            top = ", ".join(f"{v:.4e}" for v in b.eigenvalues[:3].tolist())
-            lines.append(f"  {s.name:<{w}}  d={b.d_site:<5d} kept={b.k:<5d} top=[{top}]  "
+            const_first = b.center and b.has_constant and b.method != "neuron"
+            rest = b.eigenvalues[1:] if const_first else b.eigenvalues
+            top = ", ".join(f"{v:.4e}" for v in rest.sort(descending=True).values[:3].tolist())
+            const = f"const={b.eigenvalues[0]:.4e} " if const_first else ""
+            lines.append(f"  {s.name:<{w}}  d={b.d_site:<5d} kept={b.k:<5d} {const}top=[{top}]  "
                          f"dropped: {b.dropped.activation} type-1, {b.dropped.jacobian} type-2")
         return "\n".join(lines)
 
@@ -136,7 +139,8 @@ class BasisSet(Mapping):
         sites_meta = []
         for s, b in self._bases.items():
             for f in _FIELDS:
-                tensors[f"{s.name}/{f}"] = getattr(b, f).detach().to(torch.float64).cpu().contiguous()
+                value = getattr(b, f).detach().to(torch.float64).cpu()
+                tensors[f"{s.name}/{f}"] = value.contiguous()
             if b.lambda_all is not None:
                 tensors[f"{s.name}/lambda_all"] = b.lambda_all.detach().double().cpu().contiguous()
             sites_meta.append({"site": s.name, "method": b.method, "center": b.center,

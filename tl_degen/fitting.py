@@ -7,9 +7,9 @@ needs the next site's ``C`` (§4 step 6).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
-from typing import Iterator
+import io
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, redirect_stdout
 
 import torch
 from jaxtyping import Float, Int
@@ -89,7 +89,8 @@ def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None
     try:
         model.eval()
         if dtype is not None and dtype != old_dtype:
-            model.to(dtype)
+            with redirect_stdout(io.StringIO()):  # TransformerLens prints on every cast
+                model.to(dtype)
         for p, _ in flags:
             p.requires_grad_(False)
         yield
@@ -97,7 +98,8 @@ def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None
         for p, f in flags:
             p.requires_grad_(f)
         if dtype is not None and dtype != old_dtype:
-            model.to(old_dtype)
+            with redirect_stdout(io.StringIO()):
+                model.to(old_dtype)
         model.train(was_training)
 
 

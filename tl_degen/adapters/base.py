@@ -18,9 +18,9 @@ Conventions (DESIGN.md §3, §6):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from jaxtyping import Float, Int
