@@ -34,7 +34,7 @@ def brute_force_jacobian_gram(model, tokens, in_site, out_site, out_C):
     return total / (tokens.shape[0] * x.shape[1])
 
 
-@pytest.mark.parametrize("integration", ["gradient", "gauss-legendre"])
+@pytest.mark.parametrize("integration", ["gradient", "trapezoid", "gauss-legendre"])
 def test_second_moment_and_unit_jacobian_norms(arch, model, integration):
     tokens = M.random_tokens(N, N_POS)
     sites = [Site.parse(s) for s in M.mid_sites(arch)]
@@ -77,3 +77,18 @@ def test_lib_and_pca_share_whitening_and_neuron_is_identity():
     torch.testing.assert_close(xc.T @ xc / xc.shape[0], torch.diag(pca.eigenvalues),
                                atol=1e-10, rtol=0)
     torch.testing.assert_close(pca.from_coords(xc), x, atol=1e-10, rtol=0)  # full rank here
+
+
+def test_fit_is_independent_of_batch_size():
+    model = M.build("gpt2", M.save_word_tokenizer(__import__("tempfile").mkdtemp()))
+    tokens = M.random_tokens(30, N_POS)
+    sites = ["resid_pre.1", "resid_mid.1", "mlp_post.1:last", "logits:last"]
+    a, b = (tl_degen.fit_bases(model, tokens, sites, batch_size=bs, progress=False)
+            for bs in (4, 30))
+    for s in sites:
+        for f in ("mean", "gram"):
+            x, y = getattr(a[s], f), getattr(b[s], f)
+            assert (x - y).abs().max() <= 1e-10 * y.abs().max(), (s, f)
+        assert a[s].k == b[s].k
+        lam = b[s].eigenvalues
+        assert ((a[s].eigenvalues - lam).abs() <= 1e-8 * lam.max()).all(), s
