@@ -147,8 +147,9 @@ def test_bridge_and_hooked_transformer_give_the_same_bases(method):
         a, b = results[0][site], results[1][site]
         if method == "lib" and site == "resid_pre.0" and not torch.allclose(
                 a.eigenvalues[:1], b.eigenvalues[:1], rtol=1e-8):
-            pytest.xfail("TransformerLens 3.x's own TransformerBridge distributes b_O over "
-                         "positions differently (its constant direction only); the 3.x "
+            pytest.xfail("TransformerLens 3.x's own TransformerBridge fires hook_pattern after "
+                         "the attention output, so b_O cannot be pattern-weighted there "
+                         "(constant direction only; a warning says so); the 3.x "
                          "HookedTransformer and the 4.x bridge both match plain torch")
         assert a.k == b.k, site
         lam = a.eigenvalues

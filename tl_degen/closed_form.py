@@ -15,6 +15,19 @@ Two section shapes have Jacobians that need no backward passes:
   replaced by ``Σ_α w_α σ′(α pre)``.
 * **Unembedding** ``resid_post.(n_layers-1) → logits`` without a final LayerNorm:
   ``J = [W_U; b_U]`` for every row.
+* **Attention** ``resid_pre.L:all → resid_mid.L`` in a block without LayerNorm, with
+  standard (non-rotary) positions and one key/value head per query head. For an output
+  direction ``u = [u_d, u_c]`` at query position ``t``, with ``o_h = W_O^h u_d``,
+  ``w_hs = v_hs·o_h + c_s (b_O·u_d)/H`` and ``β_hs = A_hts (w_hs − Σ_s′ A_hts′ w_hs′)``,
+  the vector-Jacobian product is::
+
+      g_s = Σ_h A_hts W̃_V^h o_h + Σ_h (β_hs/√d_head) W̃_K^h q_ht + e_c Σ_h A_hts (b_O·u_d)/H
+      g_t += u + Σ_h W̃_Q^h (Σ_s β_hs k_hs)/√d_head
+
+  (``W̃ = [W; b]`` acting on ``x̃ = [x, c]``; ``b_O`` enters through the pattern-weighted
+  constant, as in :mod:`tl_degen.adapters.base`). Everything sample-independent
+  (``W̃_V^h W_O^h U``) is formed once, and all output directions are handled in one batched
+  computation.
 
 Both act per position, so only positions in both sites contribute. Before use, each form is
 checked against the model's own forward pass on the batch (relative error below 1e-5 in the
@@ -106,6 +119,9 @@ def try_closed_form(
         acc.add_matrix(total)
         acc.add_count(x.shape[0] * x.shape[1])
         return True
+    if (in_site.kind, out_site.kind) == ("resid_pre", "resid_mid") and out_site.layer == L:
+        return _attention(adapter, tokens, in_site, out_site, x, out_basis, acc, alphas,
+                          weights)
     if (in_site.kind == "resid_post" and in_site.layer == adapter.n_layers - 1
             and out_site.kind == "logits"):
         W_U, b_U = adapter.model.unembed.W_U, adapter.model.unembed.b_U
@@ -136,3 +152,76 @@ def _chunked_gram(rows: Tensor, chunk: int = 512) -> Tensor:
     for c in rows.split(chunk):
         out += c.T @ c
     return out
+
+
+def _attention(adapter, tokens, in_site, out_site, x, out_basis, acc, alphas, weights,
+               chunk: int = 256) -> bool:
+    cfg = adapter.model.cfg
+    n_pos = tokens.shape[1]
+    if (adapter.parallel or not adapter.pattern_before_output
+            or str(getattr(cfg, "positional_embedding_type", "standard"))
+            != "standard" or getattr(cfg, "attention_dir", "causal") != "causal"
+            or float(getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0
+            or (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) != cfg.n_heads
+            or in_site.resolve_positions(n_pos) != list(range(n_pos))):
+        return False
+    attn = adapter.model.blocks[in_site.layer].attn
+    dt = x.dtype
+    try:
+        W = {k: getattr(attn, k).detach().to(dt) for k in
+             ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")}
+    except AttributeError:
+        return False
+    H, d, e = W["W_Q"].shape
+    if getattr(cfg, "use_attn_scale", True) is False:
+        scale = 1.0
+    else:
+        a_s = float(getattr(cfg, "attn_scale", -1.0))
+        scale = a_s if a_s > 0 else e**0.5
+    wq, wk, wv = (torch.cat([W[f"W_{n}"], W[f"b_{n}"][:, None]], 1) for n in "QKV")  # [H,d+1,e]
+    out_pos = out_site.resolve_positions(n_pos)
+    with torch.no_grad():
+        (y,) = adapter.read_sites(tokens, [out_site])
+    mask = torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device), 1)
+
+    def attention(xt):  # xt: [b, P, d+1] -> q, k, v, pattern [b, H, P, P]
+        q, k, v = (torch.einsum("bpd,hde->bhpe", xt, w) for w in (wq, wk, wv))
+        scores = torch.einsum("bhte,bhse->bhts", q, k) / scale
+        return q, k, v, scores.masked_fill(mask, float("-inf")).softmax(-1)
+
+    # the formula must reproduce the model's own resid_mid on this batch
+    q, k, v, A = attention(x)
+    c = x[..., -1]
+    z = torch.einsum("bhts,bhse->bthe", A, v)
+    resid = x[..., :-1] + torch.einsum("bthe,hed->btd", z, W["W_O"]) + \
+        torch.einsum("bhts,bs->bt", A, c)[..., None] * W["b_O"] / H
+    if not _close(resid[:, out_pos], y[..., :-1]):
+        return False
+
+    C = torch.eye(d + 1, dtype=dt, device=x.device) if out_basis is None else out_basis.to(dt)
+    U_d = C[:-1]  # [d, k]; the last row of C (the output constant) only enters through g_t
+    O = torch.einsum("hed,dk->hek", W["W_O"], U_d)  # [H, e, k]
+    bU = W["b_O"] @ U_d / H  # [k]
+    PV = torch.einsum("hde,hek->hdk", wv, O)  # [H, d+1, k], sample independent
+    wq_s, wk_s = wq / scale, wk / scale
+    for xb in x.split(chunk):
+        forward = [(wgt, alpha * xb[..., -1], *attention(alpha * xb))
+                   for alpha, wgt in zip(alphas, weights)]
+        for t in out_pos:
+            g_total = None
+            for wgt, ca, q, k, v, A in forward:
+                At = A[:, :, t]  # [b, H, s]
+                w = torch.einsum("bhse,hek->bhsk", v, O) + ca[:, None, :, None] * bU
+                beta = At[..., None] * (w - (At[..., None] * w).sum(2, keepdim=True))
+                g = torch.einsum("bhs,hdk->bsdk", At, PV)
+                g += torch.einsum("bhsk,bhd->bsdk", beta,
+                                  torch.einsum("hde,bhe->bhd", wk_s, q[:, :, t]))
+                g[:, :, -1] += torch.einsum("bhs,k->bsk", At, bU)
+                kq = torch.einsum("bhsk,bhse->bhek", beta, k)
+                g[:, t] += C + torch.einsum("hde,bhek->bdk", wq_s, kq)
+                g_total = g if len(forward) == 1 else (
+                    wgt * g if g_total is None else g_total + wgt * g)
+            # rows: one gradient vector per (sample, input position, direction)
+            acc.add_rows(g_total.transpose(-1, -2))
+    acc.add_count(x.shape[0] * x.shape[1])
+    return True

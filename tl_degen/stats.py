@@ -123,9 +123,10 @@ class GramAccumulator:
 
     def add_rows(self, g: Float[Tensor, "... d"]) -> None:
         rows = g.detach().reshape(-1, self.d).to(torch.float64)
-        _check_finite(rows, f"Jacobians at {self.name}")
         for chunk in rows.split(CHUNK_ROWS):
             self._sum += chunk.T @ chunk
+        # NaN/Inf in any row reach the sum (inf² = inf, inf·0 = NaN): check it, not the rows
+        _check_finite(self._sum, f"Jacobians at {self.name}")
 
     def add_matrix(self, m: Float[Tensor, "d d"]) -> None:
         """Add an already-formed ``Σ g gᵀ`` block (used by closed-form sections)."""

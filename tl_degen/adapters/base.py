@@ -18,6 +18,7 @@ Conventions (DESIGN.md §3, §6):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,21 @@ class Adapter:
         self.parallel: bool = bool(getattr(cfg, "parallel_attn_mlp", False)) or (
             self.n_layers > 0 and "blocks.0.hook_resid_mid" not in self._hook_names
         )
+        self.pattern_before_output: bool = self._probe_pattern_order()
+        self._warned_pattern = False
+
+    def _probe_pattern_order(self) -> bool:
+        """Whether ``attn.hook_pattern`` fires before ``hook_attn_out`` (it does not on
+        TransformerLens 3.x bridges, which fire it afterwards)."""
+        names = ["blocks.0.attn.hook_pattern", "blocks.0.hook_attn_out"]
+        if self.n_layers == 0 or not all(n in self._hook_names for n in names):
+            return True
+        order: list[str] = []
+        hooks = [(n, lambda t, hook, n=n: order.append(n)) for n in names]
+        tokens = torch.zeros(1, min(2, self.n_ctx), dtype=torch.long, device=self.device)
+        with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
+            self.model(tokens)
+        return bool(order) and order[0] == names[0]
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -300,8 +316,22 @@ class Adapter:
     def _pattern_weights(self, run: SectionRun, layer: int) -> Tensor:
         """``sum_h sum_s pattern_h[t, s] c_s / n_heads`` as ``[batch, pos]``."""
         pattern = run.captured.get(f"_pattern.{layer}")
-        if pattern is None:
+        if pattern is None and not self.pattern_before_output:
+            if not self._warned_pattern:
+                warnings.warn(
+                    "this model fires attn.hook_pattern after the attention output "
+                    "(TransformerLens 3.x bridge), so the attention output bias b_O is scaled "
+                    "by the constant of the output position, not pattern-weighted as in the "
+                    "reference (DESIGN.md §3). Only the constant direction of multi-position "
+                    "sites is affected; use a HookedTransformer or TransformerLens 4 to match "
+                    "the reference exactly", stacklevel=4)
+                self._warned_pattern = True
             return run.c
+        if pattern is None:
+            raise BackendError(
+                f"blocks.{layer}.attn.hook_pattern did not fire before the attention output, "
+                "so the output bias cannot be assigned to source positions (DESIGN.md §3); "
+                "this attention implementation is not supported")
         return torch.einsum("bhts,bs->bt", pattern.to(run.c.dtype), run.c) / pattern.shape[1]
 
     def _pattern_capture(self, run: SectionRun) -> list:

@@ -5,8 +5,9 @@ Biases are found generically: every wrapped module (HF or native) with a 1-D ``b
 adding ``(c - 1) * bias`` to the output of the bridge component that wraps it. The wrapper,
 not the wrapped module, is hooked because some bridge components recompute their module's
 function themselves (``NormalizationBridge`` applies the LayerNorm bias without calling the
-LayerNorm). The attention output projection (``blocks.L.attn.o``) uses the pattern-weighted
-constant.
+LayerNorm). The attention output bias (``blocks.L.attn.o``) is scaled at
+``blocks.L.hook_attn_out`` instead, with the pattern-weighted constant, once the pattern has
+been seen (TransformerLens 3.x fires ``hook_pattern`` only after the output projection).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class BridgeAdapter(Adapter):
 
     def __init__(self, model):
         super().__init__(model)
-        # (module to hook, bias tensor, layer if it is an attention output projection)
-        self._bias_modules: list[tuple[torch.nn.Module, Tensor, int | None]] = []
+        # (module to hook, bias tensor); attention output biases are handled at hook_attn_out
+        self._bias_modules: list[tuple[torch.nn.Module, Tensor]] = []
+        self._o_biases: dict[int, Tensor] = {}
         o_layer = {id(model.blocks[L].attn.o): L for L in range(self.n_layers)
                    if getattr(model.blocks[L].attn, "o", None) is not None}
         wrapped: set[int] = set()
@@ -44,26 +46,36 @@ class BridgeAdapter(Adapter):
             if inner is None or _is_bridge_component(inner) or not _is_bias(bias):
                 continue
             wrapped.add(id(inner))
-            self._bias_modules.append((m, bias, o_layer.get(id(m))))
+            if id(m) in o_layer:
+                self._o_biases[o_layer[id(m)]] = bias
+            else:
+                self._bias_modules.append((m, bias))
         for m in model.modules():
             if _is_bridge_component(m) or isinstance(m, torch.nn.Embedding) or id(m) in wrapped:
                 continue
             if _is_bias(getattr(m, "bias", None)):
-                self._bias_modules.append((m, m.bias, None))
+                self._bias_modules.append((m, m.bias))
 
     def _bias_hooks(self, run: SectionRun, cleanup: list) -> list:
         handles = []
-        for module, bias, o_layer in self._bias_modules:
-            def hook(mod, inputs, output, bias=bias, o_layer=o_layer):
+        for module, bias in self._bias_modules:
+            def hook(mod, inputs, output, bias=bias):
                 if not run.active:
                     return None
                 if not isinstance(output, Tensor) or output.dim() != 3:
                     raise BackendError(
                         f"cannot scale the bias of {type(mod).__name__}: expected a "
                         f"[batch, pos, d] output, got {getattr(output, 'shape', type(output))}")
-                c = run.c if o_layer is None else self._pattern_weights(run, o_layer)
-                return _scale(output, c, bias)
+                return _scale(output, run.c, bias)
 
             handles.append(module.register_forward_hook(hook))
         cleanup.append(lambda: [h.remove() for h in handles])
-        return self._pattern_capture(run)
+        hooks = self._pattern_capture(run)
+        for L, bias in self._o_biases.items():
+            def o_hook(tensor: Tensor, hook, L=L, bias=bias):
+                if not run.active:
+                    return None
+                return _scale(tensor, self._pattern_weights(run, L), bias)
+
+            hooks.append((f"blocks.{L}.hook_attn_out", o_hook))
+        return hooks

@@ -1,0 +1,72 @@
+"""Twin paths: every closed-form Jacobian Gram equals the autograd one (DESIGN.md §8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import models as M
+from tl_degen.adapters import get_adapter
+from tl_degen.closed_form import try_closed_form
+from tl_degen.fitting import prepared
+from tl_degen.sections import accumulate_jacobian_gram, integration_rule
+from tl_degen.sites import Site
+from tl_degen.stats import GramAccumulator
+from tl_degen.toy import modadd
+
+SECTIONS = [
+    ("resid_pre.0", "resid_mid.0:last"),
+    ("resid_pre.0", "resid_mid.0"),
+    ("resid_pre.0", "resid_mid.0:0,2"),
+    ("resid_mid.0:last", "resid_post.0:last"),
+    ("resid_mid.0", "resid_post.0:1,2"),
+    ("resid_post.0:last", "logits:last"),
+    ("resid_post.0", "logits"),
+]
+
+
+@pytest.fixture(scope="module")
+def modadd_model():
+    return modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rule", ["gradient", "trapezoid", "gauss-legendre"])
+@pytest.mark.parametrize("sites", SECTIONS, ids=["→".join(s) for s in SECTIONS])
+@pytest.mark.parametrize("rotated_output", [True, False])
+def test_closed_form_equals_autograd(modadd_model, sites, rule, rotated_output):
+    model, adapter = modadd_model, get_adapter(modadd_model)
+    in_site, out_site = (Site.parse(s) for s in sites)
+    tokens = modadd.tokens_for(modadd.all_pairs()[::211])
+    alphas, weights = integration_rule(rule, 3)
+    g = torch.Generator().manual_seed(0)
+    d_out = adapter.site_dim(out_site) + int(out_site.has_constant)
+    out_C = (torch.randn(d_out, 7, generator=g, dtype=torch.float64)
+             if rotated_output and out_site.kind != "logits" else None)
+    results = []
+    if in_site.kind == "resid_pre" and not adapter.pattern_before_output:
+        pytest.skip("TransformerLens 3.x bridge: b_O cannot be pattern-weighted through hooks")
+    with prepared(model, torch.float64):
+        (x,) = adapter.read_sites(tokens, [in_site])
+        assert try_closed_form(adapter, tokens, in_site, out_site, x, out_C,
+                               GramAccumulator(x.shape[-1]), alphas, weights)
+        for closed in (True, False):
+            acc = GramAccumulator(x.shape[-1])
+            accumulate_jacobian_gram(adapter, tokens, in_site, out_site, x, out_C, acc,
+                                     alphas=alphas, weights=weights, closed_form=closed)
+            results.append(acc.value)
+    assert (results[0] - results[1]).abs().max() <= 1e-12 * results[1].abs().max()
+
+
+def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
+    """LayerNorm (GPT-2) and rotary/RMSNorm (Llama) sections fall back to autograd."""
+    for arch in ("gpt2", "llama"):
+        model = M.build(arch, tokenizer_dir)
+        adapter = get_adapter(model)
+        tokens = M.random_tokens(4, 5)
+        for sites in (("resid_pre.1", "resid_mid.1"), ("resid_mid.1", "resid_post.1"),
+                      ("resid_post.1", "logits")):
+            in_site, out_site = (Site.parse(s) for s in sites)
+            with prepared(model, torch.float64):
+                (x,) = adapter.read_sites(tokens, [in_site])
+                assert not try_closed_form(adapter, tokens, in_site, out_site, x, None,
+                                           GramAccumulator(x.shape[-1]), [1.0], [1.0])
