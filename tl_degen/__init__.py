@@ -18,6 +18,7 @@ from tl_degen.errors import (
     TLDegenError,
 )
 from tl_degen.fitting import fit_bases, site_activations
+from tl_degen.graph import InteractionGraph, Modules, interaction_graph
 from tl_degen.sites import Site
 
 __version__ = "0.1.0"
@@ -25,6 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "fit_bases",
     "site_activations",
+    "interaction_graph",
+    "InteractionGraph",
+    "Modules",
     "Site",
     "BasisSet",
     "InteractionBasis",

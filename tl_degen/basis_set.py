@@ -132,9 +132,7 @@ class BasisSet(Mapping):
                     "on a fixed probe input differ); fit new bases with fit_bases(model, ...)")
 
     # ---------------------------------------------------------------- save / load
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write to ``path`` (``.safetensors``), atomically. Returns the path."""
-        path = Path(path)
+    def _tensors_and_meta(self) -> tuple[dict[str, Tensor], dict]:
         tensors: dict[str, Tensor] = {}
         sites_meta = []
         for s, b in self._bases.items():
@@ -148,6 +146,12 @@ class BasisSet(Mapping):
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config,
                 "model_signature": self.model_signature, "model_probe": self.model_probe,
                 "sites": sites_meta}
+        return tensors, meta
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` (``.safetensors``), atomically. Returns the path."""
+        path = Path(path)
+        tensors, meta = self._tensors_and_meta()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)

@@ -37,6 +37,9 @@ autograd.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,7 +48,7 @@ from tl_degen.adapters.base import Adapter
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 
-__all__ = ["try_closed_form"]
+__all__ = ["try_closed_form", "recognise", "ClosedFormSection", "Pullback"]
 
 _ACTIVATIONS = {
     "relu": F.relu,
@@ -74,70 +77,241 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return bool((a - b).abs().max() <= tol * b.abs().max().clamp_min(1e-12))
 
 
+@dataclass
+class Pullback:
+    """Vector-Jacobian products of one block of output directions (DESIGN.md §4 step 4).
+
+    ``g[b, r, :, m]`` is the gradient, with respect to the input vector at input position
+    ``in_rows[r]`` of sample ``samples[b]``, of output coordinate ``dirs[m]`` of the output
+    basis at output position ``t`` (an index into the output site's positions), averaged over
+    the integration points. Input positions not listed have zero gradient.
+    """
+
+    samples: slice
+    in_rows: list[int]
+    t: int
+    dirs: Tensor
+    g: Tensor  # [b, len(in_rows), d_in, m]
+
+
+@dataclass
+class ClosedFormSection:
+    """A section recognised as MLP, unembedding or attention, with its weights."""
+
+    kind: str
+    adapter: Adapter
+    in_site: Site
+    out_site: Site
+    n_pos: int
+    params: dict
+
+    # ------------------------------------------------------------------ M′ (fast path)
+    def add_jacobian_gram(self, x: Tensor, out_basis: Tensor | None, acc: GramAccumulator,
+                          alphas: list[float], weights: list[float]) -> None:
+        """Add the batch's ``Σ J K Jᵀ`` to ``acc`` (and ``N·P_in`` to its count)."""
+        if self.kind == "mlp":
+            xr = self._rows(x)
+            P = self.params
+            d = x.shape[-1]
+            pre = xr @ P["w_in"]
+            dbar = sum(w * _act_derivative(P["act"], a * pre) for a, w in zip(alphas, weights))
+            K = _k_matrix(out_basis, d)
+            w_in64, dbar64, w_out_t = P["w_in"].double(), dbar.double(), P["w_out_t"].double()
+            j0 = P["j0"].double()
+            A = w_out_t @ K @ w_out_t.T
+            t2 = j0 @ K @ w_out_t.T @ (dbar64.sum(0)[:, None] * w_in64.T)
+            total = (xr.shape[0] * (j0 @ K @ j0.T) + t2 + t2.T
+                     + w_in64 @ (A * _chunked_gram(dbar64)) @ w_in64.T)
+            acc.add_matrix(total)
+        elif self.kind == "unembed":
+            xr = self._rows(x)
+            J64 = self.params["J"].double()
+            acc.add_matrix(xr.shape[0] * (J64 @ _k_matrix(out_basis, J64.shape[1]) @ J64.T))
+        else:
+            for pb in self.pullbacks(x, out_basis, alphas, weights):
+                acc.add_rows(pb.g.transpose(-1, -2))
+        acc.add_count(x.shape[0] * x.shape[1])
+
+    def _rows(self, x: Tensor) -> Tensor:
+        return x[:, self.params["rows_in"]].reshape(-1, x.shape[-1])
+
+    # ------------------------------------------------------------------ pullbacks
+    def pullbacks(self, x: Tensor, out_basis: Tensor | None, alphas: list[float],
+                  weights: list[float], chunk: int = 256) -> Iterator[Pullback]:
+        """Pullbacks of every output direction, evaluated at ``x`` (any input, e.g. the
+        projection of the data onto a basis), in chunks of samples."""
+        dt = x.dtype
+        d_out = self.adapter.site_dim(self.out_site) + int(self.out_site.has_constant)
+        C = (torch.eye(d_out, dtype=dt, device=x.device) if out_basis is None
+             else out_basis.to(dt))
+        dirs = torch.arange(C.shape[1], device=x.device)
+        if self.kind == "attention":
+            yield from self._attention_pullbacks(x, C, dirs, alphas, weights, chunk)
+            return
+        P = self.params
+        for start in range(0, x.shape[0], chunk):
+            xb = x[start:start + chunk]
+            for t, r in zip(P["out_rows"], P["rows_in_list"]):
+                xt = xb[:, r]  # [b, d+1]
+                if self.kind == "unembed":
+                    g = (P["J"] @ C).expand(xt.shape[0], -1, -1)
+                else:
+                    pre = xt @ P["w_in"]
+                    dbar = sum(w * _act_derivative(P["act"], a * pre)
+                               for a, w in zip(alphas, weights))
+                    woc = P["w_out_t"] @ C  # [m, k]
+                    g = P["j0"] @ C + torch.einsum("dm,bm,mk->bdk", P["w_in"], dbar, woc)
+                yield Pullback(slice(start, start + xb.shape[0]), [r], t, dirs, g[:, None])
+
+    def _attention_pullbacks(self, x, C, dirs, alphas, weights, chunk):
+        P = self.params
+        H, scale = P["H"], P["scale"]
+        wq, wk, wv, W_O, b_O = P["wq"], P["wk"], P["wv"], P["W_O"], P["b_O"]
+        U_d = C[:-1]  # the output constant (last row of C) only enters through g_t
+        O = torch.einsum("hed,dk->hek", W_O, U_d)  # [H, e, k]
+        bU = b_O @ U_d / H  # [k]
+        PV = torch.einsum("hde,hek->hdk", wv, O)  # [H, d+1, k], sample independent
+        wq_s, wk_s = wq / scale, wk / scale
+        all_rows = list(range(self.n_pos))
+        for start in range(0, x.shape[0], chunk):
+            xb = x[start:start + chunk]
+            fwd = [(wgt, alpha * xb[..., -1], *P["attention"](alpha * xb))
+                   for alpha, wgt in zip(alphas, weights)]
+            for j, t in enumerate(P["out_pos"]):
+                g_total = None
+                for wgt, ca, q, k, v, A in fwd:
+                    At = A[:, :, t]  # [b, H, s]
+                    w = torch.einsum("bhse,hek->bhsk", v, O) + ca[:, None, :, None] * bU
+                    beta = At[..., None] * (w - (At[..., None] * w).sum(2, keepdim=True))
+                    g = torch.einsum("bhs,hdk->bsdk", At, PV)
+                    g += torch.einsum("bhsk,bhd->bsdk", beta,
+                                      torch.einsum("hde,bhe->bhd", wk_s, q[:, :, t]))
+                    g[:, :, -1] += torch.einsum("bhs,k->bsk", At, bU)
+                    kq = torch.einsum("bhsk,bhse->bhek", beta, k)
+                    g[:, t] += C + torch.einsum("hde,bhek->bdk", wq_s, kq)
+                    g_total = g if len(fwd) == 1 else (
+                        wgt * g if g_total is None else g_total + wgt * g)
+                yield Pullback(slice(start, start + xb.shape[0]), all_rows, j, dirs, g_total)
+
+
+def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
+              x: Tensor) -> ClosedFormSection | None:
+    """The closed form of the section, if it has one and it reproduces the model's own
+    forward pass on this batch (``x``: the input site's vectors on ``tokens``)."""
+    if not _no_norm(adapter) or in_site.kind == "logits":
+        return None
+    n_pos = tokens.shape[1]
+    in_pos, out_pos = in_site.resolve_positions(n_pos), out_site.resolve_positions(n_pos)
+    cfg = adapter.model.cfg
+    L = in_site.layer
+    dt = x.dtype
+    pair = (in_site.kind, out_site.kind)
+    if pair == ("resid_pre", "resid_mid") and out_site.layer == L:
+        params = _attention_params(adapter, in_site, out_site, x, n_pos)
+        if params is None:
+            return None
+        kind = "attention"
+        _, _, v, A = params["attention"](x)
+        z = torch.einsum("bhts,bhse->bthe", A, v)
+        resid = (x[..., :-1] + torch.einsum("bthe,hed->btd", z, params["W_O"])
+                 + torch.einsum("bhts,bs->bt", A, x[..., -1])[..., None] * params["b_O"]
+                 / params["H"])
+        with torch.no_grad():
+            (y,) = adapter.read_sites(tokens, [out_site])
+        if not _close(resid[:, out_pos], y[..., :-1]):
+            return None
+    else:
+        common = [p for p in out_pos if p in in_pos]
+        if not common:
+            return None
+        out_rows = [out_pos.index(p) for p in common]
+        rows_in_list = [in_pos.index(p) for p in common]
+        params = {"out_rows": out_rows, "rows_in_list": rows_in_list,
+                  "rows_in": torch.tensor(rows_in_list, device=x.device)}
+        if pair == ("resid_mid", "resid_post") and out_site.layer == L:
+            act = _ACTIVATIONS.get(str(getattr(cfg, "act_fn", "")).lower())
+            if act is None or getattr(cfg, "gated_mlp", False) or adapter.parallel:
+                return None
+            mlp = adapter.model.blocks[L].mlp
+            w_in = torch.cat([mlp.W_in, mlp.b_in[None]]).detach().to(dt)  # [d+1, m]
+            w_out = mlp.W_out.detach().to(dt)  # [m, d]
+            b_out = mlp.b_out.detach().to(dt)
+            d = x.shape[-1]
+            j0 = torch.eye(d, dtype=dt, device=x.device)
+            j0[-1, :-1] = b_out
+            params.update(act=act, w_in=w_in, j0=j0,
+                          w_out_t=torch.cat([w_out, torch.zeros_like(w_out[:, :1])], 1))
+            kind = "mlp"
+
+            def formula(xr):
+                return xr[:, :-1] + act(xr @ w_in) @ w_out + xr[:, -1:] * b_out
+        elif (in_site.kind == "resid_post" and L == adapter.n_layers - 1
+              and out_site.kind == "logits"):
+            if getattr(cfg, "output_logits_soft_cap", -1.0) not in (None, -1.0, 0.0):
+                return None
+            W_U, b_U = adapter.model.unembed.W_U, adapter.model.unembed.b_U
+            J = torch.cat([W_U, b_U[None]]).detach().to(dt)  # [d+1, V]
+            params.update(J=J)
+            kind = "unembed"
+
+            def formula(xr):
+                return xr @ J
+        else:
+            return None
+        with torch.no_grad():
+            (y,) = adapter.read_sites(tokens, [out_site])
+        y = y[:, out_rows].reshape(-1, y.shape[-1])
+        y = y if out_site.kind == "logits" else y[:, :-1]
+        if not _close(formula(x[:, params["rows_in"]].reshape(-1, x.shape[-1])), y):
+            return None
+    return ClosedFormSection(kind, adapter, in_site, out_site, n_pos, params)
+
+
 def try_closed_form(
     adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site, x: Tensor,
     out_basis: Tensor | None, acc: GramAccumulator, alphas: list[float], weights: list[float],
 ) -> bool:
     """Add the batch's ``Σ J K Jᵀ`` in closed form if the section allows it; report whether."""
-    if not _no_norm(adapter) or in_site.kind == "logits":
+    section = recognise(adapter, tokens, in_site, out_site, x)
+    if section is None:
         return False
-    n_pos = tokens.shape[1]
-    in_pos, out_pos = in_site.resolve_positions(n_pos), out_site.resolve_positions(n_pos)
-    common = [p for p in out_pos if p in in_pos]
-    if not common:
-        return False
-    rows_in = torch.tensor([in_pos.index(p) for p in common], device=x.device)
-    xr = x[:, rows_in].reshape(-1, x.shape[-1])  # [rows, d+1]
+    section.add_jacobian_gram(x, out_basis, acc, alphas, weights)
+    return True
+
+
+def _attention_params(adapter, in_site, out_site, x, n_pos) -> dict | None:
     cfg = adapter.model.cfg
-    L = in_site.layer
-    if (in_site.kind, out_site.kind) == ("resid_mid", "resid_post") and out_site.layer == L:
-        act = _ACTIVATIONS.get(str(getattr(cfg, "act_fn", "")).lower())
-        if act is None or getattr(cfg, "gated_mlp", False) or adapter.parallel:
-            return False
-        mlp = adapter.model.blocks[L].mlp
-        w_in = torch.cat([mlp.W_in, mlp.b_in[None]]).detach().to(x.dtype)  # [d+1, m]
-        w_out = mlp.W_out.detach().to(x.dtype)  # [m, d]
-        b_out = mlp.b_out.detach().to(x.dtype)
-        pre = xr @ w_in
-        with torch.no_grad():
-            (y,) = adapter.read_sites(tokens, [out_site])
-        y = y[:, [out_pos.index(p) for p in common]].reshape(-1, y.shape[-1])[:, :-1]
-        expected = xr[:, :-1] + act(pre) @ w_out + xr[:, -1:] * b_out
-        if not _close(expected, y):
-            return False
-        dbar = sum(w * _act_derivative(act, a * pre) for a, w in zip(alphas, weights))
-        d = x.shape[-1]
-        w_out_t = torch.cat([w_out, torch.zeros_like(w_out[:, :1])], 1).double()  # [m, d+1]
-        j0 = torch.eye(d, dtype=torch.float64, device=x.device)
-        j0[-1, :-1] = b_out.double()
-        K = _k_matrix(out_basis, d)
-        w_in64, dbar64 = w_in.double(), dbar.double()
-        A = w_out_t @ K @ w_out_t.T
-        S = _chunked_gram(dbar64)
-        t2 = j0 @ K @ w_out_t.T @ (dbar64.sum(0)[:, None] * w_in64.T)
-        total = xr.shape[0] * (j0 @ K @ j0.T) + t2 + t2.T + w_in64 @ (A * S) @ w_in64.T
-        acc.add_matrix(total)
-        acc.add_count(x.shape[0] * x.shape[1])
-        return True
-    if (in_site.kind, out_site.kind) == ("resid_pre", "resid_mid") and out_site.layer == L:
-        return _attention(adapter, tokens, in_site, out_site, x, out_basis, acc, alphas,
-                          weights)
-    if (in_site.kind == "resid_post" and in_site.layer == adapter.n_layers - 1
-            and out_site.kind == "logits"):
-        W_U, b_U = adapter.model.unembed.W_U, adapter.model.unembed.b_U
-        if getattr(cfg, "output_logits_soft_cap", -1.0) not in (None, -1.0, 0.0):
-            return False
-        J = torch.cat([W_U, b_U[None]]).detach().to(x.dtype)  # [d+1, V]
-        with torch.no_grad():
-            (y,) = adapter.read_sites(tokens, [out_site])
-        y = y[:, [out_pos.index(p) for p in common]].reshape(-1, y.shape[-1])
-        if not _close(xr @ J, y):
-            return False
-        J64 = J.double()
-        acc.add_matrix(xr.shape[0] * (J64 @ _k_matrix(out_basis, J.shape[1]) @ J64.T))
-        acc.add_count(x.shape[0] * x.shape[1])
-        return True
-    return False
+    if (adapter.parallel or not adapter.pattern_before_output
+            or str(getattr(cfg, "positional_embedding_type", "standard")) != "standard"
+            or getattr(cfg, "attention_dir", "causal") != "causal"
+            or float(getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0
+            or (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) != cfg.n_heads
+            or in_site.resolve_positions(n_pos) != list(range(n_pos))):
+        return None
+    attn = adapter.model.blocks[in_site.layer].attn
+    dt = x.dtype
+    try:
+        W = {k: getattr(attn, k).detach().to(dt) for k in
+             ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")}
+    except AttributeError:
+        return None
+    H, d, e = W["W_Q"].shape
+    if getattr(cfg, "use_attn_scale", True) is False:
+        scale = 1.0
+    else:
+        a_s = float(getattr(cfg, "attn_scale", -1.0))
+        scale = a_s if a_s > 0 else e**0.5
+    wq, wk, wv = (torch.cat([W[f"W_{n}"], W[f"b_{n}"][:, None]], 1) for n in "QKV")  # [H,d+1,e]
+    mask = torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device), 1)
+
+    def attention(xt):  # xt: [b, P, d+1] -> q, k, v, pattern [b, H, P, P]
+        q, k, v = (torch.einsum("bpd,hde->bhpe", xt, w) for w in (wq, wk, wv))
+        scores = torch.einsum("bhte,bhse->bhts", q, k) / scale
+        return q, k, v, scores.masked_fill(mask, float("-inf")).softmax(-1)
+
+    out_pos = out_site.resolve_positions(n_pos)
+    return {"H": H, "scale": scale, "wq": wq, "wk": wk, "wv": wv, "W_O": W["W_O"],
+            "b_O": W["b_O"], "attention": attention, "out_pos": out_pos}
 
 
 def _k_matrix(out_basis: Tensor | None, d: int) -> Tensor:
@@ -152,76 +326,3 @@ def _chunked_gram(rows: Tensor, chunk: int = 512) -> Tensor:
     for c in rows.split(chunk):
         out += c.T @ c
     return out
-
-
-def _attention(adapter, tokens, in_site, out_site, x, out_basis, acc, alphas, weights,
-               chunk: int = 256) -> bool:
-    cfg = adapter.model.cfg
-    n_pos = tokens.shape[1]
-    if (adapter.parallel or not adapter.pattern_before_output
-            or str(getattr(cfg, "positional_embedding_type", "standard"))
-            != "standard" or getattr(cfg, "attention_dir", "causal") != "causal"
-            or float(getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0
-            or (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) != cfg.n_heads
-            or in_site.resolve_positions(n_pos) != list(range(n_pos))):
-        return False
-    attn = adapter.model.blocks[in_site.layer].attn
-    dt = x.dtype
-    try:
-        W = {k: getattr(attn, k).detach().to(dt) for k in
-             ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")}
-    except AttributeError:
-        return False
-    H, d, e = W["W_Q"].shape
-    if getattr(cfg, "use_attn_scale", True) is False:
-        scale = 1.0
-    else:
-        a_s = float(getattr(cfg, "attn_scale", -1.0))
-        scale = a_s if a_s > 0 else e**0.5
-    wq, wk, wv = (torch.cat([W[f"W_{n}"], W[f"b_{n}"][:, None]], 1) for n in "QKV")  # [H,d+1,e]
-    out_pos = out_site.resolve_positions(n_pos)
-    with torch.no_grad():
-        (y,) = adapter.read_sites(tokens, [out_site])
-    mask = torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device), 1)
-
-    def attention(xt):  # xt: [b, P, d+1] -> q, k, v, pattern [b, H, P, P]
-        q, k, v = (torch.einsum("bpd,hde->bhpe", xt, w) for w in (wq, wk, wv))
-        scores = torch.einsum("bhte,bhse->bhts", q, k) / scale
-        return q, k, v, scores.masked_fill(mask, float("-inf")).softmax(-1)
-
-    # the formula must reproduce the model's own resid_mid on this batch
-    q, k, v, A = attention(x)
-    c = x[..., -1]
-    z = torch.einsum("bhts,bhse->bthe", A, v)
-    resid = x[..., :-1] + torch.einsum("bthe,hed->btd", z, W["W_O"]) + \
-        torch.einsum("bhts,bs->bt", A, c)[..., None] * W["b_O"] / H
-    if not _close(resid[:, out_pos], y[..., :-1]):
-        return False
-
-    C = torch.eye(d + 1, dtype=dt, device=x.device) if out_basis is None else out_basis.to(dt)
-    U_d = C[:-1]  # [d, k]; the last row of C (the output constant) only enters through g_t
-    O = torch.einsum("hed,dk->hek", W["W_O"], U_d)  # [H, e, k]
-    bU = W["b_O"] @ U_d / H  # [k]
-    PV = torch.einsum("hde,hek->hdk", wv, O)  # [H, d+1, k], sample independent
-    wq_s, wk_s = wq / scale, wk / scale
-    for xb in x.split(chunk):
-        forward = [(wgt, alpha * xb[..., -1], *attention(alpha * xb))
-                   for alpha, wgt in zip(alphas, weights)]
-        for t in out_pos:
-            g_total = None
-            for wgt, ca, q, k, v, A in forward:
-                At = A[:, :, t]  # [b, H, s]
-                w = torch.einsum("bhse,hek->bhsk", v, O) + ca[:, None, :, None] * bU
-                beta = At[..., None] * (w - (At[..., None] * w).sum(2, keepdim=True))
-                g = torch.einsum("bhs,hdk->bsdk", At, PV)
-                g += torch.einsum("bhsk,bhd->bsdk", beta,
-                                  torch.einsum("hde,bhe->bhd", wk_s, q[:, :, t]))
-                g[:, :, -1] += torch.einsum("bhs,k->bsk", At, bU)
-                kq = torch.einsum("bhsk,bhse->bhek", beta, k)
-                g[:, t] += C + torch.einsum("hde,bhek->bdk", wq_s, kq)
-                g_total = g if len(forward) == 1 else (
-                    wgt * g if g_total is None else g_total + wgt * g)
-            # rows: one gradient vector per (sample, input position, direction)
-            acc.add_rows(g_total.transpose(-1, -2))
-    acc.add_count(x.shape[0] * x.shape[1])
-    return True

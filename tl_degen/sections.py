@@ -59,6 +59,73 @@ def integration_rule(name: str, n_alpha: int | None = None) -> tuple[list[float]
     return alphas.tolist(), weights.tolist()
 
 
+def autograd_pullbacks(
+    adapter: Adapter,
+    tokens: Int[Tensor, "batch pos"],
+    in_site: Site,
+    out_site: Site,
+    x: Float[Tensor, "batch n_in d_in"],
+    out_basis: Float[Tensor, "d_out k"] | None,
+    *,
+    alphas: list[float],
+    weights: list[float],
+    chunk: int = 1,
+):
+    """Pullbacks of every output direction through the model with autograd.
+
+    The model runs forward once per quadrature point with ``α·x`` written at ``in_site``;
+    output directions are then pulled back ``chunk`` at a time (``is_grads_batched`` above
+    1), each call batched over all samples. Yields :class:`~tl_degen.closed_form.Pullback`.
+    """
+    from tl_degen.closed_form import Pullback
+
+    n, n_in, _ = x.shape
+    graphs = []
+    for alpha in alphas:
+        leaf = (alpha * x).detach().requires_grad_(True)
+        y = adapter.run(tokens, read=out_site, write=(in_site, leaf))
+        graphs.append((leaf, y))
+    _, n_out, d_out = graphs[0][1].shape
+    basis = (torch.eye(d_out, dtype=x.dtype, device=x.device) if out_basis is None
+             else out_basis.to(x.dtype))
+    k = basis.shape[1]
+    rows = list(range(n_in))
+    for t in range(n_out):
+        for start in range(0, k, chunk):
+            dirs = torch.arange(start, min(k, start + chunk), device=x.device)
+            m = len(dirs)
+            grad_out = torch.zeros(m, n, n_out, d_out, dtype=x.dtype, device=x.device)
+            grad_out[:, :, t, :] = basis[:, dirs].T[:, None, :]
+            total = None
+            for (leaf, y), w in zip(graphs, weights):
+                if m == 1:
+                    (g,) = torch.autograd.grad(y, leaf, grad_out[0], retain_graph=True)
+                    g = g[None]
+                else:
+                    (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
+                                               is_grads_batched=True)
+                total = w * g if total is None else total + w * g
+            yield Pullback(slice(0, n), rows, t, dirs, total.permute(1, 2, 3, 0))
+
+
+def pullbacks(adapter, tokens, in_site, out_site, x, out_basis, *, alphas, weights,
+              x_eval=None, closed_form: bool = True, chunk: int = 1):
+    """Pullbacks of every output direction, evaluated at ``x_eval`` (default ``x``).
+
+    Uses a closed form (:mod:`tl_degen.closed_form`) when the section has one that reproduces
+    the model's forward pass on ``x`` (the data at the input site), else autograd.
+    """
+    x_eval = x if x_eval is None else x_eval
+    if closed_form:
+        from tl_degen.closed_form import recognise
+
+        section = recognise(adapter, tokens, in_site, out_site, x)
+        if section is not None:
+            return section.pullbacks(x_eval, out_basis, alphas, weights)
+    return autograd_pullbacks(adapter, tokens, in_site, out_site, x_eval, out_basis,
+                              alphas=alphas, weights=weights, chunk=chunk)
+
+
 def accumulate_jacobian_gram(
     adapter: Adapter,
     tokens: Int[Tensor, "batch pos"],
@@ -81,39 +148,17 @@ def accumulate_jacobian_gram(
         out_basis: ``C`` of the output site (``[d_out (+1), k]``); ``None`` for raw outputs
             (unrotated logits).
         chunk: output directions pulled back per autograd call (``is_grads_batched`` when
-            above 1; measured slower than 1 on CPU, see ``benchmarks/``).
+            above 1; measured slower than 1 on CPU, see README "Speed").
         closed_form: use :mod:`tl_degen.closed_form` where the section allows it.
     """
     if closed_form:
-        from tl_degen.closed_form import try_closed_form
+        from tl_degen.closed_form import recognise
 
-        if try_closed_form(adapter, tokens, in_site, out_site, x, out_basis, acc, alphas, weights):
+        section = recognise(adapter, tokens, in_site, out_site, x)
+        if section is not None:
+            section.add_jacobian_gram(x, out_basis, acc, alphas, weights)
             return
-    n, n_in, _ = x.shape
-    graphs = []
-    for alpha in alphas:
-        leaf = (alpha * x).detach().requires_grad_(True)
-        y = adapter.run(tokens, read=out_site, write=(in_site, leaf))
-        graphs.append((leaf, y))
-    _, n_out, d_out = graphs[0][1].shape
-    basis = (torch.eye(d_out, dtype=x.dtype, device=x.device) if out_basis is None
-             else out_basis.to(x.dtype))
-    k = basis.shape[1]
-    directions = [(t, i) for t in range(n_out) for i in range(k)]
-    for start in range(0, len(directions), chunk):
-        block = directions[start:start + chunk]
-        m = len(block)
-        grad_out = torch.zeros(m, n, n_out, d_out, dtype=x.dtype, device=x.device)
-        t_idx = torch.tensor([t for t, _ in block], device=x.device)
-        grad_out[torch.arange(m, device=x.device), :, t_idx, :] = (
-            basis[:, [i for _, i in block]].T[:, None, :])
-        total = None
-        for (leaf, y), w in zip(graphs, weights):
-            if m == 1:
-                (g,) = torch.autograd.grad(y, leaf, grad_out[0], retain_graph=True)
-            else:
-                (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
-                                           is_grads_batched=True)
-            total = w * g if total is None else total + w * g
-        acc.add_rows(total)
-    acc.add_count(n * n_in)
+    for pb in autograd_pullbacks(adapter, tokens, in_site, out_site, x, out_basis,
+                                 alphas=alphas, weights=weights, chunk=chunk):
+        acc.add_rows(pb.g.transpose(-1, -2))
+    acc.add_count(x.shape[0] * x.shape[1])

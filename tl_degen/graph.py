@@ -1,0 +1,344 @@
+"""Interaction graphs: edges between the bases of consecutive sites (DESIGN.md §4 step 8).
+
+Conventions (pinned here):
+
+* Nodes of a site are its basis directions, in column order of ``C``: the constant node
+  first (when the basis is centered), then by descending eigenvalue. Node ``j`` of site
+  ``"resid_pre.0"`` is written ``"resid_pre.0/j"``.
+* ``graph.edges[(in_site, out_site)]`` is a non-negative ``[n_out, n_in]`` tensor: row =
+  target node (output site), column = source node (input site). Only consecutive sites
+  have edges.
+* ``E[i, j] = (1/(N·P_in)) Σ_b Σ_t A[b,t,i,j]²`` with
+  ``A[b,t,i,j] = Σ_s ∂F[t,i]/∂h[s,j] · h[s,j]`` and ``F(h) = f(h C⁺_in) C_out`` evaluated
+  at the projected input ``h = x C_in`` (integrated over ``α·h`` for the integrated rules).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Int
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_degen.adapters import get_adapter
+from tl_degen.basis_set import BasisSet
+from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
+from tl_degen.fitting import prepared, token_batches
+from tl_degen.sections import integration_rule, pullbacks
+from tl_degen.sites import Site
+
+__all__ = ["interaction_graph", "InteractionGraph", "Modules", "GRAPH_FORMAT", "GRAPH_VERSION"]
+
+GRAPH_FORMAT = "tl_degen.interaction_graph"
+GRAPH_VERSION = 1
+
+
+def interaction_graph(
+    model,
+    tokens: Int[Tensor, "batch pos"] | Iterable[Tensor],
+    bases: BasisSet,
+    *,
+    integration: str = "gradient",
+    n_alpha: int | None = None,
+    batch_size: int = 256,
+    dtype: torch.dtype | None = torch.float64,
+    progress: bool = True,
+) -> InteractionGraph:
+    """Edges between every pair of consecutive sites of ``bases`` (DESIGN.md §4 step 8).
+
+    Args:
+        model: the model the bases were fitted on (checked).
+        tokens: ``[batch, pos]`` token ids (or an iterable of batches), same length as the fit.
+        bases: a :class:`~tl_degen.basis_set.BasisSet` with at least two sites.
+        integration, n_alpha: integration rule for ``A`` (as in :func:`tl_degen.fit_bases`).
+        batch_size: sequences per forward pass.
+        dtype: dtype the model runs in (restored afterwards); accumulation is float64.
+
+    Returns:
+        An :class:`InteractionGraph`; ``graph.edges[(in_site, out_site)]`` is
+        ``[n_out, n_in]``, non-negative, nodes ordered as the basis columns.
+
+    Example:
+        >>> graph = interaction_graph(model, tokens, bases)
+        >>> graph.edges[(Site.parse("resid_pre.0"), Site.parse("resid_mid.0:last"))].shape
+    """
+    sites = list(bases.sites)
+    if len(sites) < 2:
+        raise TLDegenError("an interaction graph needs bases of at least two sites")
+    bases.check_model(model)
+    alphas, weights = integration_rule(integration, n_alpha)
+    adapter = get_adapter(model)
+    batches = token_batches(tokens, batch_size, adapter)
+    n_pos = batches[0].shape[1]
+    for s in sites:
+        s.resolve_positions(n_pos)
+    edges: dict[tuple[Site, Site], Tensor] = {}
+    with prepared(model, dtype):
+        dt = adapter.dtype
+        for in_site, out_site in zip(sites, sites[1:]):
+            b_in, b_out = bases[in_site], bases[out_site]
+            C_in, C_pinv = b_in.C.to(adapter.device), b_in.C_pinv.to(adapter.device)
+            out_C = None if out_site.kind == "logits" else b_out.C.to(adapter.device, dt)
+            E = torch.zeros(b_out.k, b_in.k, dtype=torch.float64, device=adapter.device)
+            count = 0
+            for batch in tqdm(batches, desc=f"edges {in_site.name} → {out_site.name}",
+                              disable=not progress):
+                with torch.no_grad():
+                    (x,) = adapter.read_sites(batch, [in_site])
+                h = x.double() @ C_in  # [b, P_in, k_in]
+                x_proj = (h @ C_pinv).to(dt)
+                for pb in pullbacks(adapter, batch, in_site, out_site, x, out_C,
+                                    alphas=alphas, weights=weights, x_eval=x_proj):
+                    g_h = torch.einsum("brdm,jd->brjm", pb.g.double(), C_pinv)
+                    A = torch.einsum("brjm,brj->bmj", g_h, h[pb.samples][:, pb.in_rows])
+                    E.index_add_(0, pb.dirs, (A * A).sum(0))
+                count += x.shape[0] * x.shape[1]
+            if not torch.isfinite(E).all():
+                raise DataError(f"NaN/Inf edges between {in_site.name} and {out_site.name}")
+            edges[(in_site, out_site)] = (E / count).cpu()
+    config = {"integration": integration, "n_alpha": len(alphas),
+              "n_samples": sum(b.shape[0] for b in batches), "n_pos": n_pos}
+    return InteractionGraph(bases, edges, config=config)
+
+
+@dataclass
+class Modules:
+    """Leiden communities of an interaction graph.
+
+    Attributes:
+        membership: node name (``"site/j"``) → module id.
+        modularity: the modularity ``Q`` of the partition on the undirected weighted graph.
+        resolution: the resolution parameter used.
+    """
+
+    membership: dict[str, int]
+    modularity: float
+    resolution: float
+
+    @property
+    def clusters(self) -> list[list[str]]:
+        out: dict[int, list[str]] = {}
+        for node, m in self.membership.items():
+            out.setdefault(m, []).append(node)
+        return [out[k] for k in sorted(out)]
+
+    def __repr__(self) -> str:
+        sizes = sorted((len(c) for c in self.clusters), reverse=True)
+        more = "…" if len(sizes) > 10 else ""
+        return (f"Modules(n={len(sizes)}, Q={self.modularity:.4f}, "
+                f"resolution={self.resolution}, sizes={sizes[:10]}{more})")
+
+
+class InteractionGraph:
+    """Sites, their bases, and non-negative edge matrices between consecutive sites.
+
+    See the module docstring for the conventions: nodes in basis-column order (constant
+    first), ``edges[(in_site, out_site)]`` is ``[n_out, n_in]`` (rows = targets).
+    """
+
+    def __init__(self, bases: BasisSet, edges: dict[tuple[Site, Site], Tensor], *,
+                 config: dict | None = None):
+        self.bases = bases
+        self.sites = list(bases.sites)
+        self.edges = dict(edges)
+        self.config = dict(config or {})
+        for (a, b), E in self.edges.items():
+            if E.shape != (bases[b].k, bases[a].k):
+                raise BasisMismatchError(f"edges {a.name}->{b.name} have shape "
+                                         f"{tuple(E.shape)}, expected ({bases[b].k}, {bases[a].k})")
+
+    # ------------------------------------------------------------------ access
+    def pairs(self) -> list[tuple[Site, Site]]:
+        return list(self.edges)
+
+    def edge(self, in_site: str | Site, out_site: str | Site) -> Tensor:
+        """``[n_out, n_in]`` edges between two consecutive sites (names or Sites)."""
+        a, b = self.bases._key(in_site), self.bases._key(out_site)
+        return self.edges[(a, b)]
+
+    @staticmethod
+    def node_name(site: Site, j: int) -> str:
+        return f"{site.name}/{j}"
+
+    def _has_constant_node(self, site: Site) -> bool:
+        b = self.bases[site]
+        return b.center and b.has_constant and b.method != "neuron"
+
+    # ------------------------------------------------------------------ pruning
+    def prune(self, *, threshold: float | None = None, top_k: int | None = None,
+              mass: float | None = None, keep_constant: bool = True) -> InteractionGraph:
+        """A copy keeping only some edges (the rest set to 0). Exactly one criterion:
+
+        * ``threshold``: edges ``>= threshold``;
+        * ``top_k``: for every target node, its ``top_k`` strongest incoming edges;
+        * ``mass``: per layer pair, the fewest strongest edges whose sum is at least
+          ``mass`` (a fraction in (0, 1]) of the pair's total.
+
+        Edges out of the constant node are kept when ``keep_constant``.
+        """
+        given = [v is not None for v in (threshold, top_k, mass)]
+        if sum(given) != 1:
+            raise TLDegenError("prune() takes exactly one of threshold=, top_k=, mass=")
+        if mass is not None and not 0 < mass <= 1:
+            raise TLDegenError(f"mass must be a fraction in (0, 1], got {mass}")
+        if top_k is not None and top_k < 0:
+            raise TLDegenError(f"top_k must be non-negative, got {top_k}")
+        new = {}
+        for (a, b), E in self.edges.items():
+            keep = torch.zeros_like(E, dtype=torch.bool)
+            if threshold is not None:
+                keep = E >= threshold
+            elif top_k is not None:
+                k = min(top_k, E.shape[1])
+                if k:
+                    idx = E.topk(k, dim=1).indices
+                    keep.scatter_(1, idx, True)
+            else:
+                flat = E.flatten()
+                order = flat.argsort(descending=True)
+                csum = flat[order].cumsum(0)
+                n = int((csum < mass * flat.sum() * (1 - 1e-12)).sum()) + 1
+                keep.view(-1)[order[: min(n, flat.numel())]] = True
+            if keep_constant and self._has_constant_node(a):
+                keep[:, 0] = True
+            new[(a, b)] = torch.where(keep, E, torch.zeros_like(E))
+        return InteractionGraph(self.bases, new, config=self.config)
+
+    def n_edges(self) -> dict[str, int]:
+        return {f"{a.name}->{b.name}": int((E > 0).sum()) for (a, b), E in self.edges.items()}
+
+    # ------------------------------------------------------------------ export
+    def _nodes(self) -> list[dict]:
+        out = []
+        for s in self.sites:
+            b = self.bases[s]
+            const = self._has_constant_node(s)
+            for j in range(b.k):
+                out.append({"id": self.node_name(s, j), "site": s.name, "index": j,
+                            "eigenvalue": float(b.eigenvalues[j]),
+                            "constant": bool(const and j == 0)})
+        return out
+
+    def to_networkx(self):
+        """A ``networkx.DiGraph``: nodes ``"site/j"`` (attributes ``site``, ``index``,
+        ``eigenvalue``, ``constant``), edges source → target with attribute ``weight``
+        (zero edges left out)."""
+        import networkx as nx
+
+        G = nx.DiGraph()
+        for n in self._nodes():
+            G.add_node(n["id"], **{k: v for k, v in n.items() if k != "id"})
+        for (a, b), E in self.edges.items():
+            for i, j in (E > 0).nonzero().tolist():
+                G.add_edge(self.node_name(a, j), self.node_name(b, i), weight=float(E[i, j]))
+        return G
+
+    def to_json(self) -> str:
+        """JSON text. Schema (version 1)::
+
+            {"format": "tl_degen.interaction_graph", "version": 1,
+             "sites": ["resid_pre.0", ...], "config": {...},
+             "nodes": [{"id": "resid_pre.0/0", "site": "resid_pre.0", "index": 0,
+                        "eigenvalue": 1.2e5, "constant": true}, ...],
+             "edges": [{"source": "resid_pre.0/0", "target": "resid_mid.0:last/0",
+                        "weight": 9.9e4}, ...]}
+
+        Edges are listed source → target, zero edges left out.
+        """
+        edges = []
+        for (a, b), E in self.edges.items():
+            for i, j in (E > 0).nonzero().tolist():
+                edges.append({"source": self.node_name(a, j), "target": self.node_name(b, i),
+                              "weight": float(E[i, j])})
+        return json.dumps({"format": GRAPH_FORMAT, "version": GRAPH_VERSION,
+                           "sites": [s.name for s in self.sites], "config": self.config,
+                           "nodes": self._nodes(), "edges": edges})
+
+    # ------------------------------------------------------------------ modules
+    def modules(self, resolution: float = 1.0, seed: int = 0,
+                include_constant: bool = False) -> Modules:
+        """Leiden communities (``leidenalg``, RB-configuration model) of the graph made
+        undirected, edge weights = edge strengths. The constant nodes are left out unless
+        ``include_constant`` (they connect to everything)."""
+        import igraph as ig
+        import leidenalg
+
+        names = [n["id"] for n in self._nodes()
+                 if include_constant or not n["constant"]]
+        index = {n: i for i, n in enumerate(names)}
+        pairs, w = [], []
+        for (a, b), E in self.edges.items():
+            for i, j in (E > 0).nonzero().tolist():
+                s, t = self.node_name(a, j), self.node_name(b, i)
+                if s in index and t in index:
+                    pairs.append((index[s], index[t]))
+                    w.append(float(E[i, j]))
+        g = ig.Graph(n=len(names), edges=pairs)
+        g.es["weight"] = w
+        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition,
+                                        weights="weight", resolution_parameter=resolution,
+                                        seed=seed)
+        q = g.modularity(part.membership, weights="weight") if pairs else 0.0
+        return Modules({n: int(m) for n, m in zip(names, part.membership)}, float(q),
+                       resolution)
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike) -> Path:
+        """One ``.safetensors`` file: the bases (as :meth:`BasisSet.save`) and the edges
+        (``edges/<in>-><out>``); written atomically."""
+        path = Path(path)
+        tensors, meta = self.bases._tensors_and_meta()
+        edge_meta = []
+        for (a, b), E in self.edges.items():
+            key = f"edges/{a.name}->{b.name}"
+            tensors[key] = E.detach().double().cpu().contiguous()
+            edge_meta.append({"in": a.name, "out": b.name, "tensor": key})
+        graph_meta = {"format": GRAPH_FORMAT, "version": GRAPH_VERSION, "edges": edge_meta,
+                      "config": self.config}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"tl_degen": json.dumps(meta),
+                                              "tl_degen_graph": json.dumps(graph_meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None) -> InteractionGraph:
+        """Read a file written by :meth:`save` (with ``model``: check it is the same model)."""
+        bases = BasisSet.load(path, model=model)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            if "tl_degen_graph" not in header:
+                raise DataError(f"{path} holds bases but no interaction graph")
+            meta = json.loads(header["tl_degen_graph"])
+            edges = {(bases._key(e["in"]), bases._key(e["out"])): f.get_tensor(e["tensor"])
+                     for e in meta["edges"]}
+        return cls(bases, edges, config=meta.get("config"))
+
+    # ------------------------------------------------------------------ display
+    def summary(self) -> str:
+        lines = [f"InteractionGraph({len(self.sites)} sites, method={self.bases.method!r}, "
+                 f"n_samples={self.config.get('n_samples')})"]
+        for s in self.sites:
+            lines.append(f"  {s.name}: {self.bases[s].k} nodes")
+        for (a, b), E in self.edges.items():
+            lines.append(f"  {a.name} → {b.name}: [{E.shape[0]}×{E.shape[1]}], "
+                         f"{int((E > 0).sum())} nonzero, sum {float(E.sum()):.6e}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
