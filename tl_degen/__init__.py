@@ -7,6 +7,7 @@ Data flows one way: model + tokens → statistics → bases (→ graph → patch
 >>> print(bases)
 """
 
+from tl_degen.ablation import AblationCurve, ablation_curve
 from tl_degen.basis import Dropped, InteractionBasis, Threshold
 from tl_degen.basis_set import BasisSet
 from tl_degen.errors import (
@@ -29,6 +30,8 @@ __all__ = [
     "interaction_graph",
     "InteractionGraph",
     "Modules",
+    "ablation_curve",
+    "AblationCurve",
     "Site",
     "BasisSet",
     "InteractionBasis",
