@@ -55,7 +55,9 @@ def test_keeping_everything_changes_nothing(method, small):
         k = bases[site].k
         curve = tl_degen.ablation_curve(model, test, bases, site, "loss", labels=labels,
                                         n_kept=[k], dtype=torch.float64, progress=False)
-        assert abs(curve.values[0] - curve.baseline) <= 1e-12, site
+        # the kept directions span the data up to the threshold (1e-13 of the largest
+        # eigenvalue), so the projection moves activations by ~1e-7 relative
+        assert abs(curve.values[0] - curve.baseline) <= 1e-5 * abs(curve.baseline), site
 
 
 def test_user_metric_and_monotone_extremes(small):
