@@ -73,17 +73,9 @@ def test_closed_form_edges_equal_autograd_edges():
     model = modadd.load_bridge(modadd.load_state_dict())
     tokens = modadd.tokens_for(modadd.all_pairs()[::97])
     bases = tl_degen.fit_bases(model, tokens, SITES, progress=False)
-    import tl_degen.sections as sections
-
-    graphs = []
-    for closed in (True, False):
-        old = sections.pullbacks.__kwdefaults__["closed_form"]
-        sections.pullbacks.__kwdefaults__["closed_form"] = closed
-        try:
-            graphs.append(tl_degen.interaction_graph(model, tokens, bases, progress=False,
-                                                     integration="trapezoid", n_alpha=3))
-        finally:
-            sections.pullbacks.__kwdefaults__["closed_form"] = old
+    graphs = [tl_degen.interaction_graph(model, tokens, bases, progress=False,
+                                         integration="trapezoid", n_alpha=3, closed_form=c)
+              for c in (True, False)]
     for pair in graphs[0].pairs():
         a, b = graphs[0].edges[pair], graphs[1].edges[pair]
         assert (a - b).abs().max() <= 1e-10 * b.abs().max(), pair

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_degen.errors import BasisMismatchError, TLDegenError
+from tl_degen.errors import BasisMismatchError, SiteError, TLDegenError
 from tl_degen.sites import Site
 
 __all__ = ["Threshold", "Dropped", "InteractionBasis", "whiten", "lib_rotation", "METHODS"]
@@ -62,6 +62,8 @@ class Threshold:
         raise TLDegenError(f"threshold must be a float (relative) or a Threshold, got {value!r}")
 
     def cutoff(self, eigenvalues: Tensor) -> float:
+        """Eigenvalues strictly above this are kept (``eigenvalues``: those the relative
+        threshold refers to — the data directions, not the constant's unit eigenvalue)."""
         if self.mode == "absolute" or eigenvalues.numel() == 0:
             return self.value
         return self.value * float(eigenvalues.abs().max())
@@ -139,8 +141,8 @@ def whiten(mean: Tensor, gram: Tensor, *, center: bool, has_constant: bool,
         evals, U = torch.linalg.eigh(gram)
         D, order = evals.abs().sort(descending=True)
         U = U[:, order]
-    cutoff = threshold.cutoff(D)
-    keep = D >= cutoff
+    cutoff = threshold.cutoff(D[1:] if center and has_constant else D)
+    keep = D > cutoff
     if center and has_constant:
         keep[0] = True
     U_k, D_k = U[:, keep], D[keep]
@@ -175,9 +177,15 @@ def lib_rotation(wh: Whitening, jacobian_gram: Tensor, *, constant_first: bool,
         lam, order = evals.abs().sort(descending=True)
         V = evecs[:, order]
     cutoff = threshold.cutoff(lam)
-    keep = lam >= cutoff
+    keep = lam > cutoff
     if constant_first:
         keep[0] = bool(lam[0] > 0)
+    rest = lam[int(constant_first):]
+    if rest.numel() and not (rest > 0).any():
+        raise SiteError(
+            "no direction of this site influences the next one (every Λ is zero): the next "
+            "site's positions cannot see this site's positions (causal attention, or a "
+            "per-position section with no position in common); choose positions that can")
     V_k, lam_k = V[:, keep], lam[keep]
     C = wh.R @ V_k * lam_k.sqrt()
     C_pinv = (V_k.T @ wh.R_pinv) / lam_k.sqrt()[:, None]

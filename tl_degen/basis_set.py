@@ -39,9 +39,11 @@ def model_probe(adapter) -> list[list[float]]:
     Stored with a basis so that :meth:`BasisSet.check_model` can refuse a model with other
     weights, whichever backend (bridge or HookedTransformer) holds them.
     """
+    from tl_degen.fitting import prepared
+
     n = min(adapter.n_ctx, 8)
     tokens = ((torch.arange(n) * 7 + 3) % adapter.d_vocab)[None].to(adapter.device)
-    with torch.no_grad():
+    with prepared(adapter.model, None), torch.no_grad():
         (logits,) = adapter.read_sites(tokens, [Site("logits")])
     return logits[0, :, :16].double().cpu().tolist()
 
@@ -67,9 +69,6 @@ class BasisSet(Mapping):
         s = Site.parse(site)
         if s in self._bases:
             return s
-        for k in self._bases:  # allow 'resid_pre.0' for 'resid_pre.0:all' etc.
-            if (k.kind, k.layer) == (s.kind, s.layer) and s.positions is None:
-                return k
         raise KeyError(f"no basis for site {s.name!r}; this set has "
                        f"{[k.name for k in self._bases]}")
 
@@ -122,11 +121,17 @@ class BasisSet(Mapping):
                 "these bases were fitted on a different architecture: " + ", ".join(
                     f"{k}={a} (bases) vs {b} (model)" for k, (a, b) in diff.items())
                 + "; fit new bases with fit_bases(model, ...)")
+        for s, b in self._bases.items():
+            d = adapter.site_dim(s) + int(s.has_constant)
+            if b.d_site != d:
+                raise BasisMismatchError(f"the basis of {s.name!r} has {b.d_site} coordinates but "
+                                         f"that site of this model has {d}")
         if self.model_probe is not None:
             probe = torch.tensor(model_probe(adapter), dtype=torch.float64)
             ref = torch.tensor(self.model_probe, dtype=torch.float64)
             scale = ref.abs().max().clamp_min(1e-6)
-            if probe.shape != ref.shape or (probe - ref).abs().max() > 1e-3 * scale:
+            rtol = max(1e-3, 50 * torch.finfo(adapter.dtype).eps)  # bf16: 0.4, fp32: 1e-3
+            if probe.shape != ref.shape or (probe - ref).abs().max() > rtol * scale:
                 raise BasisMismatchError(
                     "these bases were fitted on a model with different weights (its logits "
                     "on a fixed probe input differ); fit new bases with fit_bases(model, ...)")
@@ -185,15 +190,26 @@ class BasisSet(Mapping):
             raise DataError(f"{path} has format version {meta['version']}; this tl_degen reads "
                             f"up to {FORMAT_VERSION}: upgrade tl_degen")
         bases = []
-        for sm in meta["sites"]:
-            name = sm["site"]
-            bases.append(InteractionBasis(
-                site=Site.parse(name), method=sm["method"],
-                **{f: tensors[f"{name}/{f}"] for f in _FIELDS},
-                dropped=Dropped(**sm["dropped"]), center=sm["center"],
-                n_samples=sm["n_samples"], lambda_all=tensors.get(f"{name}/lambda_all")))
-        out = cls(bases, config=meta["config"], model_signature=meta["model_signature"],
-                  model_probe=meta["model_probe"])
+        try:
+            for sm in meta["sites"]:
+                name = sm["site"]
+                b = InteractionBasis(
+                    site=Site.parse(name), method=sm["method"],
+                    **{f: tensors[f"{name}/{f}"] for f in _FIELDS},
+                    dropped=Dropped(**sm["dropped"]), center=sm["center"],
+                    n_samples=sm["n_samples"], lambda_all=tensors.get(f"{name}/lambda_all"))
+                d, k = b.C.shape
+                shapes = {"C_pinv": (k, d), "eigenvalues": (k,), "mean": (d,), "gram": (d, d)}
+                for f, shape in shapes.items():
+                    if tuple(getattr(b, f).shape) != shape:
+                        raise DataError(f"{path}: {name}/{f} has shape "
+                                        f"{tuple(getattr(b, f).shape)}, expected {shape}")
+                bases.append(b)
+            out = cls(bases, config=meta["config"], model_signature=meta["model_signature"],
+                      model_probe=meta["model_probe"])
+        except (KeyError, TypeError) as err:
+            raise DataError(f"{path} is an incomplete tl_degen basis file (missing {err}); "
+                            "save it again with BasisSet.save") from None
         if model is not None:
             out.check_model(model)
         return out

@@ -73,7 +73,7 @@ def _act_derivative(act, pre: Tensor) -> Tensor:
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
-    tol = 1e-5 if a.dtype == torch.float64 else 1e-3
+    tol = 1e-7 if a.dtype == torch.float64 else 1e-3
     return bool((a - b).abs().max() <= tol * b.abs().max().clamp_min(1e-12))
 
 
@@ -115,7 +115,7 @@ class ClosedFormSection:
             d = x.shape[-1]
             pre = xr @ P["w_in"]
             dbar = sum(w * _act_derivative(P["act"], a * pre) for a, w in zip(alphas, weights))
-            K = _k_matrix(out_basis, d)
+            K = _k_matrix(out_basis, d, x.device)
             w_in64, dbar64, w_out_t = P["w_in"].double(), dbar.double(), P["w_out_t"].double()
             j0 = P["j0"].double()
             A = w_out_t @ K @ w_out_t.T
@@ -126,7 +126,8 @@ class ClosedFormSection:
         elif self.kind == "unembed":
             xr = self._rows(x)
             J64 = self.params["J"].double()
-            acc.add_matrix(xr.shape[0] * (J64 @ _k_matrix(out_basis, J64.shape[1]) @ J64.T))
+            acc.add_matrix(xr.shape[0] * (J64 @ _k_matrix(out_basis, J64.shape[1], x.device)
+                                          @ J64.T))
         else:
             for pb in self.pullbacks(x, out_basis, alphas, weights):
                 acc.add_rows(pb.g.transpose(-1, -2))
@@ -134,6 +135,68 @@ class ClosedFormSection:
 
     def _rows(self, x: Tensor) -> Tensor:
         return x[:, self.params["rows_in"]].reshape(-1, x.shape[-1])
+
+    # ------------------------------------------------------------------ edges
+    def edge_squares(self, x_eval: Tensor, h: Tensor, C_pinv: Tensor, out_basis: Tensor | None,
+                     alphas: list[float], weights: list[float], chunk: int = 256) -> Tensor:
+        """``Σ_b Σ_t A[b,t,i,j]²`` (DESIGN.md §4 step 8) for this batch, ``[k_out, k_in]``.
+
+        ``A[b,t,i,j] = Σ_s g[b,s,:,i]·C⁺[j,:] h[b,s,j]`` with ``g`` the pullback evaluated at
+        ``x_eval`` (the projected input). For attention the contraction with ``h`` is done
+        term by term, without forming ``g``.
+        """
+        if self.kind == "attention":
+            return self._attention_edge_squares(x_eval, h, C_pinv, out_basis, alphas, weights,
+                                                chunk)
+        k_out = (out_basis.shape[1] if out_basis is not None
+                 else self.adapter.site_dim(self.out_site) + int(self.out_site.has_constant))
+        E = torch.zeros(k_out, C_pinv.shape[0], dtype=torch.float64, device=h.device)
+        for pb in self.pullbacks(x_eval, out_basis, alphas, weights, chunk):
+            g_h = torch.einsum("brdm,jd->brjm", pb.g.double(), C_pinv)
+            A = torch.einsum("brjm,brj->bmj", g_h, h[pb.samples][:, pb.in_rows])
+            E.index_add_(0, pb.dirs, (A * A).sum(0))
+        return E
+
+    def _attention_edge_squares(self, x, h, C_pinv, out_basis, alphas, weights, chunk):
+        P = self.params
+        dt = x.dtype
+        H, scale = P["H"], P["scale"]
+        d_out = self.adapter.site_dim(self.out_site) + 1
+        C = (torch.eye(d_out, dtype=dt, device=x.device) if out_basis is None
+             else out_basis.to(dt))
+        Cp = C_pinv.to(dt)  # [j, d+1]
+        U_d = C[:-1]
+        O = torch.einsum("hed,dk->hek", P["W_O"], U_d)
+        bU = P["b_O"] @ U_d / H
+        PVj = torch.einsum("jd,hde,hek->hjk", Cp, P["wv"], O)  # [H, k_in, k]
+        wk_j = torch.einsum("jd,hde->hje", Cp, P["wk"]) / scale
+        wq_j = torch.einsum("jd,hde->hje", Cp, P["wq"]) / scale
+        cp_const = Cp[:, -1]  # [k_in]
+        CpC = Cp @ C  # [k_in, k]
+        E = torch.zeros(C.shape[1], Cp.shape[0], dtype=torch.float64, device=x.device)
+        for start in range(0, x.shape[0], chunk):
+            xb, hb = x[start:start + chunk], h[start:start + chunk].to(dt)
+            fwd = [(wgt, alpha * xb[..., -1], *P["attention"](alpha * xb))
+                   for alpha, wgt in zip(alphas, weights)]
+            for t in P["out_pos"]:
+                A_total = None
+                for wgt, ca, q, k, v, A in fwd:
+                    At = A[:, :, t]  # [b, H, s]
+                    w = torch.einsum("bhse,hek->bhsk", v, O) + ca[:, None, :, None] * bU
+                    beta = At[..., None] * (w - (At[..., None] * w).sum(2, keepdim=True))
+                    ah = torch.einsum("bhs,bsj->bhj", At, hb)  # Σ_s A_hts h_sj
+                    Ab = torch.einsum("bhj,hjk->bkj", ah, PVj)
+                    Ab += torch.einsum("bhj,bhkj->bkj", torch.einsum("hje,bhe->bhj", wk_j,
+                                                                      q[:, :, t]),
+                                       torch.einsum("bhsk,bsj->bhkj", beta, hb))
+                    Ab += torch.einsum("k,j,bj->bkj", bU, cp_const, ah.sum(1))
+                    kq = torch.einsum("bhsk,bhse->bhek", beta, k)
+                    Ab += hb[:, t, None, :] * (CpC.T[None] + torch.einsum("hje,bhek->bkj",
+                                                                            wq_j, kq))
+                    A_total = Ab if len(fwd) == 1 else (
+                        wgt * Ab if A_total is None else A_total + wgt * Ab)
+                E += (A_total.double() ** 2).sum(0)
+        return E
 
     # ------------------------------------------------------------------ pullbacks
     def pullbacks(self, x: Tensor, out_basis: Tensor | None, alphas: list[float],
@@ -264,7 +327,28 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
         y = y if out_site.kind == "logits" else y[:, :-1]
         if not _close(formula(x[:, params["rows_in"]].reshape(-1, x.shape[-1])), y):
             return None
-    return ClosedFormSection(kind, adapter, in_site, out_site, n_pos, params)
+    section = ClosedFormSection(kind, adapter, in_site, out_site, n_pos, params)
+    return section if _vjp_agrees(section, tokens, x) else None
+
+
+def _vjp_agrees(section: ClosedFormSection, tokens: Tensor, x: Tensor, n: int = 4) -> bool:
+    """One random output direction pulled back on a few samples, closed form vs autograd:
+    the formula check alone cannot see a wrong derivative (e.g. another attention scale)."""
+    from tl_degen.sections import autograd_pullbacks
+
+    adapter, n = section.adapter, min(n, x.shape[0])
+    d_out = adapter.site_dim(section.out_site) + int(section.out_site.has_constant)
+    u = torch.randn(d_out, 1, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64).to(x.device, x.dtype)
+    totals = []
+    for source in (section.pullbacks(x[:n], u, [1.0], [1.0]),
+                   autograd_pullbacks(adapter, tokens[:n], section.in_site, section.out_site,
+                                      x[:n], u, alphas=[1.0], weights=[1.0])):
+        total = torch.zeros_like(x[:n])
+        for pb in source:
+            total[pb.samples][:, pb.in_rows] += pb.g[..., 0]
+        totals.append(total)
+    return _close(totals[0], totals[1])
 
 
 def try_closed_form(
@@ -314,9 +398,9 @@ def _attention_params(adapter, in_site, out_site, x, n_pos) -> dict | None:
             "b_O": W["b_O"], "attention": attention, "out_pos": out_pos}
 
 
-def _k_matrix(out_basis: Tensor | None, d: int) -> Tensor:
+def _k_matrix(out_basis: Tensor | None, d: int, device=None) -> Tensor:
     if out_basis is None:
-        return torch.eye(d, dtype=torch.float64)
+        return torch.eye(d, dtype=torch.float64, device=device)
     C = out_basis.double()
     return C @ C.T
 

@@ -37,6 +37,13 @@ def token_batches(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(tokens, Tensor) and hasattr(tokens, "__array__") or (
+            isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], (list, tuple))
+            and tokens[0] and isinstance(tokens[0][0], int)):
+        try:  # a numpy array or a nested list of ids: one [batch, pos] tensor
+            tokens = torch.as_tensor(tokens)
+        except (TypeError, ValueError):
+            raise DataError("tokens must be a [batch, pos] array of integer ids") from None
     if isinstance(tokens, Tensor):
         chunks = [tokens] if tokens.dim() != 2 else list(tokens.split(batch_size))
         if tokens.dim() == 2 and tokens.shape[0] == 0:
@@ -82,24 +89,34 @@ def token_batches(
 
 @contextmanager
 def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
-    """Eval mode, the requested dtype and no parameter grads; all restored afterwards."""
+    """Eval mode, the requested dtype, no parameter grads and grad mode on (even inside
+    ``torch.no_grad``/``inference_mode``); everything restored afterwards, including the
+    dtype of every floating-point parameter and buffer, one by one."""
     was_training = model.training
-    old_dtype = next(model.parameters()).dtype
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    params = [(p, p.requires_grad, p.dtype) for p in model.parameters()]
+    buffers = [(m, name, b.dtype) for m in model.modules()
+               for name, b in m._buffers.items() if b is not None and b.is_floating_point()]
+    cast = dtype is not None and any(p.dtype != dtype for p, _, _ in params)
     try:
         model.eval()
-        if dtype is not None and dtype != old_dtype:
+        if cast:
             with redirect_stdout(io.StringIO()):  # TransformerLens prints on every cast
                 model.to(dtype)
-        for p, _ in flags:
+        for p, _, _ in params:
             p.requires_grad_(False)
-        yield
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
     finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        if dtype is not None and dtype != old_dtype:
-            with redirect_stdout(io.StringIO()):
-                model.to(old_dtype)
+        if cast:
+            with torch.no_grad():
+                for p, _, dt in params:
+                    if p.dtype != dt:
+                        p.data = p.data.to(dt)
+                for m, name, dt in buffers:
+                    if m._buffers[name].dtype != dt:
+                        m._buffers[name] = m._buffers[name].to(dt)
+        for p, flag, _ in params:
+            p.requires_grad_(flag)
         model.train(was_training)
 
 
@@ -124,7 +141,7 @@ def site_activations(
     adapter = get_adapter(model)
     batches = token_batches(tokens, batch_size, adapter)
     (s,) = _resolve_sites(adapter, [site], batches[0].shape[1])
-    with torch.no_grad():
+    with prepared(model, None), torch.no_grad():
         return torch.cat([adapter.read_sites(b, [s])[0] for b in batches])
 
 
@@ -182,6 +199,8 @@ def fit_bases(
     n_pos = batches[0].shape[1]
     site_list = _resolve_sites(adapter, sites, n_pos)
     n_samples = sum(b.shape[0] for b in batches)
+    with prepared(model, None):
+        probe = model_probe(adapter)  # in the model's own dtype, as check_model will see it
 
     with prepared(model, dtype):
         work_dtype = adapter.dtype
@@ -201,7 +220,8 @@ def fit_bases(
             mean, gram = acc.mean, acc.gram(center)
             if site.kind == "logits" or method == "neuron":
                 bases[site] = _identity_basis(site, method, mean, acc.gram(False),
-                                              gram, center, n_samples)
+                                              acc.gram(False) if method == "neuron" else gram,
+                                              center, n_samples)
                 next_C = None if site.kind == "logits" else bases[site].C
                 continue
             constant_first = center and site.has_constant
@@ -232,7 +252,6 @@ def fit_bases(
                 gram=gram, gram_eigenvalues=wh.all_eigenvalues, dropped=dropped, center=center,
                 n_samples=n_samples, lambda_all=lam_all)
             next_C = C
-        probe = model_probe(adapter)
 
     config = {"method": method, "center": center, "threshold": str(threshold),
               "threshold_value": threshold.value, "threshold_mode": threshold.mode,

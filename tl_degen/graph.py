@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
 from tl_degen.basis_set import BasisSet
+from tl_degen.closed_form import recognise
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import prepared, token_batches
-from tl_degen.sections import integration_rule, pullbacks
+from tl_degen.sections import autograd_pullbacks, integration_rule
 from tl_degen.sites import Site
 
 __all__ = ["interaction_graph", "InteractionGraph", "Modules", "GRAPH_FORMAT", "GRAPH_VERSION"]
@@ -52,6 +53,7 @@ def interaction_graph(
     batch_size: int = 256,
     dtype: torch.dtype | None = torch.float64,
     progress: bool = True,
+    closed_form: bool = True,
 ) -> InteractionGraph:
     """Edges between every pair of consecutive sites of ``bases`` (DESIGN.md §4 step 8).
 
@@ -62,6 +64,8 @@ def interaction_graph(
         integration, n_alpha: integration rule for ``A`` (as in :func:`tl_degen.fit_bases`).
         batch_size: sequences per forward pass.
         dtype: dtype the model runs in (restored afterwards); accumulation is float64.
+        closed_form: use the closed forms of :mod:`tl_degen.closed_form` where they apply
+            (``False``: autograd everywhere; the results agree to rounding).
 
     Returns:
         An :class:`InteractionGraph`; ``graph.edges[(in_site, out_site)]`` is
@@ -96,8 +100,14 @@ def interaction_graph(
                     (x,) = adapter.read_sites(batch, [in_site])
                 h = x.double() @ C_in  # [b, P_in, k_in]
                 x_proj = (h @ C_pinv).to(dt)
-                for pb in pullbacks(adapter, batch, in_site, out_site, x, out_C,
-                                    alphas=alphas, weights=weights, x_eval=x_proj):
+                section = recognise(adapter, batch, in_site, out_site, x) if closed_form \
+                    else None
+                if section is not None:
+                    E += section.edge_squares(x_proj, h, C_pinv, out_C, alphas, weights)
+                    count += x.shape[0] * x.shape[1]
+                    continue
+                for pb in autograd_pullbacks(adapter, batch, in_site, out_site, x_proj, out_C,
+                                             alphas=alphas, weights=weights):
                     g_h = torch.einsum("brdm,jd->brjm", pb.g.double(), C_pinv)
                     A = torch.einsum("brjm,brj->bmj", g_h, h[pb.samples][:, pb.in_rows])
                     E.index_add_(0, pb.dirs, (A * A).sum(0))

@@ -48,6 +48,17 @@ class Site:
     positions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.layer is not None:
+            if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+                raise SiteError(f"layer must be an int, got {self.layer!r}")
+        if self.positions is not None:
+            try:
+                pos = tuple(self.positions)
+                if any(isinstance(p, bool) or int(p) != p for p in pos):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise SiteError(f"positions must be integers, got {self.positions!r}") from None
+            object.__setattr__(self, "positions", tuple(int(p) for p in pos))
         if self.kind not in _KIND_RANK:
             raise SiteError(f"unknown site kind {self.kind!r}; use one of {', '.join(SITE_KINDS)}")
         if self.kind == "logits" and self.layer is not None:

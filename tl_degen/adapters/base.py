@@ -152,16 +152,17 @@ class Adapter:
         out_pos = read.resolve_positions(n_pos)
         hooks: list[tuple[str, Callable]] = []
         cleanup: list[Callable[[], None]] = []
-        hooks += self._bias_hooks(run, cleanup)
-        if write is not None:
-            w_site, x = write
-            in_pos = w_site.resolve_positions(n_pos)
-            c = torch.ones(n_batch, n_pos, dtype=x.dtype, device=x.device)
-            c = c.index_copy(1, torch.tensor(in_pos, device=x.device), x[..., -1])
-            run.c = c
-            hooks += self._write_hooks(w_site, x[..., :-1], in_pos, run)
-        final_hook = self._read_hooks(read, run, hooks)
         try:
+            if write is not None:  # validate before any hook is registered
+                w_site, x = write
+                in_pos = w_site.resolve_positions(n_pos)
+                c = torch.ones(n_batch, n_pos, dtype=x.dtype, device=x.device)
+                c = c.index_copy(1, torch.tensor(in_pos, device=x.device), x[..., -1])
+                run.c = c
+            hooks += self._bias_hooks(run, cleanup)
+            if write is not None:
+                hooks += self._write_hooks(w_site, x[..., :-1], in_pos, run)
+            final_hook = self._read_hooks(read, run, hooks)
             logits = self._forward(tokens, hooks, final_hook)
         finally:
             for fn in cleanup:
@@ -253,7 +254,8 @@ class Adapter:
         idx = torch.tensor(pos, device=x.device)
 
         def put(tensor: Tensor, values: Tensor) -> Tensor:
-            return tensor.index_copy(1, idx, values.to(tensor.dtype))
+            return tensor.index_copy(1, idx.to(tensor.device),
+                                     values.to(tensor.device, tensor.dtype))
 
         if site.kind in ("resid_pre", "resid_post"):
             def replace(tensor: Tensor, hook) -> Tensor:
@@ -365,8 +367,9 @@ class Adapter:
 
 def _scale(tensor: Tensor, c: Tensor, bias: Tensor) -> Tensor:
     """``tensor + (c - 1) * bias``, broadcasting ``c`` [batch, pos] over trailing bias dims."""
-    factor = (c - 1).to(tensor.dtype).reshape(*c.shape, *([1] * (tensor.dim() - 2)))
-    return tensor + factor * bias.to(tensor.dtype)
+    factor = (c - 1).to(tensor.device, tensor.dtype).reshape(
+        *c.shape, *([1] * (tensor.dim() - 2)))
+    return tensor + factor * bias.to(tensor.device, tensor.dtype)
 
 
 def get_adapter(model) -> Adapter:

@@ -307,7 +307,11 @@ def load_hooked_transformer(
         d_vocab_out=cfg.d_vocab, dtype=torch.float32, device="cpu", seed=0,
     )
     model = HookedTransformer(htcfg).to(dtype)  # cast first: load without rounding
-    model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith(("attn.mask", "attn.IGNORE"))]
+    if missing or unexpected:
+        raise DataError(f"state dict does not fit the modadd HookedTransformer: missing "
+                        f"{missing}, unexpected {unexpected}")
     return model.to(dtype).eval()
 
 
