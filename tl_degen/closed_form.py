@@ -171,6 +171,7 @@ class ClosedFormSection:
         PVj = torch.einsum("jd,hde,hek->hjk", Cp, P["wv"], O)  # [H, k_in, k]
         wk_j = torch.einsum("jd,hde->hje", Cp, P["wk"]) / scale
         wq_j = torch.einsum("jd,hde->hje", Cp, P["wq"]) / scale
+        wq_flat = wq_j.permute(0, 2, 1).reshape(-1, wq_j.shape[1])  # [(h, e), k_in]
         cp_const = Cp[:, -1]  # [k_in]
         CpC = Cp @ C  # [k_in, k]
         E = torch.zeros(C.shape[1], Cp.shape[0], dtype=torch.float64, device=x.device)
@@ -186,13 +187,12 @@ class ClosedFormSection:
                     beta = At[..., None] * (w - (At[..., None] * w).sum(2, keepdim=True))
                     ah = torch.einsum("bhs,bsj->bhj", At, hb)  # Σ_s A_hts h_sj
                     Ab = torch.einsum("bhj,hjk->bkj", ah, PVj)
-                    Ab += torch.einsum("bhj,bhkj->bkj", torch.einsum("hje,bhe->bhj", wk_j,
-                                                                      q[:, :, t]),
-                                       torch.einsum("bhsk,bsj->bhkj", beta, hb))
+                    wkq = torch.einsum("hje,bhe->bhj", wk_j, q[:, :, t])
+                    Ab += torch.einsum("bhsk,bhsj->bkj", beta, wkq[:, :, None] * hb[:, None])
                     Ab += torch.einsum("k,j,bj->bkj", bU, cp_const, ah.sum(1))
-                    kq = torch.einsum("bhsk,bhse->bhek", beta, k)
-                    Ab += hb[:, t, None, :] * (CpC.T[None] + torch.einsum("hje,bhek->bkj",
-                                                                            wq_j, kq))
+                    kq = torch.einsum("bhsk,bhse->bkhe", beta, k).reshape(-1, H * wq_j.shape[2])
+                    q_term = (kq @ wq_flat).view(Ab.shape)  # Σ_h W̃_Q^h (Σ_s β k) per (b, k, j)
+                    Ab += hb[:, t, None, :] * (CpC.T[None] + q_term)
                     A_total = Ab if len(fwd) == 1 else (
                         wgt * Ab if A_total is None else A_total + wgt * Ab)
                 E += (A_total.double() ** 2).sum(0)
