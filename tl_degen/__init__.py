@@ -7,7 +7,7 @@ Data flows one way: model + tokens → statistics → bases (→ graph → patch
 >>> print(bases)
 """
 
-from tl_degen.ablation import AblationCurve, ablation_curve
+from tl_degen.ablation import AblationCurve, EdgeAblationResult, ablation_curve, edge_ablation
 from tl_degen.basis import Dropped, InteractionBasis, Threshold
 from tl_degen.basis_set import BasisSet
 from tl_degen.errors import (
@@ -32,6 +32,8 @@ __all__ = [
     "Modules",
     "ablation_curve",
     "AblationCurve",
+    "edge_ablation",
+    "EdgeAblationResult",
     "Site",
     "BasisSet",
     "InteractionBasis",
