@@ -212,6 +212,8 @@ class InteractionBasis:
         dropped: what was cut and why (:class:`Dropped`).
         center: whether the data was centered.
         n_samples: number of sequences the statistics were computed on.
+        jacobian_gram_error: for stochastic fits, the relative standard error of the
+            estimated Jacobian Gram (``‖SE‖_F / ‖M′‖_F``); ``0.0`` when it was exact.
     """
 
     site: Site
@@ -226,6 +228,7 @@ class InteractionBasis:
     center: bool = True
     n_samples: int = 0
     lambda_all: Tensor | None = None
+    jacobian_gram_error: float | None = None
 
     @property
     def d_site(self) -> int:

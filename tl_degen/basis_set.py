@@ -101,8 +101,11 @@ class BasisSet(Mapping):
             rest = b.eigenvalues[1:] if const_first else b.eigenvalues
             top = ", ".join(f"{v:.4e}" for v in rest.sort(descending=True).values[:3].tolist())
             const = f"const={b.eigenvalues[0]:.4e} " if const_first else ""
+            err = ("" if not b.jacobian_gram_error else
+                   f"  (stochastic M′, rel. error {b.jacobian_gram_error:.1e})")
             lines.append(f"  {s.name:<{w}}  d={b.d_site:<5d} kept={b.k:<5d} {const}top=[{top}]  "
-                         f"dropped: {b.dropped.activation} type-1, {b.dropped.jacobian} type-2")
+                         f"dropped: {b.dropped.activation} type-1, {b.dropped.jacobian} type-2"
+                         f"{err}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -147,7 +150,8 @@ class BasisSet(Mapping):
             if b.lambda_all is not None:
                 tensors[f"{s.name}/lambda_all"] = b.lambda_all.detach().double().cpu().contiguous()
             sites_meta.append({"site": s.name, "method": b.method, "center": b.center,
-                               "n_samples": b.n_samples, "dropped": asdict(b.dropped)})
+                               "n_samples": b.n_samples, "dropped": asdict(b.dropped),
+                               "jacobian_gram_error": b.jacobian_gram_error})
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": self.config,
                 "model_signature": self.model_signature, "model_probe": self.model_probe,
                 "sites": sites_meta}
@@ -197,7 +201,8 @@ class BasisSet(Mapping):
                     site=Site.parse(name), method=sm["method"],
                     **{f: tensors[f"{name}/{f}"] for f in _FIELDS},
                     dropped=Dropped(**sm["dropped"]), center=sm["center"],
-                    n_samples=sm["n_samples"], lambda_all=tensors.get(f"{name}/lambda_all"))
+                    n_samples=sm["n_samples"], lambda_all=tensors.get(f"{name}/lambda_all"),
+                    jacobian_gram_error=sm.get("jacobian_gram_error"))
                 d, k = b.C.shape
                 shapes = {"C_pinv": (k, d), "eigenvalues": (k,), "mean": (d,), "gram": (d, d)}
                 for f, shape in shapes.items():

@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 from tl_degen.adapters import Adapter, get_adapter
 from tl_degen.basis import METHODS, Dropped, InteractionBasis, Threshold, lib_rotation, whiten
 from tl_degen.basis_set import BasisSet, model_probe
+from tl_degen.closed_form import recognise
 from tl_degen.errors import DataError, TLDegenError
 from tl_degen.sections import accumulate_jacobian_gram, integration_rule
 from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import GramAccumulator, MomentAccumulator
+from tl_degen.stochastic import estimate_jacobian_gram
 
 __all__ = ["fit_bases", "site_activations", "token_batches"]
 
@@ -158,6 +160,9 @@ def fit_bases(
     n_alpha: int | None = None,
     dtype: torch.dtype | None = torch.float64,
     progress: bool = True,
+    n_probes: int | None = None,
+    probe_groups: int = 4,
+    seed: int = 0,
 ) -> BasisSet:
     """Fit a basis per site: LIB, PCA or neuron (DESIGN.md §4).
 
@@ -177,6 +182,12 @@ def fit_bases(
         dtype: dtype the model runs in during the fit (``None``: keep the model's).
             Accumulation and eigendecompositions are always float64.
         progress: show progress bars.
+        n_probes: estimate the Jacobian Gram with this many random ±1 probes over output
+            positions and directions (DESIGN.md §4 step 9) instead of one vector-Jacobian
+            product per output direction; sections with a closed form stay exact. The
+            relative standard error is stored as ``bases[site].jacobian_gram_error``.
+        probe_groups: groups the probes are split into to estimate that error.
+        seed: seed of the probes.
 
     Returns:
         A :class:`~tl_degen.basis_set.BasisSet` mapping each site to its
@@ -202,6 +213,7 @@ def fit_bases(
     with prepared(model, None):
         probe = model_probe(adapter)  # in the model's own dtype, as check_model will see it
 
+    generator = torch.Generator().manual_seed(seed)
     with prepared(model, dtype):
         work_dtype = adapter.dtype
         # ---- pass 1: means and Grams of every site
@@ -238,26 +250,41 @@ def fit_bases(
                         else Site("logits", None, site.positions))
             jac = GramAccumulator(acc.d, name=site.name, device=adapter.device)
             out_C = None if next_C is None else next_C.to(work_dtype)
+            estimate = None
             for b in tqdm(batches, desc=f"LIB {site.name} → {out_site.name}",
                           disable=not progress):
                 with torch.no_grad():
                     (x,) = adapter.read_sites(b, [site])
-                accumulate_jacobian_gram(adapter, b, site, out_site, x, out_C, jac,
-                                         alphas=alphas, weights=weights)
+                if n_probes is None or recognise(adapter, b, site, out_site, x) is not None:
+                    accumulate_jacobian_gram(adapter, b, site, out_site, x, out_C, jac,
+                                             alphas=alphas, weights=weights)
+                    continue
+                est = estimate_jacobian_gram(adapter, b, site, out_site, x, out_C,
+                                             alphas=alphas, weights=weights, n_probes=n_probes,
+                                             n_groups=probe_groups, generator=generator)
+                estimate = est if estimate is None else estimate + est
+                jac.add_count(x.shape[0] * x.shape[1])
+            error = None if n_probes is None else 0.0
+            if estimate is not None:
+                jac.add_matrix(estimate.value)
+                exact_part = jac.value * jac.count - estimate.value
+                error = float(estimate.standard_error.norm()
+                              / (exact_part + estimate.value).norm().clamp_min(1e-300))
             C, C_pinv, lam, lam_all, n_drop, cut = lib_rotation(
                 wh, jac.value, constant_first=constant_first, threshold=threshold)
             dropped.jacobian, dropped.jacobian_cutoff = n_drop, cut
             bases[site] = InteractionBasis(
                 site=site, method="lib", C=C, C_pinv=C_pinv, eigenvalues=lam, mean=mean,
                 gram=gram, gram_eigenvalues=wh.all_eigenvalues, dropped=dropped, center=center,
-                n_samples=n_samples, lambda_all=lam_all)
+                n_samples=n_samples, lambda_all=lam_all, jacobian_gram_error=error)
             next_C = C
 
     config = {"method": method, "center": center, "threshold": str(threshold),
               "threshold_value": threshold.value, "threshold_mode": threshold.mode,
               "integration": integration, "n_alpha": len(alphas),
               "dtype": str(work_dtype).replace("torch.", ""), "n_samples": n_samples,
-              "n_pos": n_pos, "backend": adapter.backend}
+              "n_pos": n_pos, "backend": adapter.backend, "n_probes": n_probes,
+              "probe_groups": probe_groups if n_probes else None, "seed": seed}
     return BasisSet([bases[s] for s in site_list], config=config,
                     model_signature=adapter.signature(), model_probe=probe)
 

@@ -36,6 +36,7 @@ from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import prepared, token_batches
 from tl_degen.sections import autograd_pullbacks, integration_rule
 from tl_degen.sites import Site
+from tl_degen.stochastic import estimate_edge_squares
 
 __all__ = ["interaction_graph", "InteractionGraph", "Modules", "GRAPH_FORMAT", "GRAPH_VERSION"]
 
@@ -54,6 +55,9 @@ def interaction_graph(
     dtype: torch.dtype | None = torch.float64,
     progress: bool = True,
     closed_form: bool = True,
+    n_probes: int | None = None,
+    probe_groups: int = 4,
+    seed: int = 0,
 ) -> InteractionGraph:
     """Edges between every pair of consecutive sites of ``bases`` (DESIGN.md §4 step 8).
 
@@ -66,6 +70,9 @@ def interaction_graph(
         dtype: dtype the model runs in (restored afterwards); accumulation is float64.
         closed_form: use the closed forms of :mod:`tl_degen.closed_form` where they apply
             (``False``: autograd everywhere; the results agree to rounding).
+        n_probes, probe_groups, seed: estimate the sum over output positions with random ±1
+            probes (DESIGN.md §4 step 9) where no closed form applies; the relative standard
+            error of each pair's edges is in ``graph.errors``.
 
     Returns:
         An :class:`InteractionGraph`; ``graph.edges[(in_site, out_site)]`` is
@@ -86,6 +93,8 @@ def interaction_graph(
     for s in sites:
         s.resolve_positions(n_pos)
     edges: dict[tuple[Site, Site], Tensor] = {}
+    errors: dict[tuple[Site, Site], float] = {}
+    generator = torch.Generator().manual_seed(seed)
     with prepared(model, dtype):
         dt = adapter.dtype
         for in_site, out_site in zip(sites, sites[1:]):
@@ -94,6 +103,7 @@ def interaction_graph(
             out_C = None if out_site.kind == "logits" else b_out.C.to(adapter.device, dt)
             E = torch.zeros(b_out.k, b_in.k, dtype=torch.float64, device=adapter.device)
             count = 0
+            estimate = None
             for batch in tqdm(batches, desc=f"edges {in_site.name} → {out_site.name}",
                               disable=not progress):
                 with torch.no_grad():
@@ -106,18 +116,35 @@ def interaction_graph(
                     E += section.edge_squares(x_proj, h, C_pinv, out_C, alphas, weights)
                     count += x.shape[0] * x.shape[1]
                     continue
+                if n_probes is not None:
+                    est = estimate_edge_squares(adapter, batch, in_site, out_site, x_proj, h,
+                                                C_pinv, out_C, alphas=alphas, weights=weights,
+                                                n_probes=n_probes, n_groups=probe_groups,
+                                                generator=generator)
+                    estimate = est if estimate is None else estimate + est
+                    count += x.shape[0] * x.shape[1]
+                    continue
                 for pb in autograd_pullbacks(adapter, batch, in_site, out_site, x_proj, out_C,
                                              alphas=alphas, weights=weights):
                     g_h = torch.einsum("brdm,jd->brjm", pb.g.double(), C_pinv)
                     A = torch.einsum("brjm,brj->bmj", g_h, h[pb.samples][:, pb.in_rows])
                     E.index_add_(0, pb.dirs, (A * A).sum(0))
                 count += x.shape[0] * x.shape[1]
+            if estimate is not None:
+                E += estimate.value
+                errors[(in_site, out_site)] = float(estimate.standard_error.norm()
+                                                    / E.norm().clamp_min(1e-300))
+            elif n_probes is not None:
+                errors[(in_site, out_site)] = 0.0
             if not torch.isfinite(E).all():
                 raise DataError(f"NaN/Inf edges between {in_site.name} and {out_site.name}")
             edges[(in_site, out_site)] = (E / count).cpu()
     config = {"integration": integration, "n_alpha": len(alphas),
-              "n_samples": sum(b.shape[0] for b in batches), "n_pos": n_pos}
-    return InteractionGraph(bases, edges, config=config)
+              "n_samples": sum(b.shape[0] for b in batches), "n_pos": n_pos,
+              "n_probes": n_probes, "seed": seed}
+    graph = InteractionGraph(bases, edges, config=config)
+    graph.errors = errors
+    return graph
 
 
 @dataclass
@@ -161,6 +188,8 @@ class InteractionGraph:
         self.sites = list(bases.sites)
         self.edges = dict(edges)
         self.config = dict(config or {})
+        #: relative standard error of each pair's edges when estimated stochastically
+        self.errors: dict[tuple[Site, Site], float] = {}
         for (a, b), E in self.edges.items():
             if E.shape != (bases[b].k, bases[a].k):
                 raise BasisMismatchError(f"edges {a.name}->{b.name} have shape "

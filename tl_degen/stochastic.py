@@ -1,0 +1,131 @@
+"""Stochastic (Hutchinson) estimates of the Jacobian Gram and of the edges (DESIGN.md §4 step 9).
+
+The exact sums run over every output position ``t`` and output direction ``i``: one
+vector-Jacobian product each. With random signs ``r ∈ {±1}`` (independent per sample),
+``g_r = Σ_(t,i) r_(t,i) g_(t,i)`` costs one product and ``E[g_r g_rᵀ] = Σ_(t,i) g_(t,i) g_(t,i)ᵀ``
+because the cross terms average out. For edges, only the output positions are probed
+(``A_r[b,i,j] = Σ_t r_t A[b,t,i,j]``, ``E[A_r²] = Σ_t A²``).
+
+Every estimate comes with its error: the probes are split into ``n_groups`` groups, each gives
+an independent estimate, and the reported error is the standard error of their mean,
+``‖std over groups‖_F / √n_groups``, relative to ``‖estimate‖_F``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tl_degen.adapters.base import Adapter
+from tl_degen.errors import TLDegenError
+from tl_degen.sites import Site
+
+__all__ = ["StochasticEstimate", "estimate_jacobian_gram", "estimate_edge_squares"]
+
+
+@dataclass
+class StochasticEstimate:
+    """An estimated matrix (sum over the batch, not yet normalised) and its error.
+
+    ``groups`` holds one estimate per probe group (each already scaled as a full estimate);
+    ``value`` is their mean and ``standard_error`` the per-entry standard error of the mean.
+    """
+
+    groups: list[Tensor]
+
+    @property
+    def value(self) -> Tensor:
+        return torch.stack(self.groups).mean(0)
+
+    @property
+    def standard_error(self) -> Tensor:
+        g = torch.stack(self.groups)
+        return g.std(0, unbiased=True) / len(self.groups) ** 0.5
+
+    @property
+    def relative_error(self) -> float:
+        """``‖standard error‖_F / ‖value‖_F``."""
+        v = self.value.norm()
+        return float(self.standard_error.norm() / v) if v > 0 else 0.0
+
+    def __add__(self, other: StochasticEstimate) -> StochasticEstimate:
+        return StochasticEstimate([a + b for a, b in zip(self.groups, other.groups)])
+
+
+def _check(n_probes: int, n_groups: int) -> int:
+    if n_groups < 2 or n_probes < n_groups:
+        raise TLDegenError(f"need at least 2 probe groups and n_probes >= n_groups; got "
+                           f"n_probes={n_probes}, n_groups={n_groups}")
+    return n_probes // n_groups
+
+
+def _graphs(adapter, tokens, in_site, out_site, x, alphas):
+    graphs = []
+    for alpha in alphas:
+        leaf = (alpha * x).detach().requires_grad_(True)
+        graphs.append((leaf, adapter.run(tokens, read=out_site, write=(in_site, leaf))))
+    return graphs
+
+
+def _pullback(graphs, weights, grad_out: Tensor) -> Tensor:
+    total = None
+    for (leaf, y), w in zip(graphs, weights):
+        (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True)
+        total = w * g if total is None else total + w * g
+    return total
+
+
+def estimate_jacobian_gram(
+    adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site, x: Tensor,
+    out_basis: Tensor | None, *, alphas: list[float], weights: list[float], n_probes: int,
+    n_groups: int = 4, generator: torch.Generator | None = None,
+) -> StochasticEstimate:
+    """Hutchinson estimate of this batch's ``Σ J Jᵀ`` (§4 step 4), probing output positions
+    and output directions jointly with ``n_probes`` probes in ``n_groups`` groups."""
+    per_group = _check(n_probes, n_groups)
+    graphs = _graphs(adapter, tokens, in_site, out_site, x, alphas)
+    y = graphs[0][1]
+    d_out = y.shape[-1]
+    C = (torch.eye(d_out, dtype=x.dtype, device=x.device) if out_basis is None
+         else out_basis.to(x.dtype))
+    groups = []
+    for _ in range(n_groups):
+        acc = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+        for _ in range(per_group):
+            r = torch.randint(0, 2, (*y.shape[:2], C.shape[1]), generator=generator,
+                              device="cpu").to(x.device, x.dtype) * 2 - 1
+            g = _pullback(graphs, weights, r @ C.T).reshape(-1, x.shape[-1]).double()
+            acc += g.T @ g
+        groups.append(acc / per_group)
+    return StochasticEstimate(groups)
+
+
+def estimate_edge_squares(
+    adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site, x_eval: Tensor,
+    h: Tensor, C_pinv: Tensor, out_basis: Tensor | None, *, alphas: list[float],
+    weights: list[float], n_probes: int, n_groups: int = 4,
+    generator: torch.Generator | None = None,
+) -> StochasticEstimate:
+    """Hutchinson estimate of this batch's ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8), probing the
+    output positions; every output direction ``i`` is still pulled back exactly."""
+    per_group = _check(n_probes, n_groups)
+    graphs = _graphs(adapter, tokens, in_site, out_site, x_eval, alphas)
+    y = graphs[0][1]
+    C = (torch.eye(y.shape[-1], dtype=x_eval.dtype, device=x_eval.device) if out_basis is None
+         else out_basis.to(x_eval.dtype))
+    groups = []
+    for _ in range(n_groups):
+        acc = torch.zeros(C.shape[1], C_pinv.shape[0], dtype=torch.float64,
+                          device=x_eval.device)
+        for _ in range(per_group):
+            r = torch.randint(0, 2, y.shape[:2], generator=generator,
+                              device="cpu").to(x_eval.device, x_eval.dtype) * 2 - 1
+            for i in range(C.shape[1]):
+                grad_out = r[..., None] * C[:, i]
+                g = _pullback(graphs, weights, grad_out).double()  # [b, P_in, d]
+                A = torch.einsum("bsd,jd,bsj->bj", g, C_pinv, h)
+                acc[i] += (A * A).sum(0)
+        groups.append(acc / per_group)
+    return StochasticEstimate(groups)
