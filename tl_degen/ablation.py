@@ -185,6 +185,7 @@ def edge_ablation(
     pairs: Sequence[tuple[str | Site, str | Site]] | None = None,
     n_edges: Sequence[int] | None = None,
     tolerance: float | None = None,
+    upper: int | dict[str, int] | None = None,
     labels: Tensor | None = None,
     position: int = -1,
     batch_size: int = 16384,
@@ -206,7 +207,12 @@ def edge_ablation(
         pairs: layer pairs to ablate (default: all of the graph's), one at a time.
         n_edges: numbers of edges to evaluate for each pair.
         tolerance: if given, bisect for the fewest edges whose metric is within ``tolerance``
-            of the unablated value (assumes the metric approaches it as edges are added).
+            of the unablated value: ``lo = 0``, ``hi = upper``, probe ``ceil((lo + hi) / 2)``
+            until ``hi − lo = 1``. The metric need not be monotone in the number of edges, so
+            the answer depends on the probes; this is the reference implementation's schedule.
+        upper: upper end of the bisection, per pair name ``"in->out"`` or for all (default:
+            every edge). The reference implementation used ``d_out × d_in``, the site
+            dimensions including the constant coordinate.
 
     Returns:
         An :class:`EdgeAblationResult`.
@@ -245,6 +251,7 @@ def edge_ablation(
             cache: dict[int, float] = {}
 
             def evaluate(k: int) -> float:
+                k = min(k, total)
                 if k not in cache:
                     mask = torch.zeros(E.shape, dtype=torch.bool)
                     width = E.shape[1] - int(const)
@@ -259,16 +266,22 @@ def edge_ablation(
             for k in tqdm(list(n_edges or []), desc=f"edge ablation {key}",
                           disable=not progress):
                 evaluate(min(int(k), total))
+            probed: dict[int, float] = {}
             if tolerance is not None:
-                lo, hi = 0, total
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if abs(evaluate(mid) - baseline) <= tolerance:
+                top = upper.get(key, total) if isinstance(upper, dict) else (upper or total)
+                lo, hi = 0, int(top)
+                probed[hi] = evaluate(hi)
+                while hi - lo > 1:
+                    mid = (lo + hi + 1) // 2
+                    probed[mid] = evaluate(mid)
+                    if abs(probed[mid] - baseline) <= tolerance:
                         hi = mid
                     else:
-                        lo = mid + 1
+                        lo = mid
                 required[key] = hi
-            results[key] = dict(sorted(cache.items()))
+            for k in n_edges or []:
+                probed[int(k)] = evaluate(int(k))
+            results[key] = dict(sorted(probed.items()))
     return EdgeAblationResult(baseline, results, required, tolerance)
 
 
