@@ -65,12 +65,12 @@ def test_bad_files(tmp_path, fitted):
 
 def test_failed_save_leaves_nothing(fitted, tmp_path, monkeypatch):
     _, bases = fitted
-    import tl_degen.basis_set as bs
+    import tl_degen.io as io
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bs, "save_file", boom)
+    monkeypatch.setattr(io, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         bases.save(tmp_path / "b.safetensors")
     assert list(tmp_path.iterdir()) == []

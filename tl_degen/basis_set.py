@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from tl_degen.basis import Dropped, InteractionBasis
 from tl_degen.errors import BasisMismatchError, DataError
+from tl_degen.io import save_safetensors_atomic
 from tl_degen.sites import Site
 
 __all__ = ["BasisSet", "model_probe", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -161,16 +160,7 @@ class BasisSet(Mapping):
         """Write to ``path`` (``.safetensors``), atomically. Returns the path."""
         path = Path(path)
         tensors, meta = self._tensors_and_meta()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"tl_degen": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_safetensors_atomic(path, tensors, {"tl_degen": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, *, device: str | torch.device = "cpu"

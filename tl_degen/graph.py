@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -34,6 +32,7 @@ from tl_degen.basis_set import BasisSet
 from tl_degen.closed_form import recognise
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import prepared, token_batches
+from tl_degen.io import save_safetensors_atomic
 from tl_degen.sections import autograd_pullbacks, integration_rule
 from tl_degen.sites import Site
 from tl_degen.stochastic import estimate_edge_squares
@@ -343,17 +342,8 @@ class InteractionGraph:
             edge_meta.append({"in": a.name, "out": b.name, "tensor": key})
         graph_meta = {"format": GRAPH_FORMAT, "version": GRAPH_VERSION, "edges": edge_meta,
                       "config": self.config}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"tl_degen": json.dumps(meta),
-                                              "tl_degen_graph": json.dumps(graph_meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_safetensors_atomic(path, tensors, {"tl_degen": json.dumps(meta),
+                                                       "tl_degen_graph": json.dumps(graph_meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None) -> InteractionGraph:

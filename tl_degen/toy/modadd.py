@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from tl_degen.errors import DataError
@@ -328,10 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     state, meta = train(steps=args.steps, seed=args.seed)
-    out = Path(args.out)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    save_file(state, str(tmp), metadata={"tl_degen_modadd": json.dumps(meta)})
-    tmp.replace(out)
+    from tl_degen.io import save_safetensors_atomic
+
+    out = save_safetensors_atomic(args.out, state, {"tl_degen_modadd": json.dumps(meta)})
     final = meta["log"][-1]
     print(f"wrote {out}: test accuracy {final['test_accuracy']:.4f} after {final['step']} steps")
     return 0
