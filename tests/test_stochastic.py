@@ -73,6 +73,8 @@ def test_closed_form_sections_stay_exact():
     sites = ["resid_pre.0", "resid_mid.0:last", "resid_post.0:last", "logits:last"]
     a = tl_degen.fit_bases(model, tokens, sites, progress=False)
     b = tl_degen.fit_bases(model, tokens, sites, n_probes=8, progress=False)
+    if not get_adapter(model).pattern_before_output:  # TransformerLens 3.x bridge: the
+        sites = sites[1:]  # attention section has no closed form there, so it is estimated
     for s in sites[:-1]:
         assert b[s].jacobian_gram_error == 0.0
         torch.testing.assert_close(a[s].eigenvalues, b[s].eigenvalues)
