@@ -163,6 +163,7 @@ def fit_bases(
     n_probes: int | None = None,
     probe_groups: int = 4,
     seed: int = 0,
+    closed_form: bool = True,
 ) -> BasisSet:
     """Fit a basis per site: LIB, PCA or neuron (DESIGN.md §4).
 
@@ -188,6 +189,8 @@ def fit_bases(
             relative standard error is stored as ``bases[site].jacobian_gram_error``.
         probe_groups: groups the probes are split into to estimate that error.
         seed: seed of the probes.
+        closed_form: use the closed forms of :mod:`tl_degen.closed_form` where they apply
+            (``False``: autograd everywhere; the results agree to rounding).
 
     Returns:
         A :class:`~tl_degen.basis_set.BasisSet` mapping each site to its
@@ -255,9 +258,13 @@ def fit_bases(
                           disable=not progress):
                 with torch.no_grad():
                     (x,) = adapter.read_sites(b, [site])
-                if n_probes is None or recognise(adapter, b, site, out_site, x) is not None:
+                section = recognise(adapter, b, site, out_site, x) if closed_form else None
+                if section is not None:
+                    section.add_jacobian_gram(x, out_C, jac, alphas, weights)
+                    continue
+                if n_probes is None:
                     accumulate_jacobian_gram(adapter, b, site, out_site, x, out_C, jac,
-                                             alphas=alphas, weights=weights)
+                                             alphas=alphas, weights=weights, closed_form=False)
                     continue
                 est = estimate_jacobian_gram(adapter, b, site, out_site, x, out_C,
                                              alphas=alphas, weights=weights, n_probes=n_probes,
@@ -267,9 +274,8 @@ def fit_bases(
             error = None if n_probes is None else 0.0
             if estimate is not None:
                 jac.add_matrix(estimate.value)
-                exact_part = jac.value * jac.count - estimate.value
                 error = float(estimate.standard_error.norm()
-                              / (exact_part + estimate.value).norm().clamp_min(1e-300))
+                              / (jac.value * jac.count).norm().clamp_min(1e-300))
             C, C_pinv, lam, lam_all, n_drop, cut = lib_rotation(
                 wh, jac.value, constant_first=constant_first, threshold=threshold)
             dropped.jacobian, dropped.jacobian_cutoff = n_drop, cut

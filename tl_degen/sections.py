@@ -108,24 +108,6 @@ def autograd_pullbacks(
             yield Pullback(slice(0, n), rows, t, dirs, total.permute(1, 2, 3, 0))
 
 
-def pullbacks(adapter, tokens, in_site, out_site, x, out_basis, *, alphas, weights,
-              x_eval=None, closed_form: bool = True, chunk: int = 1):
-    """Pullbacks of every output direction, evaluated at ``x_eval`` (default ``x``).
-
-    Uses a closed form (:mod:`tl_degen.closed_form`) when the section has one that reproduces
-    the model's forward pass on ``x`` (the data at the input site), else autograd.
-    """
-    x_eval = x if x_eval is None else x_eval
-    if closed_form:
-        from tl_degen.closed_form import recognise
-
-        section = recognise(adapter, tokens, in_site, out_site, x)
-        if section is not None:
-            return section.pullbacks(x_eval, out_basis, alphas, weights)
-    return autograd_pullbacks(adapter, tokens, in_site, out_site, x_eval, out_basis,
-                              alphas=alphas, weights=weights, chunk=chunk)
-
-
 def accumulate_jacobian_gram(
     adapter: Adapter,
     tokens: Int[Tensor, "batch pos"],
