@@ -1,6 +1,7 @@
 """tl_degen: degeneracy-invariant coordinates (the interaction basis) for TransformerLens.
 
-Data flows one way: model + tokens → statistics → bases (→ graph → patching and views).
+Data flows one way: model + tokens → statistics → bases → graph → patching, attribution and
+diagnostics.
 
 >>> import tl_degen
 >>> bases = tl_degen.fit_bases(model, tokens, ["resid_pre.0", "resid_post.0:last", "logits:last"])
@@ -18,8 +19,23 @@ from tl_degen.errors import (
     SiteError,
     TLDegenError,
 )
+from tl_degen.diagnostics import (
+    DegeneracyReport,
+    InvarianceReport,
+    check_invariance,
+    degeneracy_report,
+)
 from tl_degen.fitting import fit_bases, site_activations
 from tl_degen.graph import InteractionGraph, Modules, interaction_graph
+from tl_degen.patching import (
+    AttributionResult,
+    PatchResult,
+    PathPatchResult,
+    attribution_patch,
+    patch_directions,
+    path_patch,
+    to_basis,
+)
 from tl_degen.sites import Site
 
 __version__ = "0.1.0"
@@ -34,6 +50,17 @@ __all__ = [
     "AblationCurve",
     "edge_ablation",
     "EdgeAblationResult",
+    "patch_directions",
+    "PatchResult",
+    "attribution_patch",
+    "AttributionResult",
+    "to_basis",
+    "path_patch",
+    "PathPatchResult",
+    "degeneracy_report",
+    "DegeneracyReport",
+    "check_invariance",
+    "InvarianceReport",
     "Site",
     "BasisSet",
     "InteractionBasis",

@@ -22,6 +22,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -94,6 +95,31 @@ def tokens_for(pairs: Int[Tensor, "n 2"], p: int = 113) -> Int[Tensor, "n 3"]:
 def labels_for(pairs: Int[Tensor, "n 2"], p: int = 113) -> Int[Tensor, " n"]:
     """Labels ``(a + b) mod p``."""
     return (pairs[:, 0] + pairs[:, 1]) % p
+
+
+def patching_pairs(
+    n: int = 1000, p: int = 113, seed: int = 0
+) -> tuple[Int[Tensor, "n 3"], Int[Tensor, "n 3"], Callable[[Tensor], Tensor]]:
+    """Clean prompts ``(a, b)``, corrupted prompts ``(a′, b)`` with ``a′ ≠ a``, and the logit
+    difference metric ``logit[(a + b) mod p] − logit[(a′ + b) mod p]`` at the last position
+    (per example; it closes over these ``n`` prompts, in this order).
+
+    Returns:
+        ``(clean_tokens, corrupted_tokens, logit_diff)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, p, (n,), generator=g)
+    b = torch.randint(0, p, (n,), generator=g)
+    a2 = (a + torch.randint(1, p, (n,), generator=g)) % p
+    clean, corrupted = tokens_for(torch.stack([a, b], 1), p), tokens_for(torch.stack([a2, b], 1), p)
+    right, wrong = (a + b) % p, (a2 + b) % p
+
+    def logit_diff(logits: Tensor) -> Tensor:
+        last = logits[:, -1]
+        idx = torch.arange(last.shape[0], device=last.device)
+        return last[idx, right.to(last.device)] - last[idx, wrong.to(last.device)]
+
+    return clean, corrupted, logit_diff
 
 
 def init_state_dict(cfg: ModAddConfig = ModAddConfig(), seed: int = 0) -> dict[str, Tensor]:

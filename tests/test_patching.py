@@ -1,0 +1,218 @@
+"""Patching and attribution in basis coordinates: exact identities, independent checks
+against TransformerLens's own patching and gradient caches, and both backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tl_degen
+from tests import models as M
+from tl_degen.sites import Site
+from tl_degen.toy import modadd
+
+SITES = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
+         "logits:last"]
+PATCH_SITES = SITES[:-1]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped model (float64), bases of all three methods, 120 clean/corrupted pairs."""
+    model = modadd.load_bridge(dtype=torch.float64)
+    tokens = modadd.tokens_for(modadd.train_test_split()[0][:1500])
+    bases = {m: tl_degen.fit_bases(model, tokens, SITES, method=m, batch_size=1500,
+                                   progress=False) for m in ("lib", "pca", "neuron")}
+    clean, corrupted, logit_diff = modadd.patching_pairs(120, seed=1)
+    return model, tokens, bases, clean, corrupted, logit_diff
+
+
+def close(a, b, rtol=1e-9, scale=None):
+    scale = max(abs(float(b)), 1.0) if scale is None else scale
+    return abs(float(a) - float(b)) <= rtol * scale
+
+
+@pytest.mark.parametrize("method", ["lib", "pca", "neuron"])
+@pytest.mark.parametrize("site", PATCH_SITES)
+def test_patching_identities(toy, method, site):
+    model, _, bases, clean, corrupted, ld = toy
+    basis = bases[method][site]
+    k = basis.k
+    res = tl_degen.patch_directions(model, clean, corrupted, bases[method], site, ld,
+                                    directions=[[], list(range(k))], progress=False)
+    # patching nothing is the corrupted run; patching every kept direction is `all_value`
+    assert close(res.values[0], res.corrupted, 1e-10, abs(res.clean - res.corrupted))
+    assert close(res.values[1], res.all_value, 1e-12)
+    # the whole site patched restores the clean run wherever the site is a cut of the output
+    # (the last position's logits depend on the last position only through these sites)
+    assert close(res.site_value, res.clean, 1e-9, abs(res.clean - res.corrupted))
+    gap = abs(res.clean - res.corrupted)
+    if basis.dropped.total == 0:  # nothing dropped: all directions = the whole site, exactly
+        assert close(res.all_value, res.site_value, 1e-9, gap)
+    else:  # dropped directions carry (almost) nothing: measured, at most 1e-3 of the gap
+        assert abs(res.all_value - res.site_value) < 1e-3 * gap
+    # identical clean and corrupted inputs: no patch changes anything
+    same = tl_degen.patch_directions(model, clean, clean, bases[method], site, ld,
+                                     directions=[[j] for j in range(0, k, max(1, k // 7))],
+                                     progress=False)
+    assert same.effects.abs().max() <= 1e-9 * max(abs(same.clean), 1.0)
+
+
+def test_noising_is_denoising_with_roles_swapped(toy):
+    model, _, bases, clean, corrupted, ld = toy
+    site = "resid_mid.0:last"
+    d = tl_degen.patch_directions(model, clean, corrupted, bases["lib"], site, ld,
+                                  directions=[0, 1, 5], mode="noising", progress=False)
+    e = tl_degen.patch_directions(model, corrupted, clean, bases["lib"], site, ld,
+                                  directions=[0, 1, 5], mode="denoising", progress=False)
+    assert d.base == d.clean and e.base == e.corrupted
+    torch.testing.assert_close(d.values, e.values, rtol=1e-12, atol=1e-12)
+
+
+def test_whole_site_patch_equals_transformer_lens_patching(toy):
+    """Our whole-site patch vs TransformerLens's own get_act_patch_resid_pre (per position),
+    and on the bridge, resid_mid at the last position vs TL's attn_out patch there (the
+    residual stream before attention is the same for both runs at that position)."""
+    from transformer_lens import patching
+
+    model, tokens, _, clean, corrupted, ld = toy
+    _, clean_cache = model.run_with_cache(clean)
+    metric = lambda logits: ld(logits).mean()  # noqa: E731  (TL wants a scalar)
+    tl_pre = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
+    tl_attn = patching.get_act_patch_attn_out(model, corrupted, clean_cache, metric)
+    for pos in range(3):
+        site = f"resid_pre.0:{pos}"
+        nb = tl_degen.fit_bases(model, tokens[:200], [site, "logits:last"], method="neuron",
+                                progress=False)
+        ours = tl_degen.patch_directions(model, clean, corrupted, nb, site, ld, directions=[],
+                                         progress=False)
+        assert close(ours.site_value, tl_pre[0, pos], 1e-6)  # TL returns float32
+    ours = tl_degen.patch_directions(model, clean, corrupted, toy[2]["neuron"],
+                                     "resid_mid.0:last", ld, directions=[], progress=False)
+    assert torch.equal(clean[:, -1], corrupted[:, -1])
+    assert close(ours.site_value, tl_attn[0, 2], 1e-6)
+
+
+@pytest.mark.parametrize("method", ["lib", "pca", "neuron"])
+def test_attribution_sums_to_the_neuron_basis(toy, method):
+    model, _, bases, clean, corrupted, ld = toy
+    attr = tl_degen.attribution_patch(model, clean, corrupted, bases[method], PATCH_SITES, ld,
+                                      progress=False)
+    ref = tl_degen.attribution_patch(model, clean, corrupted, bases["neuron"], PATCH_SITES, ld,
+                                     progress=False)
+    for s in PATCH_SITES:
+        name = Site.parse(s).name
+        neuron_total = float(ref.per_direction(s).sum())
+        assert close(attr.total(s), neuron_total, 1e-10)
+        assert close(float(attr.neuron[name].sum()), neuron_total, 1e-12)
+        assert ref.dropped[name] == pytest.approx(0.0, abs=1e-10 * abs(neuron_total))
+
+
+def test_attribution_matches_transformer_lens_gradient_cache(toy):
+    """Neuron-basis attribution and to_basis(GradientCache) against TL 4's own attribution
+    machinery; at resid_mid TL's bridge gradient misses the skip connection: refused."""
+    pytest.importorskip("transformer_lens.tools.analysis.attribution_patching")
+    from transformer_lens.tools.analysis.attribution_patching import (
+        cache_activation_and_gradient,
+    )
+
+    model, _, bases, clean, corrupted, ld = toy
+    keep = lambda n: "resid" in n or n.endswith(("hook_post", "hook_mlp_out"))  # noqa: E731
+    metric = lambda logits: ld(logits).mean()  # noqa: E731
+    g_corr = cache_activation_and_gradient(model, corrupted, metric, names_filter=keep)
+    g_clean = cache_activation_and_gradient(model, clean, metric, names_filter=keep,
+                                            compute_gradient=False)
+    ours = tl_degen.attribution_patch(model, clean, corrupted, bases["lib"], PATCH_SITES, ld,
+                                      progress=False)
+    for s in ["resid_pre.0", "mlp_post.0:last", "resid_post.0:last"]:
+        b = bases["lib"][s]
+        diff = tl_degen.to_basis(g_clean, b) - tl_degen.to_basis(g_corr, b)
+        grad = tl_degen.to_basis(g_corr, b, kind="gradient")
+        torch.testing.assert_close((diff * grad).sum(0), ours.attributions[b.site.name],
+                                   rtol=1e-9, atol=1e-9)
+    with pytest.raises(tl_degen.SiteError, match="miss the skip connection"):
+        tl_degen.to_basis(g_corr, bases["lib"]["resid_mid.0:last"], kind="gradient")
+
+
+def test_integrated_attribution_approaches_the_patch_effect(toy):
+    model, _, bases, clean, corrupted, ld = toy
+    errs = []
+    for n in (2, 8):
+        attr = tl_degen.attribution_patch(model, clean, corrupted, bases["lib"], ["resid_pre.0"],
+                                          ld, method="integrated", n_alpha=n, progress=False)
+        errs.append(abs(attr.total("resid_pre.0") - attr.delta["resid_pre.0"]))
+    gap = abs(attr.delta["resid_pre.0"])
+    assert errs[1] < errs[0] and errs[1] < 1e-3 * gap
+
+
+def test_to_basis_kinds(toy):
+    model, tokens, bases, *_ = toy
+    b = bases["lib"]["resid_post.0:last"]
+    x = tl_degen.site_activations(model, tokens[:50], b.site)
+    _, cache = model.run_with_cache(tokens[:50])
+    torch.testing.assert_close(tl_degen.to_basis(cache, b), b.to_coords(x))
+    torch.testing.assert_close(tl_degen.to_basis(x[..., :-1], b), b.to_coords(x))
+    # a difference has constant 0: centering cancels, coordinates subtract
+    d = tl_degen.to_basis(x[1:, :, :-1] - x[:-1, :, :-1], b, kind="difference")
+    torch.testing.assert_close(d, b.to_coords(x[1:]) - b.to_coords(x[:-1]))
+    # gradients pair with differences: Δx̂ · ĝ = Δx C C⁺ gᵀ = Δx · g when nothing is dropped
+    nb = bases["pca"]["resid_post.0:last"]
+    assert nb.dropped.total == 0
+    g = torch.randn(x.shape[0] - 1, 1, x.shape[-1] - 1, dtype=torch.float64)
+    dn = tl_degen.to_basis(x[1:, :, :-1] - x[:-1, :, :-1], nb, kind="difference")
+    gn = tl_degen.to_basis(g, nb, kind="gradient")
+    assert close((dn * gn).sum(), ((x[1:, :, :-1] - x[:-1, :, :-1]) * g).sum(), 1e-10)
+    mlp = bases["lib"]["mlp_post.0:last"]
+    torch.testing.assert_close(
+        tl_degen.to_basis(cache, mlp),
+        mlp.to_coords(tl_degen.site_activations(model, tokens[:50], mlp.site)))
+
+
+def test_path_patching_identities(toy):
+    """An edge j -> every target reproduces the direction patch of j (out-site basis full);
+    identical inputs change nothing; single edges of a linear section add up exactly."""
+    model, tokens, bases, clean, corrupted, ld = toy
+    graph = tl_degen.interaction_graph(model, tokens[:300], bases["neuron"], progress=False)
+    for a, b in [("mlp_post.0:last", "resid_post.0:last"), ("resid_post.0:last", "logits:last")]:
+        js = [3, 17, 100]
+        pp = tl_degen.path_patch(model, clean, corrupted, graph, a, b, ld,
+                                 edges=[(j, None) for j in js], progress=False)
+        direct = tl_degen.patch_directions(model, clean, corrupted, bases["neuron"], a, ld,
+                                           directions=js, progress=False)
+        torch.testing.assert_close(pp.values, direct.values, rtol=1e-10, atol=1e-9)
+    lib_graph = tl_degen.interaction_graph(model, tokens[:300], bases["lib"], progress=False)
+    pp = tl_degen.path_patch(model, clean, clean, lib_graph, "resid_mid.0:last",
+                             "mlp_post.0:last", ld, top_k=5, progress=False)
+    assert pp.effects.abs().max() < 1e-9 * abs(pp.base)
+    assert len(pp.edges) == 5 and (pp.strengths[:-1] >= pp.strengths[1:]).all()
+    # resid_post -> logits is linear: the edges j -> i over every i sum to the edge j -> all
+    # for the (linear) logit difference
+    i_all = list(range(bases["neuron"]["logits:last"].k))
+    pp = tl_degen.path_patch(model, clean, corrupted, graph, "resid_post.0:last", "logits:last",
+                             ld, edges=[(5, i) for i in i_all] + [(5, None)], progress=False)
+    assert close(pp.effects[:-1].sum(), pp.effects[-1], 1e-9)
+
+
+@pytest.mark.skipif(not M.HAS_HOOKED_TRANSFORMER, reason="needs transformer_lens 3.x")
+def test_bridge_and_hooked_transformer_patch_alike():
+    """Same weights, both backends: per-direction patching and attribution agree, resid_mid
+    included (the bridge writes it through hook_attn_out)."""
+    tokens = modadd.tokens_for(modadd.train_test_split()[0][:600])
+    clean, corrupted, ld = modadd.patching_pairs(80, seed=2)
+    out = []
+    for loader in (modadd.load_bridge, modadd.load_hooked_transformer):
+        model = loader(dtype=torch.float64)
+        bases = tl_degen.fit_bases(model, tokens, SITES, method="neuron", progress=False)
+        res = [tl_degen.patch_directions(model, clean, corrupted, bases, s, ld,
+                                         directions=list(range(0, 129, 16)), progress=False)
+               for s in ("resid_pre.0", "resid_mid.0:last")]
+        attr = tl_degen.attribution_patch(model, clean, corrupted, bases, PATCH_SITES, ld,
+                                          progress=False)
+        out.append((res, attr))
+    (r0, a0), (r1, a1) = out
+    for x, y in zip(r0, r1):
+        torch.testing.assert_close(x.values, y.values, rtol=1e-9, atol=1e-9)
+        assert close(x.site_value, y.site_value, 1e-9)
+    for s in PATCH_SITES:
+        n = Site.parse(s).name
+        torch.testing.assert_close(a0.attributions[n], a1.attributions[n], rtol=1e-8, atol=1e-8)

@@ -1,0 +1,426 @@
+"""The three kinds of degeneracy per site (DESIGN.md §2), and invariance checks.
+
+* **Type 1** (activation degeneracy): directions of the site along which the data never
+  varies: the null space of the centered activation Gram (§4 step 3).
+* **Type 2** (Jacobian degeneracy): directions the data does visit but nothing downstream
+  depends on: the null space of the Jacobian Gram within the data span (§4 step 5).
+* **Type 3** (co-firing nonlinearities): MLP neurons whose firing sets on the data coincide
+  (Jaccard index ≥ ``1 − jaccard_tolerance``; "fires" means pre-activation > 0), and attention
+  heads of one layer whose patterns coincide (max difference ≤ ``pattern_tolerance``).
+
+Free parameter directions: a type-1 direction ``v`` of site ``l`` lets every weight matrix
+that *reads* the site change by ``v ⊗ w`` without changing the function on the data
+(``n₁ · m_read`` directions); a type-2 direction lets every matrix that *writes* the site change
+by ``w ⊗ v`` without changing it to first order (``n₂ · m_write``). The widths ``m`` count
+the rows/columns of the adjacent linear maps of a LayerNorm-free transformer (bias
+included); where a LayerNorm or a nonlinearity sits between the site and the weights the
+count is not linear and is reported as ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_degen.adapters import get_adapter
+from tl_degen.basis import Threshold
+from tl_degen.basis_set import BasisSet
+from tl_degen.errors import DataError, TLDegenError
+from tl_degen.fitting import fit_bases, prepared, site_activations, token_batches
+from tl_degen.patching import patch_directions
+from tl_degen.reparam import get_reparameterisation
+from tl_degen.sites import Site, parse_sites
+
+__all__ = ["degeneracy_report", "DegeneracyReport", "SiteDegeneracy", "LayerDegeneracy",
+           "check_invariance", "InvarianceReport"]
+
+
+# ---------------------------------------------------------------------------- report data
+@dataclass
+class SiteDegeneracy:
+    """Types 1 and 2 at one site (dimensions include the constant coordinate)."""
+
+    site: str
+    dim: int
+    activation_rank: int
+    jacobian_rank: int
+    free_read: int | None
+    free_write: int | None
+
+    @property
+    def type1(self) -> int:
+        """Directions the data never visits."""
+        return self.dim - self.activation_rank
+
+    @property
+    def type2(self) -> int:
+        """Visited directions nothing downstream reads."""
+        return self.activation_rank - self.jacobian_rank
+
+
+@dataclass
+class LayerDegeneracy:
+    """Type 3 in one layer: dead and co-firing MLP neurons, heads with identical patterns."""
+
+    layer: int
+    d_mlp: int | None
+    dead_neurons: list[int] = field(default_factory=list)
+    cofiring_groups: list[list[int]] = field(default_factory=list)
+    n_heads: int = 0
+    identical_head_groups: list[list[int]] = field(default_factory=list)
+
+    @property
+    def n_cofiring(self) -> int:
+        """Redundant neurons: Σ (group size − 1)."""
+        return sum(len(g) - 1 for g in self.cofiring_groups)
+
+    @property
+    def n_identical_heads(self) -> int:
+        return sum(len(g) - 1 for g in self.identical_head_groups)
+
+
+@dataclass
+class DegeneracyReport:
+    """Per-site types 1–2 and per-layer type 3; ``print(report)`` shows the tables."""
+
+    sites: list[SiteDegeneracy]
+    layers: list[LayerDegeneracy]
+    config: dict = field(default_factory=dict)
+
+    def site(self, name: str) -> SiteDegeneracy:
+        key = Site.parse(name).name
+        for s in self.sites:
+            if s.site == key:
+                return s
+        raise KeyError(f"no site {key!r} in this report: {[s.site for s in self.sites]}")
+
+    def layer(self, L: int) -> LayerDegeneracy:
+        for x in self.layers:
+            if x.layer == L:
+                return x
+        raise KeyError(f"no layer {L} in this report")
+
+    def as_dict(self) -> dict:
+        return {
+            "sites": [{**vars(s), "type1": s.type1, "type2": s.type2} for s in self.sites],
+            "layers": [{**vars(x), "n_cofiring": x.n_cofiring,
+                        "n_identical_heads": x.n_identical_heads} for x in self.layers],
+            "config": self.config,
+        }
+
+    def table(self) -> str:
+        def fmt(v):
+            return "-" if v is None else str(v)
+
+        w = max([len(s.site) for s in self.sites] + [4])
+        head = (f"{'site':<{w}}  {'dim':>5} {'act rank':>8} {'jac rank':>8} {'type 1':>6} "
+                f"{'type 2':>6} {'free (read)':>11} {'free (write)':>12}")
+        rows = [head, "-" * len(head)]
+        for s in self.sites:
+            rows.append(f"{s.site:<{w}}  {s.dim:>5} {s.activation_rank:>8} {s.jacobian_rank:>8} "
+                        f"{s.type1:>6} {s.type2:>6} {fmt(s.free_read):>11} "
+                        f"{fmt(s.free_write):>12}")
+        rows.append("")
+        head = (f"{'layer':<6} {'dead neurons':>12} {'co-firing groups':>16} "
+                f"{'redundant neurons':>17} {'identical-head groups':>21}")
+        rows += [head, "-" * len(head)]
+        for x in self.layers:
+            groups = "; ".join("{" + ",".join(map(str, g)) + "}" for g in
+                               x.cofiring_groups[:3] + x.identical_head_groups[:3])
+            rows.append(f"{x.layer:<6} {len(x.dead_neurons):>12} {len(x.cofiring_groups):>16} "
+                        f"{x.n_cofiring:>17} {len(x.identical_head_groups):>21}"
+                        + (f"   e.g. {groups}" if groups else ""))
+        return "\n".join(rows)
+
+    def __repr__(self) -> str:
+        return f"DegeneracyReport({self.config})\n{self.table()}"
+
+
+# ---------------------------------------------------------------------------- report
+def degeneracy_report(
+    model,
+    tokens: Int[Tensor, "batch pos"] | Iterable[Tensor],
+    sites: Sequence[str | Site],
+    *,
+    bases: BasisSet | None = None,
+    threshold: float | Threshold = 1e-10,
+    jaccard_tolerance: float = 0.0,
+    pattern_tolerance: float = 1e-6,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> DegeneracyReport:
+    """Count the three kinds of degeneracy on the data (module docstring for definitions).
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer``.
+        tokens: ``[batch, pos]`` data.
+        sites: sites in forward order, ending with the logits (as for :func:`fit_bases`).
+        bases: LIB bases of these sites fitted on ``tokens`` (fitted here when omitted).
+        threshold: eigenvalue cutoff of the LIB fit (relative), deciding the ranks.
+        jaccard_tolerance: neurons co-fire when their firing sets' Jaccard index is at least
+            ``1 − jaccard_tolerance`` (0: identical sets).
+        pattern_tolerance: heads coincide when their patterns differ by at most this.
+
+    Returns:
+        A :class:`DegeneracyReport`; ``print(report)`` shows the tables.
+
+    Example:
+        >>> rep = tl_degen.degeneracy_report(model, tokens, ["resid_pre.0", "resid_mid.0:last",
+        ...                                  "mlp_post.0:last", "resid_post.0:last", "logits:last"])
+        >>> rep.site("mlp_post.0:last").type1, rep.layer(0).n_cofiring
+    """
+    if not 0 <= jaccard_tolerance < 1:
+        raise TLDegenError("jaccard_tolerance must lie in [0, 1)")
+    if bases is None:
+        bases = fit_bases(model, tokens, sites, method="lib", threshold=threshold,
+                          batch_size=batch_size, progress=progress)
+    elif bases.method != "lib":
+        raise TLDegenError(f"the degeneracy report needs LIB bases (method='lib'), got "
+                           f"{bases.method!r}")
+    else:
+        bases.check_model(model)
+    adapter = get_adapter(model)
+    ln = getattr(model.cfg, "normalization_type", None) is not None
+    rows = []
+    for s in parse_sites(sites):
+        if s.kind == "logits":
+            continue
+        b = bases[s]
+        rank = b.d_site - b.dropped.activation
+        read, write = _widths(adapter, s, ln)
+        rows.append(SiteDegeneracy(
+            s.name, b.d_site, rank, b.k,
+            None if read is None else (b.d_site - rank) * read,
+            None if write is None else (rank - b.k) * write))
+    layers = sorted({s.layer for s in parse_sites(sites) if s.kind != "logits"})
+    type3 = _type3(model, adapter, tokens, layers, jaccard_tolerance, pattern_tolerance,
+                   batch_size, progress)
+    return DegeneracyReport(rows, type3, {
+        "threshold": str(bases.config.get("threshold", threshold)),
+        "jaccard_tolerance": jaccard_tolerance, "pattern_tolerance": pattern_tolerance,
+        "n_samples": bases.config.get("n_samples")})
+
+
+def _widths(adapter, site: Site, ln: bool) -> tuple[int | None, int | None]:
+    """Widths (incl. bias) of the linear maps reading and writing ``site``; None if not linear."""
+    if ln or adapter.parallel:
+        return None, None
+    cfg = adapter.model.cfg
+    d_head = int(getattr(cfg, "d_head", adapter.d_model // adapter.n_heads))
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or adapter.n_heads)
+    qkv = (adapter.n_heads + 2 * n_kv) * d_head
+    L = site.layer
+    last = L == adapter.n_layers - 1
+    d_mlp = adapter.d_mlp or 0
+    if site.kind == "resid_pre":
+        write = adapter.d_vocab + adapter.n_ctx if L == 0 else d_mlp + 1
+        return qkv, write
+    if site.kind == "resid_mid":
+        return d_mlp, adapter.n_heads * d_head + 1
+    if site.kind == "resid_post":
+        return (adapter.d_vocab_out if last else qkv), d_mlp + 1
+    return None, None  # mlp_post: a nonlinearity writes it, W_out and the identity read it
+
+
+def _union_find(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return sorted([g for g in groups.values() if len(g) > 1])
+
+
+def _type3(model, adapter, tokens, layers, jaccard_tol, pattern_tol, batch_size, progress):
+    batches = token_batches(tokens, batch_size, adapter)
+    names = {}
+    for L in layers:
+        if adapter.d_mlp is not None and f"blocks.{L}.mlp.hook_pre" in adapter._hook_names:
+            names[f"blocks.{L}.mlp.hook_pre"] = ("mlp", L)
+        if f"blocks.{L}.attn.hook_pattern" in adapter._hook_names:
+            names[f"blocks.{L}.attn.hook_pattern"] = ("attn", L)
+    co: dict[int, Tensor] = {}
+    diff: dict[int, Tensor] = {}
+    with prepared(model, None), torch.no_grad():
+        for b in tqdm(batches, desc="firing sets", disable=not progress):
+            seen: dict[str, Tensor] = {}
+            hooks = [(n, lambda t, hook, n=n: seen.__setitem__(n, t.detach())) for n in names]
+            with model.hooks(fwd_hooks=hooks):
+                model(b)
+            for n, (kind, L) in names.items():
+                t = seen[n]
+                if not torch.isfinite(t).all():
+                    raise DataError(f"NaN or Inf values at {n}")
+                if kind == "mlp":
+                    fires = (t.reshape(-1, t.shape[-1]) > 0).double()
+                    co[L] = co.get(L, 0) + fires.T @ fires
+                else:  # [batch, head, dest, src]
+                    flat = t.double().transpose(0, 1).reshape(t.shape[1], -1)
+                    d = (flat[:, None, :] - flat[None, :, :]).abs().amax(-1)
+                    diff[L] = torch.maximum(diff[L], d) if L in diff else d
+    out = []
+    for L in layers:
+        rec = LayerDegeneracy(L, adapter.d_mlp, n_heads=adapter.n_heads)
+        if L in co:
+            c = co[L]
+            count = c.diagonal()
+            rec.dead_neurons = (count == 0).nonzero()[:, 0].tolist()
+            union = count[:, None] + count[None, :] - c
+            jac = torch.where(union > 0, c / union.clamp_min(1), torch.zeros_like(c))
+            alive = count > 0
+            ok = (jac >= 1 - jaccard_tol - 1e-12) & alive[:, None] & alive[None, :]
+            ok.fill_diagonal_(False)
+            rec.cofiring_groups = _union_find(c.shape[0], ok.nonzero().tolist())
+        if L in diff:
+            ok = diff[L] <= pattern_tol
+            ok.fill_diagonal_(False)
+            rec.identical_head_groups = _union_find(diff[L].shape[0], ok.nonzero().tolist())
+        out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------- invariance
+@dataclass
+class InvarianceReport:
+    """How bases and patching results change under a function-preserving reparameterisation.
+
+    ``rows``: one dict per (method, site) with ``k_before``, ``k_after``, ``eigenvalue_change``
+    (max relative change of the leading eigenvalues), ``coordinate_change`` (relative change of
+    the data's coordinates, up to sign and rotation within equal-eigenvalue groups) and
+    ``patching_change`` (max change of per-direction patch effects relative to the largest
+    effect; NaN when no patching was asked for). ``inf`` marks a changed number of directions.
+    """
+
+    transform: str
+    function_change: float
+    rows: list[dict]
+
+    def worst(self, method: str, key: str = "patching_change") -> float:
+        vals = [r[key] for r in self.rows if r["method"] == method]
+        return max(vals) if vals else float("nan")
+
+    def table(self) -> str:
+        head = (f"{'method':<7} {'site':<20} {'k':>9} {'Λ change':>10} {'coords change':>13} "
+                f"{'patching change':>15}")
+        rows = [head, "-" * len(head)]
+        for r in self.rows:
+            k = f"{r['k_before']}->{r['k_after']}"
+            rows.append(f"{r['method']:<7} {r['site']:<20} {k:>9} {r['eigenvalue_change']:>10.2e} "
+                        f"{r['coordinate_change']:>13.2e} {r['patching_change']:>15.2e}")
+        return "\n".join(rows)
+
+    def __repr__(self) -> str:
+        return (f"InvarianceReport(transform={self.transform!r}, function change "
+                f"{self.function_change:.1e})\n{self.table()}")
+
+
+def check_invariance(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    sites: Sequence[str | Site],
+    transform: str | Callable = "permute_neurons",
+    *,
+    methods: Sequence[str] = ("lib", "pca", "neuron"),
+    clean_tokens: Tensor | None = None,
+    corrupted_tokens: Tensor | None = None,
+    metric: Callable[[Tensor], Tensor] | None = None,
+    threshold: float | Threshold = 1e-10,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> InvarianceReport:
+    """Reparameterise the model without changing its function and compare, side by side,
+    how LIB, PCA and neuron bases (and per-direction patching results) change.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer``.
+        tokens: data to fit the bases on.
+        sites: sites in forward order, ending with the logits.
+        transform: a built-in name (:data:`tl_degen.reparam.REPARAMETERISATIONS`:
+            ``"permute_neurons"``, ``"rescale_neurons"``, ``"split_neuron"``,
+            ``"add_dead_neurons"``, ``"change_residual_basis"``) or a function
+            ``model -> new model`` computing the same function.
+        clean_tokens, corrupted_tokens, metric: if given, every direction of every site is
+            patched (denoising) in both models and the effects compared.
+
+    Returns:
+        An :class:`InvarianceReport`. LIB is invariant when every site's activation Gram has
+        full rank on the data; a non-orthogonal reparameterisation of a rank-deficient site
+        moves LIB's small eigenvalues (the projection onto the data span depends on the basis).
+
+    Example:
+        >>> rep = tl_degen.check_invariance(model, tokens, sites, "rescale_neurons",
+        ...                                 clean_tokens=clean, corrupted_tokens=corrupt,
+        ...                                 metric=logit_diff)
+        >>> print(rep)
+    """
+    name, fn = get_reparameterisation(transform)
+    if (clean_tokens is None) != (metric is None) or (clean_tokens is None) != (
+            corrupted_tokens is None):
+        raise TLDegenError("for patching give clean_tokens, corrupted_tokens and metric together")
+    new = fn(model)
+    probe = token_batches(tokens, 1 << 62, get_adapter(model))[0][:64]
+    with torch.no_grad(), prepared(model, None), prepared(new, None):
+        before, after = model(probe).double(), new(probe).double()
+    change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+    if change > max(1e-6, 1e4 * eps):
+        raise TLDegenError(f"the transform {name!r} changed the model's logits by {change:.2e} "
+                           "(relative); it must preserve the function")
+    parsed = parse_sites(sites)
+    rows = []
+    for method in tqdm(list(methods), desc=f"invariance under {name}", disable=not progress):
+        fits = [fit_bases(m, tokens, parsed, method=method, threshold=threshold,
+                          batch_size=batch_size, progress=False) for m in (model, new)]
+        for s in parsed:
+            if s.kind == "logits":
+                continue
+            b0, b1 = fits[0][s], fits[1][s]
+            row = {"method": method, "site": s.name, "k_before": b0.k, "k_after": b1.k,
+                   "eigenvalue_change": float("inf"), "coordinate_change": float("inf"),
+                   "patching_change": float("nan")}
+            if b0.k == b1.k:
+                lam0, lam1 = b0.eigenvalues, b1.eigenvalues
+                row["eigenvalue_change"] = float(((lam1 - lam0).abs() / lam0.abs().clamp_min(
+                    1e-30)).max())
+                c0 = b0.to_coords(site_activations(model, tokens, s, batch_size=batch_size))
+                c1 = b1.to_coords(site_activations(new, tokens, s, batch_size=batch_size))
+                row["coordinate_change"] = _coordinate_change(c0, c1, lam0)
+                if metric is not None:
+                    p0 = patch_directions(model, clean_tokens, corrupted_tokens, fits[0], s,
+                                          metric, progress=False).effects
+                    p1 = patch_directions(new, clean_tokens, corrupted_tokens, fits[1], s,
+                                          metric, progress=False).effects
+                    row["patching_change"] = float((p1 - p0).abs().max() /
+                                                   p0.abs().max().clamp_min(1e-30))
+            elif metric is not None:
+                row["patching_change"] = float("inf")
+            rows.append(row)
+    return InvarianceReport(name, change, rows)
+
+
+def _coordinate_change(a: Tensor, b: Tensor, lam: Tensor) -> float:
+    """Relative difference of two coordinate sets up to sign and rotation inside groups of
+    (relatively) equal eigenvalues."""
+    a, b = a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double()
+    worst, i = 0.0, 0
+    while i < len(lam):
+        j = i + 1
+        while j < len(lam) and abs(lam[j] - lam[j - 1]) <= 1e-6 * abs(lam[j - 1]):
+            j += 1
+        u, _, vh = torch.linalg.svd(b[:, i:j].T @ a[:, i:j])
+        err = (b[:, i:j] @ (u @ vh) - a[:, i:j]).norm() / a[:, i:j].norm().clamp_min(1e-30)
+        worst, i = max(worst, float(err)), j
+    return worst

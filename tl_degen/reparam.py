@@ -1,0 +1,248 @@
+"""Function-preserving reparameterisations of a model (DESIGN.md §4, invariance properties).
+
+Each built-in takes a model and returns a *new* model of the same kind (the input is left
+untouched) that computes the same function with different weights:
+
+* :func:`permute_neurons`: permute the MLP neurons of every layer (any activation);
+* :func:`rescale_neurons`: ``W_in[:, i]·s_i, b_in[i]·s_i, W_out[i]/s_i`` (ReLU only: it needs
+  a positively homogeneous activation);
+* :func:`split_neuron`: replace neuron ``i`` by two copies, each writing half (any activation);
+* :func:`add_dead_neurons`: add neurons with bias ``−1e4`` that never fire;
+* :func:`change_residual_basis`: ``x → x T`` in the residual stream for a random invertible
+  ``T`` (every writer ``W → W T``, every reader ``W → T⁻¹ W``; LayerNorm-free models only).
+
+They edit the TransformerLens-format weights (``HookedTransformer.state_dict()`` or a
+``TransformerBridge``'s ``get_params()``) and rebuild the model; supported are
+``HookedTransformer`` and native bridges (``TransformerBridge.boot_native``) on
+TransformerLens 4. For other models pass your own function ``model -> model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import re
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from tl_degen.adapters import get_adapter
+from tl_degen.errors import BackendError, TLDegenError
+
+__all__ = [
+    "REPARAMETERISATIONS",
+    "permute_neurons",
+    "rescale_neurons",
+    "split_neuron",
+    "add_dead_neurons",
+    "change_residual_basis",
+    "get_reparameterisation",
+]
+
+Params = dict[str, Tensor]
+
+
+# ---------------------------------------------------------------------------- plumbing
+def _params(model) -> tuple[Params, object]:
+    adapter = get_adapter(model)
+    if adapter.backend == "hooked_transformer":
+        return dict(model.state_dict()), model.cfg
+    if not hasattr(model, "get_params"):
+        raise BackendError("this TransformerBridge has no get_params(); pass transform= as your "
+                           "own function model -> model")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return {k: v.detach().clone() for k, v in model.get_params().items()}, model.cfg
+
+
+def _rebuild(model, params: Params, cfg) -> torch.nn.Module:
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    adapter = get_adapter(model)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if adapter.backend == "hooked_transformer":
+            new = type(model)(cfg)
+            new.load_state_dict(params, strict=True)
+            return new.to(device=device, dtype=dtype).eval()
+        try:
+            from transformer_lens.model_bridge import TransformerBridge
+            from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+        except ImportError:
+            raise BackendError(
+                "built-in reparameterisations of a TransformerBridge need TransformerLens 4 "
+                "(convert_tl_checkpoint); use a HookedTransformer or pass your own "
+                "transform=") from None
+        new = TransformerBridge.boot_native(cfg).to(dtype)
+        try:
+            new.load_state_dict(convert_tl_checkpoint(params, cfg), strict=True)
+        except Exception as exc:  # noqa: BLE001  (any key/shape mismatch)
+            raise BackendError(
+                "built-in reparameterisations support HookedTransformer and native "
+                "TransformerBridge models (boot_native); this model's weights could not be "
+                f"rebuilt ({type(exc).__name__}: {str(exc)[:200]}). Pass your own "
+                "transform= function model -> model") from None
+        return new.to(device=device, dtype=dtype).eval()
+
+
+def _with(cfg, **changes):
+    new = copy.deepcopy(cfg)
+    for k, v in changes.items():
+        setattr(new, k, v)
+    return new
+
+
+def _layers(params: Params) -> list[int]:
+    return sorted({int(m.group(1)) for k in params if (m := re.match(r"blocks\.(\d+)\.", k))})
+
+
+def _mlp_keys(params: Params, L: int) -> dict[str, str]:
+    keys = {k.rsplit(".", 1)[1]: k for k in params if k.startswith(f"blocks.{L}.mlp.")}
+    if "W_in" not in keys or "W_out" not in keys:
+        raise TLDegenError(f"layer {L} has no MLP (W_in/W_out) to reparameterise")
+    return keys
+
+
+def _act_fn(cfg) -> str:
+    return str(getattr(cfg, "act_fn", "") or "").lower()
+
+
+def _require_no_gate(params: Params, what: str) -> None:
+    if any(k.endswith("mlp.W_gate") for k in params):
+        raise TLDegenError(f"{what} is implemented for ungated MLPs; this model has W_gate")
+
+
+# ---------------------------------------------------------------------------- built-ins
+def permute_neurons(model, seed: int = 0):
+    """Permute the MLP neurons of every layer (W_in/W_gate columns, b_in, W_out rows)."""
+    params, cfg = _params(model)
+    g = torch.Generator().manual_seed(seed)
+    for L in _layers(params):
+        if not any(k.startswith(f"blocks.{L}.mlp.") for k in params):
+            continue
+        keys = _mlp_keys(params, L)
+        perm = torch.randperm(params[keys["W_in"]].shape[1], generator=g)
+        for name in ("W_in", "W_gate"):
+            if name in keys:
+                params[keys[name]] = params[keys[name]][:, perm]
+        if "b_in" in keys:
+            params[keys["b_in"]] = params[keys["b_in"]][perm]
+        params[keys["W_out"]] = params[keys["W_out"]][perm]
+    return _rebuild(model, params, cfg)
+
+
+def rescale_neurons(model, seed: int = 0, spread: float = 0.7):
+    """Scale neuron ``i``'s input weights and bias by ``s_i = exp(spread·N(0,1))`` and its
+    output weights by ``1/s_i`` (function-preserving for ReLU)."""
+    params, cfg = _params(model)
+    if _act_fn(cfg) != "relu":
+        raise TLDegenError(f"rescaling neurons preserves the function only for ReLU (positively "
+                           f"homogeneous); this model uses act_fn={_act_fn(cfg)!r}")
+    _require_no_gate(params, "rescale_neurons")
+    g = torch.Generator().manual_seed(seed)
+    for L in _layers(params):
+        keys = _mlp_keys(params, L)
+        w_in = params[keys["W_in"]]
+        s = torch.exp(spread * torch.randn(w_in.shape[1], generator=g, dtype=torch.float64))
+        s = s.to(w_in.dtype)
+        params[keys["W_in"]] = w_in * s
+        if "b_in" in keys:
+            params[keys["b_in"]] = params[keys["b_in"]] * s
+        params[keys["W_out"]] = params[keys["W_out"]] / s[:, None]
+    return _rebuild(model, params, cfg)
+
+
+def split_neuron(model, layer: int = 0, neuron: int | None = None):
+    """Replace neuron ``neuron`` of ``layer`` (default: the one with the largest output norm)
+    by two identical neurons that each write half of its output."""
+    params, cfg = _params(model)
+    _require_no_gate(params, "split_neuron")
+    keys = _mlp_keys(params, layer)
+    w_in, w_out = params[keys["W_in"]], params[keys["W_out"]]
+    j = int(w_out.norm(dim=1).argmax()) if neuron is None else int(neuron)
+    if not 0 <= j < w_in.shape[1]:
+        raise TLDegenError(f"neuron {j} out of range (d_mlp={w_in.shape[1]})")
+    params[keys["W_in"]] = torch.cat([w_in, w_in[:, j : j + 1]], 1)
+    if "b_in" in keys:
+        b = params[keys["b_in"]]
+        params[keys["b_in"]] = torch.cat([b, b[j : j + 1]])
+    halved = w_out.clone()
+    halved[j] /= 2
+    params[keys["W_out"]] = torch.cat([halved, w_out[j : j + 1] / 2])
+    return _rebuild(model, params, _with(cfg, d_mlp=w_in.shape[1] + 1))
+
+
+def add_dead_neurons(model, n: int = 3, seed: int = 0):
+    """Add ``n`` neurons to every MLP with bias ``−1e4`` (they never fire) and random output."""
+    params, cfg = _params(model)
+    _require_no_gate(params, "add_dead_neurons")
+    act = _act_fn(cfg)
+    if act not in ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu"):
+        raise TLDegenError(f"dead neurons need an activation that is 0 far below zero; "
+                           f"act_fn={act!r} is not known to be")
+    g = torch.Generator().manual_seed(seed)
+    d_mlp = None
+    for L in _layers(params):
+        keys = _mlp_keys(params, L)
+        w_in, w_out = params[keys["W_in"]], params[keys["W_out"]]
+        d_mlp = w_in.shape[1] + n
+        params[keys["W_in"]] = torch.cat(
+            [w_in, 1e-3 * torch.randn(w_in.shape[0], n, generator=g).to(w_in.dtype)], 1)
+        if "b_in" not in keys:
+            raise TLDegenError("add_dead_neurons needs MLPs with an input bias b_in")
+        b = params[keys["b_in"]]
+        params[keys["b_in"]] = torch.cat([b, torch.full((n,), -1e4, dtype=b.dtype)])
+        params[keys["W_out"]] = torch.cat(
+            [w_out, torch.randn(n, w_out.shape[1], generator=g).to(w_out.dtype)])
+    return _rebuild(model, params, _with(cfg, d_mlp=d_mlp))
+
+
+def change_residual_basis(model, seed: int = 0, strength: float = 0.3):
+    """Write the residual stream in the basis ``x T`` with ``T = I + strength·N(0,1)``.
+
+    Writers (``W_E``, ``W_pos``, ``W_O``, ``b_O``, ``W_out``, ``b_out``) become ``W T``; readers
+    (``W_Q/K/V``, ``W_in``, ``W_gate``, ``W_U``) become ``T⁻¹ W``. LayerNorm-free models only
+    (a LayerNorm does not commute with a non-orthogonal ``T``).
+    """
+    params, cfg = _params(model)
+    if getattr(cfg, "normalization_type", None) is not None:
+        raise TLDegenError(f"a change of residual basis preserves the function only without "
+                           f"LayerNorm; this model has normalization_type="
+                           f"{cfg.normalization_type!r}")
+    d = params["embed.W_E"].shape[1]
+    g = torch.Generator().manual_seed(seed)
+    T = torch.eye(d, dtype=torch.float64) + strength * torch.randn(d, d, generator=g,
+                                                                    dtype=torch.float64)
+    Ti = torch.linalg.inv(T)
+    out = {}
+    for k, v in params.items():
+        Tk, Tik = T.to(v.dtype), Ti.to(v.dtype)
+        leaf = k.rsplit(".", 1)[-1]
+        if k in ("embed.W_E", "pos_embed.W_pos") or leaf in ("W_O", "b_O", "W_out", "b_out"):
+            out[k] = v @ Tk
+        elif leaf in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):
+            out[k] = torch.einsum("dD,...De->...de", Tik, v)
+        elif leaf in ("W_in", "W_gate", "W_U"):
+            out[k] = Tik @ v
+        else:
+            out[k] = v
+    return _rebuild(model, out, cfg)
+
+
+REPARAMETERISATIONS: dict[str, Callable] = {
+    "permute_neurons": permute_neurons,
+    "rescale_neurons": rescale_neurons,
+    "split_neuron": split_neuron,
+    "add_dead_neurons": add_dead_neurons,
+    "change_residual_basis": change_residual_basis,
+}
+
+
+def get_reparameterisation(transform: str | Callable) -> tuple[str, Callable]:
+    """``(name, function model -> model)`` for a built-in name or a user function."""
+    if callable(transform):
+        return getattr(transform, "__name__", "user transform"), transform
+    if transform not in REPARAMETERISATIONS:
+        raise TLDegenError(f"unknown reparameterisation {transform!r}; built-ins: "
+                           f"{', '.join(REPARAMETERISATIONS)}, or pass a function model -> model")
+    return transform, REPARAMETERISATIONS[transform]
