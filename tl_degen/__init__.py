@@ -11,6 +11,12 @@ diagnostics.
 from tl_degen.ablation import AblationCurve, EdgeAblationResult, ablation_curve, edge_ablation
 from tl_degen.basis import Dropped, InteractionBasis, Threshold
 from tl_degen.basis_set import BasisSet
+from tl_degen.diagnostics import (
+    DegeneracyReport,
+    InvarianceReport,
+    check_invariance,
+    degeneracy_report,
+)
 from tl_degen.errors import (
     BackendError,
     BasisMismatchError,
@@ -18,12 +24,6 @@ from tl_degen.errors import (
     NonFiniteError,
     SiteError,
     TLDegenError,
-)
-from tl_degen.diagnostics import (
-    DegeneracyReport,
-    InvarianceReport,
-    check_invariance,
-    degeneracy_report,
 )
 from tl_degen.fitting import fit_bases, site_activations
 from tl_degen.graph import InteractionGraph, Modules, interaction_graph

@@ -33,8 +33,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_degen.adapters import get_adapter
 from tl_degen.ablation import make_metric
+from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
 from tl_degen.basis_set import BasisSet
 from tl_degen.errors import BasisMismatchError, DataError, SiteError, TLDegenError

@@ -21,8 +21,8 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -38,6 +38,8 @@ __all__ = [
     "all_pairs",
     "train_test_split",
     "tokens_for",
+    "labels_for",
+    "patching_pairs",
     "forward",
     "forward_last",
     "init_state_dict",
