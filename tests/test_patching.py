@@ -216,3 +216,123 @@ def test_bridge_and_hooked_transformer_patch_alike():
     for s in PATCH_SITES:
         n = Site.parse(s).name
         torch.testing.assert_close(a0.attributions[n], a1.attributions[n], rtol=1e-8, atol=1e-8)
+
+
+def test_patching_identities_on_every_architecture(arch, model):
+    """On every backend and architecture: patching nothing is the corrupted run, identical
+    inputs change nothing, attribution sums to the neuron basis, and all directions equal the
+    whole site when the basis drops nothing."""
+    sites = M.mid_sites(arch)
+    clean, corrupted = M.random_tokens(10, 6, seed=1), M.random_tokens(10, 6, seed=2)
+    lib = tl_degen.fit_bases(model, M.random_tokens(60, 6, seed=3), sites, progress=False)
+    neuron = tl_degen.fit_bases(model, clean, sites, method="neuron", progress=False)
+
+    def metric(logits):
+        return logits[:, -1, 5] - logits[:, -1, 7]
+
+    for s in sites[:-1]:
+        for bases in (lib, neuron):
+            k = bases[s].k
+            res = tl_degen.patch_directions(model, clean, corrupted, bases, s, metric,
+                                            directions=[[], list(range(k)), [0, k - 1]],
+                                            progress=False)
+            scale = max(abs(res.clean - res.corrupted), 1e-3)
+            assert close(res.values[0], res.corrupted, 1e-9, scale), (s, bases.method)
+            if bases[s].dropped.total == 0:
+                assert close(res.all_value, res.site_value, 1e-9, scale), (s, bases.method)
+            same = tl_degen.patch_directions(model, clean, clean, bases, s, metric,
+                                             directions=[[0], [k - 1], list(range(k))],
+                                             progress=False)
+            assert same.effects.abs().max() <= 1e-9 * max(abs(same.clean), 1.0)
+        attr = tl_degen.attribution_patch(model, clean, corrupted, lib, s, metric,
+                                          progress=False)
+        ref = tl_degen.attribution_patch(model, clean, corrupted, neuron, s, metric,
+                                         progress=False)
+        assert close(attr.total(s), float(ref.per_direction(s).sum()), 1e-9)
+
+
+@pytest.fixture(scope="module")
+def relu_setup():
+    model = M.build("native_relu")
+    other = M.build("native_relu", seed=7)
+    sites = ["resid_pre.1", "resid_mid.1", "resid_post.1:last", "logits:last"]
+    bases = tl_degen.fit_bases(model, M.random_tokens(30, 5, seed=4), sites, progress=False)
+    return model, other, bases
+
+
+def _metric(logits):
+    return logits[:, -1, 3] - logits[:, -1, 4]
+
+
+BAD = [
+    # (callable(model, other, bases), exception, message)
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 4),
+                                               b, "resid_mid.1", _metric),
+     tl_degen.DataError, r"differ in shape"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", lambda lg: lg[:, -1, :2]),
+     tl_degen.TLDegenError, r"scalar tensor or one value per example"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", lambda lg: 1.0),
+     tl_degen.TLDegenError, r"scalar tensor or one value per example"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", "logit_diff"),
+     tl_degen.TLDegenError, r"metric must be a function of the logits"),
+    (lambda m, o, b: tl_degen.patch_directions(o, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", _metric),
+     tl_degen.BasisMismatchError, r"different weights"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b["resid_pre.1"], "resid_mid.1", _metric),
+     tl_degen.BasisMismatchError, r"fitted at site 'resid_pre.1', not 'resid_mid.1'"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_post.1", _metric),
+     tl_degen.BasisMismatchError, r"other positions: \['resid_post.1:last'\]"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_post.0", _metric),
+     tl_degen.BasisMismatchError, r"no basis for site 'resid_post.0'; fit bases"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_post.1:last", _metric, positions=[2]),
+     tl_degen.DataError, r"position 2 is not one of site 'resid_post.1:last'"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", _metric, directions=[999]),
+     tl_degen.DataError, r"direction\(s\) \[999\] out of range"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", _metric, mode="clean->corrupt"),
+     tl_degen.TLDegenError, r"mode must be 'denoising'"),
+    (lambda m, o, b: tl_degen.attribution_patch(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                                b, "resid_mid.1", _metric, method="ig"),
+     tl_degen.TLDegenError, r"method must be 'gradient' or 'integrated'"),
+    (lambda m, o, b: tl_degen.attribution_patch(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                                b, [], _metric),
+     tl_degen.SiteError, r"at least one site"),
+    (lambda m, o, b: tl_degen.to_basis(torch.zeros(3, 7), b["resid_mid.1"]),
+     tl_degen.BasisMismatchError, r"size 7 do not fit site 'resid_mid.1'"),
+    (lambda m, o, b: tl_degen.to_basis(torch.full((3, 16), float("nan")), b["resid_mid.1"]),
+     tl_degen.DataError, r"NaN or Inf"),
+    (lambda m, o, b: tl_degen.to_basis(torch.zeros(3, 16), b["resid_mid.1"], kind="grad"),
+     tl_degen.TLDegenError, r"kind must be 'activation', 'difference' or 'gradient'"),
+    (lambda m, o, b: tl_degen.degeneracy_report(
+        m, M.random_tokens(30, 5, seed=4), ["resid_pre.1", "logits"],
+        bases=tl_degen.fit_bases(m, M.random_tokens(30, 5), ["resid_pre.1", "logits"],
+                                 method="pca", progress=False)),
+     tl_degen.TLDegenError, r"needs LIB bases"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_patching_input_gets_a_specific_error(relu_setup, case):
+    fn, exc, msg = BAD[case]
+    with pytest.raises(exc, match=msg):
+        fn(*relu_setup)
+
+
+def test_path_patch_refuses_a_pair_that_is_not_consecutive(relu_setup):
+    model, _, bases = relu_setup
+    graph = tl_degen.interaction_graph(model, M.random_tokens(30, 5, seed=4), bases,
+                                       progress=False)
+    with pytest.raises(tl_degen.SiteError, match="not a consecutive pair"):
+        tl_degen.path_patch(model, M.random_tokens(6, 5), M.random_tokens(6, 5), graph,
+                            "resid_pre.1", "resid_post.1:last", _metric)
+    with pytest.raises(tl_degen.DataError, match=r"edge \(0, 999\) out of range"):
+        tl_degen.path_patch(model, M.random_tokens(6, 5), M.random_tokens(6, 5), graph,
+                            "resid_pre.1", "resid_mid.1", _metric, edges=[(0, 999)])

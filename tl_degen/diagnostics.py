@@ -5,8 +5,11 @@
 * **Type 2** (Jacobian degeneracy): directions the data does visit but nothing downstream
   depends on: the null space of the Jacobian Gram within the data span (§4 step 5).
 * **Type 3** (co-firing nonlinearities): MLP neurons whose firing sets on the data coincide
-  (Jaccard index ≥ ``1 − jaccard_tolerance``; "fires" means pre-activation > 0), and attention
-  heads of one layer whose patterns coincide (max difference ≤ ``pattern_tolerance``).
+  (Jaccard index ≥ ``1 − jaccard_tolerance``; "fires" means pre-activation > 0; the data are
+  the positions of the layer's ``mlp_post`` site, or all positions), and attention heads of
+  one layer whose patterns coincide (max difference ≤ ``pattern_tolerance``). Neurons that
+  never fire are reported as dead, not as co-firing; neurons that always fire co-fire (they
+  act as one linear unit).
 
 Free parameter directions: a type-1 direction ``v`` of site ``l`` lets every weight matrix
 that *reads* the site change by ``v ⊗ w`` without changing the function on the data
@@ -198,8 +201,9 @@ def degeneracy_report(
             None if read is None else (b.d_site - rank) * read,
             None if write is None else (rank - b.k) * write))
     layers = sorted({s.layer for s in parse_sites(sites) if s.kind != "logits"})
-    type3 = _type3(model, adapter, tokens, layers, jaccard_tolerance, pattern_tolerance,
-                   batch_size, progress)
+    mlp_sites = {s.layer: s for s in parse_sites(sites) if s.kind == "mlp_post"}
+    type3 = _type3(model, adapter, tokens, layers, mlp_sites, jaccard_tolerance,
+                   pattern_tolerance, batch_size, progress)
     return DegeneracyReport(rows, type3, {
         "threshold": str(bases.config.get("threshold", threshold)),
         "jaccard_tolerance": jaccard_tolerance, "pattern_tolerance": pattern_tolerance,
@@ -244,7 +248,10 @@ def _union_find(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
     return sorted([g for g in groups.values() if len(g) > 1])
 
 
-def _type3(model, adapter, tokens, layers, jaccard_tol, pattern_tol, batch_size, progress):
+def _type3(model, adapter, tokens, layers, mlp_sites, jaccard_tol, pattern_tol, batch_size,
+           progress):
+    """Firing-set co-occurrence counts (at the positions of the layer's ``mlp_post`` site, all
+    positions without one) and the largest pattern difference between heads."""
     batches = token_batches(tokens, batch_size, adapter)
     names = {}
     for L in layers:
@@ -265,6 +272,8 @@ def _type3(model, adapter, tokens, layers, jaccard_tol, pattern_tol, batch_size,
                 if not torch.isfinite(t).all():
                     raise DataError(f"NaN or Inf values at {n}")
                 if kind == "mlp":
+                    if L in mlp_sites:
+                        t = t[:, mlp_sites[L].resolve_positions(t.shape[1])]
                     fires = (t.reshape(-1, t.shape[-1]) > 0).double()
                     co[L] = co.get(L, 0) + fires.T @ fires
                 else:  # [batch, head, dest, src]

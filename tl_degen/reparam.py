@@ -49,9 +49,12 @@ def _params(model) -> tuple[Params, object]:
     adapter = get_adapter(model)
     if adapter.backend == "hooked_transformer":
         return dict(model.state_dict()), model.cfg
-    if not hasattr(model, "get_params"):
-        raise BackendError("this TransformerBridge has no get_params(); pass transform= as your "
-                           "own function model -> model")
+    if getattr(model.cfg, "architecture", None) not in (None, "TransformerLensNative") or \
+            not hasattr(model, "get_params"):
+        raise BackendError(
+            f"built-in reparameterisations support HookedTransformer and native "
+            f"TransformerBridge models (boot_native), not a {model.cfg.architecture!r} bridge; "
+            "pass your own transform= function model -> model")
     with contextlib.redirect_stdout(io.StringIO()):
         return {k: v.detach().clone() for k, v in model.get_params().items()}, model.cfg
 
@@ -73,8 +76,8 @@ def _rebuild(model, params: Params, cfg) -> torch.nn.Module:
                 "built-in reparameterisations of a TransformerBridge need TransformerLens 4 "
                 "(convert_tl_checkpoint); use a HookedTransformer or pass your own "
                 "transform=") from None
-        new = TransformerBridge.boot_native(cfg).to(dtype)
         try:
+            new = TransformerBridge.boot_native(cfg).to(dtype)
             new.load_state_dict(convert_tl_checkpoint(params, cfg), strict=True)
         except Exception as exc:  # noqa: BLE001  (any key/shape mismatch)
             raise BackendError(
