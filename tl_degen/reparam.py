@@ -67,7 +67,7 @@ def _rebuild(model, params: Params, cfg) -> torch.nn.Module:
         if adapter.backend == "hooked_transformer":
             new = type(model)(cfg)
             new.load_state_dict(params, strict=True)
-            return new.to(device=device, dtype=dtype).eval()
+            return new.to(device).to(dtype).eval()
         try:
             from transformer_lens.model_bridge import TransformerBridge
             from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
@@ -85,7 +85,7 @@ def _rebuild(model, params: Params, cfg) -> torch.nn.Module:
                 "TransformerBridge models (boot_native); this model's weights could not be "
                 f"rebuilt ({type(exc).__name__}: {str(exc)[:200]}). Pass your own "
                 "transform= function model -> model") from None
-        return new.to(device=device, dtype=dtype).eval()
+        return new.to(device).to(dtype).eval()
 
 
 def _with(cfg, **changes):
