@@ -1,4 +1,5 @@
-"""Twin paths: every closed-form Jacobian Gram equals the autograd one (DESIGN.md §8)."""
+"""Twin paths: every closed-form Jacobian Gram equals the autograd one (DESIGN.md §8), and
+closed-form edges equal autograd edges."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ SECTIONS = [
     ("resid_mid.0", "resid_post.0:1,2"),
     ("resid_post.0:last", "logits:last"),
     ("resid_post.0", "logits"),
+    ("resid_mid.0:last", "mlp_post.0:last"),
+    ("resid_mid.0", "mlp_post.0:0,2"),
+    ("mlp_post.0:last", "resid_post.0:last"),
+    ("mlp_post.0", "resid_post.0"),
 ]
 
 
@@ -64,9 +69,28 @@ def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
         adapter = get_adapter(model)
         tokens = M.random_tokens(4, 5)
         for sites in (("resid_pre.1", "resid_mid.1"), ("resid_mid.1", "resid_post.1"),
+                      ("resid_mid.1", "mlp_post.1"), ("mlp_post.1", "resid_post.1"),
                       ("resid_post.1", "logits")):
             in_site, out_site = (Site.parse(s) for s in sites)
             with prepared(model, torch.float64):
                 (x,) = adapter.read_sites(tokens, [in_site])
                 assert not try_closed_form(adapter, tokens, in_site, out_site, x, None,
                                            GramAccumulator(x.shape[-1]), [1.0], [1.0])
+
+
+def test_closed_form_edges_equal_autograd_edges(modadd_model):
+    """The graph through the MLP-hidden site, once with closed forms and once without."""
+    import tl_degen
+
+    tokens = modadd.tokens_for(modadd.all_pairs()[::97])
+    sites = ["resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last", "logits:last"]
+    graphs = []
+    for closed in (True, False):
+        bases = tl_degen.fit_bases(modadd_model, tokens, sites, closed_form=closed,
+                                   progress=False)
+        graphs.append(tl_degen.interaction_graph(modadd_model, tokens, bases,
+                                                 closed_form=closed, progress=False))
+    for pair, E in graphs[0].edges.items():
+        F = graphs[1].edges[pair]
+        assert E.shape == F.shape
+        assert (E - F).abs().max() <= 1e-8 * F.abs().max(), pair

@@ -1,6 +1,6 @@
 """Closed-form Jacobian Grams for sections without autograd (DESIGN.md §8).
 
-Two section shapes have Jacobians that need no backward passes:
+These section shapes have Jacobians that need no backward passes:
 
 * **MLP** ``resid_mid.L → resid_post.L`` in a block without a LayerNorm before the MLP:
   ``f(x) = x + σ(x W_in + c b_in) W_out + c b_out``. With ``x̃ = [x, c]``,
@@ -13,6 +13,11 @@ Two section shapes have Jacobians that need no backward passes:
 
   Integrated gradients average ``D`` over ``α`` (``pre(αx̃) = α pre(x̃)``), so ``σ′`` is
   replaced by ``Σ_α w_α σ′(α pre)``.
+* **Into the MLP hidden site** ``resid_mid.L → mlp_post.L``: the same form with the output
+  ``[σ(x̃ W̃_in), x, c]``, i.e. ``W̃_out = [I_m, 0]`` (select the hidden block) and
+  ``J0 = [0, I_(d+1)]`` (the bypass stream and the constant pass through).
+* **Out of the MLP hidden site** ``mlp_post.L → resid_post.L``: linear,
+  ``J = [[W_out, 0], [I, 0], [b_out, 1]]`` for every row.
 * **Unembedding** ``resid_post.(n_layers-1) → logits`` without a final LayerNorm:
   ``J = [W_U; b_U]`` for every row.
 * **Attention** ``resid_pre.L:all → resid_mid.L`` in a block without LayerNorm, with
@@ -112,10 +117,9 @@ class ClosedFormSection:
         if self.kind == "mlp":
             xr = self._rows(x)
             P = self.params
-            d = x.shape[-1]
             pre = xr @ P["w_in"]
             dbar = sum(w * _act_derivative(P["act"], a * pre) for a, w in zip(alphas, weights))
-            K = _k_matrix(out_basis, d, x.device)
+            K = _k_matrix(out_basis, P["j0"].shape[1], x.device)
             w_in64, dbar64, w_out_t = P["w_in"].double(), dbar.double(), P["w_out_t"].double()
             j0 = P["j0"].double()
             A = w_out_t @ K @ w_out_t.T
@@ -123,7 +127,7 @@ class ClosedFormSection:
             total = (xr.shape[0] * (j0 @ K @ j0.T) + t2 + t2.T
                      + w_in64 @ (A * _chunked_gram(dbar64)) @ w_in64.T)
             acc.add_matrix(total)
-        elif self.kind == "unembed":
+        elif self.kind in ("unembed", "linear"):
             xr = self._rows(x)
             J64 = self.params["J"].double()
             acc.add_matrix(xr.shape[0] * (J64 @ _k_matrix(out_basis, J64.shape[1], x.device)
@@ -216,7 +220,7 @@ class ClosedFormSection:
             xb = x[start:start + chunk]
             for t, r in zip(P["out_rows"], P["rows_in_list"]):
                 xt = xb[:, r]  # [b, d+1]
-                if self.kind == "unembed":
+                if self.kind in ("unembed", "linear"):
                     g = (P["J"] @ C).expand(xt.shape[0], -1, -1)
                 else:
                     pre = xt @ P["w_in"]
@@ -291,14 +295,9 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
         rows_in_list = [in_pos.index(p) for p in common]
         params = {"out_rows": out_rows, "rows_in_list": rows_in_list,
                   "rows_in": torch.tensor(rows_in_list, device=x.device)}
-        if pair == ("resid_mid", "resid_post") and out_site.layer == L:
-            act = _ACTIVATIONS.get(str(getattr(cfg, "act_fn", "")).lower())
-            if act is None or getattr(cfg, "gated_mlp", False) or adapter.parallel:
-                return None
-            mlp = adapter.model.blocks[L].mlp
-            w_in = torch.cat([mlp.W_in, mlp.b_in[None]]).detach().to(dt)  # [d+1, m]
-            w_out = mlp.W_out.detach().to(dt)  # [m, d]
-            b_out = mlp.b_out.detach().to(dt)
+        mlp_weights = _mlp_weights(adapter, L, dt) if out_site.layer == L else None
+        if pair == ("resid_mid", "resid_post") and mlp_weights is not None:
+            act, w_in, w_out, b_out = mlp_weights
             d = x.shape[-1]
             j0 = torch.eye(d, dtype=dt, device=x.device)
             j0[-1, :-1] = b_out
@@ -308,6 +307,30 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
 
             def formula(xr):
                 return xr[:, :-1] + act(xr @ w_in) @ w_out + xr[:, -1:] * b_out
+        elif pair == ("resid_mid", "mlp_post") and mlp_weights is not None:
+            act, w_in, w_out, _ = mlp_weights
+            m, d = w_out.shape
+            j0 = torch.zeros(d + 1, m + d + 1, dtype=dt, device=x.device)
+            j0[:, m:] = torch.eye(d + 1, dtype=dt, device=x.device)
+            w_out_t = torch.zeros(m, m + d + 1, dtype=dt, device=x.device)
+            w_out_t[:, :m] = torch.eye(m, dtype=dt, device=x.device)
+            params.update(act=act, w_in=w_in, j0=j0, w_out_t=w_out_t)
+            kind = "mlp"
+
+            def formula(xr):
+                return torch.cat([act(xr @ w_in), xr[:, :-1]], 1)
+        elif pair == ("mlp_post", "resid_post") and mlp_weights is not None:
+            _, _, w_out, b_out = mlp_weights
+            m, d = w_out.shape
+            J = torch.zeros(m + d + 1, d + 1, dtype=dt, device=x.device)
+            J[:m, :d] = w_out
+            J[m:, :] = torch.eye(d + 1, dtype=dt, device=x.device)
+            J[-1, :d] = b_out
+            params.update(J=J)
+            kind = "linear"
+
+            def formula(xr):
+                return (xr @ J)[:, :-1]
         elif (in_site.kind == "resid_post" and L == adapter.n_layers - 1
               and out_site.kind == "logits"):
             if getattr(cfg, "output_logits_soft_cap", -1.0) not in (None, -1.0, 0.0):
@@ -396,6 +419,20 @@ def _attention_params(adapter, in_site, out_site, x, n_pos) -> dict | None:
     out_pos = out_site.resolve_positions(n_pos)
     return {"H": H, "scale": scale, "wq": wq, "wk": wk, "wv": wv, "W_O": W["W_O"],
             "b_O": W["b_O"], "attention": attention, "out_pos": out_pos}
+
+
+def _mlp_weights(adapter: Adapter, L: int, dt: torch.dtype):
+    """``(act, [W_in; b_in], W_out, b_out)`` of an ungated, LayerNorm-free MLP, else None."""
+    cfg = adapter.model.cfg
+    act = _ACTIVATIONS.get(str(getattr(cfg, "act_fn", "")).lower())
+    if act is None or getattr(cfg, "gated_mlp", False) or adapter.parallel:
+        return None
+    try:
+        mlp = adapter.model.blocks[L].mlp
+        w_in = torch.cat([mlp.W_in, mlp.b_in[None]]).detach().to(dt)  # [d+1, m]
+        return act, w_in, mlp.W_out.detach().to(dt), mlp.b_out.detach().to(dt)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _k_matrix(out_basis: Tensor | None, d: int, device=None) -> Tensor:
