@@ -336,3 +336,19 @@ def test_path_patch_refuses_a_pair_that_is_not_consecutive(relu_setup):
     with pytest.raises(tl_degen.DataError, match=r"edge \(0, 999\) out of range"):
         tl_degen.path_patch(model, M.random_tokens(6, 5), M.random_tokens(6, 5), graph,
                             "resid_pre.1", "resid_mid.1", _metric, edges=[(0, 999)])
+
+
+def test_results_round_trip_through_json(toy):
+    import json
+
+    model, _, bases, clean, corrupted, ld = toy
+    res = tl_degen.patch_directions(model, clean, corrupted, bases["lib"], "resid_mid.0:last",
+                                    ld, directions=[0, [1, 2]], progress=False)
+    back = tl_degen.PatchResult.from_dict(json.loads(json.dumps(res.as_dict())))
+    torch.testing.assert_close(back.per_example, res.per_example)
+    assert back.labels == res.labels == ["0", "1..2"] and back.site == res.site
+    attr = tl_degen.attribution_patch(model, clean, corrupted, bases["lib"], "resid_mid.0:last",
+                                      ld, progress=False)
+    back = tl_degen.AttributionResult.from_dict(json.loads(json.dumps(attr.as_dict())))
+    assert back.total("resid_mid.0:last") == attr.total("resid_mid.0:last")
+    assert "resid_mid.0:last" in repr(back) and "largest effects" in repr(res)

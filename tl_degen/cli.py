@@ -1,62 +1,402 @@
 """The ``tl-degen`` command.
 
-``tl-degen demo`` fits the LIB, PCA and neuron bases of the shipped modular-addition model
-(the reference setting of DESIGN.md §5) and prints a summary of each site.
+    tl-degen demo [--out tl_degen_report]      shipped modadd model → bases → graph →
+                                               ablations, patching → report folder
+    tl-degen fit   --model M --tokens T --sites S [--method lib] --out bases.safetensors
+    tl-degen graph --model M --tokens T --sites S --out graph.safetensors [--html g.html]
+    tl-degen show  graph.safetensors [--out graph.html] [--no-open]
+
+``--model`` is ``modadd`` (the shipped model), a local Hugging Face folder, a
+HookedTransformer state dict (``.pt``/``.safetensors``) with ``--config cfg.json``, or a
+TransformerLens model name (downloaded by TransformerLens; needs the network). ``--tokens``
+is a ``[batch, pos]`` integer tensor file (``.pt``, ``.safetensors``, ``.npy``) or a text
+file with one prompt per line (tokenized with the model's tokenizer, cut to the shortest).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
+import webbrowser
 from pathlib import Path
 
 import torch
 
 from tl_degen.errors import TLDegenError
 
+DEMO_SITES = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
+              "logits:last"]
 REFERENCE_SITES = ["resid_pre.0", "resid_mid.0:last", "resid_post.0:last", "logits:last"]
 
 
+class ArgumentError(TLDegenError):
+    """A command-line argument that cannot be used."""
+
+
+# ---------------------------------------------------------------------------- demo
 def demo(args: argparse.Namespace) -> int:
     import tl_degen
+    from tl_degen import viz
     from tl_degen.toy import modadd
+    from tl_degen.viz.report import Report
 
-    torch.set_num_threads(args.threads) if args.threads else None
-    model = modadd.load_bridge(args.checkpoint)
+    start_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    progress = not args.quiet
+
+    def step(name: str):
+        if progress:
+            print(f"[{time.perf_counter() - start_all:5.1f} s] {name}", flush=True)
+        timings[name] = time.perf_counter()
+
+    def done(name: str):
+        timings[name] = time.perf_counter() - timings[name]
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    step("load model")
+    model = modadd.load_bridge(args.checkpoint, dtype=torch.float64)
     train, test = modadd.train_test_split()
-    tokens = modadd.tokens_for(train)
+    tokens, test_tokens = modadd.tokens_for(train), modadd.tokens_for(test)
     acc = modadd.accuracy(modadd.load_state_dict(args.checkpoint), test)
-    print(f"model: shipped modular-addition transformer (p=113), test accuracy {acc:.4f}")
-    print(f"data: {tokens.shape[0]} training pairs; sites: {', '.join(REFERENCE_SITES)}\n")
-    out = Path(args.out) if args.out else None
+    done("load model")
+
+    bases = {}
     for method in ("lib", "pca", "neuron"):
-        start = time.perf_counter()
-        bases = tl_degen.fit_bases(model, tokens, REFERENCE_SITES, method=method,
-                                   batch_size=4000, progress=not args.quiet)
-        seconds = time.perf_counter() - start
-        print(bases.summary())
-        print(f"  ({method} bases in {seconds:.1f} s)\n")
-        if out is not None:
-            path = bases.save(out / f"modadd_{method}.safetensors")
-            print(f"  saved to {path}\n")
+        step(f"fit {method} bases")
+        bases[method] = tl_degen.fit_bases(model, tokens, DEMO_SITES, method=method,
+                                           batch_size=4000, progress=False)
+        done(f"fit {method} bases")
+    lib = bases["lib"]
+    step("interaction graph (LIB)")
+    graph = tl_degen.interaction_graph(model, tokens, lib, batch_size=4000, progress=False)
+    done("interaction graph (LIB)")
+    step("interaction graph (PCA)")
+    pca_graph = tl_degen.interaction_graph(model, tokens, bases["pca"], batch_size=4000,
+                                           progress=False)
+    done("interaction graph (PCA)")
+    step("modules and Fourier labels")
+    modules = graph.modules(resolution=1.0, seed=0)
+    labels = viz.modadd_labels(model, lib)
+    done("modules and Fourier labels")
+
+    step("ablation curves")
+    curves = {}
+    labels_test = modadd.labels_for(test)
+    for site in ("resid_mid.0:last", "mlp_post.0:last"):
+        for method, bset in bases.items():
+            k = bset[site].k
+            n_kept = sorted({int(round(k * f)) for f in
+                             [0, .02, .04, .06, .08, .1, .15, .2, .3, .4, .6, .8, 1.0]})
+            curves[(site, method)] = tl_degen.ablation_curve(
+                model, test_tokens, bset, site, "accuracy", n_kept=n_kept, labels=labels_test,
+                batch_size=9000, progress=False)
+    done("ablation curves")
+
+    step("patching")
+    clean, corrupted, logit_diff = modadd.patching_pairs(500, seed=0)
+    patch_rows = []
+    for site in ("resid_mid.0:last", "mlp_post.0:last"):
+        for method, bset in bases.items():
+            single = tl_degen.patch_directions(model, clean, corrupted, bset, site, logit_diff,
+                                               progress=False)
+            order = single.effects.argsort(descending=True).tolist()
+            cum = tl_degen.patch_directions(model, clean, corrupted, bset, site, logit_diff,
+                                            directions=[order[:n] for n in range(
+                                                min(len(order), 60) + 1)], progress=False)
+            hits = (cum.recovered() >= 0.9).nonzero()
+            n90 = int(hits[0]) if len(hits) else None
+            top = ", ".join(f"{lab}: {eff:+.2f}" for lab, eff in single.top(3))
+            patch_rows.append([method, site, bset[site].k, n90 if n90 is not None else ">60",
+                               float(single.recovered().max()), top])
+    done("patching")
+    step("degeneracy report")
+    degeneracy = tl_degen.degeneracy_report(model, tokens, DEMO_SITES, bases=lib,
+                                            progress=False)
+    done("degeneracy report")
+
+    step("write report")
+    report = Report("tl_degen demo: the shipped modular-addition transformer (p = 113)")
+    report.add_text("Model and data", (
+        f"1-layer transformer, d_model 128, 4 heads, d_mlp 512, ReLU, no LayerNorm\n"
+        f"test accuracy {acc:.4f} on {len(test)} held-out pairs; bases fitted on "
+        f"{tokens.shape[0]} training pairs\nsites: {', '.join(DEMO_SITES)}"))
+    report.add_graph("Interaction graph (LIB)", graph.prune(mass=0.99), labels=labels,
+                     modules=modules, title="LIB interaction graph, 99% of edge mass per "
+                     "layer pair, coloured by Leiden module, labelled by Fourier content")
+    report.add_text("Bases", "\n\n".join(b.summary() for b in bases.values()))
+    report.add_text("Modules", f"{modules!r}\n" + "\n".join(
+        f"  module {i}: {len(c)} nodes, e.g. " + ", ".join(
+            f"{n} [{labels.get(n, '')}]" for n in c[:4]) for i, c in
+        enumerate(modules.clusters[:8])))
+    report.add_plots("Spectra", {
+        f"spectrum_{s.split(':')[0].replace('.', '_')}": viz.spectrum_plot(
+            {"LIB": lib, "PCA": bases["pca"]}, s) for s in DEMO_SITES[:-1]})
+    report.add_plots("Ablation curves (accuracy on the held-out pairs)", {
+        f"ablation_{site.split(':')[0].replace('.', '_')}": viz.ablation_plot(
+            [curves[(site, m)] for m in bases], title=f"Mean-ablating all but n directions "
+            f"at {site}") for site in ("resid_mid.0:last", "mlp_post.0:last")})
+    report.add_plots("Edge mass", {"edge_mass": viz.edge_mass_plot(
+        {"LIB": graph, "PCA": pca_graph}, title="Edge mass held by the strongest edges")})
+    report.add_table(
+        "Patching (denoising, logit difference)",
+        ["basis", "site", "directions", "needed for 90%", "best single", "strongest three"],
+        patch_rows, note=f"{clean.shape[0]} clean pairs (a, b) against corrupted (a′, b); "
+        "directions added in order of their single-direction effect.")
+    report.add_text("Degeneracy", degeneracy.table())
+    report.add_text("Timings", "\n".join(f"{v:6.2f} s  {k}" for k, v in timings.items()
+                                         if isinstance(v, float) and v < 1e6))
+    text_sites = [s for s in lib.sites if s.kind == "resid_pre"]
+    if text_sites:
+        view = viz.token_view_html(model, tokens[:40], lib[text_sites[0]], [1, 2, 3, 4],
+                                   n_examples=5)
+        report.files["tokens.html"] = (
+            "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Token view</title>"
+            f"</head><body>{view}</body></html>")
+        report.add_html("Token view", '<p><a href="tokens.html">Which tokens activate LIB '
+                        f"directions 1–4 of {text_sites[0].name}</a> (circuitsvis, offline)</p>")
+    with tempfile.TemporaryDirectory() as tmp:
+        report.files["graph.safetensors"] = graph.save(Path(tmp) / "g.safetensors").read_bytes()
+    report.data = {
+        "test_accuracy": acc, "timings": {k: v for k, v in timings.items()},
+        "graph_edges": graph.n_edges(), "modules": {"n": len(modules.clusters),
+                                                    "Q": modules.modularity},
+        "patching": [dict(zip(["basis", "site", "k", "n90", "best_single", "top"], r))
+                     for r in patch_rows],
+        "degeneracy": degeneracy.as_dict()}
+    folder = report.write(out)
+    done("write report")
+    total = time.perf_counter() - start_all
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    print(f"report written to {folder / 'index.html'} in {total:.1f} s "
+          f"({size / 2**20:.1f} MiB in {sum(1 for _ in folder.rglob('*'))} files)")
+    if not args.quiet:
+        print(lib.summary())
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+# ---------------------------------------------------------------------------- user models
+def load_model(spec: str, config: str | None = None, dtype: str = "float32"):
+    """A model from ``--model`` (see the module docstring)."""
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ArgumentError(f"--dtype {dtype!r} is not a torch dtype; use float32 or float64")
+    if spec == "modadd":
+        from tl_degen.toy import modadd
+
+        return modadd.load_bridge(dtype=torch_dtype)
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ArgumentError(f"{path} has no config.json; give a Hugging Face model folder "
+                                "(save_pretrained) or a state-dict file with --config")
+        import transformer_lens.model_bridge.sources.transformers  # noqa: F401
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf = AutoModelForCausalLM.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path))
+        return TransformerBridge.boot_transformers(str(path), hf_model=hf,
+                                                   tokenizer=tok).to(torch_dtype).eval()
+    if path.suffix in (".pt", ".pth", ".safetensors", ".bin"):
+        if not path.exists():
+            raise ArgumentError(f"no such file {path}")
+        if config is None:
+            raise ArgumentError(f"{path} is a state dict: also give --config cfg.json with the "
+                                "HookedTransformerConfig fields (d_model, n_layers, ...)")
+        cfg = json.loads(Path(config).read_text())
+        sd = _load_tensors(path)
+        try:
+            from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+            model = HookedTransformer(HookedTransformerConfig(**cfg))
+            model.load_state_dict(sd, strict=False)
+            return model.to(torch_dtype).eval()
+        except ImportError:
+            from transformer_lens.config import TransformerBridgeConfig
+            from transformer_lens.model_bridge import TransformerBridge
+            from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+
+            bcfg = TransformerBridgeConfig(**cfg)
+            model = TransformerBridge.boot_native(bcfg).to(torch_dtype)
+            model.load_state_dict(convert_tl_checkpoint(sd, bcfg), strict=True)
+            return model.eval()
+    if path.exists() or "/" in spec and path.suffix:
+        raise ArgumentError(f"cannot read a model from {spec!r}: give 'modadd', a Hugging Face "
+                            "folder, a .pt/.safetensors state dict with --config, or a model "
+                            "name")
+    try:
+        try:
+            from transformer_lens import HookedTransformer
+
+            return HookedTransformer.from_pretrained(spec).to(torch_dtype).eval()
+        except ImportError:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            return TransformerBridge.boot_transformers(spec).to(torch_dtype).eval()
+    except Exception as exc:  # noqa: BLE001  (network, unknown name, ...)
+        raise ArgumentError(f"could not load model {spec!r} ({type(exc).__name__}); offline, "
+                            "pass a local Hugging Face folder or a state dict with --config"
+                            ) from None
+
+
+def _load_tensors(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ArgumentError(f"{path} does not hold a state dict")
+    return obj
+
+
+def load_tokens(spec: str, model) -> torch.Tensor:
+    """``[batch, pos]`` token ids from ``--tokens`` (see the module docstring)."""
+    path = Path(spec)
+    if not path.exists():
+        raise ArgumentError(f"no such tokens file {spec!r}")
+    if path.suffix in (".pt", ".pth"):
+        t = torch.load(str(path), map_location="cpu", weights_only=True)
+    elif path.suffix == ".safetensors":
+        tensors = _load_tensors(path)
+        if len(tensors) != 1:
+            raise ArgumentError(f"{path} holds {len(tensors)} tensors; save one [batch, pos] "
+                                "tensor")
+        t = next(iter(tensors.values()))
+    elif path.suffix == ".npy":
+        import numpy as np
+
+        t = torch.as_tensor(np.load(str(path)))
+    elif path.suffix == ".txt":
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        tok = getattr(model, "tokenizer", None)
+        if not lines:
+            raise ArgumentError(f"{path} has no prompts (one per line)")
+        if tok is None:
+            raise ArgumentError("this model has no tokenizer; give token ids (.pt/.npy)")
+        ids = [tok(ln)["input_ids"] for ln in lines]
+        n = min(len(i) for i in ids)
+        if n == 0:
+            raise ArgumentError(f"{path} has a line that tokenizes to nothing")
+        t = torch.tensor([i[:n] for i in ids])
+    else:
+        raise ArgumentError(f"tokens must be .pt, .safetensors, .npy or .txt, not "
+                            f"{path.suffix!r}")
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ArgumentError(f"{path} must hold one [batch, pos] integer tensor")
+    return t
+
+
+def _fit_common(args):
+    import tl_degen
+
+    model = load_model(args.model, args.config, args.dtype)
+    tokens = load_tokens(args.tokens, model)
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    bases = tl_degen.fit_bases(model, tokens, sites, method=args.method,
+                               batch_size=args.batch_size, n_probes=args.n_probes,
+                               progress=not args.quiet)
+    return tl_degen, model, tokens, bases
+
+
+def fit(args: argparse.Namespace) -> int:
+    _, _, _, bases = _fit_common(args)
+    path = bases.save(args.out)
+    print(bases.summary())
+    print(f"saved to {path}")
+    return 0
+
+
+def graph(args: argparse.Namespace) -> int:
+    from tl_degen.viz import save_graph_page
+
+    tl_degen, model, tokens, bases = _fit_common(args)
+    g = tl_degen.interaction_graph(model, tokens, bases, batch_size=args.batch_size,
+                                   n_probes=args.n_probes, progress=not args.quiet)
+    path = g.save(args.out)
+    html_path = Path(args.html) if args.html else Path(args.out).with_suffix(".html")
+    save_graph_page(g.prune(mass=0.99), html_path)
+    print(g.summary())
+    print(f"saved to {path}; page {html_path}")
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    from tl_degen.graph import InteractionGraph
+    from tl_degen.viz import save_graph_page
+
+    path = Path(args.file)
+    if not path.exists():
+        raise ArgumentError(f"no such file {path}; give a graph saved by tl-degen graph or "
+                            "InteractionGraph.save")
+    g = InteractionGraph.load(path)
+    out = Path(args.out) if args.out else path.with_suffix(".html")
+    g = g.prune(mass=args.mass) if args.mass < 1 else g
+    save_graph_page(g, out, title=f"Interaction graph: {path.name}")
+    print(f"wrote {out}")
+    if not args.no_open:
+        webbrowser.open(out.resolve().as_uri())
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="modadd, a HF folder, a state dict, or a "
+                   "TransformerLens model name")
+    p.add_argument("--config", help="JSON HookedTransformerConfig fields for a state dict")
+    p.add_argument("--tokens", required=True, help=".pt/.safetensors/.npy [batch, pos] or .txt")
+    p.add_argument("--sites", required=True, help="comma-separated, in forward order, e.g. "
+                   "resid_pre.0,resid_mid.0:last,resid_post.0:last,logits:last")
+    p.add_argument("--method", default="lib", choices=["lib", "pca", "neuron"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n-probes", type=int, default=None,
+                   help="stochastic estimate with this many probes (language models)")
+    p.add_argument("--dtype", default="float32", help="model dtype while fitting")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-degen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="fit LIB/PCA/neuron bases of the shipped modadd model")
-    d.add_argument("--out", help="folder to save the bases to (.safetensors)")
-    d.add_argument("--checkpoint", help="a HookedTransformer-format modadd state dict "
-                   "(default: the shipped one)")
+    d = sub.add_parser("demo", help="the shipped modadd model → a report folder")
+    d.add_argument("--out", default="tl_degen_report", help="report folder (replaced)")
+    d.add_argument("--checkpoint", help="a HookedTransformer-format modadd state dict")
     d.add_argument("--threads", type=int, help="torch CPU threads")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    d.add_argument("--quiet", action="store_true", help="only the final line")
+    d.set_defaults(func=demo)
+    f = sub.add_parser("fit", help="fit bases of your model; save them")
+    _model_args(f)
+    f.add_argument("--out", required=True, help="bases file (.safetensors)")
+    f.set_defaults(func=fit)
+    g = sub.add_parser("graph", help="fit bases and the interaction graph; save and draw it")
+    _model_args(g)
+    g.add_argument("--out", required=True, help="graph file (.safetensors)")
+    g.add_argument("--html", help="graph page (default: next to --out)")
+    g.set_defaults(func=graph)
+    s = sub.add_parser("show", help="draw a saved graph as a page and open it")
+    s.add_argument("file", help="a graph .safetensors file")
+    s.add_argument("--out", help="page to write (default: FILE.html)")
+    s.add_argument("--mass", type=float, default=0.99, help="edge mass kept per layer pair")
+    s.add_argument("--no-open", action="store_true", help="do not open a browser")
+    s.set_defaults(func=show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return demo(args)
-    except TLDegenError as err:
+        return args.func(args)
+    except (TLDegenError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"tl-degen: error: {msg}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, json.JSONDecodeError) as err:
         print(f"tl-degen: error: {err}", file=sys.stderr)
         return 2
 

@@ -205,6 +205,21 @@ class PatchResult:
             raise DataError("clean and corrupted runs have the same metric; nothing to recover")
         return (self.values - self.corrupted) / gap
 
+    def as_dict(self) -> dict:
+        """Plain Python (JSON-serialisable); :meth:`from_dict` rebuilds the result."""
+        return {"site": self.site.name, "method": self.method, "mode": self.mode,
+                "groups": self.groups, "labels": self.labels, "values": self.values.tolist(),
+                "per_example": self.per_example.tolist(), "clean": self.clean,
+                "corrupted": self.corrupted, "site_value": self.site_value,
+                "all_value": self.all_value, "positions": self.positions}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PatchResult:
+        return cls(Site.parse(d["site"]), d["method"], d["mode"], d["groups"], d["labels"],
+                   torch.tensor(d["values"], dtype=torch.float64),
+                   torch.tensor(d["per_example"], dtype=torch.float64), d["clean"],
+                   d["corrupted"], d["site_value"], d["all_value"], d["positions"])
+
     def top(self, n: int = 10) -> list[tuple[str, float]]:
         """The ``n`` groups with the largest absolute effect, as ``(label, effect)``."""
         order = self.effects.abs().argsort(descending=True)[:n]
@@ -230,6 +245,7 @@ def patch_directions(
     positions: int | Sequence[int] | None = None,
     mode: str = "denoising",
     dtype: torch.dtype | None = None,
+    rows_per_pass: int = 32768,
     progress: bool = True,
 ) -> PatchResult:
     """Activation patching of single basis directions (or groups) at one site.
@@ -246,6 +262,8 @@ def patch_directions(
         positions: token positions to patch (default: all of the site's positions).
         mode: ``"denoising"`` (run corrupted, patch in clean) or ``"noising"``.
         dtype: run the model in this dtype (default: its own).
+        rows_per_pass: several patches share one forward pass, stacked along the batch, up to
+            about this many token rows (``patches × batch × pos``); lower it to save memory.
 
     Returns:
         A :class:`PatchResult`.
@@ -256,6 +274,8 @@ def patch_directions(
         >>> res.recovered()
     """
     _check_mode(mode)
+    if not isinstance(rows_per_pass, int) or rows_per_pass < 1:
+        raise TLDegenError(f"rows_per_pass must be a positive integer, got {rows_per_pass!r}")
     basis = lookup_basis(bases, site, model)
     site = basis.site
     if site.kind == "logits":
@@ -278,16 +298,32 @@ def patch_directions(
         diff[:, pos_idx] = (x_s - x_t).double()[:, pos_idx]
         h_diff = diff @ C  # [batch, n_pos, k]
 
-        def patched(delta: Tensor) -> Tensor:
-            x = (x_t.double() + delta).to(x_t.dtype)
-            x[..., -1] = 1.0
-            return _run_metric(adapter, target, fn, write=(site, x))
+        n = target.shape[0]
 
+        def patched_many(deltas: list[Tensor]) -> list[Tensor]:
+            """One forward pass for several patches: the runs are stacked along the batch
+            and the metric is applied to each run's own ``n`` rows, in order."""
+            x = (x_t.double().repeat(len(deltas), 1, 1) + torch.cat(deltas)).to(x_t.dtype)
+            x[..., -1] = 1.0
+            logits = adapter.run(target.repeat(len(deltas), 1), read=Site("logits"),
+                                 write=(site, x))
+            out = []
+            for r in range(len(deltas)):
+                value = fn(logits[r * n:(r + 1) * n])
+                if not torch.isfinite(value).all():
+                    raise DataError("the metric returned NaN or Inf; check it on the logits")
+                out.append(value)
+            return out
+
+        per_call = max(1, rows_per_pass // max(n * x_t.shape[1], 1))
         per = []
-        for g in tqdm(groups, desc=f"patching {site.name}", disable=not progress):
-            per.append(patched(h_diff[..., g] @ Cp[g]))
-        site_value = float(patched(diff).mean())
-        all_value = float(patched(h_diff @ Cp).mean())
+        bar = tqdm(total=len(groups), desc=f"patching {site.name}", disable=not progress)
+        for start in range(0, len(groups), per_call):
+            block = groups[start:start + per_call]
+            per += patched_many([h_diff[..., g] @ Cp[g] for g in block])
+            bar.update(len(block))
+        bar.close()
+        site_value, all_value = (float(v.mean()) for v in patched_many([diff, h_diff @ Cp]))
     per_example = torch.stack(per).cpu() if per else torch.zeros(0, clean.shape[0])
     site_pos = site.resolve_positions(clean.shape[1])
     return PatchResult(site, basis.method, mode, groups, labels, per_example.mean(1),
@@ -324,6 +360,21 @@ class AttributionResult:
     mode: str
     n_alpha: int
     basis_method: str | None = None
+
+    def as_dict(self) -> dict:
+        """Plain Python (JSON-serialisable); :meth:`from_dict` rebuilds the result."""
+        return {"attributions": {k: v.tolist() for k, v in self.attributions.items()},
+                "dropped": self.dropped,
+                "neuron": {k: v.tolist() for k, v in self.neuron.items()},
+                "delta": self.delta, "method": self.method, "mode": self.mode,
+                "n_alpha": self.n_alpha, "basis_method": self.basis_method}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AttributionResult:
+        t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        return cls({k: t(v) for k, v in d["attributions"].items()}, dict(d["dropped"]),
+                   {k: t(v) for k, v in d["neuron"].items()}, dict(d["delta"]), d["method"],
+                   d["mode"], d["n_alpha"], d["basis_method"])
 
     def per_direction(self, site: str) -> Float[Tensor, " k"]:
         """Attribution per direction, summed over positions."""
@@ -566,6 +617,13 @@ class PathPatchResult:
     @property
     def effects(self) -> Float[Tensor, " n_edges"]:
         return self.values - self.base
+
+    def as_dict(self) -> dict:
+        """Plain Python (JSON-serialisable; NaN strengths become null)."""
+        return {"in_site": self.in_site.name, "out_site": self.out_site.name, "mode": self.mode,
+                "edges": [list(e) for e in self.edges], "values": self.values.tolist(),
+                "base": self.base, "clean": self.clean, "corrupted": self.corrupted,
+                "strengths": [None if v != v else v for v in self.strengths.tolist()]}
 
     def __repr__(self) -> str:
         order = self.effects.abs().argsort(descending=True)[:5].tolist()

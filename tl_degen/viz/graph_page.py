@@ -1,0 +1,248 @@
+"""The interactive interaction-graph page: self-contained HTML (inline SVG, CSS and a little
+JavaScript; no network at view time), for a file or a notebook cell.
+
+Why our own SVG rather than a graph library: the layout is fixed by the math (one column per
+site, in forward order; nodes in basis order, constant node on top), so no force layout is
+needed; a library would add 0.3–3 MB of JavaScript to every page and a CDN or bundling step,
+while the SVG is drawn in Python and stays visible even where scripts are blocked (the
+script only adds hover details, the pruning slider and the constant-node toggle).
+
+Conventions (as :class:`~tl_degen.graph.InteractionGraph`): node ``"site/j"`` is column ``j`` of
+that site's ``C``; an edge is drawn from source (input site, left) to target (output site,
+right) for every nonzero ``edges[(in, out)][i, j]``. Node radius grows with ``√(Λ/max Λ)`` of
+its site; colour is the module when ``modules`` are given, else ``log Λ``. Edge width and
+opacity grow with strength relative to the strongest edge of its layer pair.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+from tl_degen.errors import TLDegenError
+
+__all__ = ["graph_html", "save_graph_page", "DEFAULT_MAX_EDGES"]
+
+DEFAULT_MAX_EDGES = 3000
+MODULE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                  "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39"]
+
+_CSS = """
+.tld-graph{font-family:sans-serif;font-size:12px;position:relative;color:#222}
+.tld-graph .controls{margin:6px 0;display:flex;gap:18px;align-items:center;flex-wrap:wrap}
+.tld-graph svg{background:#fff;border:1px solid #ddd}
+.tld-graph .edge{stroke:#555}
+.tld-graph .edge.hl{stroke:#d62728;stroke-opacity:0.9}
+.tld-graph .node{stroke:#333;stroke-width:0.6;cursor:pointer}
+.tld-graph .node.hl{stroke:#d62728;stroke-width:2}
+.tld-graph .tip{position:absolute;display:none;background:#fffbe6;border:1px solid #cc9;
+ padding:6px 8px;pointer-events:none;max-width:360px;white-space:pre-line;z-index:10}
+.tld-graph .hidden{display:none}
+"""
+
+_JS = """
+(function(){
+  var root = document.getElementById("%(id)s");
+  var svg = root.querySelector("svg");
+  var tip = root.querySelector(".tip");
+  var edges = Array.prototype.slice.call(svg.querySelectorAll(".edge"));
+  var nodes = Array.prototype.slice.call(svg.querySelectorAll(".node"));
+  var slider = root.querySelector(".prune");
+  var hideConst = root.querySelector(".hide-const");
+  var count = root.querySelector(".count");
+  var byNode = {};
+  edges.forEach(function(e){
+    [e.dataset.s, e.dataset.t].forEach(function(n){ (byNode[n] = byNode[n] || []).push(e); });
+  });
+  function update(){
+    var keep = Number(slider.value) / 100, hc = hideConst.checked, shown = 0;
+    nodes.forEach(function(n){
+      n.classList.toggle("hidden", hc && n.dataset.const === "1");
+    });
+    edges.forEach(function(e){
+      var off = Number(e.dataset.q) > keep || (hc && e.dataset.c === "1");
+      e.classList.toggle("hidden", off);
+      if (!off) shown++;
+    });
+    count.textContent = shown + " of " + edges.length + " edges shown";
+  }
+  slider.addEventListener("input", update);
+  hideConst.addEventListener("change", update);
+  nodes.forEach(function(n){
+    n.addEventListener("mouseenter", function(ev){
+      var mine = (byNode[n.dataset.id] || []).filter(function(e){
+        return !e.classList.contains("hidden"); });
+      mine.forEach(function(e){ e.classList.add("hl"); });
+      n.classList.add("hl");
+      var inc = mine.filter(function(e){ return e.dataset.t === n.dataset.id; })
+        .sort(function(a, b){ return b.dataset.w - a.dataset.w; }).slice(0, 4);
+      var out = mine.filter(function(e){ return e.dataset.s === n.dataset.id; })
+        .sort(function(a, b){ return b.dataset.w - a.dataset.w; }).slice(0, 4);
+      var text = n.dataset.site + " / direction " + n.dataset.index +
+        "\\nΛ = " + Number(n.dataset.lambda).toPrecision(4) +
+        (n.dataset.label ? "\\nlabel: " + n.dataset.label : "") +
+        (n.dataset.module ? "\\nmodule " + n.dataset.module : "");
+      if (inc.length) text += "\\nstrongest in: " + inc.map(function(e){
+        return e.dataset.s + " (" + Number(e.dataset.w).toPrecision(3) + ")"; }).join(", ");
+      if (out.length) text += "\\nstrongest out: " + out.map(function(e){
+        return e.dataset.t + " (" + Number(e.dataset.w).toPrecision(3) + ")"; }).join(", ");
+      tip.textContent = text;
+      tip.style.display = "block";
+      var box = root.getBoundingClientRect();
+      tip.style.left = (ev.clientX - box.left + 12) + "px";
+      tip.style.top = (ev.clientY - box.top + 12) + "px";
+    });
+    n.addEventListener("mouseleave", function(){
+      edges.forEach(function(e){ e.classList.remove("hl"); });
+      n.classList.remove("hl");
+      tip.style.display = "none";
+    });
+  });
+  update();
+})();
+"""
+
+
+def _viridis(t: float) -> str:
+    stops = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+    t = min(max(t, 0.0), 1.0) * (len(stops) - 1)
+    i = min(int(t), len(stops) - 2)
+    f = t - i
+    c = [round(a + (b - a) * f) for a, b in zip(stops[i], stops[i + 1])]
+    return "#" + "".join(f"{v:02x}" for v in c)
+
+
+def _drawn_edges(graph, max_edges: int):
+    """Per layer pair, the nonzero edges to draw: all of them when the whole graph has at most
+    ``max_edges``, else the strongest ``max_edges // n_pairs`` of each pair."""
+    pairs = graph.pairs()
+    nonzero = sum(int((E > 0).sum()) for E in graph.edges.values())
+    budget = None if nonzero <= max_edges else max(1, max_edges // max(1, len(pairs)))
+    out = []
+    for a, b in pairs:
+        E = graph.edges[(a, b)].double()
+        flat = E.flatten()
+        order = flat.argsort(descending=True)
+        n = int((flat > 0).sum())
+        if budget is not None:
+            n = min(n, budget)
+        order = order[:n]
+        top = float(flat[order[0]]) if n else 1.0
+        width = E.shape[1]
+        out.append((a, b, [(int(o // width), int(o % width), float(flat[o])) for o in order],
+                    top))
+    return out, nonzero
+
+
+def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
+               max_edges: int = DEFAULT_MAX_EDGES, title: str = "Interaction graph",
+               standalone: bool = True, height: int = 760) -> str:
+    """The graph as HTML: a complete page (``standalone``) or a ``<div>`` for a notebook.
+
+    Args:
+        graph: an :class:`~tl_degen.graph.InteractionGraph` (prune it first to choose what is
+            drawn; at most ``max_edges`` edges are drawn, the strongest of each pair).
+        labels: node id (``"site/j"``) → short text shown on hover (e.g. Fourier labels).
+        modules: a :class:`~tl_degen.graph.Modules` to colour nodes by.
+        max_edges: cap on drawn edges (keeps the page small).
+
+    Returns:
+        HTML text with everything inlined.
+    """
+    if max_edges < 1:
+        raise TLDegenError("max_edges must be at least 1")
+    labels = labels or {}
+    membership = modules.membership if modules is not None else {}
+    uid = "tld-" + uuid.uuid4().hex[:10]
+    sites = graph.sites
+    col_w, top, bottom = 230, 50, 20
+    W = col_w * len(sites) + 40
+    drawn, nonzero = _drawn_edges(graph, max_edges)
+    pos: dict[str, tuple[float, float]] = {}
+    node_svg = []
+    for c, s in enumerate(sites):
+        b = graph.bases[s]
+        lam = b.eigenvalues.double().abs()
+        lmax = float(lam.max()) if len(lam) else 1.0
+        x = 20 + col_w * c + col_w / 2
+        step = (height - top - bottom) / max(b.k, 1)
+        const = graph._has_constant_node(s)
+        lo = math.log10(max(float(lam[lam > 0].min()) if (lam > 0).any() else 1.0, 1e-300))
+        hi = math.log10(max(lmax, 1e-300))
+        node_svg.append(f'<text x="{x:.1f}" y="20" text-anchor="middle" font-weight="bold">'
+                        f'{html.escape(s.name)}</text><text x="{x:.1f}" y="35" '
+                        f'text-anchor="middle" fill="#666">{b.k} directions ({b.method})</text>')
+        for j in range(b.k):
+            nid = graph.node_name(s, j)
+            y = top + step * (j + 0.5)
+            pos[nid] = (x, y)
+            lj = float(lam[j])
+            r = 2.0 + 7.0 * math.sqrt(lj / lmax) if lmax > 0 else 2.0
+            if nid in membership:
+                colour = MODULE_COLOURS[membership[nid] % len(MODULE_COLOURS)]
+            elif const and j == 0:
+                colour = "#bbbbbb"
+            else:
+                t = (math.log10(max(lj, 1e-300)) - lo) / (hi - lo) if hi > lo else 1.0
+                colour = _viridis(t)
+            is_const = const and j == 0
+            label = labels.get(nid, "constant" if is_const else "")
+            mod = membership.get(nid)
+            tip = f"{s.name} / {j}: Λ={lj:.4g}" + (f", {label}" if label else "")
+            node_svg.append(
+                f'<circle class="node" cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" fill="{colour}" '
+                f'data-id="{html.escape(nid)}" data-site="{html.escape(s.name)}" '
+                f'data-index="{j}" data-lambda="{lj:.6g}" data-const="{int(is_const)}" '
+                f'data-label="{html.escape(label)}"'
+                + (f' data-module="{mod}"' if mod is not None else "")
+                + f"><title>{html.escape(tip)}</title></circle>")
+    edge_svg = []
+    for a, b, items, topw in drawn:
+        const_in = graph._has_constant_node(a)
+        n = len(items)
+        for rank, (i, j, w) in enumerate(items):
+            s_id, t_id = graph.node_name(a, j), graph.node_name(b, i)
+            (x1, y1), (x2, y2) = pos[s_id], pos[t_id]
+            rel = w / topw if topw > 0 else 0.0
+            edge_svg.append(
+                f'<line class="edge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
+                f'stroke-width="{0.3 + 3.2 * math.sqrt(rel):.2f}" '
+                f'stroke-opacity="{0.08 + 0.72 * math.sqrt(rel):.2f}" data-s="{s_id}" '
+                f'data-t="{t_id}" data-w="{w:.4g}" data-q="{(rank + 1) / n:.4f}" '
+                f'data-c="{int(const_in and j == 0)}"/>')
+    shown = sum(len(d[2]) for d in drawn)
+    note = (f"{shown} edges drawn" + (f" (the strongest {shown} of {nonzero} nonzero; prune the "
+                                      "graph or raise max_edges for more)"
+                                      if shown < nonzero else ""))
+    body = (f'<div class="tld-graph" id="{uid}"><style>{_CSS}</style>'
+            f'<div class="title" style="font-size:15px;font-weight:bold">{html.escape(title)}'
+            f'</div><div class="note" style="color:#666">{html.escape(note)}; node size √Λ, '
+            f'colour {"module" if membership else "log Λ"}; hover a node for details</div>'
+            '<div class="controls"><label>strongest <input class="prune" type="range" '
+            'min="1" max="100" value="100"> % of edges per layer pair</label>'
+            '<label><input class="hide-const" type="checkbox"> hide constant nodes</label>'
+            '<span class="count"></span></div>'
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
+            f'viewBox="0 0 {W} {height}" font-size="11"><g class="edges">{"".join(edge_svg)}'
+            f'</g><g class="nodes">{"".join(node_svg)}</g></svg><div class="tip"></div>'
+            f"<script>{_JS % {'id': uid}}</script></div>")
+    if not standalone:
+        return body
+    meta = html.escape(json.dumps(graph.n_edges()))
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><meta name='tl-degen-edges' content='{meta}'>"
+            f"</head><body>{body}</body></html>")
+
+
+def save_graph_page(graph, path: str | os.PathLike, **kwargs) -> Path:
+    """Write :func:`graph_html` to ``path`` atomically (no half-written file on error)."""
+    path = Path(path)
+    text = graph_html(graph, **kwargs)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

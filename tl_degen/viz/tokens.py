@@ -1,0 +1,192 @@
+"""What a direction responds to: token views for text models, Fourier content for modadd.
+
+Token views use circuitsvis (``colored_tokens_multi`` and ``topk_samples``) through
+``.local_src``, which inlines its JavaScript so the page renders with no network. circuitsvis
+writes its container as a self-closing ``<div .../>``, which HTML parses as an *open* tag: a
+second view on the same page then nests inside the first and breaks. :func:`fix_local_src`
+rewrites it as ``<div ...></div>`` (DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_degen.basis import InteractionBasis
+from tl_degen.errors import DataError, TLDegenError
+from tl_degen.fitting import site_activations
+
+__all__ = ["fix_local_src", "direction_values", "token_view_html", "save_token_view",
+           "fourier_content", "top_frequencies",
+           "fourier_label", "modadd_labels"]
+
+_SELF_CLOSING_DIV = re.compile(r"<div([^<>]*?)\s*/>")
+
+
+def fix_local_src(src: str) -> str:
+    """``<div .../>`` → ``<div ...></div>`` so several circuitsvis views share a page."""
+    return _SELF_CLOSING_DIV.sub(r"<div\1></div>", src)
+
+
+def direction_values(model, tokens: Int[Tensor, "batch pos"], basis: InteractionBasis,
+                     directions: Sequence[int], *, batch_size: int = 256,
+                     ) -> Float[Tensor, "batch n_pos n_dirs"]:
+    """Coordinates ``x̂[:, :, directions]`` of the data at the basis' site and positions."""
+    bad = [d for d in directions if not 0 <= d < basis.k]
+    if bad:
+        raise DataError(f"direction(s) {bad} out of range: {basis.site.name} has {basis.k}")
+    acts = site_activations(model, tokens, basis.site, batch_size=batch_size)
+    return basis.to_coords(acts)[..., list(directions)]
+
+
+def _token_strings(model, tokens: Tensor) -> list[list[str]]:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return [[f"<{int(t)}>" for t in row] for row in tokens]
+    return [[tok.decode([int(t)]) for t in row] for row in tokens]
+
+
+def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionBasis,
+                    directions: Sequence[int], *, n_examples: int = 5,
+                    title: str | None = None) -> str:
+    """Which tokens and positions activate each direction, as self-contained HTML.
+
+    Two circuitsvis views: ``topk_samples`` (for every direction, the ``n_examples``
+    sequences whose largest |coordinate| is biggest, tokens coloured by the coordinate) and
+    ``colored_tokens_multi`` on the first sequence (every direction as a selectable layer).
+    The site must cover every position (e.g. ``resid_post.0``, not ``:last``) so that each
+    token has a value.
+
+    Args:
+        tokens: ``[batch, pos]`` prompts (decoded with ``model.tokenizer`` when present).
+        basis: an :class:`InteractionBasis` of an all-positions site.
+        directions: basis columns to show.
+    """
+    from circuitsvis.tokens import colored_tokens_multi
+    from circuitsvis.topk_samples import topk_samples
+
+    n_pos = tokens.shape[1]
+    if basis.site.resolve_positions(n_pos) != list(range(n_pos)):
+        raise TLDegenError(f"token views need a site at every position; {basis.site.name!r} "
+                           f"covers only some. Fit bases at {basis.site.kind}.{basis.site.layer}")
+    if not directions:
+        raise TLDegenError("give at least one direction")
+    vals = direction_values(model, tokens, basis, directions).float()  # [b, pos, n]
+    strs = _token_strings(model, tokens)
+    k = min(n_examples, tokens.shape[0])
+    samples_tok, samples_act = [], []
+    for n in range(len(directions)):
+        top = vals[..., n].abs().amax(1).argsort(descending=True)[:k].tolist()
+        samples_tok.append([strs[b] for b in top])
+        samples_act.append([vals[b, :, n].tolist() for b in top])
+    labels = [f"{basis.site.name}/{d}" for d in directions]
+    view1 = topk_samples(tokens=[samples_tok], activations=[samples_act],
+                         zeroth_dimension_name="Site", first_dimension_name="Direction",
+                         zeroth_dimension_labels=[basis.site.name],
+                         first_dimension_labels=labels)
+    view2 = colored_tokens_multi(strs[0], vals[0], labels)
+    head = html.escape(title or f"Token view: {basis.site.name} ({basis.method})")
+    return (f"<div class='tld-tokens'><h3>{head}</h3>"
+            f"<h4>Top sequences per direction</h4>{fix_local_src(view1.local_src)}"
+            f"<h4>First sequence, every direction</h4>{fix_local_src(view2.local_src)}</div>")
+
+
+def save_token_view(text: str, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
+                   f"{text}</body></html>", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------- Fourier
+def fourier_content(grid: Float[Tensor, "*n p p"], top_k: int = 5,
+                    ) -> tuple[Float[Tensor, "*n p p"], list]:
+    """Power of the 2D DFT of functions on the ``(a, b)`` grid (mean removed), normalised to
+    sum 1 per function, and for each function its strongest frequency pairs
+    ``[((k_a, k_b), fraction), ...]`` with ``(k_a, k_b)`` and ``(p−k_a, p−k_b)`` folded
+    together (a real signal's spectrum is symmetric). Leading dimensions are batched (a
+    ``[p, p]`` grid gives one list, ``[n, p, p]`` a list of ``n`` lists)."""
+    if grid.dim() < 2 or grid.shape[-1] != grid.shape[-2]:
+        raise DataError(f"expected [..., p, p] grids over (a, b), got {tuple(grid.shape)}")
+    single = grid.dim() == 2
+    g = grid.double().reshape(-1, *grid.shape[-2:])
+    g = g - g.mean((-1, -2), keepdim=True)
+    power = torch.fft.fft2(g).abs() ** 2
+    total = power.sum((-1, -2), keepdim=True)
+    power = torch.where(total > 0, power / total.clamp_min(1e-300), power)
+    tops = top_frequencies(power, top_k)
+    return power.reshape(grid.shape), (tops[0] if single else tops)
+
+
+def top_frequencies(power: Float[Tensor, "n p p"], top_k: int = 5) -> list[list]:
+    """The strongest folded frequency pairs of each (normalised) power spectrum; an all-zero
+    spectrum gives an empty list."""
+    p = power.shape[-1]
+    neg = (-torch.arange(p, device=power.device)) % p
+    ka = torch.arange(p, device=power.device)[:, None].expand(p, p)
+    kb = torch.arange(p, device=power.device)[None, :].expand(p, p)
+    nka, nkb = neg[:, None].expand(p, p), neg[None, :].expand(p, p)
+    canonical = (ka < nka) | ((ka == nka) & (kb <= nkb))
+    self_paired = (ka == nka) & (kb == nkb)
+    folded = torch.where(self_paired, power, power + power[:, neg][:, :, neg]) * canonical
+    flat = folded.reshape(folded.shape[0], -1)
+    vals, idx = flat.topk(min(top_k, flat.shape[1]), dim=1)
+    out = []
+    for n in range(flat.shape[0]):
+        if float(flat[n].sum()) <= 0:
+            out.append([])
+            continue
+        out.append([((int(i) // p, int(i) % p), float(v)) for v, i in zip(vals[n], idx[n])])
+    return out
+
+
+def fourier_label(top: list) -> str:
+    """A short label from :func:`fourier_content`'s top list: ``"a+b: k=14 (83%)"``,
+    ``"a: k=5"``, ``"b: k=5"``, ``"(k_a,k_b)=(3,7)"``, or ``"constant"``."""
+    if not top:
+        return "constant"
+    (ka, kb), frac = top[0]
+    if kb == 0:
+        kind = f"a: k={ka}"
+    elif ka == 0:
+        kind = f"b: k={kb}"
+    elif ka == kb:
+        kind = f"a+b: k={ka}"
+    else:
+        kind = f"(k_a,k_b)=({ka},{kb})"
+    return f"{kind} ({frac:.0%})"
+
+
+def modadd_labels(model, bases, p: int = 113) -> dict[str, str]:
+    """Fourier labels for every node of every site of ``bases`` over the full ``(a, b)``
+    grid (node id ``"site/j"`` → label). For multi-position sites the power of each
+    position's coordinate is added up. Directions whose coordinate does not vary are
+    labelled ``"constant"``."""
+    from tl_degen.toy.modadd import all_pairs, tokens_for
+
+    tokens = tokens_for(all_pairs(p), p)
+    out: dict[str, str] = {}
+    for site in bases.sites:
+        if site.kind == "logits":
+            continue
+        b = bases[site]
+        coords = b.to_coords(site_activations(model, tokens, site, batch_size=4096))
+        grids = coords.permute(2, 1, 0).reshape(b.k, coords.shape[1], p, p)  # [k, pos, p, p]
+        centred = grids - grids.mean((-1, -2), keepdim=True)
+        power = (torch.fft.fft2(centred).abs() ** 2).sum(1)  # [k, p, p], positions added
+        power = power / power.sum((-1, -2), keepdim=True).clamp_min(1e-300)
+        varies = centred.abs().amax((-3, -2, -1)) > 1e-9 * coords.abs().max().clamp_min(1e-300)
+        tops = top_frequencies(power)
+        for j in range(b.k):
+            label = fourier_label(tops[j]) if bool(varies[j]) else "constant"
+            out[f"{site.name}/{j}"] = label
+    return out
