@@ -152,6 +152,13 @@ class ClosedFormSection:
         if self.kind == "attention":
             return self._attention_edge_squares(x_eval, h, C_pinv, out_basis, alphas, weights,
                                                 chunk)
+        if self.kind in ("unembed", "linear"):  # constant Jacobian: A[b,t,i,j] = M[j,i] h[b,t,j]
+            J = self.params["J"].double()
+            C = (torch.eye(J.shape[1], dtype=torch.float64, device=h.device)
+                 if out_basis is None else out_basis.double())
+            M = C_pinv.double() @ J @ C  # [k_in, k_out]
+            h2 = (h[:, self.params["rows_in_list"]].double() ** 2).sum((0, 1))  # [k_in]
+            return (M.T ** 2) * h2[None, :]
         k_out = (out_basis.shape[1] if out_basis is not None
                  else self.adapter.site_dim(self.out_site) + int(self.out_site.has_constant))
         E = torch.zeros(k_out, C_pinv.shape[0], dtype=torch.float64, device=h.device)

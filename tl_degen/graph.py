@@ -371,3 +371,10 @@ class InteractionGraph:
 
     def __repr__(self) -> str:
         return self.summary()
+
+    def _repr_html_(self) -> str:
+        """The interactive graph page in a notebook cell (at most 3000 edges drawn, the
+        strongest of each pair; prune first to choose)."""
+        from tl_degen.viz.graph_page import graph_html
+
+        return graph_html(self, standalone=False)

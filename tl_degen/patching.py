@@ -245,7 +245,7 @@ def patch_directions(
     positions: int | Sequence[int] | None = None,
     mode: str = "denoising",
     dtype: torch.dtype | None = None,
-    rows_per_pass: int = 32768,
+    rows_per_pass: int = 4096,
     progress: bool = True,
 ) -> PatchResult:
     """Activation patching of single basis directions (or groups) at one site.

@@ -9,7 +9,8 @@ script only adds hover details, the pruning slider and the constant-node toggle)
 
 Conventions (as :class:`~tl_degen.graph.InteractionGraph`): node ``"site/j"`` is column ``j`` of
 that site's ``C``; an edge is drawn from source (input site, left) to target (output site,
-right) for every nonzero ``edges[(in, out)][i, j]``. Node radius grows with ``√(Λ/max Λ)`` of
+right) for every nonzero ``edges[(in, out)][i, j]``. Open ``page.html#node=<site>/<j>`` to
+show one node's details on load. Node radius grows with ``√(Λ/max Λ)`` of
 its site; colour is the module when ``modules`` are given, else ``log Λ``. Edge width and
 opacity grow with strength relative to the strongest edge of its layer pair.
 """
@@ -70,6 +71,12 @@ _JS = """
     });
     count.textContent = shown + " of " + edges.length + " edges shown";
   }
+  function focusNode(id){  // a link "page.html#node=<site>/<j>" opens with that node's details
+    var n = nodes.filter(function(x){ return x.dataset.id === id; })[0];
+    if (!n) return;
+    var r = n.getBoundingClientRect();
+    n.dispatchEvent(new MouseEvent("mouseenter", {clientX: r.left, clientY: r.top}));
+  }
   slider.addEventListener("input", update);
   hideConst.addEventListener("change", update);
   nodes.forEach(function(n){
@@ -103,6 +110,8 @@ _JS = """
     });
   });
   update();
+  var m = /#node=(.+)$/.exec(window.location.hash);
+  if (m) focusNode(decodeURIComponent(m[1]));
 })();
 """
 
@@ -181,7 +190,8 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
             y = top + step * (j + 0.5)
             pos[nid] = (x, y)
             lj = float(lam[j])
-            r = 2.0 + 7.0 * math.sqrt(lj / lmax) if lmax > 0 else 2.0
+            r_max = max(2.0, min(9.0, 0.48 * step))  # neighbours must not overlap
+            r = 1.5 + (r_max - 1.5) * math.sqrt(lj / lmax) if lmax > 0 else 1.5
             if nid in membership:
                 colour = MODULE_COLOURS[membership[nid] % len(MODULE_COLOURS)]
             elif const and j == 0:
@@ -210,8 +220,8 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
             rel = w / topw if topw > 0 else 0.0
             edge_svg.append(
                 f'<line class="edge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" '
-                f'stroke-width="{0.3 + 3.2 * math.sqrt(rel):.2f}" '
-                f'stroke-opacity="{0.08 + 0.72 * math.sqrt(rel):.2f}" data-s="{s_id}" '
+                f'stroke-width="{0.3 + 2.7 * math.sqrt(rel):.2f}" '
+                f'stroke-opacity="{0.04 + 0.66 * rel:.2f}" data-s="{s_id}" '
                 f'data-t="{t_id}" data-w="{w:.4g}" data-q="{(rank + 1) / n:.4f}" '
                 f'data-c="{int(const_in and j == 0)}"/>')
     shown = sum(len(d[2]) for d in drawn)

@@ -55,7 +55,8 @@ def _token_strings(model, tokens: Tensor) -> list[list[str]]:
 
 def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionBasis,
                     directions: Sequence[int], *, n_examples: int = 5,
-                    title: str | None = None) -> str:
+                    title: str | None = None,
+                    token_strings: list[list[str]] | None = None) -> str:
     """Which tokens and positions activate each direction, as self-contained HTML.
 
     Two circuitsvis views: ``topk_samples`` (for every direction, the ``n_examples``
@@ -68,6 +69,8 @@ def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionB
         tokens: ``[batch, pos]`` prompts (decoded with ``model.tokenizer`` when present).
         basis: an :class:`InteractionBasis` of an all-positions site.
         directions: basis columns to show.
+        token_strings: ``[batch][pos]`` display strings (default: decoded with the model's
+            tokenizer, or ``<id>``).
     """
     from circuitsvis.tokens import colored_tokens_multi
     from circuitsvis.topk_samples import topk_samples
@@ -79,7 +82,9 @@ def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionB
     if not directions:
         raise TLDegenError("give at least one direction")
     vals = direction_values(model, tokens, basis, directions).float()  # [b, pos, n]
-    strs = _token_strings(model, tokens)
+    strs = token_strings if token_strings is not None else _token_strings(model, tokens)
+    if len(strs) != tokens.shape[0] or any(len(r) != n_pos for r in strs):
+        raise DataError("token_strings must be [batch][pos] like tokens")
     k = min(n_examples, tokens.shape[0])
     samples_tok, samples_act = [], []
     for n in range(len(directions)):
