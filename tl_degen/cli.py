@@ -180,7 +180,7 @@ def demo(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start_all
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"report written to {folder / 'index.html'} in {total:.1f} s "
-          f"({size / 2**20:.1f} MiB in {sum(1 for _ in folder.rglob('*'))} files)")
+          f"({size / 2**20:.1f} MiB in {sum(p.is_file() for p in folder.rglob('*'))} files)")
     if not args.quiet:
         print(lib.summary())
     return 0

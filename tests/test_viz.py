@@ -1,0 +1,232 @@
+"""Views: the graph page, the demo report and the token view rendered in headless Chromium
+with the network disabled (DOM counts against the graph, hover details, non-blank
+screenshots); plots, Fourier labels and the command line."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import tl_degen
+from tests import models as M
+from tl_degen import cli, viz
+from tl_degen.toy import modadd
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not "
+                                   "installed (apt-get install chromium; .ci/run does)")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+         "--hide-scrollbars", "--virtual-time-budget=4000"]
+
+
+def dump_dom(page: Path, fragment: str = "") -> str:
+    out = subprocess.run([CHROMIUM, *FLAGS, "--dump-dom", page.resolve().as_uri() + fragment],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def screenshot_is_not_blank(page: Path, tmp_path: Path, size: str = "1300,900") -> None:
+    import matplotlib.image as mpimg
+
+    shot = tmp_path / f"{page.stem}.png"
+    subprocess.run([CHROMIUM, *FLAGS, f"--window-size={size}", f"--screenshot={shot}",
+                    page.resolve().as_uri()], capture_output=True, timeout=120, check=True)
+    img = torch.from_numpy(mpimg.imread(str(shot)))[..., :3]
+    colours = torch.unique((img * 255).round().reshape(-1, 3), dim=0)
+    assert img.std() > 0.02 and len(colours) > 20, (float(img.std()), len(colours))
+
+
+@pytest.fixture(scope="module")
+def small_graph():
+    model = modadd.load_bridge()
+    tokens = modadd.tokens_for(modadd.train_test_split()[0][:600])
+    sites = ["resid_pre.0", "resid_mid.0:last", "resid_post.0:last", "logits:last"]
+    bases = tl_degen.fit_bases(model, tokens, sites, progress=False)
+    graph = tl_degen.interaction_graph(model, tokens, bases, progress=False)
+    return model, bases, graph
+
+
+@needs_browser
+def test_graph_page_renders_offline_with_every_node_and_edge(small_graph, tmp_path):
+    model, bases, graph = small_graph
+    pruned = graph.prune(top_k=3)
+    labels = {graph.node_name(s, 1): f"label of {s.name}" for s in graph.sites}
+    page = viz.save_graph_page(pruned, tmp_path / "graph.html", labels=labels,
+                               modules=pruned.modules())
+    assert page.stat().st_size < 5 * 2**20
+    assert not re.search(r'(src|href)="https?:|url\(https?:|import\s.*https?:',
+                         page.read_text())  # nothing fetched (the SVG namespace is a name)
+    dom = dump_dom(page)
+    n_nodes = sum(bases[s].k for s in graph.sites)
+    n_edges = sum(pruned.n_edges().values())
+    assert len(re.findall(r'<circle class="node', dom)) == n_nodes
+    assert len(re.findall(r'<line class="edge', dom)) == n_edges
+    # the script ran (it fills the counter) and every node carries its hover details
+    assert f"{n_edges} of {n_edges} edges shown" in dom
+    assert len(re.findall(r"<title>[^<]*Λ=", dom)) == n_nodes
+    # hovering a node (opened through a #node= link) shows its details and strongest edges
+    node = graph.node_name(graph.sites[1], 1)
+    tip = re.search(r'<div class="tip"[^>]*>(.*?)</div>', dump_dom(page, "#node=" + node),
+                    re.S).group(1)
+    text = html.unescape(tip)
+    assert "resid_mid.0:last / direction 1" in text and "Λ =" in text
+    assert "label of resid_mid.0:last" in text and "strongest in:" in text
+    screenshot_is_not_blank(page, tmp_path)
+
+
+def test_graph_page_draws_at_most_max_edges(small_graph):
+    _, _, graph = small_graph
+    text = viz.graph_html(graph, max_edges=300)
+    drawn = len(re.findall(r'<line class="edge', text))
+    assert 0 < drawn <= 300 and "prune the graph or raise max_edges" in text
+    assert '<div class="tld-graph"' in graph._repr_html_()
+    with pytest.raises(tl_degen.TLDegenError, match="max_edges"):
+        viz.graph_html(graph, max_edges=0)
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    assert cli.main(["demo", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@needs_browser
+def test_demo_report_renders_offline(demo_report, tmp_path):
+    index = demo_report / "index.html"
+    graph = tl_degen.InteractionGraph.load(demo_report / "graph.safetensors").prune(mass=0.99)
+    dom = dump_dom(index)
+    assert len(re.findall(r'<circle class="node', dom)) == sum(
+        graph.bases[s].k for s in graph.sites)
+    assert len(re.findall(r'<line class="edge', dom)) == sum(graph.n_edges().values())
+    assert len(re.findall(r'<svg[^>]*class="tld-plot"', dom)) == 7  # 4 spectra, 2 ablation, 1 mass
+    for heading in ("Patching", "Degeneracy", "Modules", "Spectra", "Token view"):
+        assert heading in dom
+    for name in ("spectrum_resid_mid_0", "ablation_mlp_post_0", "edge_mass"):
+        assert (demo_report / "plots" / f"{name}.png").stat().st_size > 10_000
+    assert (demo_report / "graph.html").stat().st_size < 5 * 2**20
+    screenshot_is_not_blank(index, tmp_path)
+
+
+@needs_browser
+def test_token_view_renders_offline(demo_report, tmp_path):
+    page = demo_report / "tokens.html"
+    raw = page.read_text()
+    assert "/>" not in re.sub(r"<script.*?</script>", "", raw, flags=re.S).replace("<br/>", "")
+    dom = dump_dom(page)
+    # both circuitsvis views rendered (React fills their containers), with our tokens
+    containers = re.findall(r'<div id="circuits-vis-[^"]*"[^>]*>(.*?)</div>\s*<script', dom,
+                            re.S)
+    assert len(containers) == 2 and all(len(c) > 200 for c in containers)
+    assert dom.count(">=<") >= 5  # the '=' token of the shown sequences
+    screenshot_is_not_blank(page, tmp_path, "900,700")
+
+
+def test_fix_local_src_closes_self_closing_divs():
+    src = '<div id="a" style="margin: 15px 0;"/>\n<script>var x = "<b/>";</script>'
+    fixed = viz.fix_local_src(src)
+    assert fixed.startswith('<div id="a" style="margin: 15px 0;"></div>')
+    assert '"<b/>"' in fixed
+
+
+def test_fourier_content_finds_planted_frequencies():
+    p = 113
+    a = torch.arange(p, dtype=torch.float64)[:, None]
+    b = torch.arange(p, dtype=torch.float64)[None, :]
+    cases = {"a+b: k=14 (100%)": torch.cos(2 * torch.pi * 14 * (a + b) / p),
+             "a: k=5 (100%)": torch.sin(2 * torch.pi * 5 * a / p).expand(p, p),
+             "b: k=40 (100%)": torch.cos(2 * torch.pi * 40 * b / p + 0.3).expand(p, p),
+             "(k_a,k_b)=(3,7) (100%)": torch.cos(2 * torch.pi * (3 * a + 7 * b) / p)}
+    grids = torch.stack(list(cases.values()))
+    power, tops = viz.fourier_content(grids)
+    assert torch.allclose(power.sum((-1, -2)), torch.ones(4, dtype=torch.float64))
+    assert [viz.fourier_label(t) for t in tops] == list(cases)
+    assert viz.fourier_label(viz.fourier_content(torch.ones(p, p))[1]) == "constant"
+
+
+def test_plots_save_html_and_png(small_graph, tmp_path):
+    model, bases, graph = small_graph
+    pca = tl_degen.fit_bases(model, modadd.tokens_for(modadd.train_test_split()[0][:600]),
+                             ["resid_mid.0:last", "logits:last"], method="pca", progress=False)
+    plot = viz.spectrum_plot({"LIB": bases, "PCA": pca}, "resid_mid.0:last")
+    names = [s.name for s in plot.series]
+    assert any(n.startswith("LIB kept") for n in names)
+    assert any("dropped" in n for n in names)  # dropped directions are marked (hollow)
+    for suffix in (".html", ".png", ".svg"):
+        path = plot.save(tmp_path / f"spectrum{suffix}")
+        assert path.stat().st_size > 1000
+    assert not list(tmp_path.glob("*.tmp*"))
+    mass = viz.edge_mass_plot({"LIB": graph})
+    assert all(0 < y <= 1 + 1e-12 for s in mass.series for y in s.y)
+    with pytest.raises(tl_degen.TLDegenError, match=r"\.html, \.svg or \.png"):
+        plot.save(tmp_path / "x.pdf")
+
+
+def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, tokenizer_dir):
+    sd = modadd.load_state_dict()
+    torch.save(sd, tmp_path / "model.pt")
+    cfg = {"d_model": 128, "n_heads": 4, "d_head": 32, "d_mlp": 512, "n_layers": 1,
+           "n_ctx": 3, "d_vocab": 114, "act_fn": "relu", "normalization_type": None}
+    if not M.HAS_HOOKED_TRANSFORMER:
+        pytest.importorskip("transformer_lens.utilities.tl_checkpoint_conversion")
+    (tmp_path / "cfg.json").write_text(__import__("json").dumps(cfg))
+    torch.save(modadd.tokens_for(modadd.train_test_split()[0][:300]), tmp_path / "tok.pt")
+    common = ["--model", str(tmp_path / "model.pt"), "--config", str(tmp_path / "cfg.json"),
+              "--tokens", str(tmp_path / "tok.pt"), "--sites",
+              "resid_mid.0:last,resid_post.0:last,logits:last", "--quiet"]
+    assert cli.main(["fit", *common, "--out", str(tmp_path / "b.safetensors")]) == 0
+    bases = tl_degen.BasisSet.load(tmp_path / "b.safetensors")
+    assert [s.name for s in bases.sites] == ["resid_mid.0:last", "resid_post.0:last",
+                                             "logits:last"]
+    assert cli.main(["graph", *common, "--out", str(tmp_path / "g.safetensors")]) == 0
+    assert (tmp_path / "g.html").stat().st_size > 1000
+    assert cli.main(["show", str(tmp_path / "g.safetensors"), "--no-open",
+                     "--out", str(tmp_path / "shown.html")]) == 0
+    assert '<circle class="node' in (tmp_path / "shown.html").read_text()
+    # a local Hugging Face folder and a text file of prompts
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=M.VOCAB, n_positions=M.N_CTX, n_embd=16, n_layer=2,
+                               n_head=2, n_inner=24)).save_pretrained(str(hf_dir))
+    shutil.copytree(tokenizer_dir, hf_dir, dirs_exist_ok=True)
+    (tmp_path / "prompts.txt").write_text("\n".join(
+        " ".join(f"t{(i * 7 + j) % 40}" for j in range(6)) for i in range(20)))
+    assert cli.main(["fit", "--model", str(hf_dir), "--tokens", str(tmp_path / "prompts.txt"),
+                     "--sites", "resid_pre.1,resid_post.1:last,logits:last", "--quiet",
+                     "--out", str(tmp_path / "hf.safetensors")]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--model", "{tmp}/model.pt", "--tokens", "{tmp}/tok.pt", "--sites", "logits",
+      "--out", "{tmp}/x.safetensors"], "also give --config"),
+    (["fit", "--model", "modadd", "--tokens", "{tmp}/nope.pt", "--sites", "logits",
+      "--out", "{tmp}/x.safetensors"], "no such tokens file"),
+    (["fit", "--model", "modadd", "--tokens", "{tmp}/tok.csv", "--sites", "logits",
+      "--out", "{tmp}/x.safetensors"], "must be .pt, .safetensors, .npy or .txt"),
+    (["fit", "--model", "modadd", "--tokens", "{tmp}/tok.pt", "--sites",
+      "resid_post.0,resid_pre.0", "--out", "{tmp}/x.safetensors"], "out of forward order"),
+    (["fit", "--model", "{tmp}", "--tokens", "{tmp}/tok.pt", "--sites", "logits",
+      "--out", "{tmp}/x.safetensors"], "has no config.json"),
+    (["show", "{tmp}/missing.safetensors", "--no-open"], "no such file"),
+    (["fit", "--model", "modadd", "--tokens", "{tmp}/tok.pt", "--sites", "logits",
+      "--dtype", "float13", "--out", "{tmp}/x.safetensors"], "is not a torch dtype"),
+])
+def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, argv, message):
+    torch.save(torch.zeros(4, 3, dtype=torch.long), tmp_path / "tok.pt")
+    (tmp_path / "tok.csv").write_text("1,2,3")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "model.pt")
+    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "x.safetensors").exists()
