@@ -58,15 +58,20 @@ def test_patching_identities(toy, method, site):
     assert same.effects.abs().max() <= 1e-9 * max(abs(same.clean), 1.0)
 
 
-def test_noising_is_denoising_with_roles_swapped(toy):
+def test_noising_patches_corrupted_coordinates_into_the_clean_run(toy):
+    """Noising runs the clean prompt: patching nothing gives the clean metric, patching the
+    whole cut site gives the corrupted one, and each direction's effect has the opposite sign
+    of its denoising effect on the strongest directions."""
     model, _, bases, clean, corrupted, ld = toy
     site = "resid_mid.0:last"
-    d = tl_degen.patch_directions(model, clean, corrupted, bases["lib"], site, ld,
-                                  directions=[0, 1, 5], mode="noising", progress=False)
-    e = tl_degen.patch_directions(model, corrupted, clean, bases["lib"], site, ld,
-                                  directions=[0, 1, 5], mode="denoising", progress=False)
-    assert d.base == d.clean and e.base == e.corrupted
-    torch.testing.assert_close(d.values, e.values, rtol=1e-12, atol=1e-12)
+    noise = tl_degen.patch_directions(model, clean, corrupted, bases["lib"], site, ld,
+                                      directions=[[], 1, 2, 3], mode="noising", progress=False)
+    gap = abs(noise.clean - noise.corrupted)
+    assert noise.base == noise.clean and close(noise.values[0], noise.clean, 1e-10, gap)
+    assert close(noise.site_value, noise.corrupted, 1e-9, gap)
+    denoise = tl_degen.patch_directions(model, clean, corrupted, bases["lib"], site, ld,
+                                        directions=[1, 2, 3], progress=False)
+    assert (noise.effects[1:] * denoise.effects < 0).all()
 
 
 def test_whole_site_patch_equals_transformer_lens_patching(toy):
@@ -185,12 +190,28 @@ def test_path_patching_identities(toy):
                              "mlp_post.0:last", ld, top_k=5, progress=False)
     assert pp.effects.abs().max() < 1e-9 * abs(pp.base)
     assert len(pp.edges) == 5 and (pp.strengths[:-1] >= pp.strengths[1:]).all()
-    # resid_post -> logits is linear: the edges j -> i over every i sum to the edge j -> all
-    # for the (linear) logit difference
-    i_all = list(range(bases["neuron"]["logits:last"].k))
-    pp = tl_degen.path_patch(model, clean, corrupted, graph, "resid_post.0:last", "logits:last",
-                             ld, edges=[(5, i) for i in i_all] + [(5, None)], progress=False)
-    assert close(pp.effects[:-1].sum(), pp.effects[-1], 1e-9)
+    # single edges into the logits, against a hand computation from the unembedding: edge
+    # j -> i moves logit i by Δh_j (C⁺_in[j] · [W_U; b_U][:, i]), and the logit difference by
+    # that amount where i is the right (+) or the wrong (−) answer of the example
+    b_in = bases["lib"]["resid_post.0:last"]
+    W = torch.cat([model.unembed.W_U, model.unembed.b_U[None]]).detach().double()
+    M_ji = b_in.C_pinv.double() @ W  # [k_in, d_vocab]
+    h = lambda t: b_in.to_coords(tl_degen.site_activations(model, t, b_in.site))[:, 0]  # noqa
+    dh = h(clean) - h(corrupted)  # [batch, k_in]
+    right = (clean[:, 0] + clean[:, 1]) % 113
+    wrong = (corrupted[:, 0] + corrupted[:, 1]) % 113
+    edges = [(1, int(right[0])), (2, int(wrong[0])), (5, int(right[3])), (3, 7)]
+    pp = tl_degen.path_patch(model, clean, corrupted, lib_graph, "resid_post.0:last",
+                             "logits:last", ld, edges=edges, progress=False)
+    for n, (j, i) in enumerate(edges):
+        sign = (right == i).double() - (wrong == i).double()
+        expected = (dh[:, j] * M_ji[j, i] * sign).mean()
+        assert close(pp.effects[n], expected, 1e-9, float(dh[:, j].abs().mean() * M_ji[j].abs()
+                                                             .max())), (j, i)
+    # the default edges leave out the constant node (its coordinate never changes)
+    pp = tl_degen.path_patch(model, clean, corrupted, graph, "mlp_post.0:last",
+                             "resid_post.0:last", ld, top_k=30, progress=False)
+    assert all(j != bases["neuron"]["mlp_post.0:last"].k - 1 for j, _ in pp.edges)
 
 
 @pytest.mark.skipif(not M.HAS_HOOKED_TRANSFORMER, reason="needs transformer_lens 3.x")
@@ -260,6 +281,16 @@ def relu_setup():
     return model, other, bases
 
 
+def _narrow_model():
+    """Like native_relu but d_model 8: a lone basis of the 16-wide model must not fit it."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_native(TransformerBridgeConfig(
+        d_model=8, n_heads=2, d_head=4, d_mlp=12, n_layers=2, d_vocab=M.VOCAB, n_ctx=M.N_CTX,
+        act_fn="relu", normalization_type=None)).eval()
+
+
 def _metric(logits):
     return logits[:, -1, 3] - logits[:, -1, 4]
 
@@ -297,6 +328,25 @@ BAD = [
                                                b, "resid_mid.1", _metric, directions=[999]),
      tl_degen.DataError, r"direction\(s\) \[999\] out of range"),
     (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", _metric, directions=[[1, 1]]),
+     tl_degen.DataError, r"repeats an index"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", _metric, directions=3),
+     tl_degen.DataError, r"directions must be None, a list"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", _metric, positions=[True]),
+     tl_degen.DataError, r"positions must be integers, got the boolean"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
+                                               b, "resid_mid.1", _metric, positions=["1"]),
+     tl_degen.DataError, r"positions must be integers, got '1'"),
+    (lambda m, o, b: tl_degen.patch_directions(_narrow_model(), M.random_tokens(6, 5),
+                                               M.random_tokens(6, 5), b["resid_mid.1"],
+                                               "resid_mid.1", _metric),
+     tl_degen.BasisMismatchError, r"has 17 coordinates but that site of this model has"),
+    (lambda m, o, b: tl_degen.to_basis(m.run_with_cache(M.random_tokens(2, 5))[1],
+                                       b["resid_mid.1"], kind="difference"),
+     tl_degen.TLDegenError, r"a cache holds activations, not differences"),
+    (lambda m, o, b: tl_degen.patch_directions(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
                                                b, "resid_mid.1", _metric, mode="clean->corrupt"),
      tl_degen.TLDegenError, r"mode must be 'denoising'"),
     (lambda m, o, b: tl_degen.attribution_patch(m, M.random_tokens(6, 5), M.random_tokens(6, 5),
@@ -317,6 +367,21 @@ BAD = [
                                  method="pca", progress=False)),
      tl_degen.TLDegenError, r"needs LIB bases"),
 ]
+
+
+def test_numpy_and_tensor_indices_are_accepted(relu_setup):
+    import numpy as np
+
+    model, _, bases = relu_setup
+    clean, corrupted = M.random_tokens(6, 5), M.random_tokens(6, 5, seed=2)
+    a = tl_degen.patch_directions(model, clean, corrupted, bases, "resid_mid.1", _metric,
+                                  directions=np.array([1, 2]), positions=np.int64(3),
+                                  progress=False)
+    b = tl_degen.patch_directions(model, clean, corrupted, bases, "resid_mid.1", _metric,
+                                  directions=[torch.tensor(1), [2]], positions=[3],
+                                  progress=False)
+    torch.testing.assert_close(a.values, b.values)
+    assert a.positions == [3]
 
 
 @pytest.mark.parametrize("case", range(len(BAD)))

@@ -44,16 +44,17 @@ def demo(args: argparse.Namespace) -> int:
     from tl_degen.viz.report import Report
 
     start_all = time.perf_counter()
-    timings: dict[str, float] = {}
+    started: dict[str, float] = {}
+    timings: dict[str, float] = {}  # finished steps only, in seconds
     progress = not args.quiet
 
     def step(name: str):
         if progress:
             print(f"[{time.perf_counter() - start_all:5.1f} s] {name}", flush=True)
-        timings[name] = time.perf_counter()
+        started[name] = time.perf_counter()
 
     def done(name: str):
-        timings[name] = time.perf_counter() - timings[name]
+        timings[name] = time.perf_counter() - started.pop(name)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,8 +154,7 @@ def demo(args: argparse.Namespace) -> int:
         patch_rows, note=f"{clean.shape[0]} clean pairs (a, b) against corrupted (a′, b); "
         "directions added in order of their single-direction effect.")
     report.add_text("Degeneracy", degeneracy.table())
-    report.add_text("Timings", "\n".join(f"{v:6.2f} s  {k}" for k, v in timings.items()
-                                         if isinstance(v, float) and v < 1e6))
+    report.add_text("Timings", "\n".join(f"{v:6.2f} s  {k}" for k, v in timings.items()))
     text_sites = [s for s in lib.sites if s.kind == "resid_pre"]
     if text_sites:
         shown = tokens[:40]
@@ -221,7 +221,12 @@ def load_model(spec: str, config: str | None = None, dtype: str = "float32"):
             from transformer_lens import HookedTransformer, HookedTransformerConfig
 
             model = HookedTransformer(HookedTransformerConfig(**cfg))
-            model.load_state_dict(sd, strict=False)
+            result = model.load_state_dict(sd, strict=False)
+            missing = [k for k in result.missing_keys if not k.endswith(("mask", "IGNORE"))]
+            if missing or result.unexpected_keys:
+                raise ArgumentError(
+                    f"{path} does not match --config: missing {missing[:4]}, unexpected "
+                    f"{result.unexpected_keys[:4]}; give a HookedTransformer state dict")
             return model.to(torch_dtype).eval()
         except ImportError:
             from transformer_lens.config import TransformerBridgeConfig
@@ -230,9 +235,14 @@ def load_model(spec: str, config: str | None = None, dtype: str = "float32"):
 
             bcfg = TransformerBridgeConfig(**cfg)
             model = TransformerBridge.boot_native(bcfg).to(torch_dtype)
-            model.load_state_dict(convert_tl_checkpoint(sd, bcfg), strict=True)
+            try:
+                model.load_state_dict(convert_tl_checkpoint(sd, bcfg), strict=True)
+            except (RuntimeError, KeyError, ValueError) as exc:
+                raise ArgumentError(f"{path} does not match --config ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:160]}); give a "
+                                    "HookedTransformer-format state dict") from None
             return model.eval()
-    if path.exists() or "/" in spec and path.suffix:
+    if path.exists() or path.suffix in (".json", ".npy", ".npz", ".ckpt", ".gguf"):
         raise ArgumentError(f"cannot read a model from {spec!r}: give 'modadd', a Hugging Face "
                             "folder, a .pt/.safetensors state dict with --config, or a model "
                             "name")

@@ -207,6 +207,17 @@ class InteractionGraph:
     def node_name(site: Site, j: int) -> str:
         return f"{site.name}/{j}"
 
+    def constant_node(self, site: str | Site) -> int | None:
+        """Index of the site's constant direction: 0 for centered LIB/PCA bases, the last
+        column for neuron bases (the raw constant coordinate), None without one."""
+        site = self.bases._key(site)
+        b = self.bases[site]
+        if self._has_constant_node(site):
+            return 0
+        if b.method == "neuron" and b.has_constant:
+            return b.k - 1
+        return None
+
     def _has_constant_node(self, site: Site) -> bool:
         b = self.bases[site]
         return b.center and b.has_constant and b.method != "neuron"

@@ -25,7 +25,8 @@ Conventions (pinned here, TransformerLens's):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,15 @@ def lookup_basis(bases: BasisSet | InteractionBasis, site: str | Site | None,
             raise BasisMismatchError(
                 f"this basis was fitted at site {bases.site.name!r}, not {Site.parse(site).name!r}"
                 "; pass the basis of that site, or the whole BasisSet")
+        if model is not None:  # a lone basis carries no weight fingerprint: check the size
+            adapter = get_adapter(model)
+            adapter.check_site(bases.site)
+            d = adapter.site_dim(bases.site) + int(bases.site.has_constant)
+            if d != bases.d_site:
+                raise BasisMismatchError(
+                    f"the basis of {bases.site.name!r} has {bases.d_site} coordinates but that "
+                    f"site of this model has {d}; was it fitted on another model? (pass the "
+                    "BasisSet to have the model's weights checked too)")
         return bases
     if not isinstance(bases, BasisSet):
         raise TLDegenError(f"bases must be a BasisSet (from fit_bases) or an InteractionBasis, "
@@ -105,16 +115,38 @@ def _pair_tokens(adapter, clean, corrupted) -> tuple[Tensor, Tensor]:
     return c, k
 
 
+def _index(value, what: str) -> int:
+    """An integer index (Python, numpy or 0-d tensor; not a bool), else :class:`DataError`."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise DataError(f"{what} must be integers, got the boolean {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise DataError(f"{what} must be integers, got {value!r} "
+                        f"({type(value).__name__})") from None
+
+
+def _index_list(value, what: str) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) and not (
+            isinstance(value, Tensor)):
+        raise DataError(f"{what} must be a list of integers, got {value!r}")
+    if isinstance(value, Tensor) and value.dim() == 0:
+        raise DataError(f"{what} must be a list of integers, got a scalar tensor")
+    return [_index(v, what) for v in value]
+
+
 def _positions(site: Site, positions, n_pos: int) -> list[int]:
     """Indices into the site's positions of the ones to patch (default: all of them)."""
     site_pos = site.resolve_positions(n_pos)
     if positions is None:
         return list(range(len(site_pos)))
-    wanted = [positions] if isinstance(positions, int) else list(positions)
+    wanted = ([_index(positions, "positions")] if not isinstance(positions, Iterable)
+              or isinstance(positions, Tensor) and positions.dim() == 0
+              else _index_list(positions, "positions"))
     out = []
     for p in wanted:
         q = p + n_pos if p < 0 else p
-        if not isinstance(p, int) or q not in site_pos:
+        if q not in site_pos:
             raise DataError(f"position {p!r} is not one of site {site.name!r}'s positions "
                             f"{site_pos} (sequence length {n_pos}); fit the basis at a site "
                             "covering it, e.g. 'resid_pre.0' for all positions")
@@ -123,16 +155,25 @@ def _positions(site: Site, positions, n_pos: int) -> list[int]:
 
 
 def _groups(directions: Directions, k: int) -> tuple[list[list[int]], list[str]]:
+    """Direction groups: ``None`` → each direction alone; a list whose items are integers
+    (each alone) or lists of integers (patched together, no repeats)."""
     if directions is None:
         return [[j] for j in range(k)], [str(j) for j in range(k)]
+    if isinstance(directions, (str, bytes)) or not (
+            isinstance(directions, Iterable) or isinstance(directions, Tensor)):
+        raise DataError(f"directions must be None, a list of indices or a list of lists of "
+                        f"indices, got {directions!r}")
     groups: list[list[int]] = []
     for d in directions:
-        g = [int(d)] if isinstance(d, int) or (isinstance(d, Tensor) and d.dim() == 0) else [
-            int(j) for j in d]
+        scalar = not isinstance(d, Iterable) or isinstance(d, Tensor) and d.dim() == 0
+        g = [_index(d, "directions")] if scalar else _index_list(d, "directions")
         bad = [j for j in g if not 0 <= j < k]
         if bad:
             raise DataError(f"direction(s) {bad} out of range: the basis has {k} directions "
                             f"(0..{k - 1})")
+        if len(set(g)) != len(g):
+            raise DataError(f"direction group {g} repeats an index; each direction can be "
+                            "patched once per group")
         groups.append(g)
     labels = ["none" if not g else str(g[0]) if len(g) == 1 else
               (f"{g[0]}..{g[-1]}" if g == list(range(g[0], g[-1] + 1)) else
@@ -315,7 +356,7 @@ def patch_directions(
                 out.append(value)
             return out
 
-        per_call = max(1, rows_per_pass // max(n * x_t.shape[1], 1))
+        per_call = max(1, rows_per_pass // max(n * target.shape[1], 1))
         per = []
         bar = tqdm(total=len(groups), desc=f"patching {site.name}", disable=not progress)
         for start in range(0, len(groups), per_call):
@@ -467,6 +508,10 @@ def attribution_patch(
                 value = _run_metric(adapter, target, fn, write=(site, x)).mean()
                 (g,) = torch.autograd.grad(value, x)
                 grad += w * g.double()
+            # patches keep c = 1 (the constant coordinate is not an activation), so its
+            # gradient takes no part; with centered bases it only touches the constant
+            # direction, whose coordinate never changes
+            grad[..., -1] = 0.0
             C, Cp = basis.C.to(dev), basis.C_pinv.to(dev)
             h_diff, h_grad = diff @ C, grad @ Cp.T
             name = site.name
@@ -520,6 +565,9 @@ def to_basis(
         raise TLDegenError("basis must be one InteractionBasis, e.g. bases['resid_post.0']")
     site = basis.site
     if not isinstance(x, Tensor):
+        if kind == "difference":
+            raise TLDegenError("a cache holds activations, not differences: convert each run "
+                               "with kind='activation' and subtract the coordinates")
         x = _from_cache(x, site, kind)
     if not torch.isfinite(x).all():
         raise DataError(f"NaN or Inf values given for {site.name}")
@@ -552,6 +600,14 @@ def _from_cache(cache, site: Site, kind: str) -> Tensor:
         get = store.__getitem__
         has = store.__contains__
     else:
+        model = getattr(cache, "model", None)
+        hooked = model is not None and "HookedTransformer" in {
+            c.__name__ for c in type(model).__mro__}
+        if kind == "gradient" and site.kind == "resid_mid" and not hooked:
+            raise SiteError(
+                "gradients recorded at hook_resid_mid of a TransformerBridge miss the skip "
+                "connection (DESIGN.md §6), and this cache is not from a HookedTransformer; use "
+                "tl_degen.attribution_patch for resid_mid")
         if kind == "gradient":
             get = lambda n: cache[n + "_grad"]  # noqa: E731  (run_with_cache(incl_bwd=True))
             has = lambda n: _has(cache, n + "_grad")  # noqa: E731
@@ -682,10 +738,12 @@ def path_patch(
     E = graph.edges[(a, b)]
     b_in, b_out = bases[a], bases[b]
     if edges is None:
-        const = int(graph._has_constant_node(a))
-        flat = E[:, const:].flatten().argsort(descending=True)[:top_k]
-        width = E.shape[1] - const
-        edges = [(int(f % width) + const, int(f // width)) for f in flat]
+        masked = E.clone()
+        c = graph.constant_node(a)
+        if c is not None:  # edges out of the constant node never change (Δc = 0)
+            masked[:, c] = -1.0
+        flat = masked.flatten().argsort(descending=True)[:top_k]
+        edges = [(int(f % E.shape[1]), int(f // E.shape[1])) for f in flat]
     edges = [(int(j), None if i is None else int(i)) for j, i in edges]
     for j, i in edges:
         if not 0 <= j < b_in.k or (i is not None and not 0 <= i < b_out.k):

@@ -65,7 +65,7 @@ def _rebuild(model, params: Params, cfg) -> torch.nn.Module:
     adapter = get_adapter(model)
     with contextlib.redirect_stdout(io.StringIO()):
         if adapter.backend == "hooked_transformer":
-            new = type(model)(cfg)
+            new = type(model)(cfg).to(dtype)  # cast first: load without rounding
             new.load_state_dict(params, strict=True)
             return new.to(device).to(dtype).eval()
         try:

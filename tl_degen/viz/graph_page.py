@@ -179,7 +179,7 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
         lmax = float(lam.max()) if len(lam) else 1.0
         x = 20 + col_w * c + col_w / 2
         step = (height - top - bottom) / max(b.k, 1)
-        const = graph._has_constant_node(s)
+        const_j = graph.constant_node(s)
         lo = math.log10(max(float(lam[lam > 0].min()) if (lam > 0).any() else 1.0, 1e-300))
         hi = math.log10(max(lmax, 1e-300))
         node_svg.append(f'<text x="{x:.1f}" y="20" text-anchor="middle" font-weight="bold">'
@@ -194,12 +194,12 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
             r = 1.5 + (r_max - 1.5) * math.sqrt(lj / lmax) if lmax > 0 else 1.5
             if nid in membership:
                 colour = MODULE_COLOURS[membership[nid] % len(MODULE_COLOURS)]
-            elif const and j == 0:
+            elif j == const_j:
                 colour = "#bbbbbb"
             else:
                 t = (math.log10(max(lj, 1e-300)) - lo) / (hi - lo) if hi > lo else 1.0
                 colour = _viridis(t)
-            is_const = const and j == 0
+            is_const = j == const_j
             label = labels.get(nid, "constant" if is_const else "")
             mod = membership.get(nid)
             tip = f"{s.name} / {j}: Λ={lj:.4g}" + (f", {label}" if label else "")
@@ -212,7 +212,7 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
                 + f"><title>{html.escape(tip)}</title></circle>")
     edge_svg = []
     for a, b, items, topw in drawn:
-        const_in = graph._has_constant_node(a)
+        const_in = graph.constant_node(a)
         n = len(items)
         for rank, (i, j, w) in enumerate(items):
             s_id, t_id = graph.node_name(a, j), graph.node_name(b, i)
@@ -223,7 +223,7 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
                 f'stroke-width="{0.3 + 2.7 * math.sqrt(rel):.2f}" '
                 f'stroke-opacity="{0.04 + 0.66 * rel:.2f}" data-s="{s_id}" '
                 f'data-t="{t_id}" data-w="{w:.4g}" data-q="{(rank + 1) / n:.4f}" '
-                f'data-c="{int(const_in and j == 0)}"/>')
+                f'data-c="{int(j == const_in)}"/>')
     shown = sum(len(d[2]) for d in drawn)
     note = (f"{shown} edges drawn" + (f" (the strongest {shown} of {nonzero} nonzero; prune the "
                                       "graph or raise max_edges for more)"

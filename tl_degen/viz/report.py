@@ -88,6 +88,7 @@ class Report:
             raise TLDegenError(f"{folder} exists; choose another --out or remove it")
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be read
         try:
             (tmp / "plots").mkdir()
             for name, plot in self.plots.items():

@@ -1,0 +1,245 @@
+"""Writes the tutorial notebooks (``python tutorials/make_notebooks.py``).
+
+The notebooks are generated from this file so that their code stays reviewable as Python;
+CI executes the generated ``.ipynb`` files (``tests/test_tutorials.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+
+def published_repo() -> str:
+    """Where the repository is published (``github.com/<owner>/<name>``): the environment
+    variable ``TL_DEGEN_REPO``, else the git remote ``origin``; empty when neither is set."""
+    repo = os.environ.get("TL_DEGEN_REPO", "")
+    if not repo:
+        out = subprocess.run(["git", "-C", str(HERE), "remote", "get-url", "origin"],
+                             capture_output=True, text=True)
+        repo = out.stdout.strip() if out.returncode == 0 else ""
+    repo = repo.removeprefix("https://").removeprefix("git@").replace(":", "/", 1)
+    return repo.removesuffix(".git")
+
+
+REPO = published_repo()
+
+INSTALL = '''# Colab: install tl_degen from its repository (Colab's torch is kept). Skipped elsewhere.
+import os, subprocess, sys
+if "google.colab" in sys.modules:
+    repo = os.environ.get("TL_DEGEN_REPO", "{repo}")
+    if not repo:
+        raise RuntimeError("set os.environ['TL_DEGEN_REPO'] to the repository's git URL, "
+                           "e.g. github.com/<owner>/tl_degen, then run this cell again")
+    repo = repo if repo.startswith("http") else "https://" + repo
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+" + repo], check=True)'''
+
+
+def badge(name: str) -> str:
+    """The Colab badge: a link to this notebook on GitHub when the repository is known,
+    otherwise to Colab's upload page (open the notebook file from there)."""
+    target = (f"https://colab.research.google.com/github/{REPO.removeprefix('github.com/')}"
+              f"/blob/main/tutorials/{name}" if REPO.startswith("github.com/") else
+              "https://colab.research.google.com/#create=true")
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"({target})")
+
+
+def notebook(name: str, title: str, intro: str, cells: list[tuple[str, str]]) -> None:
+    nb = new_notebook()
+    nb.cells = [new_markdown_cell(f"# {title}\n\n{badge(name)}\n\n{intro}"),
+                new_code_cell(INSTALL.format(repo=REPO))]
+    for kind, text in cells:
+        nb.cells.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, str(HERE / name))
+
+
+def main() -> None:
+    notebook("01_quickstart.ipynb", "Quickstart: the interaction basis of a modular-addition "
+             "transformer",
+             "Fit LIB, PCA and neuron bases of the shipped 1-layer model, draw its interaction "
+             "graph and see what its directions compute. About a minute on a CPU.", [
+        ("code", '''import torch
+import tl_degen
+from tl_degen import viz
+from tl_degen.toy import modadd
+
+torch.set_num_threads(2)
+model = modadd.load_bridge()                      # a TransformerLens TransformerBridge
+train, test = modadd.train_test_split()
+tokens = modadd.tokens_for(train)                 # [3830, 3]: "a b ="
+sites = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
+         "logits:last"]'''),
+        ("md", "Each site's basis: how many directions were kept, the top eigenvalues Λ, and "
+               "what was dropped (type 1: the data never varies there; type 2: nothing "
+               "downstream reads it)."),
+        ("code", '''lib = tl_degen.fit_bases(model, tokens, sites, batch_size=4000)
+pca = tl_degen.fit_bases(model, tokens, sites, method="pca", batch_size=4000)
+print(lib)
+print(pca)'''),
+        ("code", '''viz.spectrum_plot({"LIB": lib, "PCA": pca}, "mlp_post.0:last")'''),
+        ("md", "The interaction graph: edges between the directions of consecutive sites. "
+               "Leiden modules group directions that interact."),
+        ("code", '''graph = tl_degen.interaction_graph(model, tokens, lib, batch_size=4000)
+modules = graph.modules(resolution=1.0, seed=0)
+print(graph)
+print(modules)'''),
+        ("md", "Label every direction by its Fourier content over the (a, b) grid, and draw "
+               "the graph (hover a node; the slider prunes edges)."),
+        ("code", '''labels = viz.modadd_labels(model, lib)
+print([labels[f"mlp_post.0:last/{j}"] for j in range(1, 9)])
+from IPython.display import HTML
+HTML(viz.graph_html(graph.prune(mass=0.99), labels=labels, modules=modules,
+                    standalone=False))'''),
+        ("code", '''curves = [tl_degen.ablation_curve(model, modadd.tokens_for(test[:2000]), b,
+                                  "mlp_post.0:last", "accuracy",
+                                  labels=modadd.labels_for(test[:2000]),
+                                  n_kept=[0, 2, 4, 8, 12, 16, 24, 32, 64, 114], progress=False)
+          for b in (lib, pca)]
+viz.ablation_plot(curves)'''),
+    ])
+
+    notebook("02_patching.ipynb", "Basis-invariant patching",
+             "Patch single LIB directions between clean and corrupted prompts, compare with "
+             "neuron coordinates, attribute, and check that the results do not depend on how "
+             "the network is parameterised.", [
+        ("code", '''import torch
+import tl_degen
+from tl_degen.toy import modadd
+
+torch.set_num_threads(2)
+model = modadd.load_bridge()
+tokens = modadd.tokens_for(modadd.train_test_split()[0])
+sites = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
+         "logits:last"]
+lib = tl_degen.fit_bases(model, tokens, sites, batch_size=4000, progress=False)
+neuron = tl_degen.fit_bases(model, tokens, sites, method="neuron", progress=False)
+# clean (a, b) vs corrupted (a', b); metric: logit of the right answer minus the wrong one
+clean, corrupted, logit_diff = modadd.patching_pairs(500)'''),
+        ("md", "Denoising (TransformerLens's convention): run the corrupted prompt, patch in "
+               "one direction's clean coordinate."),
+        ("code", '''res_lib = tl_degen.patch_directions(model, clean, corrupted, lib, "mlp_post.0:last",
+                                    logit_diff)
+res_neuron = tl_degen.patch_directions(model, clean, corrupted, neuron, "mlp_post.0:last",
+                                       logit_diff)
+print(res_lib)
+print("best single LIB direction restores", float(res_lib.recovered().max()))
+print("best single neuron restores", float(res_neuron.recovered().max()))'''),
+        ("code", '''def needed(res, level=0.9):
+    order = res.effects.argsort(descending=True).tolist()
+    cum = tl_degen.patch_directions(model, clean, corrupted,
+                                    lib if res.method == "lib" else neuron, res.site,
+                                    logit_diff, directions=[order[:n] for n in range(200)],
+                                    progress=False)
+    hits = (cum.recovered() >= level).nonzero()
+    return int(hits[0]) if len(hits) else None
+
+print("directions needed for 90%: LIB", needed(res_lib), " neurons", needed(res_neuron))'''),
+        ("md", "Attribution patching: per direction, it sums exactly to the neuron-basis "
+               "attribution."),
+        ("code", '''attr = tl_degen.attribution_patch(model, clean, corrupted, lib, "mlp_post.0:last",
+                                  logit_diff)
+print(attr)
+print(attr.total("mlp_post.0:last"), float(attr.neuron["mlp_post.0:last"].sum()))'''),
+        ("md", "Reparameterise the model without changing its function (here: permute the "
+               "MLP neurons) and compare. LIB patching results stay the same; neuron-basis "
+               "results move with the neurons."),
+        ("code", '''rep = tl_degen.check_invariance(model, tokens[:1500], sites, "permute_neurons",
+                                clean_tokens=clean[:200], corrupted_tokens=corrupted[:200],
+                                metric=logit_diff, batch_size=1500)
+print(rep)'''),
+    ])
+
+    notebook("03_gpt2_graph.ipynb", "An interaction graph of a GPT-2-style model",
+             "Stochastic (Hutchinson) estimates make LIB affordable on language models. In "
+             "Colab this loads GPT-2 small; in CI (`TL_DEGEN_TUTORIAL_SMALL=1`) a tiny randomly "
+             "initialised GPT-2-architecture model.", [
+        ("code", '''import os
+import torch
+import tl_degen
+from tl_degen import viz
+
+torch.set_num_threads(2)
+SMALL = os.environ.get("TL_DEGEN_TUTORIAL_SMALL") == "1"
+from transformer_lens.model_bridge import TransformerBridge
+import transformer_lens.model_bridge.sources.transformers  # noqa: F401
+if SMALL:
+    import tempfile
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    words = {f"w{i}": i for i in range(64)}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tempfile.mkdtemp()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1",
+                            pad_token="w2").save_pretrained(folder)
+    from transformers import AutoTokenizer
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=3,
+                                    n_head=4, n_inner=64))
+    model = TransformerBridge.boot_transformers("tiny-gpt2", hf_model=hf,
+                                                tokenizer=AutoTokenizer.from_pretrained(folder))
+    prompts = [" ".join(f"w{(7 * i + 3 * j) % 64}" for j in range(12)) for i in range(64)]
+else:
+    model = TransformerBridge.boot_transformers("gpt2")
+    prompts = ["The Eiffel Tower is in the city of", "The capital of Italy is",
+               "When Mary and John went to the store, John gave a drink to"] * 16
+model.eval()
+tokens = model.to_tokens(prompts)[:, :12]
+print(tokens.shape)'''),
+        ("md", "Sites around layer 1, with the last position of the residual stream after it. "
+               "`n_probes` replaces one backward pass per output direction by random probes; "
+               "the relative standard error is reported per site."),
+        ("code", '''sites = ["resid_pre.1", "resid_mid.1", "resid_post.1:last", "resid_post.2:last"]
+bases = tl_degen.fit_bases(model, tokens, sites, n_probes=32, batch_size=16)
+print(bases)
+print({s.name: bases[s].jacobian_gram_error for s in bases.sites})'''),
+        ("code", '''graph = tl_degen.interaction_graph(model, tokens, bases, n_probes=32, batch_size=16)
+print(graph)
+print(graph.errors)'''),
+        ("code", '''from IPython.display import HTML
+HTML(viz.graph_html(graph.prune(top_k=3), standalone=False))'''),
+        ("md", "Which tokens activate the strongest directions of `resid_pre.1` (circuitsvis, "
+               "offline):"),
+        ("code", '''HTML(viz.token_view_html(model, tokens[:16], bases["resid_pre.1"], [1, 2, 3]))'''),
+    ])
+
+    notebook("04_degeneracy.ipynb", "The degeneracy report",
+             "Count the three kinds of degeneracy at each site, then plant one and watch the "
+             "report find it.", [
+        ("code", '''import torch
+import tl_degen
+from tl_degen import reparam
+from tl_degen.toy import modadd
+
+torch.set_num_threads(2)
+model = modadd.load_bridge()
+tokens = modadd.tokens_for(modadd.train_test_split()[0])
+sites = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
+         "logits:last"]
+report = tl_degen.degeneracy_report(model, tokens, sites, batch_size=4000)
+print(report)'''),
+        ("md", "Type 1: directions the data never visits (the residual stream before attention "
+               "spans fewer dimensions than it has). Type 2: visited directions nothing reads. "
+               "Now split one neuron into two identical halves — the function is unchanged, "
+               "but the MLP gains a redundant unit."),
+        ("code", '''split = reparam.split_neuron(model, layer=0)
+after = tl_degen.degeneracy_report(split, tokens, sites, batch_size=4000)
+print(after.table())
+print("new co-firing groups:", [g for g in after.layer(0).cofiring_groups
+                                if g not in report.layer(0).cofiring_groups])
+print("type-1 at mlp_post:", report.site("mlp_post.0:last").type1, "->",
+      after.site("mlp_post.0:last").type1)'''),
+    ])
+
+
+if __name__ == "__main__":
+    main()
