@@ -66,7 +66,14 @@ def make_metric(metric: str | Metric, labels: Tensor | None = None, position: in
 
 @dataclass
 class AblationCurve:
-    """The metric with only the top-``n`` directions of ``site`` kept, for each ``n``."""
+    """The metric with only the top-``n`` directions of ``site`` kept, for each ``n``.
+
+    Example:
+        >>> labels = modadd.labels_for(modadd.train_test_split()[0])  # [batch]
+        >>> curve = tl_degen.ablation_curve(model, tokens, bases, "resid_mid.0:last", "accuracy",
+        ...                                 labels=labels, n_kept=[0, 10, 50])
+        >>> curve.baseline, curve.as_dict()[10]
+    """
 
     site: Site
     method: str
@@ -105,13 +112,20 @@ def ablation_curve(
         model: the model the bases were fitted on (checked).
         tokens: evaluation tokens ``[batch, pos]`` (e.g. a held-out split).
         bases: LIB, PCA or neuron bases containing ``site``.
-        metric: ``"accuracy"`` or ``"loss"`` (both need ``labels`` and read ``position``), or
-            a function of the logits ``[batch, pos, vocab]`` returning a scalar or ``[batch]``.
+        metric: ``"accuracy"`` or ``"loss"`` (both need ``labels``, ``[batch]`` target ids,
+            and read ``position``), or a function of the logits ``[batch, pos, vocab]``
+            returning a scalar or ``[batch]``.
         n_kept: numbers of directions to keep (default: every ``n`` from ``k`` down to 0).
         dtype: dtype to run the model in (default: its own).
 
     Returns:
         An :class:`AblationCurve` with the metric (mean over examples) for each ``n``.
+
+    Example:
+        >>> test = modadd.train_test_split()[1]
+        >>> curve = tl_degen.ablation_curve(model, modadd.tokens_for(test), bases,
+        ...                                 "resid_mid.0:last", "accuracy",
+        ...                                 labels=modadd.labels_for(test))
     """
     bases.check_model(model)
     basis = bases[site]
@@ -163,6 +177,12 @@ class EdgeAblationResult:
         results: ``"in->out"`` → {number of edges kept (not counting the constant node's): metric}.
         n_edges_required: ``"in->out"`` → the fewest edges whose metric stays within
             ``tolerance`` of the baseline (bisection; only when a tolerance was given).
+
+    Example:
+        >>> labels = modadd.labels_for(modadd.train_test_split()[0])
+        >>> res = tl_degen.edge_ablation(model, tokens, graph, "accuracy", labels=labels,
+        ...                              n_edges=[10, 100], tolerance=0.01)
+        >>> res.results["resid_pre.0->resid_mid.0:last"][100], res.n_edges_required
     """
 
     baseline: float
@@ -203,7 +223,8 @@ def edge_ablation(
 
     Args:
         graph: an :class:`~tl_degen.graph.InteractionGraph` of this model.
-        metric: as in :func:`ablation_curve`.
+        metric: as in :func:`ablation_curve` (``"accuracy"`` and ``"loss"`` need ``labels``,
+            ``[batch]`` target ids).
         pairs: layer pairs to ablate (default: all of the graph's), one at a time.
         n_edges: numbers of edges to evaluate for each pair.
         tolerance: if given, bisect for the fewest edges whose metric is within ``tolerance``
@@ -216,6 +237,12 @@ def edge_ablation(
 
     Returns:
         An :class:`EdgeAblationResult`.
+
+    Example:
+        >>> labels = modadd.labels_for(modadd.train_test_split()[0])
+        >>> res = tl_degen.edge_ablation(model, tokens, graph, "accuracy", labels=labels,
+        ...                              pairs=[("resid_mid.0:last", "resid_post.0:last")],
+        ...                              tolerance=0.01)
     """
     if n_edges is None and tolerance is None:
         raise TLDegenError("give n_edges=[...] to evaluate, or tolerance= to bisect, or both")

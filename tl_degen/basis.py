@@ -33,6 +33,11 @@ class Threshold:
     largest one at that stage; ``Threshold.absolute(1e-15)`` drops those below ``1e-15`` (the
     reference implementation's setting, which cuts inside the float64 noise floor). A bare
     float passed to :func:`tl_degen.fit_bases` means relative.
+
+    Example:
+        >>> bases = tl_degen.fit_bases(model, tokens, ["resid_pre.0", "logits:last"],
+        ...                            threshold=tl_degen.Threshold.absolute(1e-15))
+        >>> bases["resid_pre.0"].dropped.activation_cutoff  # 1e-15
     """
 
     value: float = 1e-13
@@ -82,6 +87,11 @@ class Dropped:
         jacobian: directions whose Λ fell below the threshold (degeneracy type 2: nothing
             downstream depends on them).
         activation_cutoff / jacobian_cutoff: the eigenvalue cutoffs actually applied.
+
+    Example:
+        >>> dropped = bases["resid_mid.0:last"].dropped
+        >>> dropped.activation, dropped.jacobian, dropped.total  # type 1, type 2, both
+        >>> print(dropped)
     """
 
     activation: int = 0
@@ -214,6 +224,12 @@ class InteractionBasis:
         n_samples: number of sequences the statistics were computed on.
         jacobian_gram_error: for stochastic fits, the relative standard error of the
             estimated Jacobian Gram (``‖SE‖_F / ‖M′‖_F``); ``0.0`` when it was exact.
+
+    Example:
+        >>> basis = bases["resid_mid.0:last"]
+        >>> acts = tl_degen.site_activations(model, tokens, basis.site)  # [batch, 1, d_site]
+        >>> coords = basis.to_coords(acts)  # [batch, 1, k]
+        >>> projected = basis.from_coords(coords)  # [batch, 1, d_site]
     """
 
     site: Site

@@ -54,6 +54,12 @@ class BasisSet(Mapping):
         config: the settings of the fit (method, centering, threshold, integration, ...).
         model_signature: architecture facts of the model it was fitted on.
         model_probe: the model's logits on a fixed input (see :func:`model_probe`).
+
+    Example:
+        >>> bases["resid_mid.0:last"].C.shape  # [d_site, k]
+        >>> bases.save("modadd_bases.safetensors")
+        >>> same = tl_degen.BasisSet.load("modadd_bases.safetensors", model=model)
+        >>> print(same)  # one line per site: d_site, kept, top eigenvalues, dropped
     """
 
     def __init__(self, bases: list[InteractionBasis], *, config: dict | None = None,

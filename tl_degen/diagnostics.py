@@ -89,7 +89,13 @@ class LayerDegeneracy:
 
 @dataclass
 class DegeneracyReport:
-    """Per-site types 1–2 and per-layer type 3; ``print(report)`` shows the tables."""
+    """Per-site types 1–2 and per-layer type 3; ``print(report)`` shows the tables.
+
+    Example:
+        >>> report = tl_degen.degeneracy_report(model, tokens, bases.sites, bases=bases)
+        >>> report.site("resid_mid.0:last").type1, report.site("resid_mid.0:last").type2
+        >>> report.layer(0).dead_neurons, report.as_dict()["sites"]
+    """
 
     sites: list[SiteDegeneracy]
     layers: list[LayerDegeneracy]
@@ -315,6 +321,11 @@ class InvarianceReport:
     the data's coordinates, up to sign and rotation within equal-eigenvalue groups) and
     ``patching_change`` (max change of per-direction patch effects relative to the largest
     effect; NaN when no patching was asked for). ``inf`` marks a changed number of directions.
+
+    Example:
+        >>> rep = tl_degen.check_invariance(model, tokens, bases.sites, "permute_neurons")
+        >>> rep.worst("lib", "coordinate_change"), rep.worst("neuron", "coordinate_change")
+        >>> print(rep.table())
     """
 
     transform: str

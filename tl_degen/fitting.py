@@ -135,10 +135,15 @@ def site_activations(
     model, tokens: Int[Tensor, "batch pos"] | Iterable[Tensor], site: str | Site, *,
     batch_size: int = 256,
 ) -> Float[Tensor, "batch n_pos d_site"]:
-    """The site's vectors ``[batch, n_site_positions, d_site]`` (constant coordinate last).
+    """The site's vectors ``[batch, n_site_positions, d_site]`` (constant coordinate last)
+    for ``tokens`` ``[batch, pos]``.
 
     For ``mlp_post.L`` the vector is ``[mlp.hook_post, bypass stream, 1]``; ``logits`` has no
     constant coordinate. Runs without gradients, in the model's own dtype.
+
+    Example:
+        >>> acts = tl_degen.site_activations(model, tokens, "resid_post.0:last")
+        >>> acts.shape  # [batch, 1, d_model + 1]
     """
     adapter = get_adapter(model)
     batches = token_batches(tokens, batch_size, adapter)

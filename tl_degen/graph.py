@@ -154,6 +154,11 @@ class Modules:
         membership: node name (``"site/j"``) → module id.
         modularity: the modularity ``Q`` of the partition on the undirected weighted graph.
         resolution: the resolution parameter used.
+
+    Example:
+        >>> modules = graph.modules(resolution=1.0)
+        >>> modules.modularity, modules.clusters[0][:5]
+        >>> viz.save_graph_page(graph, "graph.html", modules=modules)
     """
 
     membership: dict[str, int]
@@ -179,6 +184,12 @@ class InteractionGraph:
 
     See the module docstring for the conventions: nodes in basis-column order (constant
     first), ``edges[(in_site, out_site)]`` is ``[n_out, n_in]`` (rows = targets).
+
+    Example:
+        >>> graph = tl_degen.interaction_graph(model, tokens, bases)
+        >>> graph.edge("resid_pre.0", "resid_mid.0:last").shape  # [n_out, n_in]
+        >>> graph.prune(mass=0.99).save("graph.safetensors")
+        >>> graph = tl_degen.InteractionGraph.load("graph.safetensors", model=model)
     """
 
     def __init__(self, bases: BasisSet, edges: dict[tuple[Site, Site], Tensor], *,

@@ -213,6 +213,12 @@ class PatchResult:
         site_value: the whole site patched (TransformerLens-style component patch).
         all_value: every kept direction patched together.
         positions: the token positions patched.
+
+    Example:
+        >>> clean, corrupted, logit_diff = modadd.patching_pairs(500)
+        >>> res = tl_degen.patch_directions(model, clean, corrupted, bases, "resid_mid.0:last",
+        ...                                 logit_diff)
+        >>> res.top(5), res.recovered()[:5], res.all_value - res.site_value
     """
 
     site: Site
@@ -391,6 +397,12 @@ class AttributionResult:
             (``Δx ⊙ g``; the constant coordinate last, always 0).
         delta: site name → the exact effect of patching the whole site (for comparison).
         method, mode, n_alpha: how it was computed.
+
+    Example:
+        >>> attr = tl_degen.attribution_patch(model, clean, corrupted, bases,
+        ...                                   "resid_mid.0:last", logit_diff)
+        >>> attr.per_direction("resid_mid.0:last")  # [k]
+        >>> attr.total("resid_mid.0:last"), attr.delta["resid_mid.0:last"]
     """
 
     attributions: dict[str, Tensor]
@@ -658,6 +670,12 @@ class PathPatchResult:
         values: ``[n_edges]`` mean metric with that edge patched.
         base, clean, corrupted: unpatched metrics (``base`` is the run patched into).
         strengths: ``[n_edges]`` the graph's edge strengths ``E[i, j]`` (NaN for ``i = None``).
+
+    Example:
+        >>> res = tl_degen.path_patch(model, clean, corrupted, graph, "resid_pre.0",
+        ...                           "resid_mid.0:last", logit_diff, edges=[(1, 1), (2, None)])
+        >>> res.effects, res.strengths  # both [n_edges]
+        >>> res.as_dict()["values"]
     """
 
     in_site: Site
@@ -719,14 +737,22 @@ def path_patch(
     basis that drops nothing this equals :func:`patch_directions` of ``j`` at ``in_site``.
 
     Args:
+        clean_tokens, corrupted_tokens: ``[batch, pos]`` paired prompts.
         graph: an :class:`~tl_degen.graph.InteractionGraph` of this model.
         in_site, out_site: a consecutive pair of the graph.
+        metric: function of the logits ``[batch, pos, d_vocab]`` → scalar or ``[batch]``.
         edges: ``(j, i)`` pairs (source, target; the graph's ``edges[(in, out)][i, j]``);
             default: the ``top_k`` strongest edges, constant node excluded.
         mode: ``"denoising"`` or ``"noising"``, as in :func:`patch_directions`.
 
     Returns:
         A :class:`PathPatchResult`.
+
+    Example:
+        >>> clean, corrupted, logit_diff = modadd.patching_pairs(500)
+        >>> res = tl_degen.path_patch(model, clean, corrupted, graph, "resid_mid.0:last",
+        ...                           "resid_post.0:last", logit_diff, top_k=10)
+        >>> res.effects  # [n_edges]
     """
     _check_mode(mode)
     bases = graph.bases

@@ -161,6 +161,11 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
 
     Returns:
         HTML text with everything inlined.
+
+    Example:
+        >>> page = viz.graph_html(graph.prune(mass=0.99), labels=viz.modadd_labels(model, bases),
+        ...                       modules=graph.modules())
+        >>> cell = viz.graph_html(graph, standalone=False)  # a <div> for a notebook
     """
     if max_edges < 1:
         raise TLDegenError("max_edges must be at least 1")
@@ -249,7 +254,13 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
 
 
 def save_graph_page(graph, path: str | os.PathLike, **kwargs) -> Path:
-    """Write :func:`graph_html` to ``path`` atomically (no half-written file on error)."""
+    """Write :func:`graph_html` to ``path`` atomically (no half-written file on error).
+
+    Example:
+        >>> pruned = graph.prune(mass=0.99)
+        >>> viz.save_graph_page(pruned, "graph.html", labels=viz.modadd_labels(model, bases),
+        ...                     modules=pruned.modules(), title="modadd, layer 0")
+    """
     path = Path(path)
     text = graph_html(graph, **kwargs)
     tmp = path.with_name(path.name + ".tmp")

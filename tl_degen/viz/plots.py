@@ -29,7 +29,12 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 
 @dataclass
 class Series:
-    """One line: ``x``, ``y``, a name, and whether to draw markers only (``points``)."""
+    """One line: ``x``, ``y``, a name, and whether to draw markers only (``points``).
+
+    Example:
+        >>> dropped = viz.Series("dropped", [4, 5], [1e-16, 1e-18], points=True, hollow=True)
+        >>> viz.Plot("Spectrum", "direction", "Λ", series=[dropped], logy=True).save("s.svg")
+    """
 
     name: str
     x: list[float]
@@ -41,7 +46,14 @@ class Series:
 
 @dataclass
 class Plot:
-    """A small line/scatter plot; ``to_html()``, ``save(path.html|.png)``, ``_repr_html_``."""
+    """A small line/scatter plot; ``to_html()``, ``save(path.html|.png)``, ``_repr_html_``.
+
+    Example:
+        >>> plot = viz.Plot("Eigenvalues", "direction", "Λ", logy=True)
+        >>> plot.series.append(viz.Series("LIB", [1, 2, 3], [9.0, 4.0, 1.0]))
+        >>> plot.save("spectrum.html")
+        >>> plot.save("spectrum.png")  # through matplotlib
+    """
 
     title: str
     xlabel: str
@@ -173,7 +185,13 @@ class Plot:
 
 def spectrum_plot(bases: dict, site: str) -> Plot:
     """Λ (LIB) or Gram eigenvalues (PCA, neuron) at ``site`` for each labelled
-    :class:`~tl_degen.basis_set.BasisSet`, kept directions filled, dropped ones hollow."""
+    :class:`~tl_degen.basis_set.BasisSet`, kept directions filled, dropped ones hollow.
+
+    Example:
+        >>> pca = tl_degen.fit_bases(model, tokens, bases.sites, method="pca")
+        >>> plot = viz.spectrum_plot({"LIB": bases, "PCA": pca}, "resid_mid.0:last")
+        >>> plot.save("spectrum.png")
+    """
     plot = Plot(f"Spectrum at {site}", "direction (descending)", "eigenvalue", logy=True)
     for n, (label, bset) in enumerate(bases.items()):
         b = bset[site]
@@ -198,7 +216,14 @@ def spectrum_plot(bases: dict, site: str) -> Plot:
 
 
 def ablation_plot(curves: Sequence, title: str | None = None) -> Plot:
-    """Node-ablation curves (:class:`~tl_degen.ablation.AblationCurve`), one line each."""
+    """Node-ablation curves (:class:`~tl_degen.ablation.AblationCurve`), one line each.
+
+    Example:
+        >>> labels = modadd.labels_for(modadd.train_test_split()[0])
+        >>> curves = [tl_degen.ablation_curve(model, tokens, b, "resid_mid.0:last", "accuracy",
+        ...                                   labels=labels) for b in (bases, pca_bases)]
+        >>> viz.ablation_plot(curves, title="Keeping the top n directions").save("ablation.png")
+    """
     if not curves:
         raise TLDegenError("give at least one ablation curve")
     site = curves[0].site.name
@@ -211,7 +236,13 @@ def ablation_plot(curves: Sequence, title: str | None = None) -> Plot:
 
 
 def edge_mass_plot(graphs: dict, title: str = "Edge mass") -> Plot:
-    """Fraction of each layer pair's edge mass held by its ``n`` strongest edges."""
+    """Fraction of each layer pair's edge mass held by its ``n`` strongest edges, one line per
+    layer pair of each labelled :class:`~tl_degen.graph.InteractionGraph`.
+
+    Example:
+        >>> pca_graph = tl_degen.interaction_graph(model, tokens, pca_bases)
+        >>> viz.edge_mass_plot({"LIB": graph, "PCA": pca_graph}).save("edge_mass.html")
+    """
     plot = Plot(title, "edges kept (strongest first)", "fraction of edge mass", logx=True)
     for label, graph in graphs.items():
         for a, b in graph.pairs():

@@ -31,14 +31,25 @@ _SELF_CLOSING_DIV = re.compile(r"<div([^<>]*?)\s*/>")
 
 
 def fix_local_src(src: str) -> str:
-    """``<div .../>`` → ``<div ...></div>`` so several circuitsvis views share a page."""
+    """``<div .../>`` → ``<div ...></div>`` so several circuitsvis views share a page.
+
+    Example:
+        >>> viz.fix_local_src('<div id="a"/><div id="b"/>')
+        '<div id="a"></div><div id="b"></div>'
+    """
     return _SELF_CLOSING_DIV.sub(r"<div\1></div>", src)
 
 
 def direction_values(model, tokens: Int[Tensor, "batch pos"], basis: InteractionBasis,
                      directions: Sequence[int], *, batch_size: int = 256,
                      ) -> Float[Tensor, "batch n_pos n_dirs"]:
-    """Coordinates ``x̂[:, :, directions]`` of the data at the basis' site and positions."""
+    """Coordinates ``x̂[:, :, directions]`` of the data at the basis' site and positions:
+    ``[batch, n_site_positions, len(directions)]`` for ``tokens`` ``[batch, pos]``.
+
+    Example:
+        >>> vals = viz.direction_values(model, tokens, bases["resid_mid.0:last"], [1, 2])
+        >>> vals.shape  # [batch, 1, 2]
+    """
     bad = [d for d in directions if not 0 <= d < basis.k]
     if bad:
         raise DataError(f"direction(s) {bad} out of range: {basis.site.name} has {basis.k}")
@@ -71,6 +82,11 @@ def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionB
         directions: basis columns to show.
         token_strings: ``[batch][pos]`` display strings (default: decoded with the model's
             tokenizer, or ``<id>``).
+
+    Example:
+        >>> page = viz.token_view_html(model, tokens[:200], bases["resid_pre.0"], [1, 2, 3],
+        ...                            n_examples=8, title="modadd: resid_pre.0")
+        >>> viz.save_token_view(page, "tokens.html")
     """
     from circuitsvis.tokens import colored_tokens_multi
     from circuitsvis.topk_samples import topk_samples
@@ -104,6 +120,15 @@ def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionB
 
 
 def save_token_view(text: str, path: str | os.PathLike) -> Path:
+    """Write the HTML of :func:`token_view_html` (``text``) to ``path`` as a complete page
+    (a ``<!DOCTYPE html>`` document with ``text`` as its body), atomically: it is written to
+    a temporary file next to ``path`` and renamed, so an error leaves no half-written page.
+    Returns the path.
+
+    Example:
+        >>> page = viz.token_view_html(model, tokens[:200], bases["resid_pre.0"], [1, 2, 3])
+        >>> viz.save_token_view(page, "tokens.html")
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
@@ -119,7 +144,14 @@ def fourier_content(grid: Float[Tensor, "*n p p"], top_k: int = 5,
     sum 1 per function, and for each function its strongest frequency pairs
     ``[((k_a, k_b), fraction), ...]`` with ``(k_a, k_b)`` and ``(p−k_a, p−k_b)`` folded
     together (a real signal's spectrum is symmetric). Leading dimensions are batched (a
-    ``[p, p]`` grid gives one list, ``[n, p, p]`` a list of ``n`` lists)."""
+    ``[p, p]`` grid gives one list, ``[n, p, p]`` a list of ``n`` lists).
+
+    Example:
+        >>> a = torch.arange(113.0)
+        >>> grid = torch.cos(2 * torch.pi * 5 * (a[:, None] + a[None, :]) / 113)  # [p, p]
+        >>> power, top = viz.fourier_content(grid)  # power: [p, p]
+        >>> top[0]  # ((5, 5), 1.0): all the power at k_a = k_b = 5, a function of a + b
+    """
     if grid.dim() < 2 or grid.shape[-1] != grid.shape[-2]:
         raise DataError(f"expected [..., p, p] grids over (a, b), got {tuple(grid.shape)}")
     single = grid.dim() == 2
@@ -156,7 +188,14 @@ def top_frequencies(power: Float[Tensor, "n p p"], top_k: int = 5) -> list[list]
 
 def fourier_label(top: list) -> str:
     """A short label from :func:`fourier_content`'s top list: ``"a+b: k=14 (83%)"``,
-    ``"a: k=5"``, ``"b: k=5"``, ``"(k_a,k_b)=(3,7)"``, or ``"constant"``."""
+    ``"a: k=5"``, ``"b: k=5"``, ``"(k_a,k_b)=(3,7)"``, or ``"constant"``.
+
+    Example:
+        >>> viz.fourier_label([((5, 5), 0.83), ((5, 0), 0.1)])
+        'a+b: k=5 (83%)'
+        >>> viz.fourier_label([])
+        'constant'
+    """
     if not top:
         return "constant"
     (ka, kb), frac = top[0]
@@ -175,7 +214,13 @@ def modadd_labels(model, bases, p: int = 113) -> dict[str, str]:
     """Fourier labels for every node of every site of ``bases`` over the full ``(a, b)``
     grid (node id ``"site/j"`` → label). For multi-position sites the power of each
     position's coordinate is added up. Directions whose coordinate does not vary are
-    labelled ``"constant"``."""
+    labelled ``"constant"``.
+
+    Example:
+        >>> labels = viz.modadd_labels(model, bases)
+        >>> labels["resid_mid.0:last/1"]  # e.g. 'a+b: k=14 (83%)'
+        >>> viz.save_graph_page(graph, "graph.html", labels=labels)
+    """
     from tl_degen.toy.modadd import all_pairs, tokens_for
 
     tokens = tokens_for(all_pairs(p), p)
