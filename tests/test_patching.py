@@ -417,3 +417,10 @@ def test_results_round_trip_through_json(toy):
     back = tl_degen.AttributionResult.from_dict(json.loads(json.dumps(attr.as_dict())))
     assert back.total("resid_mid.0:last") == attr.total("resid_mid.0:last")
     assert "resid_mid.0:last" in repr(back) and "largest effects" in repr(res)
+
+
+def test_a_metric_built_for_other_prompts_gets_a_clear_error(toy):
+    model, _, bases, clean, corrupted, ld = toy
+    with pytest.raises(tl_degen.DataError, match="must be built for exactly these prompts"):
+        tl_degen.patch_directions(model, clean[:50], corrupted[:50], bases["lib"],
+                                  "resid_mid.0:last", ld, directions=[1], progress=False)

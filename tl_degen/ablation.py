@@ -53,7 +53,13 @@ def make_metric(metric: str | Metric, labels: Tensor | None = None, position: in
         raise TLDegenError("metric must be 'accuracy', 'loss' or a function of the logits")
 
     def user(logits: Tensor, rows: slice) -> Tensor:
-        value = metric(logits)
+        try:
+            value = metric(logits)
+        except (IndexError, RuntimeError) as exc:
+            raise DataError(
+                f"the metric failed on logits of shape {tuple(logits.shape)} "
+                f"({type(exc).__name__}: {exc}); a metric that closes over per-example answers "
+                "must be built for exactly these prompts, in this order") from exc
         if not isinstance(value, Tensor) or value.dim() > 1 or (
                 value.dim() == 1 and value.shape[0] != logits.shape[0]):
             raise TLDegenError("the metric must return a scalar tensor or one value per "

@@ -152,9 +152,10 @@ print(attr.total("mlp_post.0:last"), float(attr.neuron["mlp_post.0:last"].sum())
         ("md", "Reparameterise the model without changing its function (here: permute the "
                "MLP neurons) and compare. LIB patching results stay the same; neuron-basis "
                "results move with the neurons."),
-        ("code", '''rep = tl_degen.check_invariance(model, tokens[:1500], sites, "permute_neurons",
-                                clean_tokens=clean[:200], corrupted_tokens=corrupted[:200],
-                                metric=logit_diff, batch_size=1500)
+        ("code", '''clean200, corrupted200, logit_diff200 = modadd.patching_pairs(200, seed=1)
+rep = tl_degen.check_invariance(model, tokens[:1500], sites, "permute_neurons",
+                                clean_tokens=clean200, corrupted_tokens=corrupted200,
+                                metric=logit_diff200, batch_size=1500)
 print(rep)'''),
     ])
 
