@@ -112,3 +112,16 @@ def mid_sites(arch: str) -> list[str]:
         return ["resid_pre.0", "mlp_post.0:last", "resid_post.0:last", "resid_post.1:last",
                 "logits:last"]
     return ["resid_pre.1", "resid_mid.1", "mlp_post.1:last", "resid_post.1:last", "logits:last"]
+
+
+def full_rank_modadd(n_samples: int = 600):
+    """``(state_dict, cfg, tokens)``: a random modadd-architecture model (d_model 32, d_mlp 64,
+    float64, biases randomised) whose residual sites have full rank on ``n_samples`` pairs."""
+    from tl_degen.toy import modadd
+
+    cfg = modadd.ModAddConfig(d_model=32, n_heads=4, d_head=8, d_mlp=64)
+    sd = modadd.init_state_dict(cfg, seed=3)
+    g = torch.Generator().manual_seed(4)
+    sd = {k: (v + 0.3 * torch.randn(v.shape, generator=g) if ".b_" in k else v).double()
+          for k, v in sd.items()}
+    return sd, cfg, modadd.tokens_for(modadd.train_test_split()[0][:n_samples])

@@ -33,11 +33,7 @@ LOADERS += [modadd.load_hooked_transformer] if M.HAS_HOOKED_TRANSFORMER else []
 @pytest.fixture(scope="module")
 def small():
     """A random modadd-architecture model whose residual sites have full rank."""
-    sd = modadd.init_state_dict(SMALL, seed=3)
-    g = torch.Generator().manual_seed(4)
-    sd = {k: (v + 0.3 * torch.randn(v.shape, generator=g) if ".b_" in k else v).double()
-          for k, v in sd.items()}
-    tokens = modadd.tokens_for(modadd.train_test_split()[0][:600])
+    sd, _, tokens = M.full_rank_modadd(600)
     return sd, tokens
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import tl_degen
+from tests import models as M
 from tl_degen.toy import modadd
 from tl_degen.toy.modadd import ModAddConfig
 
@@ -93,12 +94,8 @@ TRANSFORMS = {"residual basis": change_residual_basis,
 
 @pytest.fixture(scope="module")
 def data():
-    """A small random model of the modadd architecture whose sites have full rank."""
-    sd = modadd.init_state_dict(SMALL, seed=3)
-    g = torch.Generator().manual_seed(4)
-    sd = {k: (v + 0.3 * torch.randn(v.shape, generator=g) if ".b_" in k else v).double()
-          for k, v in sd.items()}
-    tokens = modadd.tokens_for(modadd.train_test_split()[0][:N_SAMPLES])
+    """A random modadd-architecture model whose residual sites have full rank."""
+    sd, _, tokens = M.full_rank_modadd(N_SAMPLES)
     return sd, tokens
 
 
