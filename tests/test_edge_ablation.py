@@ -87,3 +87,24 @@ def test_edge_ablation_bad_input(small):
     with pytest.raises(TLDegenError, match="not a layer pair"):
         tl_degen.edge_ablation(model, tokens, graph, "accuracy", labels=labels,
                                pairs=[("resid_pre.0", "resid_post.0:last")], n_edges=[1])
+
+
+def test_neuron_graph_keeps_its_constant_column(small):
+    """Neuron bases carry the constant as their last column: keeping every other edge
+    reproduces the model, keeping none leaves only the biases (not the first neuron)."""
+    model, _, tokens, labels = small
+    train = modadd.train_test_split()[0]
+    sites = ["resid_mid.0:last", "resid_post.0:last", "logits:last"]
+    bases = tl_degen.fit_bases(model, modadd.tokens_for(train[:300]), sites, method="neuron",
+                               progress=False)
+    graph = tl_degen.interaction_graph(model, modadd.tokens_for(train[:300]), bases,
+                                       progress=False)
+    a, b = graph.pairs()[0]
+    assert graph.constant_node(a) == bases[a].k - 1
+    total = bases[a].k - 1  # every non-constant column …
+    total *= bases[b].k  # … into every target
+    key = f"{a.name}->{b.name}"
+    result = tl_degen.edge_ablation(model, tokens, graph, "loss", labels=labels,
+                                    pairs=[(a, b)], n_edges=[total, 0], progress=False)
+    assert result.results[key][total] == pytest.approx(result.baseline, rel=1e-5)
+    assert result.results[key][0] > 10 * result.baseline

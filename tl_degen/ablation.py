@@ -278,8 +278,9 @@ def edge_ablation(
         for in_site, out_site in chosen:
             key = f"{in_site.name}->{out_site.name}"
             E = graph.edges[(in_site, out_site)]
-            const = graph._has_constant_node(in_site)
-            order = (E[:, 1:] if const else E).flatten().argsort(descending=True)
+            const = graph.constant_node(in_site)  # 0 (LIB, PCA), last (neuron) or None
+            cols = torch.tensor([j for j in range(E.shape[1]) if j != const], dtype=torch.long)
+            order = E[:, cols].flatten().argsort(descending=True)
             total = order.numel()
             cache: dict[int, float] = {}
 
@@ -287,11 +288,11 @@ def edge_ablation(
                 k = min(k, total)
                 if k not in cache:
                     mask = torch.zeros(E.shape, dtype=torch.bool)
-                    width = E.shape[1] - int(const)
+                    width = len(cols)
                     idx = order[:k]
-                    mask[idx // width, idx % width + int(const)] = True
-                    if const:
-                        mask[:, 0] = True
+                    mask[idx // width, cols[idx % width]] = True
+                    if const is not None:
+                        mask[:, const] = True
                     cache[k] = _run_masked(adapter, batches, graph.bases, in_site, out_site,
                                            mask, fn, n_total)
                 return cache[k]
