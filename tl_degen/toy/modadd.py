@@ -18,6 +18,8 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import time
@@ -286,15 +288,16 @@ def load_bridge(
 
     sd = state_dict if isinstance(state_dict, dict) else load_state_dict(state_dict)
     bcfg = _bridge_config(cfg)
-    model = TransformerBridge.boot_native(bcfg).to(dtype)  # cast first: load without rounding
-    try:  # TransformerLens >= 4
-        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints on each cast
+        model = TransformerBridge.boot_native(bcfg).to(dtype)  # cast first: load without rounding
+        try:  # TransformerLens >= 4
+            from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
-        converted = convert_tl_checkpoint(sd, bcfg)
-    except ImportError:  # TransformerLens 3.x: the same mapping, written out
-        converted = _to_bridge_keys(sd)
-    model.load_state_dict(converted, strict=True)
-    return model.to(dtype).eval()
+            converted = convert_tl_checkpoint(sd, bcfg)
+        except ImportError:  # TransformerLens 3.x: the same mapping, written out
+            converted = _to_bridge_keys(sd)
+        model.load_state_dict(converted, strict=True)
+        return model.to(dtype).eval()
 
 
 def _to_bridge_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -334,13 +337,15 @@ def load_hooked_transformer(
         act_fn=cfg.act_fn, normalization_type=None, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
         d_vocab_out=cfg.d_vocab, dtype=torch.float32, device="cpu", seed=0,
     )
-    model = HookedTransformer(htcfg).to(dtype)  # cast first: load without rounding
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints on each cast
+        model = HookedTransformer(htcfg).to(dtype)  # cast first: load without rounding
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith(("attn.mask", "attn.IGNORE"))]
     if missing or unexpected:
         raise DataError(f"state dict does not fit the modadd HookedTransformer: missing "
                         f"{missing}, unexpected {unexpected}")
-    return model.to(dtype).eval()
+    with contextlib.redirect_stdout(io.StringIO()):
+        return model.to(dtype).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
