@@ -74,7 +74,7 @@ def make_metric(metric: str | Metric, labels: Tensor | None = None, position: in
 class AblationCurve:
     """The metric with only the top-``n`` directions of ``site`` kept, for each ``n``.
 
-    Example:
+    Examples:
         >>> labels = modadd.labels_for(modadd.train_test_split()[0])  # [batch]
         >>> curve = tl_degen.ablation_curve(model, tokens, bases, "resid_mid.0:last", "accuracy",
         ...                                 labels=labels, n_kept=[0, 10, 50])
@@ -127,7 +127,7 @@ def ablation_curve(
     Returns:
         An :class:`AblationCurve` with the metric (mean over examples) for each ``n``.
 
-    Example:
+    Examples:
         >>> test = modadd.train_test_split()[1]
         >>> curve = tl_degen.ablation_curve(model, modadd.tokens_for(test), bases,
         ...                                 "resid_mid.0:last", "accuracy",
@@ -184,7 +184,7 @@ class EdgeAblationResult:
         n_edges_required: ``"in->out"`` → the fewest edges whose metric stays within
             ``tolerance`` of the baseline (bisection; only when a tolerance was given).
 
-    Example:
+    Examples:
         >>> labels = modadd.labels_for(modadd.train_test_split()[0])
         >>> res = tl_degen.edge_ablation(model, tokens, graph, "accuracy", labels=labels,
         ...                              n_edges=[10, 100], tolerance=0.01)
@@ -244,7 +244,7 @@ def edge_ablation(
     Returns:
         An :class:`EdgeAblationResult`.
 
-    Example:
+    Examples:
         >>> labels = modadd.labels_for(modadd.train_test_split()[0])
         >>> res = tl_degen.edge_ablation(model, tokens, graph, "accuracy", labels=labels,
         ...                              pairs=[("resid_mid.0:last", "resid_post.0:last")],

@@ -34,7 +34,7 @@ class Threshold:
     reference implementation's setting, which cuts inside the float64 noise floor). A bare
     float passed to :func:`tl_degen.fit_bases` means relative.
 
-    Example:
+    Examples:
         >>> bases = tl_degen.fit_bases(model, tokens, ["resid_pre.0", "logits:last"],
         ...                            threshold=tl_degen.Threshold.absolute(1e-15))
         >>> bases["resid_pre.0"].dropped.activation_cutoff  # 1e-15
@@ -88,7 +88,7 @@ class Dropped:
             downstream depends on them).
         activation_cutoff / jacobian_cutoff: the eigenvalue cutoffs actually applied.
 
-    Example:
+    Examples:
         >>> dropped = bases["resid_mid.0:last"].dropped
         >>> dropped.activation, dropped.jacobian, dropped.total  # type 1, type 2, both
         >>> print(dropped)
@@ -225,7 +225,7 @@ class InteractionBasis:
         jacobian_gram_error: for stochastic fits, the relative standard error of the
             estimated Jacobian Gram (``‖SE‖_F / ‖M′‖_F``); ``0.0`` when it was exact.
 
-    Example:
+    Examples:
         >>> basis = bases["resid_mid.0:last"]
         >>> acts = tl_degen.site_activations(model, tokens, basis.site)  # [batch, 1, d_site]
         >>> coords = basis.to_coords(acts)  # [batch, 1, k]

@@ -55,7 +55,7 @@ class BasisSet(Mapping):
         model_signature: architecture facts of the model it was fitted on.
         model_probe: the model's logits on a fixed input (see :func:`model_probe`).
 
-    Example:
+    Examples:
         >>> bases["resid_mid.0:last"].C.shape  # [d_site, k]
         >>> bases.save("modadd_bases.safetensors")
         >>> same = tl_degen.BasisSet.load("modadd_bases.safetensors", model=model)

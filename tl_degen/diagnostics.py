@@ -91,7 +91,7 @@ class LayerDegeneracy:
 class DegeneracyReport:
     """Per-site types 1–2 and per-layer type 3; ``print(report)`` shows the tables.
 
-    Example:
+    Examples:
         >>> report = tl_degen.degeneracy_report(model, tokens, bases.sites, bases=bases)
         >>> report.site("resid_mid.0:last").type1, report.site("resid_mid.0:last").type2
         >>> report.layer(0).dead_neurons, report.as_dict()["sites"]
@@ -178,7 +178,7 @@ def degeneracy_report(
     Returns:
         A :class:`DegeneracyReport`; ``print(report)`` shows the tables.
 
-    Example:
+    Examples:
         >>> rep = tl_degen.degeneracy_report(model, tokens, ["resid_pre.0", "resid_mid.0:last",
         ...                                  "mlp_post.0:last", "resid_post.0:last", "logits:last"])
         >>> rep.site("mlp_post.0:last").type1, rep.layer(0).n_cofiring
@@ -322,7 +322,7 @@ class InvarianceReport:
     ``patching_change`` (max change of per-direction patch effects relative to the largest
     effect; NaN when no patching was asked for). ``inf`` marks a changed number of directions.
 
-    Example:
+    Examples:
         >>> rep = tl_degen.check_invariance(model, tokens, bases.sites, "permute_neurons")
         >>> rep.worst("lib", "coordinate_change"), rep.worst("neuron", "coordinate_change")
         >>> print(rep.table())
@@ -385,7 +385,7 @@ def check_invariance(
         full rank on the data; a non-orthogonal reparameterisation of a rank-deficient site
         moves LIB's small eigenvalues (the projection onto the data span depends on the basis).
 
-    Example:
+    Examples:
         >>> rep = tl_degen.check_invariance(model, tokens, sites, "rescale_neurons",
         ...                                 clean_tokens=clean, corrupted_tokens=corrupt,
         ...                                 metric=logit_diff)

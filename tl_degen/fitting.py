@@ -141,7 +141,7 @@ def site_activations(
     For ``mlp_post.L`` the vector is ``[mlp.hook_post, bypass stream, 1]``; ``logits`` has no
     constant coordinate. Runs without gradients, in the model's own dtype.
 
-    Example:
+    Examples:
         >>> acts = tl_degen.site_activations(model, tokens, "resid_post.0:last")
         >>> acts.shape  # [batch, 1, d_model + 1]
     """
@@ -205,7 +205,7 @@ def fit_bases(
     positions (``logits`` itself, when given as the last site, keeps the identity basis: the
     unrotated output coordinates).
 
-    Example:
+    Examples:
         >>> bases = fit_bases(model, tokens, ["resid_pre.0", "resid_post.0:last", "logits:last"])
         >>> bases["resid_pre.0"].C.shape  # [d_model + 1, k]
     """

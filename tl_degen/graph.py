@@ -77,7 +77,7 @@ def interaction_graph(
         An :class:`InteractionGraph`; ``graph.edges[(in_site, out_site)]`` is
         ``[n_out, n_in]``, non-negative, nodes ordered as the basis columns.
 
-    Example:
+    Examples:
         >>> graph = interaction_graph(model, tokens, bases)
         >>> graph.edges[(Site.parse("resid_pre.0"), Site.parse("resid_mid.0:last"))].shape
     """
@@ -155,7 +155,7 @@ class Modules:
         modularity: the modularity ``Q`` of the partition on the undirected weighted graph.
         resolution: the resolution parameter used.
 
-    Example:
+    Examples:
         >>> modules = graph.modules(resolution=1.0)
         >>> modules.modularity, modules.clusters[0][:5]
         >>> viz.save_graph_page(graph, "graph.html", modules=modules)
@@ -185,7 +185,7 @@ class InteractionGraph:
     See the module docstring for the conventions: nodes in basis-column order (constant
     first), ``edges[(in_site, out_site)]`` is ``[n_out, n_in]`` (rows = targets).
 
-    Example:
+    Examples:
         >>> graph = tl_degen.interaction_graph(model, tokens, bases)
         >>> graph.edge("resid_pre.0", "resid_mid.0:last").shape  # [n_out, n_in]
         >>> graph.prune(mass=0.99).save("graph.safetensors")

@@ -214,7 +214,7 @@ class PatchResult:
         all_value: every kept direction patched together.
         positions: the token positions patched.
 
-    Example:
+    Examples:
         >>> clean, corrupted, logit_diff = modadd.patching_pairs(500)
         >>> res = tl_degen.patch_directions(model, clean, corrupted, bases, "resid_mid.0:last",
         ...                                 logit_diff)
@@ -315,7 +315,7 @@ def patch_directions(
     Returns:
         A :class:`PatchResult`.
 
-    Example:
+    Examples:
         >>> res = tl_degen.patch_directions(model, clean, corrupt, bases, "resid_mid.0:last",
         ...                                 logit_diff, directions=[[0, 1, 2], [3]])
         >>> res.recovered()
@@ -398,7 +398,7 @@ class AttributionResult:
         delta: site name → the exact effect of patching the whole site (for comparison).
         method, mode, n_alpha: how it was computed.
 
-    Example:
+    Examples:
         >>> attr = tl_degen.attribution_patch(model, clean, corrupted, bases,
         ...                                   "resid_mid.0:last", logit_diff)
         >>> attr.per_direction("resid_mid.0:last")  # [k]
@@ -479,7 +479,7 @@ def attribution_patch(
         An :class:`AttributionResult`; ``result.total(site)`` equals the neuron-basis
         attribution ``result.neuron[site].sum()`` exactly, for any basis.
 
-    Example:
+    Examples:
         >>> attr = tl_degen.attribution_patch(model, clean, corrupt, bases,
         ...                                   ["resid_mid.0:last"], logit_diff)
         >>> attr.per_direction("resid_mid.0:last")[:5]
@@ -567,7 +567,7 @@ def to_basis(
     Returns:
         Coordinates ``[..., k]`` in float64.
 
-    Example:
+    Examples:
         >>> _, cache = model.run_with_cache(tokens)
         >>> coords = tl_degen.to_basis(cache, bases["resid_post.0:last"])
     """
@@ -671,7 +671,7 @@ class PathPatchResult:
         base, clean, corrupted: unpatched metrics (``base`` is the run patched into).
         strengths: ``[n_edges]`` the graph's edge strengths ``E[i, j]`` (NaN for ``i = None``).
 
-    Example:
+    Examples:
         >>> res = tl_degen.path_patch(model, clean, corrupted, graph, "resid_pre.0",
         ...                           "resid_mid.0:last", logit_diff, edges=[(1, 1), (2, None)])
         >>> res.effects, res.strengths  # both [n_edges]
@@ -748,7 +748,7 @@ def path_patch(
     Returns:
         A :class:`PathPatchResult`.
 
-    Example:
+    Examples:
         >>> clean, corrupted, logit_diff = modadd.patching_pairs(500)
         >>> res = tl_degen.path_patch(model, clean, corrupted, graph, "resid_mid.0:last",
         ...                           "resid_post.0:last", logit_diff, top_k=10)

@@ -119,7 +119,7 @@ def _require_no_gate(params: Params, what: str) -> None:
 def permute_neurons(model, seed: int = 0):
     """Permute the MLP neurons of every layer (W_in/W_gate columns, b_in, W_out rows).
 
-    Example:
+    Examples:
         >>> new = reparam.permute_neurons(model, seed=1)
         >>> (new(tokens) - model(tokens)).abs().max()  # ~0: the same function
     """
@@ -143,7 +143,7 @@ def rescale_neurons(model, seed: int = 0, spread: float = 0.7):
     """Scale neuron ``i``'s input weights and bias by ``s_i = exp(spread·N(0,1))`` and its
     output weights by ``1/s_i`` (function-preserving for ReLU).
 
-    Example:
+    Examples:
         >>> rep = tl_degen.check_invariance(model, tokens, bases.sites,
         ...                                 lambda m: reparam.rescale_neurons(m, spread=1.0))
         >>> rep.worst("neuron", "coordinate_change"), rep.worst("lib", "coordinate_change")
@@ -170,7 +170,7 @@ def split_neuron(model, layer: int = 0, neuron: int | None = None):
     """Replace neuron ``neuron`` of ``layer`` (default: the one with the largest output norm)
     by two identical neurons that each write half of its output.
 
-    Example:
+    Examples:
         >>> new = reparam.split_neuron(model, layer=0, neuron=7)
         >>> new.cfg.d_mlp, model.cfg.d_mlp
         (513, 512)
@@ -195,7 +195,7 @@ def split_neuron(model, layer: int = 0, neuron: int | None = None):
 def add_dead_neurons(model, n: int = 3, seed: int = 0):
     """Add ``n`` neurons to every MLP with bias ``−1e4`` (they never fire) and random output.
 
-    Example:
+    Examples:
         >>> new = reparam.add_dead_neurons(model, n=5)
         >>> tl_degen.degeneracy_report(new, tokens, bases.sites).layer(0).dead_neurons[-5:]
         [512, 513, 514, 515, 516]
@@ -230,7 +230,7 @@ def change_residual_basis(model, seed: int = 0, strength: float = 0.3):
     (``W_Q/K/V``, ``W_in``, ``W_gate``, ``W_U``) become ``T⁻¹ W``. LayerNorm-free models only
     (a LayerNorm does not commute with a non-orthogonal ``T``).
 
-    Example:
+    Examples:
         >>> new = reparam.change_residual_basis(model, seed=1, strength=0.5)
         >>> rep = tl_degen.check_invariance(model, tokens, bases.sites, "change_residual_basis")
         >>> rep.worst("lib", "eigenvalue_change"), rep.worst("pca", "eigenvalue_change")
@@ -272,7 +272,7 @@ REPARAMETERISATIONS: dict[str, Callable] = {
 def get_reparameterisation(transform: str | Callable) -> tuple[str, Callable]:
     """``(name, function model -> model)`` for a built-in name or a user function.
 
-    Example:
+    Examples:
         >>> name, fn = reparam.get_reparameterisation("permute_neurons")
         >>> new = fn(model)
         >>> reparam.get_reparameterisation(reparam.split_neuron)[0]

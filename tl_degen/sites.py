@@ -42,7 +42,7 @@ class Site:
         positions: ``None`` for all positions, else a tuple of position indices (negative
             indices count from the end; ``:last`` is ``(-1,)``).
 
-    Example:
+    Examples:
         >>> site = tl_degen.Site.parse("resid_mid.0:last")
         >>> site.kind, site.layer, site.positions, site.resolve_positions(3)
         ('resid_mid', 0, (-1,), [2])

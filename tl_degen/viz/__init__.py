@@ -2,10 +2,11 @@
 
 Everything renders with no network: HTML files have their JavaScript inlined.
 
->>> from tl_degen import viz
->>> labels = viz.modadd_labels(model, bases)
->>> viz.save_graph_page(graph.prune(mass=0.99), "graph.html", labels=labels)
->>> viz.spectrum_plot({"LIB": lib, "PCA": pca}, "resid_mid.0:last").save("spectrum.png")
+Examples:
+    >>> from tl_degen import viz
+    >>> labels = viz.modadd_labels(model, bases)
+    >>> viz.save_graph_page(graph.prune(mass=0.99), "graph.html", labels=labels)
+    >>> viz.spectrum_plot({"LIB": lib, "PCA": pca}, "resid_mid.0:last").save("spectrum.png")
 """
 
 from tl_degen.viz.graph_page import graph_html, save_graph_page

@@ -162,7 +162,7 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
     Returns:
         HTML text with everything inlined.
 
-    Example:
+    Examples:
         >>> page = viz.graph_html(graph.prune(mass=0.99), labels=viz.modadd_labels(model, bases),
         ...                       modules=graph.modules())
         >>> cell = viz.graph_html(graph, standalone=False)  # a <div> for a notebook
@@ -256,7 +256,7 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
 def save_graph_page(graph, path: str | os.PathLike, **kwargs) -> Path:
     """Write :func:`graph_html` to ``path`` atomically (no half-written file on error).
 
-    Example:
+    Examples:
         >>> pruned = graph.prune(mass=0.99)
         >>> viz.save_graph_page(pruned, "graph.html", labels=viz.modadd_labels(model, bases),
         ...                     modules=pruned.modules(), title="modadd, layer 0")

@@ -31,7 +31,7 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 class Series:
     """One line: ``x``, ``y``, a name, and whether to draw markers only (``points``).
 
-    Example:
+    Examples:
         >>> dropped = viz.Series("dropped", [4, 5], [1e-16, 1e-18], points=True, hollow=True)
         >>> viz.Plot("Spectrum", "direction", "Λ", series=[dropped], logy=True).save("s.svg")
     """
@@ -48,7 +48,7 @@ class Series:
 class Plot:
     """A small line/scatter plot; ``to_html()``, ``save(path.html|.png)``, ``_repr_html_``.
 
-    Example:
+    Examples:
         >>> plot = viz.Plot("Eigenvalues", "direction", "Λ", logy=True)
         >>> plot.series.append(viz.Series("LIB", [1, 2, 3], [9.0, 4.0, 1.0]))
         >>> plot.save("spectrum.html")
@@ -187,7 +187,7 @@ def spectrum_plot(bases: dict, site: str) -> Plot:
     """Λ (LIB) or Gram eigenvalues (PCA, neuron) at ``site`` for each labelled
     :class:`~tl_degen.basis_set.BasisSet`, kept directions filled, dropped ones hollow.
 
-    Example:
+    Examples:
         >>> pca = tl_degen.fit_bases(model, tokens, bases.sites, method="pca")
         >>> plot = viz.spectrum_plot({"LIB": bases, "PCA": pca}, "resid_mid.0:last")
         >>> plot.save("spectrum.png")
@@ -218,7 +218,7 @@ def spectrum_plot(bases: dict, site: str) -> Plot:
 def ablation_plot(curves: Sequence, title: str | None = None) -> Plot:
     """Node-ablation curves (:class:`~tl_degen.ablation.AblationCurve`), one line each.
 
-    Example:
+    Examples:
         >>> labels = modadd.labels_for(modadd.train_test_split()[0])
         >>> curves = [tl_degen.ablation_curve(model, tokens, b, "resid_mid.0:last", "accuracy",
         ...                                   labels=labels) for b in (bases, pca_bases)]
@@ -239,7 +239,7 @@ def edge_mass_plot(graphs: dict, title: str = "Edge mass") -> Plot:
     """Fraction of each layer pair's edge mass held by its ``n`` strongest edges, one line per
     layer pair of each labelled :class:`~tl_degen.graph.InteractionGraph`.
 
-    Example:
+    Examples:
         >>> pca_graph = tl_degen.interaction_graph(model, tokens, pca_bases)
         >>> viz.edge_mass_plot({"LIB": graph, "PCA": pca_graph}).save("edge_mass.html")
     """

@@ -33,7 +33,7 @@ _SELF_CLOSING_DIV = re.compile(r"<div([^<>]*?)\s*/>")
 def fix_local_src(src: str) -> str:
     """``<div .../>`` → ``<div ...></div>`` so several circuitsvis views share a page.
 
-    Example:
+    Examples:
         >>> viz.fix_local_src('<div id="a"/><div id="b"/>')
         '<div id="a"></div><div id="b"></div>'
     """
@@ -46,7 +46,7 @@ def direction_values(model, tokens: Int[Tensor, "batch pos"], basis: Interaction
     """Coordinates ``x̂[:, :, directions]`` of the data at the basis' site and positions:
     ``[batch, n_site_positions, len(directions)]`` for ``tokens`` ``[batch, pos]``.
 
-    Example:
+    Examples:
         >>> vals = viz.direction_values(model, tokens, bases["resid_mid.0:last"], [1, 2])
         >>> vals.shape  # [batch, 1, 2]
     """
@@ -83,7 +83,7 @@ def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionB
         token_strings: ``[batch][pos]`` display strings (default: decoded with the model's
             tokenizer, or ``<id>``).
 
-    Example:
+    Examples:
         >>> page = viz.token_view_html(model, tokens[:200], bases["resid_pre.0"], [1, 2, 3],
         ...                            n_examples=8, title="modadd: resid_pre.0")
         >>> viz.save_token_view(page, "tokens.html")
@@ -125,7 +125,7 @@ def save_token_view(text: str, path: str | os.PathLike) -> Path:
     a temporary file next to ``path`` and renamed, so an error leaves no half-written page.
     Returns the path.
 
-    Example:
+    Examples:
         >>> page = viz.token_view_html(model, tokens[:200], bases["resid_pre.0"], [1, 2, 3])
         >>> viz.save_token_view(page, "tokens.html")
     """
@@ -146,7 +146,7 @@ def fourier_content(grid: Float[Tensor, "*n p p"], top_k: int = 5,
     together (a real signal's spectrum is symmetric). Leading dimensions are batched (a
     ``[p, p]`` grid gives one list, ``[n, p, p]`` a list of ``n`` lists).
 
-    Example:
+    Examples:
         >>> a = torch.arange(113.0)
         >>> grid = torch.cos(2 * torch.pi * 5 * (a[:, None] + a[None, :]) / 113)  # [p, p]
         >>> power, top = viz.fourier_content(grid)  # power: [p, p]
@@ -190,7 +190,7 @@ def fourier_label(top: list) -> str:
     """A short label from :func:`fourier_content`'s top list: ``"a+b: k=14 (83%)"``,
     ``"a: k=5"``, ``"b: k=5"``, ``"(k_a,k_b)=(3,7)"``, or ``"constant"``.
 
-    Example:
+    Examples:
         >>> viz.fourier_label([((5, 5), 0.83), ((5, 0), 0.1)])
         'a+b: k=5 (83%)'
         >>> viz.fourier_label([])
@@ -216,7 +216,7 @@ def modadd_labels(model, bases, p: int = 113) -> dict[str, str]:
     position's coordinate is added up. Directions whose coordinate does not vary are
     labelled ``"constant"``.
 
-    Example:
+    Examples:
         >>> labels = viz.modadd_labels(model, bases)
         >>> labels["resid_mid.0:last/1"]  # e.g. 'a+b: k=14 (83%)'
         >>> viz.save_graph_page(graph, "graph.html", labels=labels)
