@@ -28,6 +28,7 @@ SECTION = re.compile(r"^\s*([A-Z][A-Za-z ]*):\s*$")
 def _docstrings():
     """(qualified name, docstring) of every module, class, function and method in tl_degen."""
     seen = set()
+    yield "tl_degen", inspect.getdoc(tl_degen)
     for info in pkgutil.walk_packages(tl_degen.__path__, "tl_degen."):
         if info.name.endswith("__main__"):
             continue
@@ -40,8 +41,11 @@ def _docstrings():
             yield f"{info.name}.{name}", inspect.getdoc(obj) or ""
             if inspect.isclass(obj):
                 for attr, member in vars(obj).items():
-                    doc = inspect.getdoc(member) if callable(member) or isinstance(
-                        member, property) else None
+                    doc = (
+                        inspect.getdoc(member)
+                        if callable(member) or isinstance(member, property)
+                        else None
+                    )
                     if doc:
                         yield f"{info.name}.{name}.{attr}", doc
 
@@ -81,7 +85,8 @@ def test_examples_are_code_sections(name, doc):
     lines = doc.splitlines()
     assert not any(line.strip() == "Example:" for line in lines), (
         f"{name}: use a Google-style 'Examples:' section (rendered as code), not 'Example:' "
-        "(rendered as prose)")
+        "(rendered as prose)"
+    )
     section = None
     for line in lines:
         match = SECTION.match(line)
@@ -96,28 +101,37 @@ def test_no_reference_links_in_prose(name, doc):
     match = REFERENCE_LINK.search(_prose(doc))
     assert match is None, (
         f"{name}: '...][...' in prose is a Markdown reference link; put it in ``code`` "
-        "or an Examples section")
+        "or an Examples section"
+    )
 
 
 def test_prose_check_catches_the_old_failures():
-    old = ("Add dead neurons.\n\nExample:\n    >>> report.dead_neurons[-5:]\n"
-           "    [512, 513, 514, 515, 516]\n")
+    old = (
+        "Add dead neurons.\n\nExample:\n    >>> report.dead_neurons[-5:]\n"
+        "    [512, 513, 514, 515, 516]\n"
+    )
     assert REFERENCE_LINK.search(_prose(old))
     assert REFERENCE_LINK.search(_prose(old.replace("Example:", "Examples:"))) is None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
-                    reason="the docs extra is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None, reason="the docs extra is not installed"
+)
 def test_strict_docs_build_has_no_warnings(tmp_path):
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or "mkdocs"
-    run = subprocess.run([mkdocs, "build", "--strict", "-d", str(tmp_path / "site")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"})
+    run = subprocess.run(
+        [mkdocs, "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     log = run.stdout + run.stderr
     assert run.returncode == 0, log
     assert "WARNING" not in log, log
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     # The examples are highlighted code blocks, not paragraphs.
-    block = api[api.index('id="tl_degen.reparam.add_dead_neurons"'):]
+    block = api[api.index('id="tl_degen.reparam.add_dead_neurons"') :]
     block = block[: block.index('class="doc doc-object', 10)]
     assert 'class="highlight"' in block and "dead_neurons" in block

@@ -1,11 +1,12 @@
 """tl_degen: degeneracy-invariant coordinates (the interaction basis) for TransformerLens.
 
 Data flows one way: model + tokens → statistics → bases → graph → patching, attribution and
-diagnostics.
+diagnostics; beside them, the effective parameter count of the behavioural loss.
 
->>> import tl_degen
->>> bases = tl_degen.fit_bases(model, tokens, ["resid_pre.0", "resid_post.0:last", "logits:last"])
->>> print(bases)
+Examples:
+    >>> import tl_degen
+    >>> bases = tl_degen.fit_bases(model, tokens, ["resid_pre.0", "resid_post.0:last", "logits"])
+    >>> print(bases)
 """
 
 from tl_degen.ablation import AblationCurve, EdgeAblationResult, ablation_curve, edge_ablation
@@ -16,6 +17,12 @@ from tl_degen.diagnostics import (
     InvarianceReport,
     check_invariance,
     degeneracy_report,
+)
+from tl_degen.effective import (
+    EffectiveParameters,
+    LLCEstimate,
+    effective_parameters,
+    parameter_groups,
 )
 from tl_degen.errors import (
     BackendError,
@@ -61,6 +68,10 @@ __all__ = [
     "DegeneracyReport",
     "check_invariance",
     "InvarianceReport",
+    "effective_parameters",
+    "EffectiveParameters",
+    "LLCEstimate",
+    "parameter_groups",
     "Site",
     "BasisSet",
     "InteractionBasis",

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import Threshold
 from tl_degen.basis_set import BasisSet
+from tl_degen.effective import EffectiveParameters, effective_parameters
 from tl_degen.errors import DataError, TLDegenError
 from tl_degen.fitting import fit_bases, prepared, site_activations, token_batches
 from tl_degen.patching import patch_directions
@@ -91,6 +92,11 @@ class LayerDegeneracy:
 class DegeneracyReport:
     """Per-site types 1–2 and per-layer type 3; ``print(report)`` shows the tables.
 
+    With ``effective`` (from ``degeneracy_report(..., effective=True)``) a third table puts,
+    per block and for the whole model: the raw parameter count, the effective parameter count
+    ``N_eff = 2λ`` of the behavioural loss (:func:`~tl_degen.effective_parameters`) and the
+    interaction-basis size (kept LIB directions) of each of the block's sites.
+
     Examples:
         >>> report = tl_degen.degeneracy_report(model, tokens, bases.sites, bases=bases)
         >>> report.site("resid_mid.0:last").type1, report.site("resid_mid.0:last").type2
@@ -100,6 +106,9 @@ class DegeneracyReport:
     sites: list[SiteDegeneracy]
     layers: list[LayerDegeneracy]
     config: dict = field(default_factory=dict)
+    effective: EffectiveParameters | None = None
+    #: kept LIB directions per site name (the interaction-basis size)
+    lib_sizes: dict[str, int] = field(default_factory=dict)
 
     def site(self, name: str) -> SiteDegeneracy:
         key = Site.parse(name).name
@@ -120,6 +129,11 @@ class DegeneracyReport:
             "layers": [{**vars(x), "n_cofiring": x.n_cofiring,
                         "n_identical_heads": x.n_identical_heads} for x in self.layers],
             "config": self.config,
+            "effective": None if self.effective is None else [
+                {"group": e.group, "n_params": e.n_params, "llc": e.llc, "llc_se": e.llc_se,
+                 "n_eff": e.n_eff, "n_eff_se": e.n_eff_se, "r_hat": e.r_hat,
+                 "warnings": e.warnings} for e in self.effective],
+            "lib_sizes": dict(self.lib_sizes),
         }
 
     def table(self) -> str:
@@ -144,6 +158,25 @@ class DegeneracyReport:
             rows.append(f"{x.layer:<6} {len(x.dead_neurons):>12} {len(x.cofiring_groups):>16} "
                         f"{x.n_cofiring:>17} {len(x.identical_head_groups):>21}"
                         + (f"   e.g. {groups}" if groups else ""))
+        if self.effective is not None:
+            rows += ["", self.effective_table()]
+        return "\n".join(rows)
+
+    def effective_table(self) -> str:
+        """Per group: parameters, ``N_eff ± se``, and the LIB size of each site in the group."""
+        if self.effective is None:
+            raise TLDegenError("this report has no effective parameter counts; pass "
+                               "effective=True to degeneracy_report")
+        w = max([len(e.group) for e in self.effective] + [5])
+        head = (f"{'group':<{w}}  {'parameters':>10}  {'N_eff':>9}  {'± se':>7}  "
+                "LIB size (kept directions per site)")
+        rows = [head, "-" * len(head)]
+        for e in self.effective:
+            layer = e.group.split(".")[1] if e.group.startswith("blocks.") else None
+            sizes = ", ".join(f"{name} {k}" for name, k in self.lib_sizes.items()
+                              if layer is None or Site.parse(name).layer == int(layer))
+            rows.append(f"{e.group:<{w}}  {e.n_params:>10}  {e.n_eff:>9.4g}  "
+                        f"{e.n_eff_se:>7.2g}  {sizes}")
         return "\n".join(rows)
 
     def __repr__(self) -> str:
@@ -162,6 +195,8 @@ def degeneracy_report(
     pattern_tolerance: float = 1e-6,
     batch_size: int = 256,
     progress: bool = True,
+    effective: bool | EffectiveParameters = False,
+    effective_kwargs: dict | None = None,
 ) -> DegeneracyReport:
     """Count the three kinds of degeneracy on the data (module docstring for definitions).
 
@@ -174,6 +209,12 @@ def degeneracy_report(
         jaccard_tolerance: neurons co-fire when their firing sets' Jaccard index is at least
             ``1 − jaccard_tolerance`` (0: identical sets).
         pattern_tolerance: heads coincide when their patterns differ by at most this.
+        effective: ``True`` estimates the effective parameter count ``N_eff`` of the whole
+            model and of every block that holds a site (:func:`~tl_degen.effective_parameters`,
+            outputs compared at the last site's positions); or pass an
+            :class:`~tl_degen.EffectiveParameters` computed before.
+        effective_kwargs: keyword arguments for :func:`~tl_degen.effective_parameters`
+            (``lr``, ``num_draws``, ``seed``, ...).
 
     Returns:
         A :class:`DegeneracyReport`; ``print(report)`` shows the tables.
@@ -210,10 +251,24 @@ def degeneracy_report(
     mlp_sites = {s.layer: s for s in parse_sites(sites) if s.kind == "mlp_post"}
     type3 = _type3(model, adapter, tokens, layers, mlp_sites, jaccard_tolerance,
                    pattern_tolerance, batch_size, progress)
+    if effective is True:
+        kwargs = {"progress": progress, **(effective_kwargs or {})}
+        if "positions" not in kwargs:
+            last = parse_sites(sites)[-1]
+            n_pos = token_batches(tokens, batch_size, adapter)[0].shape[1]
+            kwargs["positions"] = (last.resolve_positions(n_pos) if last.kind == "logits"
+                                   else "all")
+        effective = effective_parameters(
+            model, tokens, ["model"] + [f"blocks.{L}" for L in layers], **kwargs)
+    elif effective is False or effective is None:
+        effective = None
+    elif not isinstance(effective, EffectiveParameters):
+        raise TLDegenError("effective must be True, False or an EffectiveParameters result")
     return DegeneracyReport(rows, type3, {
         "threshold": str(bases.config.get("threshold", threshold)),
         "jaccard_tolerance": jaccard_tolerance, "pattern_tolerance": pattern_tolerance,
-        "n_samples": bases.config.get("n_samples")})
+        "n_samples": bases.config.get("n_samples")}, effective=effective,
+        lib_sizes={s.name: bases[s].k for s in parse_sites(sites) if s.kind != "logits"})
 
 
 def _widths(adapter, site: Site, ln: bool) -> tuple[int | None, int | None]:

@@ -239,6 +239,30 @@ print("new co-firing groups:", [g for g in after.layer(0).cofiring_groups
                                 if g not in report.layer(0).cofiring_groups])
 print("type-1 at mlp_post:", report.site("mlp_post.0:last").type1, "->",
       after.site("mlp_post.0:last").type1)'''),
+        ("md", "## How many parameters does the function use?\n\n"
+               "The same degeneracy shows in parameter space. `effective_parameters` samples "
+               "the weights around the trained ones with SGLD (devinterp) and estimates the "
+               "local learning coefficient λ of the *behavioural loss* (how far the outputs "
+               "move from the trained model's) and `N_eff = 2λ`: the number of parameter "
+               "directions the function really uses. `degeneracy_report(..., effective=True)` "
+               "puts it per block beside the raw parameter count and the interaction-basis "
+               "size (kept LIB directions per site). The defaults (4 chains of 200 draws after "
+               "200 burn-in steps) take about a minute per group on 2 CPU cores; CI runs this "
+               "notebook with shorter chains (`TL_DEGEN_TUTORIAL_SMALL=1`)."),
+        ("code", '''import os
+SMALL = os.environ.get("TL_DEGEN_TUTORIAL_SMALL") == "1"
+settings = dict(num_chains=2, num_draws=40, num_burnin_steps=40) if SMALL else {}
+full = tl_degen.degeneracy_report(model, tokens, sites, batch_size=4000, effective=True,
+                                  effective_kwargs=settings)
+print(full.effective_table())'''),
+        ("md", "Adding dead neurons adds parameters but no behaviour: the raw count grows, "
+               "N_eff stays within its standard error, so N_eff per parameter drops. (With the "
+               "short CI chains the error bars are wide.)"),
+        ("code", '''dead = reparam.add_dead_neurons(model, n=64)
+for name, m in [("trained", model), ("+64 dead neurons", dead)]:
+    e = tl_degen.effective_parameters(m, tokens, "model", positions="last", **settings)["model"]
+    print(f"{name:>17}: {e.n_params} parameters, N_eff = {e.n_eff:.0f} ± {e.n_eff_se:.0f}, "
+          f"N_eff per parameter {e.n_eff / e.n_params:.5f}")'''),
     ])
 
 
