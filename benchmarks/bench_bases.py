@@ -14,6 +14,7 @@ import resource
 import time
 
 import torch
+from _machine import machine_line
 
 import tl_degen
 from tl_degen.toy import modadd
@@ -49,6 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = modadd.load_bridge().to(args.device)
     tokens = modadd.tokens_for(modadd.train_test_split()[0]).to(args.device)
+    print(machine_line())
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
           f"{tokens.shape[0]} samples, float64")
     if args.device.startswith("cuda"):

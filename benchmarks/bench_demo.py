@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import machine_line
 
 from tl_degen import cli
 
@@ -32,6 +33,7 @@ def main() -> None:
         raise SystemExit(code)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
+    print(machine_line())
     print(f"torch {torch.__version__}, {args.threads} threads")
     print(f"demo wall time {wall:.1f} s, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

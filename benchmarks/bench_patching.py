@@ -19,6 +19,7 @@ import resource
 import time
 
 import torch
+from _machine import machine_line
 
 import tl_degen
 from tl_degen.toy import modadd
@@ -50,6 +51,7 @@ def main() -> None:
     tokens = modadd.tokens_for(modadd.train_test_split()[0]).to(args.device)
     clean, corrupted, logit_diff = modadd.patching_pairs(args.pairs, seed=0)
     clean, corrupted = clean.to(args.device), corrupted.to(args.device)
+    print(machine_line())
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}, "
           f"{args.pairs} clean/corrupted pairs, float64")
 

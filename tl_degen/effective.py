@@ -278,7 +278,9 @@ def effective_parameters(
     try:
         from devinterp.optim import SGMCMC
     except ImportError:  # pragma: no cover - the dependency is declared
-        raise TLDegenError("effective_parameters needs devinterp: pip install devinterp") from None
+        raise TLDegenError(
+            "effective_parameters needs devinterp 2 (Python >= 3.11): pip install 'devinterp>=2,<3'"
+        ) from None
     if divergence not in DIVERGENCES:
         raise TLDegenError(f"unknown divergence {divergence!r}; use one of {DIVERGENCES}")
     for name, value in (("num_chains", num_chains), ("num_draws", num_draws)):
