@@ -94,6 +94,9 @@ def test_same_seed_same_result_and_weights_restored():
     a = small_run(model, tokens, params=["model", "blocks.1.mlp"], seed=3)
     b = small_run(model, tokens, params=["model", "blocks.1.mlp"], seed=3)
     c = small_run(model, tokens, params=["model", "blocks.1.mlp"], seed=4)
+    alone = small_run(model, tokens, params="blocks.1.mlp", seed=3)
+    # chains and groups each start from w*: the group sampled after "model" is unaffected
+    assert torch.equal(alone["blocks.1.mlp"].loss_trace, a["blocks.1.mlp"].loss_trace)
     for g in ("model", "blocks.1.mlp"):
         assert torch.equal(a[g].loss_trace, b[g].loss_trace)
         assert a[g].llc == b[g].llc
@@ -108,9 +111,11 @@ def test_same_seed_same_result_and_weights_restored():
 
 def test_a_diverging_chain_is_reported_not_hidden():
     model = M.build("native_relu")
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.warns(UserWarning, match="diverged"):
         out = small_run(model, M.random_tokens(16, 6), divergence="mse", lr=1e3)
     assert out["model"].warnings and not math.isfinite(out["model"].llc)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
 
 
 def test_split_r_hat_separates_agreeing_and_disagreeing_chains():
@@ -127,6 +132,11 @@ def test_split_r_hat_separates_agreeing_and_disagreeing_chains():
         ({"divergence": "l1"}, "unknown divergence"),
         ({"positions": [9]}, "out of range"),
         ({"positions": "middle"}, "positions must be"),
+        ({"positions": [5, -1]}, "twice"),
+        ({"positions": [1.5]}, "positions must be"),
+        ({"num_chains": True}, "num_chains must be a positive integer"),
+        ({"params": {"g": []}}, "is empty"),
+        ({"params": []}, "no parameter groups"),
         ({"num_chains": 0}, "num_chains must be a positive integer"),
         ({"lr": -1.0}, "lr must be a finite non-negative"),
         ({"lr": 0.0}, "lr must be positive"),
@@ -241,3 +251,20 @@ def test_degeneracy_report_shows_neff_beside_parameters_and_lib_sizes():
     assert rep.as_dict()["effective"][1]["n_params"] == rep.effective["blocks.1"].n_params
     plain = tl_degen.degeneracy_report(model, tokens, sites, progress=False, bases=bases)
     assert plain.effective is None and "N_eff" not in plain.table()
+    reused = tl_degen.degeneracy_report(
+        model, tokens, sites, progress=False, bases=bases, effective=rep.effective
+    )
+    assert reused.effective_table() == table
+    with pytest.raises(TLDegenError, match="cannot choose params"):
+        tl_degen.degeneracy_report(
+            model,
+            tokens,
+            sites,
+            progress=False,
+            bases=bases,
+            effective=True,
+            effective_kwargs={"params": "blocks.0"},
+        )
+    other = M.build("native_ln_gelu")
+    with pytest.raises(tl_degen.BasisMismatchError, match="parameters"):
+        tl_degen.degeneracy_report(other, tokens, sites, progress=False, effective=rep.effective)

@@ -34,7 +34,7 @@ from tl_degen.adapters import get_adapter
 from tl_degen.basis import Threshold
 from tl_degen.basis_set import BasisSet
 from tl_degen.effective import EffectiveParameters, effective_parameters
-from tl_degen.errors import DataError, TLDegenError
+from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import fit_bases, prepared, site_activations, token_batches
 from tl_degen.patching import patch_directions
 from tl_degen.reparam import get_reparameterisation
@@ -172,9 +172,15 @@ class DegeneracyReport:
                 "LIB size (kept directions per site)")
         rows = [head, "-" * len(head)]
         for e in self.effective:
-            layer = e.group.split(".")[1] if e.group.startswith("blocks.") else None
+            parts = e.group.split(".")
+            if e.group == "model":
+                layer = None
+            elif len(parts) >= 2 and parts[0] == "blocks" and parts[1].isdigit():
+                layer = int(parts[1])
+            else:  # a group of no one block (embed, unembed, a custom mapping): no sites
+                layer = -1
             sizes = ", ".join(f"{name} {k}" for name, k in self.lib_sizes.items()
-                              if layer is None or Site.parse(name).layer == int(layer))
+                              if layer is None or Site.parse(name).layer == layer)
             rows.append(f"{e.group:<{w}}  {e.n_params:>10}  {e.n_eff:>9.4g}  "
                         f"{e.n_eff_se:>7.2g}  {sizes}")
         return "\n".join(rows)
@@ -253,6 +259,10 @@ def degeneracy_report(
                    pattern_tolerance, batch_size, progress)
     if effective is True:
         kwargs = {"progress": progress, **(effective_kwargs or {})}
+        if "params" in kwargs:
+            raise TLDegenError("effective_kwargs cannot choose params: the report estimates the "
+                               "whole model and each block; call effective_parameters for "
+                               "other groups and pass the result as effective=")
         if "positions" not in kwargs:
             last = parse_sites(sites)[-1]
             n_pos = token_batches(tokens, batch_size, adapter)[0].shape[1]
@@ -264,6 +274,12 @@ def degeneracy_report(
         effective = None
     elif not isinstance(effective, EffectiveParameters):
         raise TLDegenError("effective must be True, False or an EffectiveParameters result")
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        if "model" in effective.estimates and effective["model"].n_params != total:
+            raise BasisMismatchError(
+                f"the EffectiveParameters were estimated on a model of "
+                f"{effective['model'].n_params} parameters; this one has {total}")
     return DegeneracyReport(rows, type3, {
         "threshold": str(bases.config.get("threshold", threshold)),
         "jaccard_tolerance": jaccard_tolerance, "pattern_tolerance": pattern_tolerance,

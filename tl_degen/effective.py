@@ -6,7 +6,9 @@ The behavioural loss of parameters ``w`` near the trained ``w*`` is
 
 the mean divergence ``D`` of the model's outputs from the trained model's outputs on the data
 (``"kl"``: KL(softmax f_w* ‖ softmax f_w) summed over the vocabulary; ``"mse"``: the squared
-logit difference summed over the vocabulary), over the chosen positions of every sequence.
+logit difference summed over the vocabulary), averaged over the chosen positions of every
+sequence and over the ``n`` sequences (``n`` counts sequences, not positions: comparing more
+positions averages the divergence, it does not scale ``nβ``).
 ``L_B(w*) = 0`` and ``L_B ≥ 0``. Its local learning coefficient λ is the exponent of the
 volume ``V(ε) ~ ε^λ`` of ``{w near w* : L_B(w) < ε}``; a regular (non-degenerate) minimum of
 ``d`` parameters has ``λ = d/2``, so ``N_eff = 2λ`` counts the parameter directions the
@@ -22,6 +24,8 @@ over chains and its standard error the spread across chains over ``√chains``.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +56,8 @@ class LLCEstimate:
         llc_per_chain: ``[chains]`` λ̂ of each chain.
         loss_trace: ``[chains, draws]`` behavioural loss at each draw (after burn-in).
         r_hat: split-R̂ of the loss traces (Gelman–Rubin); near 1 when the chains agree and
-            have settled, above 1.1 when they have not.
+            have settled, above 1.1 when they have not. The traces are minibatch losses, whose
+            noise makes R̂ less sensitive to slow drifts: look at ``loss_trace`` too.
         warnings: what the diagnostics found wrong, in words (empty when nothing did).
     """
 
@@ -176,22 +181,35 @@ def parameter_groups(
                 )
             for p in found:
                 picked[id(p)] = p
+        if not picked:
+            raise TLDegenError(f"parameter group {label!r} is empty; name at least one submodule")
         out[str(label)] = list(picked.values())
+    if not out:
+        raise TLDegenError("no parameter groups given; use 'model' or a list of group names")
     return out
 
 
 def _positions(positions, n_pos: int) -> list[int]:
-    if positions is None or positions == "all":
+    if positions is None or (isinstance(positions, str) and positions == "all"):
         return list(range(n_pos))
-    if positions == "last":
-        return [n_pos - 1]
+    if isinstance(positions, str):
+        if positions == "last":
+            return [n_pos - 1]
+        raise TLDegenError("positions must be 'all', 'last' or a list of integers")
     try:
-        pos = [int(p) % n_pos for p in positions]
-    except (TypeError, ValueError):
+        raw = [operator.index(p) for p in positions]
+    except TypeError:
         raise TLDegenError("positions must be 'all', 'last' or a list of integers") from None
-    if not pos or any(not -n_pos <= int(p) < n_pos for p in positions):
-        raise TLDegenError(f"positions {list(positions)} out of range for {n_pos} positions")
+    if not raw or any(not -n_pos <= p < n_pos for p in raw):
+        raise TLDegenError(f"positions {raw} out of range for {n_pos} positions")
+    pos = [p % n_pos for p in raw]
+    if len(set(pos)) != len(pos):
+        raise TLDegenError(f"positions {raw} name a position twice; list each once")
     return pos
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _divergence(kind: str, logits: Tensor, ref: Tensor) -> Tensor:
@@ -239,7 +257,9 @@ def effective_parameters(
 
     Args:
         model: a ``TransformerBridge`` or ``HookedTransformer``. Its weights are ``w*``; they
-            are perturbed during sampling and restored exactly afterwards.
+            are perturbed during sampling and restored exactly afterwards (with their
+            ``requires_grad`` flags and ``.grad``). Float16/bfloat16 models are sampled in
+            float32.
         tokens: ``[batch, pos]`` token ids (or an iterable of batches of one length): the data
             of the behavioural loss; ``n`` is the number of sequences.
         params: the parameter groups (:func:`parameter_groups`): ``"model"``, ``"blocks.0"``,
@@ -247,8 +267,9 @@ def effective_parameters(
             ``{label: [names]}``. Each group is sampled on its own, the rest held at ``w*``.
         divergence: ``"kl"`` (output distributions) or ``"mse"`` (logits).
         positions: ``"all"``, ``"last"`` or a list of positions at which outputs are compared.
-        nbeta: the inverse temperature ``nβ``; default ``n / log n`` (Watanabe's WBIC choice,
-            devinterp's default).
+        nbeta: the inverse temperature ``nβ``; default ``n / log n`` with ``n`` the number of
+            sequences (Watanabe's WBIC temperature; devinterp's ``default_nbeta`` uses the
+            batch size instead).
         lr: SGLD step size ε. The default is calibrated on the shipped modular-addition model
             and the test architectures (docs: "Effective parameters"); lower it when the
             diagnostics warn of a diverging chain or of negative λ̂, raise it when R̂ > 1.1.
@@ -258,8 +279,8 @@ def effective_parameters(
         num_burnin_steps: SGLD steps per chain before the first draw.
         batch_size: sequences per SGLD step (the gradient of ``L_B`` is estimated on them);
             ``None`` or ≥ n: full batch.
-        seed: seed of the minibatches and the Langevin noise: the same seed gives the same
-            result.
+        seed: seed of the minibatches and the Langevin noise: on the CPU the same seed gives
+            the same result bit for bit (on CUDA some backward kernels are not deterministic).
         progress: a progress bar with an ETA over all SGLD steps.
 
     Returns:
@@ -284,14 +305,18 @@ def effective_parameters(
     if divergence not in DIVERGENCES:
         raise TLDegenError(f"unknown divergence {divergence!r}; use one of {DIVERGENCES}")
     for name, value in (("num_chains", num_chains), ("num_draws", num_draws)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise TLDegenError(f"{name} must be a positive integer, got {value!r}")
     if num_chains < 2:
         warnings.warn("num_chains=1 gives no standard error (reported as NaN)", stacklevel=2)
-    if not isinstance(num_burnin_steps, int) or num_burnin_steps < 0:
+    if (
+        not isinstance(num_burnin_steps, int)
+        or isinstance(num_burnin_steps, bool)
+        or (num_burnin_steps < 0)
+    ):
         raise TLDegenError("num_burnin_steps must be a non-negative integer")
     for name, value in (("lr", lr), ("localization", localization)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        if not (_is_real(value) and value >= 0):
             raise TLDegenError(f"{name} must be a finite non-negative number, got {value!r}")
     if lr == 0:
         raise TLDegenError("lr must be positive")
@@ -305,17 +330,25 @@ def effective_parameters(
     pos = _positions(positions, data.shape[1])
     if nbeta is None:
         nbeta = n / math.log(n)
-    if not (math.isfinite(nbeta) and nbeta > 0):
+    if not (_is_real(nbeta) and nbeta > 0):
         raise TLDegenError(f"nbeta must be positive, got {nbeta!r}")
     bs = n if batch_size is None else min(int(batch_size), n)
     if bs < 1:
         raise TLDegenError("batch_size must be positive")
     groups = parameter_groups(model, params)
+    for label, group in groups.items():
+        if any(p.device != data.device for p in group):
+            raise TLDegenError(
+                f"group {label!r} has parameters on several devices; effective_parameters "
+                f"samples on the model's device ({data.device}) only"
+            )
+    # SGLD steps of ~lr·nβ·grad/2 round away in float16/bfloat16: sample in float32 then
+    half = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
 
     total = len(groups) * num_chains * (num_burnin_steps + num_draws)
     bar = tqdm(total=total, desc="SGLD", disable=not progress, unit="step")
     estimates: dict[str, LLCEstimate] = {}
-    with prepared(model, None):
+    with prepared(model, torch.float32 if half else None):
         with torch.no_grad():
             ref = torch.cat([model(b)[:, pos] for b in data.split(max(bs, 256))]).detach()
         if not torch.isfinite(ref).all():
@@ -395,6 +428,7 @@ def _sample_group(
 ) -> LLCEstimate:
     """Run ``num_chains`` SGLD chains over ``group`` and reduce them to an :class:`LLCEstimate`."""
     saved = [p.detach().clone() for p in group]
+    saved_grads = [p.grad for p in group]
     traces = torch.full((num_chains, num_draws), float("nan"), dtype=torch.float64)
     notes: list[str] = []
     try:
@@ -432,10 +466,10 @@ def _sample_group(
                     p.copy_(w)
     finally:
         with torch.no_grad():
-            for p, w in zip(group, saved):
+            for p, w, g in zip(group, saved, saved_grads):
                 p.copy_(w)
                 p.requires_grad_(False)
-                p.grad = None
+                p.grad = g
     per_chain = nbeta * (traces.mean(1) - init_loss)
     ok = torch.isfinite(per_chain)
     llc = float(per_chain[ok].mean()) if ok.any() else float("nan")
@@ -449,7 +483,7 @@ def _sample_group(
     if math.isfinite(r_hat) and r_hat > 1.1:
         notes.append(
             f"chains disagree or have not settled (R̂ = {r_hat:.2f} > 1.1): raise "
-            "num_burnin_steps/num_draws or lr"
+            "num_burnin_steps and num_draws"
         )
     return LLCEstimate(
         group=label,
