@@ -45,7 +45,9 @@ def main() -> None:
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        neff = tl_degen.effective_parameters(model, tokens, groups, positions="last")
+        neff = tl_degen.effective_parameters(
+            model, tokens, groups, positions="last", progress=False
+        )
     wall = time.perf_counter() - start
     cfg = neff.config
     n_steps = len(groups) * cfg["num_chains"] * (cfg["num_burnin_steps"] + cfg["num_draws"])

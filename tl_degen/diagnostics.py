@@ -129,10 +129,7 @@ class DegeneracyReport:
             "layers": [{**vars(x), "n_cofiring": x.n_cofiring,
                         "n_identical_heads": x.n_identical_heads} for x in self.layers],
             "config": self.config,
-            "effective": None if self.effective is None else [
-                {"group": e.group, "n_params": e.n_params, "llc": e.llc, "llc_se": e.llc_se,
-                 "n_eff": e.n_eff, "n_eff_se": e.n_eff_se, "r_hat": e.r_hat,
-                 "warnings": e.warnings} for e in self.effective],
+            "effective": None if self.effective is None else self.effective.as_dict(),
             "lib_sizes": dict(self.lib_sizes),
         }
 

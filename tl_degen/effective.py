@@ -109,6 +109,27 @@ class EffectiveParameters:
     def __iter__(self):
         return iter(self.estimates.values())
 
+    def as_dict(self) -> dict:
+        """Plain lists and numbers (JSON-serialisable), loss traces included."""
+        return {
+            "estimates": [
+                {
+                    "group": e.group,
+                    "n_params": e.n_params,
+                    "llc": e.llc,
+                    "llc_se": e.llc_se,
+                    "n_eff": e.n_eff,
+                    "n_eff_se": e.n_eff_se,
+                    "llc_per_chain": list(e.llc_per_chain),
+                    "r_hat": e.r_hat,
+                    "warnings": list(e.warnings),
+                    "loss_trace": e.loss_trace.tolist(),
+                }
+                for e in self.estimates.values()
+            ],
+            "config": dict(self.config),
+        }
+
     def table(self) -> str:
         w = max([len(g) for g in self.estimates] + [5])
         head = (
@@ -244,11 +265,11 @@ def effective_parameters(
     divergence: str = "kl",
     positions: str | Sequence[int] = "all",
     nbeta: float | None = None,
-    lr: float = 1e-4,
+    lr: float = 5e-5,
     localization: float = 100.0,
     num_chains: int = 4,
     num_draws: int = 200,
-    num_burnin_steps: int = 200,
+    num_burnin_steps: int = 400,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,

@@ -246,9 +246,9 @@ print("type-1 at mlp_post:", report.site("mlp_post.0:last").type1, "->",
                "move from the trained model's) and `N_eff = 2λ`: the number of parameter "
                "directions the function really uses. `degeneracy_report(..., effective=True)` "
                "puts it per block beside the raw parameter count and the interaction-basis "
-               "size (kept LIB directions per site). The defaults (4 chains of 200 draws after "
-               "200 burn-in steps) take about a minute per group on 2 CPU cores; CI runs this "
-               "notebook with shorter chains (`TL_DEGEN_TUTORIAL_SMALL=1`)."),
+               "size (kept LIB directions per site). The defaults (4 chains of 400 burn-in "
+               "steps and 200 draws) take about a minute per group on 2 CPU cores; CI runs "
+               "this notebook with shorter chains (`TL_DEGEN_TUTORIAL_SMALL=1`)."),
         ("code", '''import os
 SMALL = os.environ.get("TL_DEGEN_TUTORIAL_SMALL") == "1"
 settings = dict(num_chains=2, num_draws=40, num_burnin_steps=40) if SMALL else {}
