@@ -383,71 +383,37 @@ def effective_parameters(
                 chunks = torch.arange(n, device=data.device).split(max(bs, 256))
                 return sum(float(loss_on(c)) * len(c) for c in chunks) / n
 
-        init_loss = full_loss()  # 0 up to rounding; subtracted as devinterp does
+        config = {
+            "divergence": divergence,
+            "positions": positions if isinstance(positions, str) else list(pos),
+            "nbeta": nbeta,
+            "lr": lr,
+            "localization": localization,
+            "num_chains": num_chains,
+            "num_draws": num_draws,
+            "num_burnin_steps": num_burnin_steps,
+            "batch_size": bs,
+            "n_samples": n,
+            "seed": seed,
+            "init_loss": full_loss(),  # 0 up to rounding; subtracted as devinterp does
+        }
         try:
             for label, group in groups.items():
                 bar.set_description(f"SGLD {label}")
-                estimates[label] = _sample_group(
-                    model,
-                    group,
-                    label,
-                    loss_on,
-                    init_loss,
-                    n,
-                    bs,
-                    nbeta,
-                    lr,
-                    localization,
-                    num_chains,
-                    num_draws,
-                    num_burnin_steps,
-                    seed,
-                    SGMCMC,
-                    bar,
-                    data.device,
-                )
+                estimates[label] = _sample_group(group, label, loss_on, config, SGMCMC, bar)
         finally:
             bar.close()
     for e in estimates.values():
         for w in e.warnings:
             warnings.warn(f"effective_parameters[{e.group}]: {w}", stacklevel=2)
-    config = {
-        "divergence": divergence,
-        "positions": positions if isinstance(positions, str) else list(pos),
-        "nbeta": nbeta,
-        "lr": lr,
-        "localization": localization,
-        "num_chains": num_chains,
-        "num_draws": num_draws,
-        "num_burnin_steps": num_burnin_steps,
-        "batch_size": bs,
-        "n_samples": n,
-        "seed": seed,
-        "init_loss": init_loss,
-    }
     return EffectiveParameters(estimates, config)
 
 
-def _sample_group(
-    model,
-    group,
-    label,
-    loss_on,
-    init_loss,
-    n,
-    bs,
-    nbeta,
-    lr,
-    localization,
-    num_chains,
-    num_draws,
-    num_burnin,
-    seed,
-    SGMCMC,
-    bar,
-    device,
-) -> LLCEstimate:
+def _sample_group(group, label, loss_on, cfg: dict, SGMCMC, bar) -> LLCEstimate:
     """Run ``num_chains`` SGLD chains over ``group`` and reduce them to an :class:`LLCEstimate`."""
+    n, bs, seed, nbeta = cfg["n_samples"], cfg["batch_size"], cfg["seed"], cfg["nbeta"]
+    num_chains, num_draws, num_burnin = cfg["num_chains"], cfg["num_draws"], cfg["num_burnin_steps"]
+    device = group[0].device
     saved = [p.detach().clone() for p in group]
     saved_grads = [p.grad for p in group]
     traces = torch.full((num_chains, num_draws), float("nan"), dtype=torch.float64)
@@ -460,7 +426,9 @@ def _sample_group(
             noise_gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 2 * chain + 1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                opt = SGMCMC.sgld(group, lr=lr, nbeta=nbeta, localization=localization)
+                opt = SGMCMC.sgld(
+                    group, lr=cfg["lr"], nbeta=nbeta, localization=cfg["localization"]
+                )
             order = torch.randperm(n, generator=data_gen)
             cursor = 0
             for step in range(num_burnin + num_draws):
@@ -491,7 +459,7 @@ def _sample_group(
                 p.copy_(w)
                 p.requires_grad_(False)
                 p.grad = g
-    per_chain = nbeta * (traces.mean(1) - init_loss)
+    per_chain = nbeta * (traces.mean(1) - cfg["init_loss"])
     ok = torch.isfinite(per_chain)
     llc = float(per_chain[ok].mean()) if ok.any() else float("nan")
     se = float(per_chain[ok].std() / math.sqrt(int(ok.sum()))) if ok.sum() > 1 else float("nan")
