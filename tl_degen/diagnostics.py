@@ -229,6 +229,7 @@ def degeneracy_report(
     """
     if not 0 <= jaccard_tolerance < 1:
         raise TLDegenError("jaccard_tolerance must lie in [0, 1)")
+    _check_effective(model, effective, effective_kwargs)  # before any work
     if bases is None:
         bases = fit_bases(model, tokens, sites, method="lib", threshold=threshold,
                           batch_size=batch_size, progress=progress)
@@ -256,10 +257,6 @@ def degeneracy_report(
                    pattern_tolerance, batch_size, progress)
     if effective is True:
         kwargs = {"progress": progress, **(effective_kwargs or {})}
-        if "params" in kwargs:
-            raise TLDegenError("effective_kwargs cannot choose params: the report estimates the "
-                               "whole model and each block; call effective_parameters for "
-                               "other groups and pass the result as effective=")
         if "positions" not in kwargs:
             last = parse_sites(sites)[-1]
             n_pos = token_batches(tokens, batch_size, adapter)[0].shape[1]
@@ -269,19 +266,27 @@ def degeneracy_report(
             model, tokens, ["model"] + [f"blocks.{L}" for L in layers], **kwargs)
     elif effective is False or effective is None:
         effective = None
-    elif not isinstance(effective, EffectiveParameters):
-        raise TLDegenError("effective must be True, False or an EffectiveParameters result")
-    else:
-        total = sum(p.numel() for p in model.parameters())
-        if "model" in effective.estimates and effective["model"].n_params != total:
-            raise BasisMismatchError(
-                f"the EffectiveParameters were estimated on a model of "
-                f"{effective['model'].n_params} parameters; this one has {total}")
     return DegeneracyReport(rows, type3, {
         "threshold": str(bases.config.get("threshold", threshold)),
         "jaccard_tolerance": jaccard_tolerance, "pattern_tolerance": pattern_tolerance,
         "n_samples": bases.config.get("n_samples")}, effective=effective,
         lib_sizes={s.name: bases[s].k for s in parse_sites(sites) if s.kind != "logits"})
+
+
+def _check_effective(model, effective, effective_kwargs) -> None:
+    if effective is True:
+        if "params" in (effective_kwargs or {}):
+            raise TLDegenError("effective_kwargs cannot choose params: the report estimates the "
+                               "whole model and each block; call effective_parameters for "
+                               "other groups and pass the result as effective=")
+    elif effective not in (False, None) and not isinstance(effective, EffectiveParameters):
+        raise TLDegenError("effective must be True, False or an EffectiveParameters result")
+    elif isinstance(effective, EffectiveParameters) and "model" in effective.estimates:
+        total = sum(p.numel() for p in model.parameters())
+        if effective["model"].n_params != total:
+            raise BasisMismatchError(
+                f"the EffectiveParameters were estimated on a model of "
+                f"{effective['model'].n_params} parameters; this one has {total}")
 
 
 def _widths(adapter, site: Site, ln: bool) -> tuple[int | None, int | None]:
