@@ -108,3 +108,77 @@ def test_neuron_graph_keeps_its_constant_column(small):
                                     pairs=[(a, b)], n_edges=[total, 0], progress=False)
     assert result.results[key][total] == pytest.approx(result.baseline, rel=1e-5)
     assert result.results[key][0] > 10 * result.baseline
+
+
+def _brute_force_edge_metric(model, tokens, graph, pair, k, fn):
+    """One model run per output direction, from the embedding: the definition, no reuse."""
+    from tl_degen.adapters import get_adapter
+    from tl_degen.sites import Site
+
+    adapter = get_adapter(model)
+    in_site, out_site = pair
+    b_in, b_out = graph.bases[in_site], graph.bases[out_site]
+    E = graph.edges[pair]
+    const = graph.constant_node(in_site)
+    cols = [j for j in range(E.shape[1]) if j != const]
+    order = E[:, cols].flatten().argsort(descending=True)[:k]
+    mask = torch.zeros(E.shape, dtype=torch.bool)
+    mask[order // len(cols), torch.tensor(cols)[order % len(cols)]] = True
+    if const is not None:
+        mask[:, const] = True
+    with torch.no_grad():
+        (x,) = adapter.read_sites(tokens, [in_site])
+        h = x.double() @ b_in.C
+        coords = []
+        for i in range(E.shape[0]):
+            x_i = ((h * mask[i]) @ b_in.C_pinv).to(x.dtype)
+            if in_site.has_constant:
+                x_i[..., -1] = 1.0
+            y = adapter.run(tokens, read=out_site, write=(in_site, x_i)).double()
+            coords.append(y @ b_out.C[:, i])
+        x_out = (torch.stack(coords, -1) @ b_out.C_pinv).to(x.dtype)
+        if out_site.kind == "logits":
+            logits = adapter.read_sites(tokens, [Site("logits")])[0].clone()
+            logits[:, out_site.resolve_positions(tokens.shape[1])] = x_out
+        else:
+            x_out[..., -1] = 1.0
+            logits = adapter.run(tokens, read=Site("logits"), write=(out_site, x_out))
+        return float(fn(logits).mean())
+
+
+@pytest.mark.parametrize("arch", ["modadd", "native_ln_gelu", "llama"])
+def test_reused_and_stacked_runs_equal_one_run_per_direction(arch, tokenizer_dir):
+    """Closed-form sections (modadd), stacked model runs (LayerNorm, RMSNorm + rotary) and the
+    cache across probes give the metric of one model run per output direction (1e-10)."""
+    from tests import models as M
+
+    if arch == "modadd":
+        model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
+        train, test = modadd.train_test_split()
+        fit_tokens, tokens = modadd.tokens_for(train[:300]), modadd.tokens_for(test[:64])
+        sites = SITES
+    else:
+        model = M.build(arch, tokenizer_dir)
+        g = torch.Generator().manual_seed(1)
+        fit_tokens = torch.randint(0, M.VOCAB, (48, 5), generator=g)
+        tokens = torch.randint(0, M.VOCAB, (16, 5), generator=g)
+        sites = ["resid_pre.1", "resid_post.1:last", "logits:last"]
+    bases = tl_degen.fit_bases(model, fit_tokens, sites, progress=False)
+    graph = tl_degen.interaction_graph(model, fit_tokens, bases, progress=False)
+    labels = tokens[:, 0] % 7
+
+    def fn(logits):
+        return torch.nn.functional.cross_entropy(logits[:, -1].double(), labels,
+                                                 reduction="none")
+
+    for pair in graph.pairs():
+        n = int(graph.edges[pair].numel())
+        ks = [n // 2, n // 2 + 3, n // 5, 1]  # later probes reuse cached rows
+        key = f"{pair[0].name}->{pair[1].name}"
+        result = tl_degen.edge_ablation(model, tokens, graph, "loss", labels=labels,
+                                        pairs=[pair], n_edges=ks, batch_size=40,
+                                        progress=False)
+        for k in ks:
+            expected = _brute_force_edge_metric(model, tokens, graph, pair, k, fn)
+            assert result.results[key][k] == pytest.approx(expected, rel=1e-10, abs=1e-12), (
+                arch, key, k)

@@ -227,6 +227,12 @@ def edge_ablation(
     rebuilt from those coordinates and the rest of the network runs unchanged (the reference
     implementation's edge ablation).
 
+    Nothing is computed twice: the in-site is read once per pair; an output direction's
+    coordinates depend only on how many of its edges are kept, so they are cached across
+    probes; sections with a closed form (:mod:`tl_degen.closed_form`) are evaluated alone, at
+    the positions read, and other sections run the model with many masks stacked along the
+    batch (:data:`STACK_BUDGET` bytes at a time).
+
     Args:
         graph: an :class:`~tl_degen.graph.InteractionGraph` of this model.
         metric: as in :func:`ablation_curve` (``"accuracy"`` and ``"loss"`` need ``labels``,
@@ -283,6 +289,7 @@ def edge_ablation(
             order = E[:, cols].flatten().argsort(descending=True)
             total = order.numel()
             cache: dict[int, float] = {}
+            pair = _MaskedPair(adapter, batches, graph.bases, in_site, out_site, fn, n_total)
 
             def evaluate(k: int) -> float:
                 k = min(k, total)
@@ -291,10 +298,10 @@ def edge_ablation(
                     width = len(cols)
                     idx = order[:k]
                     mask[idx // width, cols[idx % width]] = True
+                    counts = mask[:, cols].sum(1)
                     if const is not None:
                         mask[:, const] = True
-                    cache[k] = _run_masked(adapter, batches, graph.bases, in_site, out_site,
-                                           mask, fn, n_total)
+                    cache[k] = pair.evaluate(mask, counts)
                 return cache[k]
 
             for k in tqdm(list(n_edges or []), desc=f"edge ablation {key}",
@@ -304,14 +311,19 @@ def edge_ablation(
             if tolerance is not None:
                 top = upper.get(key, total) if isinstance(upper, dict) else (upper or total)
                 lo, hi = 0, int(top)
+                steps = tqdm(total=1 + max(0, hi - 1).bit_length(), desc=f"bisecting {key}",
+                             disable=not progress)
                 probed[hi] = evaluate(hi)
+                steps.update()
                 while hi - lo > 1:
                     mid = (lo + hi + 1) // 2
                     probed[mid] = evaluate(mid)
+                    steps.update()
                     if abs(probed[mid] - baseline) <= tolerance:
                         hi = mid
                     else:
                         lo = mid
+                steps.close()
                 required[key] = hi
             for k in n_edges or []:
                 probed[int(k)] = evaluate(int(k))
@@ -319,39 +331,127 @@ def edge_ablation(
     return EdgeAblationResult(baseline, results, required, tolerance)
 
 
-def _run_masked(adapter, batches, bases, in_site, out_site, mask, fn, n_total) -> float:
-    b_in, b_out = bases[in_site], bases[out_site]
-    dev = adapter.device
-    C_in, Cp_in = b_in.C.to(dev), b_in.C_pinv.to(dev)
-    C_out, Cp_out = b_out.C.to(dev), b_out.C_pinv.to(dev)
-    groups, inverse = mask.unique(dim=0, return_inverse=True)
-    total, offset = 0.0, 0
-    for tokens in batches:
-        (x,) = adapter.read_sites(tokens, [in_site])
-        h = x.double() @ C_in
-        out_coords = None
-        for g, in_mask in enumerate(groups):
-            members = (inverse == g).nonzero()[:, 0].to(dev)
-            x_g = ((h * in_mask.to(dev)) @ Cp_in).to(x.dtype)
-            if in_site.has_constant:
-                x_g[..., -1] = 1.0
-            y = adapter.run(tokens, read=out_site, write=(in_site, x_g)).double()
-            part = y @ C_out[:, members]
-            if out_coords is None:
-                out_coords = torch.zeros(*part.shape[:-1], b_out.k, dtype=torch.float64,
-                                         device=dev)
-            out_coords[..., members] = part
-        x_out = out_coords @ Cp_out
-        if out_site.kind == "logits":
-            logits = x_out.to(x.dtype)
-            full = adapter.read_sites(tokens, [Site("logits")])[0].clone()
-            pos = out_site.resolve_positions(tokens.shape[1])
-            full[:, pos] = logits
-            logits = full
+#: Bytes the stacked masked copies of one batch may take (edge ablation runs several masks
+#: per forward pass, as many as fit).
+STACK_BUDGET = 2**30
+#: Bytes of output coordinates edge ablation keeps across probes of one layer pair.
+CACHE_BUDGET = 2**30
+
+
+@dataclass
+class _Batch:
+    tokens: Tensor
+    h: Tensor  # [b, n_in, k_in] input-site coordinates, float64
+    dtype: torch.dtype
+    section: object | None  # ClosedFormSection with a forward, or None (run the model)
+    logits: Tensor | None  # unablated logits, kept when the out-site is the logits
+
+
+class _MaskedPair:
+    """Edge ablation of one layer pair ``in → out``, with everything reusable across probes.
+
+    Output coordinate ``i`` under an edge mask depends only on mask row ``m_i``, and at a
+    probe keeping ``k`` edges row ``i`` keeps its first ``n_i(k)`` edges in the global order,
+    so coordinates are cached by ``(i, n_i)``: a bisection recomputes only the rows whose count
+    changed. The input site is read once per batch; the section is evaluated in closed form
+    when it has one (:meth:`~tl_degen.closed_form.ClosedFormSection.forward`: only the section,
+    only the positions read), else by the model with many masks stacked along the batch.
+    """
+
+    def __init__(self, adapter, batches, bases, in_site: Site, out_site: Site, fn, n_total):
+        from tl_degen.closed_form import recognise
+
+        self.adapter, self.in_site, self.out_site = adapter, in_site, out_site
+        self.fn, self.n_total = fn, n_total
+        dev = adapter.device
+        b_in, b_out = bases[in_site], bases[out_site]
+        self.C_in, self.Cp_in = b_in.C.to(dev), b_in.C_pinv.to(dev)
+        self.C_out, self.Cp_out = b_out.C.to(dev), b_out.C_pinv.to(dev)
+        self.cache: dict[tuple[int, int], list[Tensor]] = {}
+        self.cache_bytes = 0
+        self.batches: list[_Batch] = []
+        kept_logits = 0
+        for tokens in batches:
+            sites = [in_site] + ([Site("logits")] if out_site.kind == "logits" else [])
+            x, *rest = adapter.read_sites(tokens, sites)
+            logits = None
+            if rest and kept_logits + rest[0].numel() * rest[0].element_size() <= CACHE_BUDGET:
+                logits = rest[0]
+                kept_logits += logits.numel() * logits.element_size()
+            with torch.enable_grad():  # the closed form is checked against autograd
+                section = recognise(adapter, tokens, in_site, out_site, x)
+            if section is not None and section.forward(x[:1]) is None:
+                section = None
+            self.batches.append(_Batch(tokens, x.double() @ self.C_in, x.dtype, section, logits))
+
+    def _per_run(self, item: _Batch) -> int:
+        """Masks per forward pass: as many stacked copies of the batch as fit the budget."""
+        a = self.adapter
+        b, n_pos = item.tokens.shape
+        width = max(a.d_model, a.d_mlp or 0, self.C_in.shape[0], self.C_out.shape[0])
+        if item.section is not None and item.section.kind != "attention":
+            n_pos = len(self.out_site.resolve_positions(n_pos))
+        per_mask = b * n_pos * width * max(item.h.element_size(), 4) * 6
+        return max(1, STACK_BUDGET // per_mask)
+
+    def _outputs(self, item: _Batch, masks: Tensor) -> Tensor:
+        """The out-site vectors ``[G, b, n_out, d_out]`` (float64) for ``G`` input masks."""
+        G = masks.shape[0]
+        b = item.h.shape[0]
+        x = ((item.h[None] * masks[:, None, None, :].to(item.h)) @ self.Cp_in).to(item.dtype)
+        if self.in_site.has_constant:
+            x[..., -1] = 1.0
+        x = x.reshape(G * b, *x.shape[2:])
+        if item.section is not None:
+            y = item.section.forward(x)
         else:
-            x_out = x_out.to(x.dtype)
-            x_out[..., -1] = 1.0
-            logits = adapter.run(tokens, read=Site("logits"), write=(out_site, x_out))
-        total += float(fn(logits, slice(offset, offset + tokens.shape[0])).sum())
-        offset += tokens.shape[0]
-    return total / n_total
+            y = self.adapter.run(item.tokens.repeat(G, 1), read=self.out_site,
+                                 write=(self.in_site, x))
+        return y.double().reshape(G, b, *y.shape[1:])
+
+    def evaluate(self, mask: Tensor, counts: Tensor) -> float:
+        """Mean metric over the data with the ``[k_out, k_in]`` edge mask (``counts[i]``:
+        edges kept in row ``i`` besides the constant node's)."""
+        keys = [(i, int(n)) for i, n in enumerate(counts.tolist())]
+        missing = [i for i, key in enumerate(keys) if key not in self.cache]
+        if missing:
+            dev = self.adapter.device
+            groups, inverse = mask[missing].unique(dim=0, return_inverse=True)
+            new: dict[tuple[int, int], list[Tensor]] = {keys[i]: [] for i in missing}
+            for item in self.batches:
+                per_run = self._per_run(item)
+                for start in range(0, len(groups), per_run):
+                    chunk = groups[start:start + per_run].to(dev)
+                    y = self._outputs(item, chunk)
+                    for g in range(chunk.shape[0]):
+                        rows = [missing[r] for r in (inverse == start + g).nonzero()[:, 0]]
+                        coords = y[g] @ self.C_out[:, rows]  # [b, n_out, len(rows)]
+                        for c, i in enumerate(rows):
+                            new[keys[i]].append(coords[..., c])
+            lookup = {key: new[key] if key in new else self.cache[key] for key in keys}
+            size = sum(t.numel() * t.element_size() for v in new.values() for t in v)
+            if self.cache_bytes + size > CACHE_BUDGET:  # start over; results are unchanged
+                self.cache.clear()
+                self.cache_bytes = 0
+            self.cache.update(new)
+            self.cache_bytes += size
+        else:
+            lookup = self.cache
+        total, offset = 0.0, 0
+        for bi, item in enumerate(self.batches):
+            out_coords = torch.stack([lookup[key][bi] for key in keys], dim=-1)
+            x_out = (out_coords @ self.Cp_out).to(item.dtype)
+            tokens = item.tokens
+            if self.out_site.kind == "logits":
+                full = item.logits if item.logits is not None else self.adapter.read_sites(
+                    tokens, [Site("logits")])[0]
+                full = full.clone()
+                full[:, self.out_site.resolve_positions(tokens.shape[1])] = x_out
+                logits = full
+            else:
+                x_out[..., -1] = 1.0
+                logits = self.adapter.run(tokens, read=Site("logits"),
+                                          write=(self.out_site, x_out))
+            total += float(self.fn(logits, slice(offset, offset + tokens.shape[0])).sum())
+            offset += tokens.shape[0]
+        return total / self.n_total

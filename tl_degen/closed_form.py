@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 
 from tl_degen.adapters.base import Adapter
@@ -139,6 +140,39 @@ class ClosedFormSection:
 
     def _rows(self, x: Tensor) -> Tensor:
         return x[:, self.params["rows_in"]].reshape(-1, x.shape[-1])
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Float[Tensor, "batch n_in d_in"]
+                ) -> Float[Tensor, "batch n_out d_out"] | None:
+        """The section's output, as :meth:`Adapter.run` returns it with ``x`` written at the
+        input site and the output site read: ``[batch, n_out_positions, d_out (+1)]``, the
+        constant coordinate last (none for logits). Only the section is computed — nothing
+        upstream of the input site and nothing at positions the output does not read.
+
+        Returns ``None`` when some output position is not a function of the written
+        positions alone (then the caller runs the model).
+        """
+        P = self.params
+        if self.kind == "attention":
+            pos = P["out_pos"]
+            _, _, v, A = P["attention"](x)
+            A = A[:, :, pos]  # [b, H, t, s]
+            z = torch.einsum("bhts,bhse->bthe", A, v)
+            resid = (x[:, pos, :-1] + torch.einsum("bthe,hed->btd", z, P["W_O"])
+                     + torch.einsum("bhts,bs->bt", A, x[..., -1])[..., None] * P["b_O"]
+                     / P["H"])
+            return torch.cat([resid, x[:, pos, -1:]], dim=-1)
+        if len(P["out_rows"]) != len(self.out_site.resolve_positions(self.n_pos)):
+            return None
+        xr = x[:, P["rows_in"]]  # [b, n_out, d_in + 1], in the order of the out positions
+        if self.kind in ("unembed", "linear"):
+            return xr @ P["J"]  # the last column of a linear J carries the constant
+        pre = xr @ P["w_in"]
+        hidden = P["act"](pre)
+        if self.out_site.kind == "mlp_post":
+            return torch.cat([hidden, xr], dim=-1)
+        out = xr[..., :-1] + hidden @ P["w_out_t"][:, :-1] + xr[..., -1:] * P["j0"][-1, :-1]
+        return torch.cat([out, xr[..., -1:]], dim=-1)
 
     # ------------------------------------------------------------------ edges
     def edge_squares(self, x_eval: Tensor, h: Tensor, C_pinv: Tensor, out_basis: Tensor | None,
