@@ -193,6 +193,8 @@ class ClosedFormSection:
             M = C_pinv.double() @ J @ C  # [k_in, k_out]
             h2 = (h[:, self.params["rows_in_list"]].double() ** 2).sum((0, 1))  # [k_in]
             return (M.T ** 2) * h2[None, :]
+        if self.kind == "mlp":
+            return self._mlp_edge_squares(x_eval, h, C_pinv, out_basis, alphas, weights, chunk)
         k_out = (out_basis.shape[1] if out_basis is not None
                  else self.adapter.site_dim(self.out_site) + int(self.out_site.has_constant))
         E = torch.zeros(k_out, C_pinv.shape[0], dtype=torch.float64, device=h.device)
@@ -200,6 +202,30 @@ class ClosedFormSection:
             g_h = torch.einsum("brdm,jd->brjm", pb.g.double(), C_pinv)
             A = torch.einsum("brjm,brj->bmj", g_h, h[pb.samples][:, pb.in_rows])
             E.index_add_(0, pb.dirs, (A * A).sum(0))
+        return E
+
+    def _mlp_edge_squares(self, x, h, C_pinv, out_basis, alphas, weights, chunk):
+        """``C⁺ g = C⁺ J0 C + (C⁺ W̃_in) diag(σ̄′) (W̃_out C)`` per row, contracted with ``h``
+        directly (float64), without forming the pullback ``g``: one ``[k_in, m] × [m, k_out]``
+        product per row instead of two."""
+        P = self.params
+        d_out = self.adapter.site_dim(self.out_site) + int(self.out_site.has_constant)
+        C = (torch.eye(d_out, dtype=torch.float64, device=x.device) if out_basis is None
+             else out_basis.double())
+        Cp = C_pinv.double()
+        M0 = Cp @ P["j0"].double() @ C  # [k_in, k_out]
+        CpW = Cp @ P["w_in"].double()  # [k_in, m]
+        WoC = P["w_out_t"].double() @ C  # [m, k_out]
+        E = torch.zeros(C.shape[1], Cp.shape[0], dtype=torch.float64, device=x.device)
+        for start in range(0, x.shape[0], chunk):
+            for r in P["rows_in_list"]:
+                xt = x[start:start + chunk, r]
+                pre = xt @ P["w_in"]
+                dbar = sum(w * _act_derivative(P["act"], a * pre)
+                           for a, w in zip(alphas, weights)).double()  # [b, m]
+                A = M0 + CpW @ (dbar[:, :, None] * WoC)  # [b, k_in, k_out]
+                A *= h[start:start + chunk, r].double()[:, :, None]
+                E += (A * A).sum(0).T
         return E
 
     def _attention_edge_squares(self, x, h, C_pinv, out_basis, alphas, weights, chunk):
@@ -216,7 +242,6 @@ class ClosedFormSection:
         PVj = torch.einsum("jd,hde,hek->hjk", Cp, P["wv"], O)  # [H, k_in, k]
         wk_j = torch.einsum("jd,hde->hje", Cp, P["wk"]) / scale
         wq_j = torch.einsum("jd,hde->hje", Cp, P["wq"]) / scale
-        wq_flat = wq_j.permute(0, 2, 1).reshape(-1, wq_j.shape[1])  # [(h, e), k_in]
         cp_const = Cp[:, -1]  # [k_in]
         CpC = Cp @ C  # [k_in, k]
         E = torch.zeros(C.shape[1], Cp.shape[0], dtype=torch.float64, device=x.device)
@@ -233,11 +258,13 @@ class ClosedFormSection:
                     ah = torch.einsum("bhs,bsj->bhj", At, hb)  # Σ_s A_hts h_sj
                     Ab = torch.einsum("bhj,hjk->bkj", ah, PVj)
                     wkq = torch.einsum("hje,bhe->bhj", wk_j, q[:, :, t])
-                    Ab += torch.einsum("bhsk,bhsj->bkj", beta, wkq[:, :, None] * hb[:, None])
+                    # key path h[s]·(W̃_K q_t) and query path h[t]·(W̃_Q k_s), both weighted
+                    # by β[b,h,s,k]: one contraction over (h, s)
+                    kwq = torch.einsum("bhse,hje->bhsj", k, wq_j)
+                    paths = wkq[:, :, None] * hb[:, None] + kwq * hb[:, None, t:t + 1]
+                    Ab += torch.einsum("bhsk,bhsj->bkj", beta, paths)
                     Ab += torch.einsum("k,j,bj->bkj", bU, cp_const, ah.sum(1))
-                    kq = torch.einsum("bhsk,bhse->bkhe", beta, k).reshape(-1, H * wq_j.shape[2])
-                    q_term = (kq @ wq_flat).view(Ab.shape)  # Σ_h W̃_Q^h (Σ_s β k) per (b, k, j)
-                    Ab += hb[:, t, None, :] * (CpC.T[None] + q_term)
+                    Ab += hb[:, t, None, :] * CpC.T[None]
                     A_total = Ab if len(fwd) == 1 else (
                         wgt * Ab if A_total is None else A_total + wgt * Ab)
                 E += (A_total.double() ** 2).sum(0)
