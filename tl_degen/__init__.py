@@ -9,6 +9,7 @@ Examples:
     >>> print(bases)
 """
 
+from tl_degen import memory
 from tl_degen.ablation import AblationCurve, EdgeAblationResult, ablation_curve, edge_ablation
 from tl_degen.basis import Dropped, InteractionBasis, Threshold
 from tl_degen.basis_set import BasisSet
@@ -56,6 +57,7 @@ __all__ = [
     "ablation_curve",
     "AblationCurve",
     "edge_ablation",
+    "memory",
     "EdgeAblationResult",
     "patch_directions",
     "PatchResult",

@@ -108,7 +108,7 @@ def ablation_curve(
     n_kept: Sequence[int] | None = None,
     labels: Tensor | None = None,
     position: int = -1,
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> AblationCurve:
@@ -214,7 +214,7 @@ def edge_ablation(
     upper: int | dict[str, int] | None = None,
     labels: Tensor | None = None,
     position: int = -1,
-    batch_size: int = 16384,
+    batch_size: int | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> EdgeAblationResult:

@@ -70,19 +70,19 @@ def demo(args: argparse.Namespace) -> int:
     for method in ("lib", "pca", "neuron"):
         step(f"fit {method} bases")
         bases[method] = tl_degen.fit_bases(model, tokens, DEMO_SITES, method=method,
-                                           batch_size=4000, progress=False)
+                                           progress=False)
         done(f"fit {method} bases")
     lib = bases["lib"]
     step("interaction graph (LIB)")
-    graph = tl_degen.interaction_graph(model, tokens, lib, batch_size=4000, progress=False)
+    graph = tl_degen.interaction_graph(model, tokens, lib, progress=False)
     done("interaction graph (LIB)")
     step("edge-mass graphs (LIB, PCA; reference sites)")
     mass_graphs = {}
     for method in ("lib", "pca"):
         ref_bases = tl_degen.fit_bases(model, tokens, REFERENCE_SITES, method=method,
-                                       batch_size=4000, progress=False)
+                                       progress=False)
         mass_graphs[method.upper()] = tl_degen.interaction_graph(
-            model, tokens, ref_bases, batch_size=4000, progress=False)
+            model, tokens, ref_bases, progress=False)
     done("edge-mass graphs (LIB, PCA; reference sites)")
     step("modules and Fourier labels")
     modules = graph.modules(resolution=1.0, seed=0)
@@ -100,7 +100,7 @@ def demo(args: argparse.Namespace) -> int:
                              [0, .02, .04, .06, .08, .1, .15, .2, .3, .4, .6, .8, 1.0]})
             curves[(site, method)] = tl_degen.ablation_curve(
                 model, test_tokens, bset, site, "accuracy", n_kept=n_kept, labels=labels_test,
-                batch_size=9000, progress=False)
+                progress=False)
     done("ablation curves")
 
     step("patching")
@@ -370,7 +370,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", required=True, help="comma-separated, in forward order, e.g. "
                    "resid_pre.0,resid_mid.0:last,resid_post.0:last,logits:last")
     p.add_argument("--method", default="lib", choices=["lib", "pca", "neuron"])
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per pass (default: from the memory budget)")
     p.add_argument("--n-probes", type=int, default=None,
                    help="stochastic estimate with this many probes (language models)")
     p.add_argument("--dtype", default="float32", help="model dtype while fitting")

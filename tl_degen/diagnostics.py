@@ -196,7 +196,7 @@ def degeneracy_report(
     threshold: float | Threshold = 1e-10,
     jaccard_tolerance: float = 0.0,
     pattern_tolerance: float = 1e-6,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     progress: bool = True,
     effective: bool | EffectiveParameters = False,
     effective_kwargs: dict | None = None,
@@ -436,7 +436,7 @@ def check_invariance(
     corrupted_tokens: Tensor | None = None,
     metric: Callable[[Tensor], Tensor] | None = None,
     threshold: float | Threshold = 1e-10,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> InvarianceReport:
     """Reparameterise the model without changing its function and compare, side by side,

@@ -21,6 +21,7 @@ from tl_degen.basis import METHODS, Dropped, InteractionBasis, Threshold, lib_ro
 from tl_degen.basis_set import BasisSet, model_probe
 from tl_degen.closed_form import recognise
 from tl_degen.errors import DataError, TLDegenError
+from tl_degen.memory import auto_batch_size
 from tl_degen.sections import accumulate_jacobian_gram, integration_rule
 from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import GramAccumulator, MomentAccumulator
@@ -30,15 +31,19 @@ __all__ = ["fit_bases", "site_activations", "token_batches"]
 
 
 def token_batches(
-    tokens: Tensor | Iterable[Tensor], batch_size: int, adapter: Adapter
+    tokens: Tensor | Iterable[Tensor], batch_size: int | None, adapter: Adapter
 ) -> list[Int[Tensor, "batch pos"]]:
     """Validate tokens and split them into batches on the model's device.
+
+    ``batch_size=None`` takes as many sequences as fit the memory budget
+    (:func:`tl_degen.memory.auto_batch_size`).
 
     ``tokens`` is a ``[batch, pos]`` integer tensor or an iterable of such tensors (all of the
     same length). Raises :class:`~tl_degen.errors.DataError` on anything else.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise DataError(f"batch_size must be a positive integer or None (from the memory "
+                        f"budget, tl_degen.memory), got {batch_size!r}")
     if not isinstance(tokens, Tensor) and hasattr(tokens, "__array__") or (
             isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], (list, tuple))
             and tokens[0] and isinstance(tokens[0][0], int)):
@@ -47,17 +52,23 @@ def token_batches(
         except (TypeError, ValueError):
             raise DataError("tokens must be a [batch, pos] array of integer ids") from None
     if isinstance(tokens, Tensor):
-        chunks = [tokens] if tokens.dim() != 2 else list(tokens.split(batch_size))
+        chunks = [tokens]
         if tokens.dim() == 2 and tokens.shape[0] == 0:
             chunks = []
     elif isinstance(tokens, Iterable) and not isinstance(tokens, (str, bytes)):
         chunks = []
         for t in tokens:
             t = torch.as_tensor(t)
-            chunks.extend(t.split(batch_size) if t.dim() == 2 else [t])
+            chunks.append(t)
     else:
         raise DataError(f"tokens must be a [batch, pos] tensor or an iterable of them, got "
                         f"{type(tokens).__name__}")
+    if not chunks:
+        raise DataError("no tokens: pass at least one sequence ([batch, pos] tensor)")
+    if batch_size is None:
+        width = max((t.shape[1] for t in chunks if t.dim() == 2), default=adapter.n_ctx)
+        batch_size = auto_batch_size(adapter, min(max(width, 1), adapter.n_ctx))
+    chunks = [piece for t in chunks for piece in (t.split(batch_size) if t.dim() == 2 else [t])]
     if not chunks:
         raise DataError("no tokens: pass at least one sequence ([batch, pos] tensor)")
     n_pos = None
@@ -133,7 +144,7 @@ def _resolve_sites(adapter: Adapter, sites, n_pos: int) -> list[Site]:
 
 def site_activations(
     model, tokens: Int[Tensor, "batch pos"] | Iterable[Tensor], site: str | Site, *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> Float[Tensor, "batch n_pos d_site"]:
     """The site's vectors ``[batch, n_site_positions, d_site]`` (constant coordinate last)
     for ``tokens`` ``[batch, pos]``.
@@ -158,7 +169,7 @@ def fit_bases(
     sites: Sequence[str | Site] | str,
     *,
     method: str = "lib",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     center: bool = True,
     threshold: float | Threshold = 1e-13,
     integration: str = "gradient",
@@ -179,7 +190,8 @@ def fit_bases(
         sites: site names in forward order, e.g. ``["resid_pre.0", "resid_mid.0:last",
             "resid_post.0:last", "logits:last"]`` (see :mod:`tl_degen.sites`).
         method: ``"lib"`` (interaction basis), ``"pca"`` or ``"neuron"``.
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass (default: as many as fit the memory budget,
+            :mod:`tl_degen.memory`).
         center: subtract the data mean (through the constant coordinate) before whitening.
         threshold: eigenvalue cutoff; a float is relative to the largest eigenvalue at each
             stage, ``Threshold.absolute(x)`` is absolute.

@@ -50,7 +50,7 @@ def interaction_graph(
     *,
     integration: str = "gradient",
     n_alpha: int | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     dtype: torch.dtype | None = torch.float64,
     progress: bool = True,
     closed_form: bool = True,
@@ -65,7 +65,8 @@ def interaction_graph(
         tokens: ``[batch, pos]`` token ids (or an iterable of batches), same length as the fit.
         bases: a :class:`~tl_degen.basis_set.BasisSet` with at least two sites.
         integration, n_alpha: integration rule for ``A`` (as in :func:`tl_degen.fit_bases`).
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass (default: as many as fit the memory budget,
+            :mod:`tl_degen.memory`).
         dtype: dtype the model runs in (restored afterwards); accumulation is float64.
         closed_form: use the closed forms of :mod:`tl_degen.closed_form` where they apply
             (``False``: autograd everywhere; the results agree to rounding).

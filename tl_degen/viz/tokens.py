@@ -41,7 +41,7 @@ def fix_local_src(src: str) -> str:
 
 
 def direction_values(model, tokens: Int[Tensor, "batch pos"], basis: InteractionBasis,
-                     directions: Sequence[int], *, batch_size: int = 256,
+                     directions: Sequence[int], *, batch_size: int | None = None,
                      ) -> Float[Tensor, "batch n_pos n_dirs"]:
     """Coordinates ``x̂[:, :, directions]`` of the data at the basis' site and positions:
     ``[batch, n_site_positions, len(directions)]`` for ``tokens`` ``[batch, pos]``.
