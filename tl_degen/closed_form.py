@@ -133,10 +133,129 @@ class ClosedFormSection:
             J64 = self.params["J"].double()
             acc.add_matrix(xr.shape[0] * (J64 @ _k_matrix(out_basis, J64.shape[1], x.device)
                                           @ J64.T))
+        elif len(alphas) == 1:  # attention, one evaluation point: summed in factored form
+            acc.add_matrix(weights[0] ** 2 * self._attention_jacobian_gram(alphas[0] * x,
+                                                                           out_basis))
         else:
             for pb in self.pullbacks(x, out_basis, alphas, weights):
                 acc.add_rows(pb.g.transpose(-1, -2))
         acc.add_count(x.shape[0] * x.shape[1])
+
+    def _attention_jacobian_gram(self, x: Tensor, out_basis: Tensor | None) -> Tensor:
+        """``Σ_b Σ_t Σ_s g_s(u) g_s(u)ᵀ`` summed over the output directions ``u`` (columns of
+        ``C``), without forming the pullbacks ``g`` (``[b, s, d+1, k]``).
+
+        With the notation of the module docstring, ``g_s = P1_s + P2_s + P3_s + δ_st P4``:
+        ``P1_s = Σ_h A_hts V_h`` (``V_h = W̃_V^h W_O^h U``, sample-independent),
+        ``P2_s = Σ_h κ_h β_hsᵀ`` (``κ_h = W̃_K^h q_ht/√d_head``), ``P3_s = e_c a_s bUᵀ``
+        (``a_s = Σ_h A_hts``) and ``P4 = C + W̃_Q KB`` (``KB_h = Σ_s k_hs β_hsᵀ``, ``W̃_Q``
+        scaled by ``1/√d_head``).
+        Every product of two terms is summed over samples before it meets the
+        ``[d+1, k]`` matrices, so the cost is that of the attention itself plus
+        ``O(H² (d+1)² k)``, not ``O(N·P·(d+1)²·k)``. Equal to the sum of the pullbacks'
+        outer products (tests/test_closed_form.py) to float64 rounding.
+        """
+        P = self.params
+        dt, dev = x.dtype, x.device
+        H, scale = P["H"], P["scale"]
+        D = x.shape[-1]
+        d_out = self.adapter.site_dim(self.out_site) + 1
+        C = torch.eye(d_out, dtype=dt, device=dev) if out_basis is None else out_basis.to(dt)
+        kk = C.shape[1]
+        U_d = C[:-1]
+        O = torch.einsum("hed,dk->hek", P["W_O"], U_d)  # [H, e, k]
+        bU = P["b_O"] @ U_d / H  # [k]
+        V = torch.einsum("hde,hek->hdk", P["wv"], O)  # [H, D, k]
+        wq_s, wk_s = P["wq"] / scale, P["wk"] / scale  # [H, D, e]
+        e = wq_s.shape[2]
+        f64 = dict(dtype=torch.float64, device=dev)
+        He = H * e
+        S_hg = torch.zeros(H, H, **f64)
+        T22 = torch.zeros(D, D, **f64)
+        Y = torch.zeros(H, kk, D, **f64)
+        c13 = torch.zeros(H, **f64)
+        v23 = torch.zeros(D, **f64)
+        s33 = torch.zeros((), **f64)
+        n = 0
+        sum_kb = torch.zeros(He, kk, **f64)
+        KK = torch.zeros(He, He, **f64)
+        a_t_tot = torch.zeros(H, **f64)
+        p2_sum = torch.zeros(D, kk, **f64)
+        a_t_sum = torch.zeros((), **f64)
+        Z = torch.zeros(H, H, e, kk, **f64)  # [h, g, e, k]
+        W2 = torch.zeros(He, D, **f64)
+        w3 = torch.zeros(He, **f64)
+        S = x.shape[1]
+        chunk = max(1, min(1024, 2**23 // max(1, H * S * max(kk, H * S, He))))
+        for start in range(0, x.shape[0], chunk):
+            xb = x[start:start + chunk]
+            b = xb.shape[0]
+            ca = xb[..., -1]
+            q, k, v, A = P["attention"](xb)  # [b, H, s, e], pattern [b, H, t, s]
+            kH = k.transpose(0, 1).contiguous()  # [H, b, s, e]
+            vo = (v.transpose(0, 1).reshape(H, b * S, e) @ O).view(H, b, S, kk)
+            # block-diagonal keys, rows (b, h, s), columns (h, e)
+            Kblk = torch.zeros(b, H, S, H, e, dtype=dt, device=dev)
+            for h in range(H):
+                Kblk[:, h, :, h] = k[:, h]
+            Kblk = Kblk.view(b * H * S, He)
+            for t in P["out_pos"]:
+                At = A[:, :, t].transpose(0, 1).contiguous()  # [H, b, s]
+                w = vo + ca[None, :, :, None] * bU
+                mean_w = torch.einsum("hbs,hbsk->hbk", At, w)
+                beta = At[..., None] * (w - mean_w[:, :, None])  # [H, b, s, k]
+                kappa = q[:, :, t].transpose(0, 1) @ wk_s.transpose(1, 2)  # [H, b, D]
+                kapB = kappa.transpose(0, 1).contiguous()  # [b, H, D]
+                kap2 = kapB.view(b * H, D)
+                a = At.sum(0)  # [b, s]
+                betaB = beta.permute(1, 0, 2, 3).reshape(b, H * S, kk)  # [b, (h, s), k]
+                # Σ_s (P1 + P2 + P3)(P1 + P2 + P3)ᵀ
+                At2 = At.view(H, b * S)
+                S_hg += (At2 @ At2.T).double()
+                betaS = betaB.view(b, H, S * kk)
+                Bm = torch.bmm(betaS, betaS.transpose(1, 2))  # [b, H, H]
+                T22 += (kap2.T @ torch.bmm(Bm, kapB).view(b * H, D)).double()
+                gamma = torch.bmm(At.transpose(0, 1),  # γ[b, h, g, k] = Σ_s A_bhs β_bgsk
+                                  beta.permute(1, 2, 0, 3).reshape(b, S, H * kk))
+                Y += (gamma.view(b, H, H, kk).permute(1, 3, 0, 2).reshape(H, kk, b * H)
+                      @ kap2).double()
+                c13 += (At * a[None]).sum((1, 2)).double()
+                r = beta @ bU  # [H, b, s]
+                v23 += (kappa.reshape(H * b, D).T @ (r * a[None]).sum(2).reshape(H * b)).double()
+                s33 += (a * a).sum().double()
+                # the s = t row: P4 = C + W̃_Q KB, KB_h = Σ_s k_hs β_hsᵀ (never formed)
+                n += b
+                sum_kb += (Kblk.T @ betaB.view(b * H * S, kk)).double()
+                MB = torch.bmm(betaB, betaB.transpose(1, 2))  # [b, (h, s), (g, t')]
+                KK += (Kblk.T @ torch.bmm(MB, Kblk.view(b, H * S, He)).view(-1, He)).double()
+                At_t = At[:, :, t]  # [H, b]
+                a_t_tot += At_t.sum(1).double()
+                beta_t = beta[:, :, t]  # [H, b, k]
+                p2_sum += (kappa.reshape(H * b, D).T @ beta_t.reshape(H * b, kk)).double()
+                a_t_sum += a[:, t].sum().double()
+                lhs = At_t[None, :, None, :, None] * kH.permute(0, 3, 1, 2)[:, None]
+                Z += (lhs.reshape(H, He, b * S) @ beta.reshape(H, b * S, kk)).view(
+                    H, H, e, kk).double()
+                Bt = torch.bmm(betaB, beta_t.permute(1, 2, 0))  # [b, (h, s), g]
+                W2 += (Kblk.T @ torch.bmm(Bt, kapB).view(-1, D)).double()
+                rv = (r * a[:, t][None, :, None]).permute(1, 0, 2).reshape(-1)
+                w3 += (Kblk.T @ rv).double()
+        V, C, bU = V.double(), C.double(), bU.double()
+        WQ = wq_s.double().permute(1, 0, 2).reshape(D, He)  # [D, (h, e)]
+        ec = torch.zeros(D, **f64)
+        ec[-1] = 1.0
+        VV = torch.einsum("hdk,gfk->hgdf", V, V)
+        M = torch.einsum("hg,hgdf->df", S_hg, VV) + T22
+        T12 = torch.einsum("hdk,hkf->df", V, Y)
+        T13 = torch.outer(torch.einsum("h,hdk,k->d", c13, V, bU), ec)
+        T23 = torch.outer(v23, ec)
+        M += T12 + T12.T + T13 + T13.T + T23 + T23.T + s33 * (bU @ bU) * torch.outer(ec, ec)
+        CKB = C @ sum_kb.T @ WQ.T
+        M += n * (C @ C.T) + CKB + CKB.T + WQ @ KK @ WQ.T
+        Q_sum = torch.einsum("h,hdk->dk", a_t_tot, V) + p2_sum + torch.outer(ec, a_t_sum * bU)
+        X = torch.einsum("hgek,gdk->hed", Z, V).reshape(He, D) + W2 + torch.outer(w3, ec)
+        cross = C @ Q_sum.T + WQ @ X
+        return M + cross + cross.T
 
     def _rows(self, x: Tensor) -> Tensor:
         return x[:, self.params["rows_in"]].reshape(-1, x.shape[-1])
@@ -329,12 +448,18 @@ class ClosedFormSection:
                 yield Pullback(slice(start, start + xb.shape[0]), all_rows, j, dirs, g_total)
 
 
+#: Sequences of a batch on which a closed form is checked against the model.
+CHECK_ROWS = 256
+
+
 def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
               x: Tensor) -> ClosedFormSection | None:
     """The closed form of the section, if it has one and it reproduces the model's own
-    forward pass on this batch (``x``: the input site's vectors on ``tokens``)."""
+    forward pass and one vector-Jacobian product on this batch (``x``: the input site's
+    vectors on ``tokens``; the first :data:`CHECK_ROWS` sequences are checked)."""
     if not _no_norm(adapter) or in_site.kind == "logits":
         return None
+    tokens, x = tokens[:CHECK_ROWS], x[:CHECK_ROWS]
     n_pos = tokens.shape[1]
     in_pos, out_pos = in_site.resolve_positions(n_pos), out_site.resolve_positions(n_pos)
     cfg = adapter.model.cfg
