@@ -72,6 +72,8 @@ def _no_norm(adapter: Adapter) -> bool:
 
 
 def _act_derivative(act, pre: Tensor) -> Tensor:
+    if act is F.relu:  # the same values autograd gives (0 at 0), without a backward pass
+        return (pre > 0).to(pre.dtype)
     with torch.enable_grad():
         p = pre.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(act(p).sum(), p)
@@ -336,6 +338,8 @@ class ClosedFormSection:
         CpW = Cp @ P["w_in"].double()  # [k_in, m]
         WoC = P["w_out_t"].double() @ C  # [m, k_out]
         E = torch.zeros(C.shape[1], Cp.shape[0], dtype=torch.float64, device=x.device)
+        # [b, m, k_out] per chunk: small enough to stay in cache (measured 1.6x faster than 256)
+        chunk = max(1, min(chunk, 2**21 // max(1, WoC.numel())))
         for start in range(0, x.shape[0], chunk):
             for r in P["rows_in_list"]:
                 xt = x[start:start + chunk, r]
@@ -364,6 +368,8 @@ class ClosedFormSection:
         cp_const = Cp[:, -1]  # [k_in]
         CpC = Cp @ C  # [k_in, k]
         E = torch.zeros(C.shape[1], Cp.shape[0], dtype=torch.float64, device=x.device)
+        # [b, k, k_in] per chunk: small enough to stay in cache (measured 1.7x faster than 256)
+        chunk = max(1, min(chunk, 2**19 // max(1, C.shape[1] * Cp.shape[0])))
         for start in range(0, x.shape[0], chunk):
             xb, hb = x[start:start + chunk], h[start:start + chunk].to(dt)
             fwd = [(wgt, alpha * xb[..., -1], *P["attention"](alpha * xb))
@@ -382,11 +388,12 @@ class ClosedFormSection:
                     kwq = torch.einsum("bhse,hje->bhsj", k, wq_j)
                     paths = wkq[:, :, None] * hb[:, None] + kwq * hb[:, None, t:t + 1]
                     Ab += torch.einsum("bhsk,bhsj->bkj", beta, paths)
-                    Ab += torch.einsum("k,j,bj->bkj", bU, cp_const, ah.sum(1))
+                    Ab += bU[None, :, None] * (cp_const * ah.sum(1))[:, None, :]
                     Ab += hb[:, t, None, :] * CpC.T[None]
                     A_total = Ab if len(fwd) == 1 else (
                         wgt * Ab if A_total is None else A_total + wgt * Ab)
-                E += (A_total.double() ** 2).sum(0)
+                A_total = A_total.double()
+                E += (A_total * A_total).sum(0)
         return E
 
     # ------------------------------------------------------------------ pullbacks
