@@ -333,7 +333,7 @@ def edge_ablation(
 
 #: Bytes the stacked masked copies of one batch may take (edge ablation runs several masks
 #: per forward pass, as many as fit).
-STACK_BUDGET = 2**30
+STACK_BUDGET = 2**28
 #: Bytes of output coordinates edge ablation keeps across probes of one layer pair.
 CACHE_BUDGET = 2**30
 
@@ -398,7 +398,9 @@ class _MaskedPair:
         """The out-site vectors ``[G, b, n_out, d_out]`` (float64) for ``G`` input masks."""
         G = masks.shape[0]
         b = item.h.shape[0]
-        x = ((item.h[None] * masks[:, None, None, :].to(item.h)) @ self.Cp_in).to(item.dtype)
+        masked = masks[:, :, None].to(self.Cp_in) * self.Cp_in  # [G, k_in, d_in]: C⁺ rows kept
+        x = torch.matmul(item.h.reshape(1, -1, item.h.shape[-1]), masked).to(item.dtype)
+        x = x.view(G, b, *item.h.shape[1:-1], -1)
         if self.in_site.has_constant:
             x[..., -1] = 1.0
         x = x.reshape(G * b, *x.shape[2:])
@@ -409,9 +411,30 @@ class _MaskedPair:
                                  write=(self.in_site, x))
         return y.double().reshape(G, b, *y.shape[1:])
 
+    def _linear_coords(self, item: _Batch, mask: Tensor) -> Tensor | None:
+        """For a linear section ``y = x J``, every output direction at once:
+        ``out[b,t,i] = Σ_j h[b,t,j] m[i,j] A[j,i] + c[i]`` with ``A = C⁺ J C_out`` (the
+        constant coordinate of the masked input reset to 1, as in the model runs)."""
+        section = item.section
+        if section is None or section.kind not in ("unembed", "linear"):
+            return None
+        J = section.params["J"].double()
+        Cp = self.Cp_in.double().clone()
+        c = torch.zeros(self.C_out.shape[1], dtype=torch.float64, device=Cp.device)
+        if self.in_site.has_constant:
+            Cp[:, -1] = 0.0
+            c = J[-1] @ self.C_out
+        A = Cp @ J @ self.C_out  # [k_in, k_out]
+        h = item.h[:, section.params["rows_in_list"]]  # [b, n_out, k_in]
+        return h @ (mask.T.to(A) * A) + c
+
     def evaluate(self, mask: Tensor, counts: Tensor) -> float:
         """Mean metric over the data with the ``[k_out, k_in]`` edge mask (``counts[i]``:
         edges kept in row ``i`` besides the constant node's)."""
+        linear = [self._linear_coords(item, mask.to(self.adapter.device))
+                  for item in self.batches]
+        if all(out is not None for out in linear):
+            return self._metric(linear)
         keys = [(i, int(n)) for i, n in enumerate(counts.tolist())]
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         if missing:
@@ -437,9 +460,14 @@ class _MaskedPair:
             self.cache_bytes += size
         else:
             lookup = self.cache
+        return self._metric([torch.stack([lookup[key][bi] for key in keys], dim=-1)
+                             for bi in range(len(self.batches))])
+
+    def _metric(self, coords: list[Tensor]) -> float:
+        """Mean metric with the out-site rebuilt from ``coords`` (one ``[b, n_out, k_out]``
+        per batch) and the rest of the network run unchanged."""
         total, offset = 0.0, 0
-        for bi, item in enumerate(self.batches):
-            out_coords = torch.stack([lookup[key][bi] for key in keys], dim=-1)
+        for item, out_coords in zip(self.batches, coords):
             x_out = (out_coords @ self.Cp_out).to(item.dtype)
             tokens = item.tokens
             if self.out_site.kind == "logits":

@@ -275,14 +275,7 @@ class ClosedFormSection:
         """
         P = self.params
         if self.kind == "attention":
-            pos = P["out_pos"]
-            _, _, v, A = P["attention"](x)
-            A = A[:, :, pos]  # [b, H, t, s]
-            z = torch.einsum("bhts,bhse->bthe", A, v)
-            resid = (x[:, pos, :-1] + torch.einsum("bthe,hed->btd", z, P["W_O"])
-                     + torch.einsum("bhts,bs->bt", A, x[..., -1])[..., None] * P["b_O"]
-                     / P["H"])
-            return torch.cat([resid, x[:, pos, -1:]], dim=-1)
+            return self._attention_forward(x)
         if len(P["out_rows"]) != len(self.out_site.resolve_positions(self.n_pos)):
             return None
         xr = x[:, P["rows_in"]]  # [b, n_out, d_in + 1], in the order of the out positions
@@ -294,6 +287,30 @@ class ClosedFormSection:
             return torch.cat([hidden, xr], dim=-1)
         out = xr[..., :-1] + hidden @ P["w_out_t"][:, :-1] + xr[..., -1:] * P["j0"][-1, :-1]
         return torch.cat([out, xr[..., -1:]], dim=-1)
+
+    def _attention_forward(self, x: Tensor) -> Tensor:
+        """Keys and values at every position, queries only at the positions read; three
+        matmuls over the whole batch."""
+        P = self.params
+        H, pos = P["H"], P["out_pos"]
+        b, S, D = x.shape
+        if "w_kv" not in P:  # fused [D, (h, k|v, e)] and [D, (h, e)] weights, formed once
+            P["w_kv"] = torch.cat([P["wk"], P["wv"]], -1).permute(1, 0, 2).reshape(D, -1)
+            P["w_q"] = P["wq"].permute(1, 0, 2).reshape(D, -1)
+            P["w_o"] = P["W_O"].reshape(-1, P["W_O"].shape[-1])
+            idx = torch.arange(S, device=x.device)
+            P["future"] = idx[None, :] > torch.tensor(pos, device=x.device)[:, None]  # [t, s]
+        e = P["wq"].shape[-1]
+        kv = (x.reshape(b * S, D) @ P["w_kv"]).view(b, S, H, 2 * e)
+        k, v = kv[..., :e], kv[..., e:]
+        T = len(pos)
+        q = (x[:, pos].reshape(b * T, D) @ P["w_q"]).view(b, T, H, e)
+        scores = torch.einsum("bthe,bshe->bhts", q, k) / P["scale"]
+        A = scores.masked_fill(P["future"], float("-inf")).softmax(-1)  # [b, H, t, s]
+        z = torch.einsum("bhts,bshe->bthe", A, v).reshape(b * T, H * e)
+        resid = (x[:, pos, :-1] + (z @ P["w_o"]).view(b, T, -1)
+                 + torch.einsum("bhts,bs->bt", A, x[..., -1])[..., None] * P["b_O"] / H)
+        return torch.cat([resid, x[:, pos, -1:]], dim=-1)
 
     # ------------------------------------------------------------------ edges
     def edge_squares(self, x_eval: Tensor, h: Tensor, C_pinv: Tensor, out_basis: Tensor | None,
