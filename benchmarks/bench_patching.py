@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--level", type=float, default=0.9)
+    parser.add_argument("--deep", action="store_true",
+                        help="also patch a GPT-2-small-shaped model (12 layers) at layers 6, 11")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = modadd.load_bridge(dtype=torch.float64).to(args.device)
@@ -60,8 +62,7 @@ def main() -> None:
     for method in ("lib", "pca", "neuron"):
         sync()
         t0 = time.perf_counter()
-        bases = tl_degen.fit_bases(model, tokens, SITES, method=method, batch_size=4000,
-                                   progress=False)
+        bases = tl_degen.fit_bases(model, tokens, SITES, method=method, progress=False)
         sync()
         timings[f"fit {method}"] = time.perf_counter() - t0
         for site in TABLE_SITES:
@@ -110,8 +111,53 @@ def main() -> None:
     for name, t in timings.items():
         print(f"  {t:7.2f} s  {name}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.deep:
+        deep_patching(args.device)
     if args.device.startswith("cuda"):
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: int = 64):
+    """Per-patch time on a 12-layer GPT-2-small-shaped model: every pass resumed at the
+    site's block (``start_at_layer``) against every pass from the embedding (the resume
+    switched off), same process."""
+    from _lm import gpt2_small_shaped, word_tokens
+
+    from tl_degen.adapters.base import Adapter
+
+    model = gpt2_small_shaped().to(device)
+    clean = word_tokens(n_prompts, n_tokens, seed=1).to(device)
+    corrupted = word_tokens(n_prompts, n_tokens, seed=2).to(device)
+
+    def metric(logits):
+        return logits[:, -1, 5] - logits[:, -1, 6]
+
+    print(f"\nGPT-2-small-shaped bridge (12 layers, random weights), {n_prompts} prompt pairs × "
+          f"{n_tokens} tokens, {n_dirs} PCA directions patched one at a time, float32:")
+    resume = Adapter.resume_state
+    for layer in (6, 11):
+        site = f"resid_mid.{layer}"
+        bases = tl_degen.fit_bases(model, clean, [site], method="pca", progress=False)
+        times = {}
+        for name, fn in (("from the embedding", lambda self, tokens, layer: None),
+                         ("resumed at the block", resume)):
+            Adapter.resume_state = fn
+            try:
+                sync()
+                t0 = time.perf_counter()
+                res = tl_degen.patch_directions(model, clean, corrupted, bases, site, metric,
+                                                directions=list(range(n_dirs)), progress=False)
+                sync()
+                times[name] = (time.perf_counter() - t0) / n_dirs
+            finally:
+                Adapter.resume_state = resume
+            times[name + " effects"] = res.effects
+        same = torch.allclose(times["from the embedding effects"],
+                              times["resumed at the block effects"], rtol=1e-4, atol=1e-5)
+        print(f"  {site}: {1e3 * times['from the embedding']:.1f} ms per patch from the "
+              f"embedding, {1e3 * times['resumed at the block']:.1f} ms resumed "
+              f"({times['from the embedding'] / times['resumed at the block']:.1f}x); "
+              f"same effects: {same}")
 
 
 if __name__ == "__main__":

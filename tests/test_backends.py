@@ -168,3 +168,24 @@ def test_backend_detection():
     assert "BridgeAdapter" in repr(get_adapter(model))
     if M.HAS_HOOKED_TRANSFORMER:
         assert get_adapter(M.build("hooked_transformer")).backend == "hooked_transformer"
+
+
+@pytest.mark.parametrize("site", ["resid_pre.1", "resid_mid.1:last", "mlp_post.1"])
+def test_resumed_runs_equal_runs_from_the_embedding(arch, model, site):
+    """``run(..., resume=(L, resid_pre.L))`` (start_at_layer) gives the logits of a run from
+    the embedding, with a write at the site and its constant scaling biases (1e-12)."""
+    adapter = get_adapter(model)
+    s = Site.parse(site)
+    if s.kind == "resid_mid" and adapter.parallel:
+        pytest.skip("parallel blocks have no resid_mid")
+    tokens = torch.randint(0, M.VOCAB, (6, 5), generator=torch.Generator().manual_seed(3))
+    with prepared(model, torch.float64), torch.no_grad():
+        state = adapter.resume_state(tokens, s.layer)
+        assert state is not None, "this backend cannot resume at a block"
+        (x,) = adapter.read_sites(tokens, [s])
+        x = x * (1 + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4),
+                                       dtype=x.dtype))  # the constant moves too
+        full = adapter.run(tokens, read=Site("logits"), write=(s, x))
+        resumed = adapter.run(tokens, read=Site("logits"), write=(s, x), resume=state)
+    assert (resumed - full).abs().max() <= 1e-12 * full.abs().max()
+    assert adapter.resume_state(tokens, 0) is None  # nothing upstream to skip

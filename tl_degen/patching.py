@@ -297,6 +297,10 @@ def patch_directions(
 ) -> PatchResult:
     """Activation patching of single basis directions (or groups) at one site.
 
+    Patches share forward passes (stacked along the batch), and every pass starts at the
+    site's block from the target's cached residual stream (``start_at_layer``), so the
+    blocks upstream of the site run once, not once per patch.
+
     Args:
         model: a ``TransformerBridge`` or ``HookedTransformer`` (the one the bases fit).
         clean_tokens, corrupted_tokens: ``[batch, pos]`` paired prompts.
@@ -346,14 +350,17 @@ def patch_directions(
         h_diff = diff @ C  # [batch, n_pos, k]
 
         n = target.shape[0]
+        # the blocks before the site are the same for every patch: run them once
+        resume = adapter.resume_state(target, site.layer)
 
         def patched_many(deltas: list[Tensor]) -> list[Tensor]:
             """One forward pass for several patches: the runs are stacked along the batch
             and the metric is applied to each run's own ``n`` rows, in order."""
             x = (x_t.double().repeat(len(deltas), 1, 1) + torch.cat(deltas)).to(x_t.dtype)
             x[..., -1] = 1.0
+            start = None if resume is None else (resume[0], resume[1].repeat(len(deltas), 1, 1))
             logits = adapter.run(target.repeat(len(deltas), 1), read=Site("logits"),
-                                 write=(site, x))
+                                 write=(site, x), resume=start)
             out = []
             for r in range(len(deltas)):
                 value = fn(logits[r * n:(r + 1) * n])

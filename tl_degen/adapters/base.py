@@ -30,7 +30,7 @@ from torch import Tensor
 from tl_degen.errors import BackendError, SiteError
 from tl_degen.sites import Site
 
-__all__ = ["Adapter", "get_adapter", "SectionRun"]
+__all__ = ["Adapter", "SectionRun"]
 
 
 class _StopForward(Exception):
@@ -133,6 +133,7 @@ class Adapter:
         tokens: Int[Tensor, "batch pos"],
         read: Site,
         write: tuple[Site, Float[Tensor, "batch n_in d_in"]] | None = None,
+        resume: tuple[int, Float[Tensor, "batch pos d_model"]] | None = None,
     ) -> Float[Tensor, "batch n_out d_out"]:
         """Run the model, optionally writing one site, and read another.
 
@@ -143,6 +144,9 @@ class Adapter:
             write: ``(site, x)`` with ``x`` of shape ``[batch, n_site_positions, d_site + 1]``
                 (constant coordinate last). ``x`` may require grad; the forward then builds
                 the graph of the section from ``site`` to ``read``.
+            resume: ``(L, resid_pre)``: start the forward pass at block ``L`` from this
+                residual stream (``start_at_layer``) instead of the embedding, so the blocks
+                before ``L`` are not recomputed. ``write`` must lie in block ``L`` or later.
 
         Returns:
             ``[batch, n_read_positions, d_read (+1)]``.
@@ -163,7 +167,7 @@ class Adapter:
             if write is not None:
                 hooks += self._write_hooks(w_site, x[..., :-1], in_pos, run)
             final_hook = self._read_hooks(read, run, hooks)
-            logits = self._forward(tokens, hooks, final_hook)
+            logits = self._forward(tokens, hooks, final_hook, resume)
         finally:
             for fn in cleanup:
                 fn()
@@ -201,7 +205,8 @@ class Adapter:
             out.append(torch.cat([vec, torch.ones_like(vec[..., :1])], dim=-1))
         return out
 
-    def _forward(self, tokens: Tensor, hooks: list, final_hook: str | None) -> Tensor | None:
+    def _forward(self, tokens: Tensor, hooks: list, final_hook: str | None,
+                 resume: tuple[int, Tensor] | None = None) -> Tensor | None:
         def stopper(tensor: Tensor, hook) -> None:
             raise _StopForward
 
@@ -210,9 +215,33 @@ class Adapter:
             fwd.append((final_hook, stopper))
         with self.model.hooks(fwd_hooks=fwd):
             try:
+                if resume is not None:
+                    layer, resid = resume
+                    return self.model(resid, start_at_layer=layer)
                 return self.model(tokens)
             except _StopForward:
                 return None
+
+    def resume_state(self, tokens: Int[Tensor, "batch pos"], layer: int,
+                     ) -> tuple[int, Float[Tensor, "batch pos d_model"]] | None:
+        """``(layer, resid_pre)`` to pass as ``run(..., resume=...)`` for these tokens, or
+        ``None`` when resuming would not save work (``layer == 0``) or this model does not
+        reproduce its own logits when resumed (checked on the first sequences)."""
+        if layer <= 0 or layer >= self.n_layers:
+            return None
+        (resid,) = self.read_sites(tokens, [Site("resid_pre", layer)])
+        resid = resid[..., :-1]
+        n = min(8, tokens.shape[0])
+        try:
+            resumed = self.run(tokens[:n], read=Site("logits"), resume=(layer, resid[:n]))
+        except Exception:  # noqa: BLE001 - any failure means: run from the embedding
+            return None
+        (full,) = self.read_sites(tokens[:n], [Site("logits")])
+        tol = 1e-10 if full.dtype == torch.float64 else 1e-4
+        if resumed.shape != full.shape or not bool(
+                (resumed - full).abs().max() <= tol * full.abs().max().clamp_min(1e-12)):
+            return None
+        return layer, resid
 
     # ------------------------------------------------------------------ reads
     def _read_hooks(self, site: Site, run: SectionRun, hooks: list) -> str | None:
@@ -370,21 +399,3 @@ def _scale(tensor: Tensor, c: Tensor, bias: Tensor) -> Tensor:
     factor = (c - 1).to(tensor.device, tensor.dtype).reshape(
         *c.shape, *([1] * (tensor.dim() - 2)))
     return tensor + factor * bias.to(tensor.device, tensor.dtype)
-
-
-def get_adapter(model) -> Adapter:
-    """The adapter for a ``TransformerBridge`` or a ``HookedTransformer``."""
-    if isinstance(model, Adapter):
-        return model
-    name = type(model).__name__
-    mro = {c.__name__ for c in type(model).__mro__}
-    if "TransformerBridge" in mro:
-        from tl_degen.adapters.bridge import BridgeAdapter
-
-        return BridgeAdapter(model)
-    if "HookedTransformer" in mro:
-        from tl_degen.adapters.hooked_transformer import HookedTransformerAdapter
-
-        return HookedTransformerAdapter(model)
-    raise BackendError(f"expected a TransformerLens TransformerBridge or HookedTransformer, got "
-                       f"{name}; wrap HF models with TransformerBridge.boot_transformers(...)")
