@@ -80,15 +80,16 @@ sites = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:las
          "logits:last"]'''),
         ("md", "Each site's basis: how many directions were kept, the top eigenvalues Λ, and "
                "what was dropped (type 1: the data never varies there; type 2: nothing "
-               "downstream reads it)."),
-        ("code", '''lib = tl_degen.fit_bases(model, tokens, sites, batch_size=4000)
-pca = tl_degen.fit_bases(model, tokens, sites, method="pca", batch_size=4000)
+               "downstream reads it). Batches are as large as fit the memory budget "
+               "(`tl_degen.memory`; here all 3830 pairs in one)."),
+        ("code", '''lib = tl_degen.fit_bases(model, tokens, sites)
+pca = tl_degen.fit_bases(model, tokens, sites, method="pca")
 print(lib)
 print(pca)'''),
         ("code", '''viz.spectrum_plot({"LIB": lib, "PCA": pca}, "mlp_post.0:last")'''),
         ("md", "The interaction graph: edges between the directions of consecutive sites. "
                "Leiden modules group directions that interact."),
-        ("code", '''graph = tl_degen.interaction_graph(model, tokens, lib, batch_size=4000)
+        ("code", '''graph = tl_degen.interaction_graph(model, tokens, lib)
 modules = graph.modules(resolution=1.0, seed=0)
 print(graph)
 print(modules)'''),
@@ -120,7 +121,7 @@ model = modadd.load_bridge()
 tokens = modadd.tokens_for(modadd.train_test_split()[0])
 sites = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
          "logits:last"]
-lib = tl_degen.fit_bases(model, tokens, sites, batch_size=4000, progress=False)
+lib = tl_degen.fit_bases(model, tokens, sites, progress=False)
 neuron = tl_degen.fit_bases(model, tokens, sites, method="neuron", progress=False)
 # clean (a, b) vs corrupted (a', b); metric: logit of the right answer minus the wrong one
 clean, corrupted, logit_diff = modadd.patching_pairs(500)'''),
@@ -226,14 +227,14 @@ model = modadd.load_bridge()
 tokens = modadd.tokens_for(modadd.train_test_split()[0])
 sites = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
          "logits:last"]
-report = tl_degen.degeneracy_report(model, tokens, sites, batch_size=4000)
+report = tl_degen.degeneracy_report(model, tokens, sites)
 print(report)'''),
         ("md", "Type 1: directions the data never visits (the residual stream before attention "
                "spans fewer dimensions than it has). Type 2: visited directions nothing reads. "
                "Now split one neuron into two identical halves — the function is unchanged, "
                "but the MLP gains a redundant unit."),
         ("code", '''split = reparam.split_neuron(model, layer=0)
-after = tl_degen.degeneracy_report(split, tokens, sites, batch_size=4000)
+after = tl_degen.degeneracy_report(split, tokens, sites)
 print(after.table())
 print("new co-firing groups:", [g for g in after.layer(0).cofiring_groups
                                 if g not in report.layer(0).cofiring_groups])
@@ -252,7 +253,7 @@ print("type-1 at mlp_post:", report.site("mlp_post.0:last").type1, "->",
         ("code", '''import os
 SMALL = os.environ.get("TL_DEGEN_TUTORIAL_SMALL") == "1"
 settings = dict(num_chains=2, num_draws=40, num_burnin_steps=40) if SMALL else {}
-full = tl_degen.degeneracy_report(model, tokens, sites, batch_size=4000, effective=True,
+full = tl_degen.degeneracy_report(model, tokens, sites, effective=True,
                                   effective_kwargs=settings)
 print(full.effective_table())'''),
         ("md", "Adding dead neurons adds parameters but no behaviour: the raw count grows, "
