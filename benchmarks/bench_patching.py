@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import time
 
 import torch
@@ -117,13 +118,16 @@ def main() -> None:
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
-def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: int = 64):
+def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: int = 32,
+                  repeats: int = 3):
     """Per-patch time on a 12-layer GPT-2-small-shaped model: every pass resumed at the
     site's block (``start_at_layer``) against every pass from the embedding (the resume
-    switched off), same process."""
+    switched off), alternated in the same process, medians of ``repeats``."""
     from _lm import gpt2_small_shaped, word_tokens
 
+    from tl_degen.adapters import get_adapter
     from tl_degen.adapters.base import Adapter
+    from tl_degen.sites import Site
 
     model = gpt2_small_shaped().to(device)
     clean = word_tokens(n_prompts, n_tokens, seed=1).to(device)
@@ -132,32 +136,42 @@ def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: 
     def metric(logits):
         return logits[:, -1, 5] - logits[:, -1, 6]
 
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(clean)
+        t1 = time.perf_counter()
+        adapter.read_sites(clean, [Site("resid_mid", 6)])
+        t2 = time.perf_counter()
     print(f"\nGPT-2-small-shaped bridge (12 layers, random weights), {n_prompts} prompt pairs × "
-          f"{n_tokens} tokens, {n_dirs} PCA directions patched one at a time, float32:")
+          f"{n_tokens} tokens, {n_dirs} PCA directions patched one at a time, float32; one "
+          f"plain forward {1e3 * (t1 - t0):.0f} ms, of which blocks 0-5 {1e3 * (t2 - t1):.0f} ms:")
     resume = Adapter.resume_state
+    modes = (("from the embedding", lambda self, tokens, layer: None),
+             ("resumed at the block", resume))
     for layer in (6, 11):
         site = f"resid_mid.{layer}"
         bases = tl_degen.fit_bases(model, clean, [site], method="pca", progress=False)
-        times = {}
-        for name, fn in (("from the embedding", lambda self, tokens, layer: None),
-                         ("resumed at the block", resume)):
-            Adapter.resume_state = fn
-            try:
-                sync()
-                t0 = time.perf_counter()
-                res = tl_degen.patch_directions(model, clean, corrupted, bases, site, metric,
-                                                directions=list(range(n_dirs)), progress=False)
-                sync()
-                times[name] = (time.perf_counter() - t0) / n_dirs
-            finally:
-                Adapter.resume_state = resume
-            times[name + " effects"] = res.effects
-        same = torch.allclose(times["from the embedding effects"],
-                              times["resumed at the block effects"], rtol=1e-4, atol=1e-5)
-        print(f"  {site}: {1e3 * times['from the embedding']:.1f} ms per patch from the "
-              f"embedding, {1e3 * times['resumed at the block']:.1f} ms resumed "
-              f"({times['from the embedding'] / times['resumed at the block']:.1f}x); "
-              f"same effects: {same}")
+        times: dict[str, list[float]] = {name: [] for name, _ in modes}
+        effects = {}
+        for _ in range(repeats):
+            for name, fn in modes:
+                Adapter.resume_state = fn
+                try:
+                    sync()
+                    t0 = time.perf_counter()
+                    res = tl_degen.patch_directions(model, clean, corrupted, bases, site, metric,
+                                                    directions=list(range(n_dirs)),
+                                                    progress=False)
+                    sync()
+                    times[name].append((time.perf_counter() - t0) / n_dirs)
+                finally:
+                    Adapter.resume_state = resume
+                effects[name] = res.effects
+        same = torch.allclose(*effects.values(), rtol=1e-4, atol=1e-5)
+        emb, res_t = (statistics.median(times[name]) for name, _ in modes)
+        print(f"  {site}: {1e3 * emb:.0f} ms per patch from the embedding, {1e3 * res_t:.0f} ms "
+              f"resumed ({emb / res_t:.2f}x); same effects: {same}")
 
 
 if __name__ == "__main__":

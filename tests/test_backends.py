@@ -181,7 +181,12 @@ def test_resumed_runs_equal_runs_from_the_embedding(arch, model, site):
     tokens = torch.randint(0, M.VOCAB, (6, 5), generator=torch.Generator().manual_seed(3))
     with prepared(model, torch.float64), torch.no_grad():
         state = adapter.resume_state(tokens, s.layer)
-        assert state is not None, "this backend cannot resume at a block"
+        if state is None:  # only where the model itself refuses to start at a block
+            with pytest.raises(Exception):  # noqa: B017, PT011 - whatever it raises
+                model(torch.zeros(1, 5, adapter.d_model, dtype=torch.float64),
+                      start_at_layer=s.layer)
+            pytest.skip("this TransformerLens version cannot start the model at a block "
+                        "(3.x bridge); patching runs from the embedding there")
         (x,) = adapter.read_sites(tokens, [s])
         x = x * (1 + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4),
                                        dtype=x.dtype))  # the constant moves too
