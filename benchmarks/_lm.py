@@ -32,3 +32,16 @@ def word_tokens(n_prompts: int, n_tokens: int, seed: int = 0) -> torch.Tensor:
     """``[n_prompts, n_tokens]`` ids of the 64-word vocabulary."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 64, (n_prompts, n_tokens), generator=g)
+
+
+def gpt2_small_shaped_hooked(seed: int = 0, n_layers: int = 12):
+    """The same shape as a TransformerLens 3.x ``HookedTransformer`` (random weights), or
+    ``None`` on TransformerLens 4, which has no HookedTransformer."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        return None
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=768, n_heads=12, d_head=64,
+                                  d_mlp=3072, d_vocab=50257, n_ctx=1024, act_fn="gelu_new",
+                                  normalization_type="LN", seed=seed)
+    return HookedTransformer(cfg).eval()

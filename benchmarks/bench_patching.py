@@ -123,13 +123,16 @@ def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: 
     """Per-patch time on a 12-layer GPT-2-small-shaped model: every pass resumed at the
     site's block (``start_at_layer``) against every pass from the embedding (the resume
     switched off), alternated in the same process, medians of ``repeats``."""
-    from _lm import gpt2_small_shaped, word_tokens
+    from _lm import gpt2_small_shaped, gpt2_small_shaped_hooked, word_tokens
 
     from tl_degen.adapters import get_adapter
     from tl_degen.adapters.base import Adapter
     from tl_degen.sites import Site
 
-    model = gpt2_small_shaped().to(device)
+    # resuming pays on a HookedTransformer; a bridge's start_at_layer reruns blocks 0..L-1
+    model = gpt2_small_shaped_hooked() or gpt2_small_shaped()
+    model = model.to(device)
+    kind = type(model).__name__
     clean = word_tokens(n_prompts, n_tokens, seed=1).to(device)
     corrupted = word_tokens(n_prompts, n_tokens, seed=2).to(device)
 
@@ -143,12 +146,13 @@ def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: 
         t1 = time.perf_counter()
         adapter.read_sites(clean, [Site("resid_mid", 6)])
         t2 = time.perf_counter()
-    print(f"\nGPT-2-small-shaped bridge (12 layers, random weights), {n_prompts} prompt pairs × "
+    print(f"\nGPT-2-small-shaped {kind} (12 layers, random weights), {n_prompts} prompt pairs × "
           f"{n_tokens} tokens, {n_dirs} PCA directions patched one at a time, float32; one "
           f"plain forward {1e3 * (t1 - t0):.0f} ms, of which blocks 0-5 {1e3 * (t2 - t1):.0f} ms:")
-    resume = Adapter.resume_state
+    adapter_cls = type(adapter)
+    resume = adapter_cls.resume_state
     modes = (("from the embedding", lambda self, tokens, layer: None),
-             ("resumed at the block", resume))
+             ("resumed at the block", Adapter.resume_state))
     for layer in (6, 11):
         site = f"resid_mid.{layer}"
         bases = tl_degen.fit_bases(model, clean, [site], method="pca", progress=False)
@@ -156,7 +160,7 @@ def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: 
         effects = {}
         for _ in range(repeats):
             for name, fn in modes:
-                Adapter.resume_state = fn
+                adapter_cls.resume_state = fn
                 try:
                     sync()
                     t0 = time.perf_counter()
@@ -166,7 +170,7 @@ def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: 
                     sync()
                     times[name].append((time.perf_counter() - t0) / n_dirs)
                 finally:
-                    Adapter.resume_state = resume
+                    adapter_cls.resume_state = resume
                 effects[name] = res.effects
         same = torch.allclose(*effects.values(), rtol=1e-4, atol=1e-5)
         emb, res_t = (statistics.median(times[name]) for name, _ in modes)

@@ -297,9 +297,10 @@ def patch_directions(
 ) -> PatchResult:
     """Activation patching of single basis directions (or groups) at one site.
 
-    Patches share forward passes (stacked along the batch), and every pass starts at the
-    site's block from the target's cached residual stream (``start_at_layer``), so the
-    blocks upstream of the site run once, not once per patch.
+    Patches share forward passes (stacked along the batch). On a ``HookedTransformer`` every
+    pass starts at the site's block from the target's cached residual stream
+    (``start_at_layer``), so the blocks upstream of the site run once, not once per patch; a
+    ``TransformerBridge`` runs from the embedding (its ``start_at_layer`` reruns those blocks).
 
     Args:
         model: a ``TransformerBridge`` or ``HookedTransformer`` (the one the bases fit).

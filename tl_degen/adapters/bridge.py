@@ -56,6 +56,12 @@ class BridgeAdapter(Adapter):
             if _is_bias(getattr(m, "bias", None)):
                 self._bias_modules.append((m, m.bias))
 
+    def resume_state(self, tokens, layer):
+        """Always ``None``: a bridge's ``start_at_layer`` still runs blocks ``0..L-1`` (it
+        swaps the given residual in at block ``L``; TransformerLens 3.x bridges refuse it),
+        so resuming would save nothing. Runs start from the embedding."""
+        return None
+
     def _bias_hooks(self, run: SectionRun, cleanup: list) -> list:
         handles = []
         for module, bias in self._bias_modules:
