@@ -68,6 +68,22 @@ def test_dtypes_restored_tensor_by_tensor(tokenizer_dir):
     assert after == before
 
 
+@pytest.mark.parametrize("arch", [a for a in M.ARCHITECTURES if a != "hooked_transformer"]
+                         + (["hooked_transformer"] if M.HAS_HOOKED_TRANSFORMER else []))
+def test_a_float32_model_still_runs_after_a_float64_fit(arch, tokenizer_dir):
+    """A HookedTransformer casts its embeddings to ``cfg.dtype``: the fit (float64) must put
+    that back too, or the float32 model fails on its next forward pass."""
+    model = M.build(arch, tokenizer_dir, dtype=torch.float32)
+    tokens = M.random_tokens(4, 5)
+    with torch.no_grad():
+        before = model(tokens)
+    tl_degen.fit_bases(model, tokens, ["resid_pre.1", "resid_post.1:last"], progress=False)
+    assert getattr(model.cfg, "dtype", torch.float32) == torch.float32
+    with torch.no_grad():
+        after = model(tokens)
+    assert after.dtype == torch.float32 and torch.equal(after, before)
+
+
 def test_bf16_bases_accept_their_own_model(tokenizer_dir, tmp_path):
     model = M.build("gpt2", tokenizer_dir, dtype=torch.bfloat16)
     bases = tl_degen.fit_bases(model, M.random_tokens(6, 5), ["resid_pre.1", "logits"],
