@@ -82,18 +82,34 @@ def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
                                            GramAccumulator(x.shape[-1]), [1.0], [1.0])
 
 
-def test_closed_form_edges_equal_autograd_edges(modadd_model):
-    """The graph through the MLP-hidden site, once with closed forms and once without."""
+EDGE_CASES = {
+    "mlp-hidden": (["resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last", "logits:last"],
+                   "gradient", 97),
+    "attention-last": (["resid_pre.0", "resid_mid.0:last", "resid_post.0:last"], "gradient", 97),
+    "attention-last-trapezoid": (["resid_pre.0", "resid_mid.0:last"], "trapezoid", 197),
+    "attention-all": (["resid_pre.0", "resid_mid.0"], "gradient", 397),
+}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.slow) if c in ("attention-all", "attention-last-trapezoid")
+    else c for c in EDGE_CASES])
+def test_closed_form_edges_equal_autograd_edges(modadd_model, case):
+    """Graphs through the MLP-hidden site and through attention (one output position or all),
+    once with closed forms and once without, at one and at several integration points."""
     import tl_degen
 
-    tokens = modadd.tokens_for(modadd.all_pairs()[::97])
-    sites = ["resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last", "logits:last"]
+    sites, integration, step = EDGE_CASES[case]
+    tokens = modadd.tokens_for(modadd.all_pairs()[::step])
+    if "resid_pre.0" in sites and not get_adapter(modadd_model).pattern_before_output:
+        pytest.skip("TransformerLens 3.x bridge: b_O cannot be pattern-weighted through hooks")
     graphs = []
     for closed in (True, False):
         bases = tl_degen.fit_bases(modadd_model, tokens, sites, closed_form=closed,
-                                   progress=False)
+                                   integration=integration, n_alpha=3, progress=False)
         graphs.append(tl_degen.interaction_graph(modadd_model, tokens, bases,
-                                                 closed_form=closed, progress=False))
+                                                 closed_form=closed, integration=integration,
+                                                 n_alpha=3, progress=False))
     for pair, E in graphs[0].edges.items():
         F = graphs[1].edges[pair]
         assert E.shape == F.shape
