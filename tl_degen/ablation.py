@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
 from tl_degen.basis_set import BasisSet
+from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import DataError, TLDegenError
 from tl_degen.fitting import prepared, token_batches
 from tl_degen.sites import Site
@@ -111,6 +112,7 @@ def ablation_curve(
     batch_size: int | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> AblationCurve:
     """Metric when only the top-``n`` basis directions of ``site`` are kept (rest mean-ablated).
 
@@ -123,6 +125,10 @@ def ablation_curve(
             returning a scalar or ``[batch]``.
         n_kept: numbers of directions to keep (default: every ``n`` from ``k`` down to 0).
         dtype: dtype to run the model in (default: its own).
+        distributed: inside a ``torch.distributed`` process group each rank passes its own
+            shard of ``tokens`` (and ``labels``); the metric is summed over ranks and every
+            rank returns the curve of all shards (:mod:`tl_degen.distributed`; ``False``
+            opts out).
 
     Returns:
         An :class:`AblationCurve` with the metric (mean over examples) for each ``n``.
@@ -133,26 +139,35 @@ def ablation_curve(
         ...                                 "resid_mid.0:last", "accuracy",
         ...                                 labels=modadd.labels_for(test))
     """
-    bases.check_model(model)
-    basis = bases[site]
-    site = basis.site
-    if site.kind == "logits":
-        raise TLDegenError("ablating the logits is not supported; choose an earlier site")
-    n_kept = list(range(basis.k, -1, -1)) if n_kept is None else [int(n) for n in n_kept]
-    if any(n < 0 for n in n_kept):
-        raise TLDegenError(f"n_kept must be non-negative, got {n_kept}")
-    adapter = get_adapter(model)
-    batches = token_batches(tokens, batch_size, adapter)
-    n_total = sum(b.shape[0] for b in batches)
-    if labels is not None and labels.shape[0] != n_total:
-        raise DataError(f"labels has {labels.shape[0]} entries for {n_total} sequences")
-    fn = make_metric(metric, labels, position)
-    site.resolve_positions(batches[0].shape[1])
+    shards = Shards(distributed)
+    with shards.step("ablation_curve (checking the arguments)"):
+        bases.check_model(model)
+        basis = bases[site]
+        site = basis.site
+        if site.kind == "logits":
+            raise TLDegenError("ablating the logits is not supported; choose an earlier site")
+        n_kept = list(range(basis.k, -1, -1)) if n_kept is None else [int(n) for n in n_kept]
+        if any(n < 0 for n in n_kept):
+            raise TLDegenError(f"n_kept must be non-negative, got {n_kept}")
+        adapter = get_adapter(model)
+        batches = token_batches(tokens, batch_size, adapter)
+        n_local = sum(b.shape[0] for b in batches)
+        if labels is not None and labels.shape[0] != n_local:
+            raise DataError(f"labels has {labels.shape[0]} entries for {n_local} sequences")
+        fn = make_metric(metric, labels, position)
+        site.resolve_positions(batches[0].shape[1])
+        fingerprint = {"site": site.name, "n_kept": n_kept, "n_pos": batches[0].shape[1],
+                       "position": position, "dtype": str(dtype),
+                       "metric": metric if isinstance(metric, str) else "function"}
+        if shards.active:
+            fingerprint["weights"] = weights_digest(model)
+            fingerprint["basis"] = tensors_digest([basis.C, basis.C_pinv, basis.mean])
+    shards.agree("ablation_curve", fingerprint)
     C, C_pinv = basis.C.to(adapter.device), basis.C_pinv.to(adapter.device)
     mean_coords = basis.mean.to(adapter.device) @ C
     totals = {n: 0.0 for n in n_kept}
     baseline = 0.0
-    with prepared(model, dtype), torch.no_grad():
+    with shards.step(f"ablation_curve ({site.name})"), prepared(model, dtype), torch.no_grad():
         offset = 0
         for b in tqdm(batches, desc=f"ablating {site.name}", disable=not progress):
             rows = slice(offset, offset + b.shape[0])
@@ -169,7 +184,9 @@ def ablation_curve(
                     x_abl[..., -1] = 1.0
                 out = adapter.run(b, read=Site("logits"), write=(site, x_abl))
                 totals[n] += float(fn(out, rows).sum())
-    return AblationCurve(site, basis.method, n_kept, [totals[n] / n_total for n in n_kept],
+    baseline, *sums = shards.sum_floats([baseline] + [totals[n] for n in n_kept])
+    (n_total,) = shards.sum_ints([n_local])
+    return AblationCurve(site, basis.method, n_kept, [v / n_total for v in sums],
                          baseline / n_total, config={"position": position,
                                                      "n_samples": n_total})
 
@@ -217,6 +234,7 @@ def edge_ablation(
     batch_size: int | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> EdgeAblationResult:
     """Run the model keeping only the strongest edges of one layer pair at a time.
 
@@ -246,6 +264,10 @@ def edge_ablation(
         upper: upper end of the bisection, per pair name ``"in->out"`` or for all (default:
             every edge). The reference implementation used ``d_out × d_in``, the site
             dimensions including the constant coordinate.
+        distributed: inside a ``torch.distributed`` process group each rank passes its own
+            shard of ``tokens`` (and ``labels``); every probe's metric is summed over ranks,
+            so all ranks take the same bisection steps and return the same result
+            (:mod:`tl_degen.distributed`; ``False`` opts out).
 
     Returns:
         An :class:`EdgeAblationResult`.
@@ -256,28 +278,45 @@ def edge_ablation(
         ...                              pairs=[("resid_mid.0:last", "resid_post.0:last")],
         ...                              tolerance=0.01)
     """
-    if n_edges is None and tolerance is None:
-        raise TLDegenError("give n_edges=[...] to evaluate, or tolerance= to bisect, or both")
-    graph.bases.check_model(model)
-    adapter = get_adapter(model)
-    batches = token_batches(tokens, batch_size, adapter)
-    n_total = sum(b.shape[0] for b in batches)
-    if labels is not None and labels.shape[0] != n_total:
-        raise DataError(f"labels has {labels.shape[0]} entries for {n_total} sequences")
-    fn = make_metric(metric, labels, position)
-    chosen = graph.pairs() if pairs is None else [
-        (graph.bases._key(a), graph.bases._key(b)) for a, b in pairs]
-    for p in chosen:
-        if p not in graph.edges:
-            raise TLDegenError(f"{p[0].name} -> {p[1].name} is not a layer pair of this graph")
+    shards = Shards(distributed)
+    with shards.step("edge_ablation (checking the arguments)"):
+        if n_edges is None and tolerance is None:
+            raise TLDegenError("give n_edges=[...] to evaluate, or tolerance= to bisect, or both")
+        graph.bases.check_model(model)
+        adapter = get_adapter(model)
+        batches = token_batches(tokens, batch_size, adapter)
+        n_local = sum(b.shape[0] for b in batches)
+        if labels is not None and labels.shape[0] != n_local:
+            raise DataError(f"labels has {labels.shape[0]} entries for {n_local} sequences")
+        fn = make_metric(metric, labels, position)
+        chosen = graph.pairs() if pairs is None else [
+            (graph.bases._key(a), graph.bases._key(b)) for a, b in pairs]
+        for p in chosen:
+            if p not in graph.edges:
+                raise TLDegenError(f"{p[0].name} -> {p[1].name} is not a layer pair of this "
+                                   "graph")
+        fingerprint = {"pairs": [f"{a.name}->{b.name}" for a, b in chosen],
+                       "n_edges": None if n_edges is None else [int(k) for k in n_edges],
+                       "tolerance": tolerance, "upper": upper, "position": position,
+                       "n_pos": batches[0].shape[1], "dtype": str(dtype),
+                       "metric": metric if isinstance(metric, str) else "function"}
+        if shards.active:
+            fingerprint["weights"] = weights_digest(model)
+            fingerprint["edges"] = tensors_digest(
+                [graph.edges[p] for p in chosen]
+                + [t for b in graph.bases.values() for t in (b.C, b.C_pinv)])
+    shards.agree("edge_ablation", fingerprint)
+    (n_total,) = shards.sum_ints([n_local])
 
     with prepared(model, dtype), torch.no_grad():
         baseline = 0.0
         offset = 0
-        for b in batches:
-            (logits,) = adapter.read_sites(b, [Site("logits")])
-            baseline += float(fn(logits, slice(offset, offset + b.shape[0])).sum())
-            offset += b.shape[0]
+        with shards.step("edge_ablation (unablated metric)"):
+            for b in batches:
+                (logits,) = adapter.read_sites(b, [Site("logits")])
+                baseline += float(fn(logits, slice(offset, offset + b.shape[0])).sum())
+                offset += b.shape[0]
+        (baseline,) = shards.sum_floats([baseline])
         baseline /= n_total
         results: dict[str, dict[int, float]] = {}
         required: dict[str, int] = {}
@@ -289,7 +328,8 @@ def edge_ablation(
             order = E[:, cols].flatten().argsort(descending=True)
             total = order.numel()
             cache: dict[int, float] = {}
-            pair = _MaskedPair(adapter, batches, graph.bases, in_site, out_site, fn, n_total)
+            with shards.step(f"edge_ablation (reading {key})"):
+                pair = _MaskedPair(adapter, batches, graph.bases, in_site, out_site, fn)
 
             def evaluate(k: int) -> float:
                 k = min(k, total)
@@ -301,7 +341,9 @@ def edge_ablation(
                     counts = mask[:, cols].sum(1)
                     if const is not None:
                         mask[:, const] = True
-                    cache[k] = pair.evaluate(mask, counts)
+                    with shards.step(f"edge_ablation ({key}, {k} edges)"):
+                        local = pair.evaluate(mask, counts)
+                    cache[k] = shards.sum_floats([local])[0] / n_total
                 return cache[k]
 
             for k in tqdm(list(n_edges or []), desc=f"edge ablation {key}",
@@ -358,11 +400,11 @@ class _MaskedPair:
     only the positions read), else by the model with many masks stacked along the batch.
     """
 
-    def __init__(self, adapter, batches, bases, in_site: Site, out_site: Site, fn, n_total):
+    def __init__(self, adapter, batches, bases, in_site: Site, out_site: Site, fn):
         from tl_degen.closed_form import recognise
 
         self.adapter, self.in_site, self.out_site = adapter, in_site, out_site
-        self.fn, self.n_total = fn, n_total
+        self.fn = fn
         dev = adapter.device
         b_in, b_out = bases[in_site], bases[out_site]
         self.C_in, self.Cp_in = b_in.C.to(dev), b_in.C_pinv.to(dev)
@@ -429,8 +471,8 @@ class _MaskedPair:
         return h @ (mask.T.to(A) * A) + c
 
     def evaluate(self, mask: Tensor, counts: Tensor) -> float:
-        """Mean metric over the data with the ``[k_out, k_in]`` edge mask (``counts[i]``:
-        edges kept in row ``i`` besides the constant node's)."""
+        """Sum of the metric over this rank's data with the ``[k_out, k_in]`` edge mask
+        (``counts[i]``: edges kept in row ``i`` besides the constant node's)."""
         linear = [self._linear_coords(item, mask.to(self.adapter.device))
                   for item in self.batches]
         if all(out is not None for out in linear):
@@ -464,7 +506,7 @@ class _MaskedPair:
                              for bi in range(len(self.batches))])
 
     def _metric(self, coords: list[Tensor]) -> float:
-        """Mean metric with the out-site rebuilt from ``coords`` (one ``[b, n_out, k_out]``
+        """Summed metric with the out-site rebuilt from ``coords`` (one ``[b, n_out, k_out]``
         per batch) and the rest of the network run unchanged."""
         total, offset = 0.0, 0
         for item, out_coords in zip(self.batches, coords):
@@ -482,4 +524,4 @@ class _MaskedPair:
                                           write=(self.out_site, x_out))
             total += float(self.fn(logits, slice(offset, offset + tokens.shape[0])).sum())
             offset += tokens.shape[0]
-        return total / self.n_total
+        return total

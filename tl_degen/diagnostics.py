@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import Threshold
 from tl_degen.basis_set import BasisSet
+from tl_degen.distributed import Shards
 from tl_degen.effective import EffectiveParameters, effective_parameters
-from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
+from tl_degen.errors import BasisMismatchError, DataError, DistributedError, TLDegenError
 from tl_degen.fitting import fit_bases, prepared, site_activations, token_batches
 from tl_degen.patching import patch_directions
 from tl_degen.reparam import get_reparameterisation
@@ -200,6 +201,7 @@ def degeneracy_report(
     progress: bool = True,
     effective: bool | EffectiveParameters = False,
     effective_kwargs: dict | None = None,
+    distributed: bool | None = None,
 ) -> DegeneracyReport:
     """Count the three kinds of degeneracy on the data (module docstring for definitions).
 
@@ -218,6 +220,10 @@ def degeneracy_report(
             :class:`~tl_degen.EffectiveParameters` computed before.
         effective_kwargs: keyword arguments for :func:`~tl_degen.effective_parameters`
             (``lr``, ``num_draws``, ``seed``, ...).
+        distributed: inside a ``torch.distributed`` process group each rank passes its own
+            shard of ``tokens``; the fit and the firing-set counts are reduced over ranks and
+            every rank returns the same report (:mod:`tl_degen.distributed`; ``False`` opts
+            out). ``effective=True`` is not sharded: pass a precomputed estimate instead.
 
     Returns:
         A :class:`DegeneracyReport`; ``print(report)`` shows the tables.
@@ -227,12 +233,19 @@ def degeneracy_report(
         ...                                  "mlp_post.0:last", "resid_post.0:last", "logits:last"])
         >>> rep.site("mlp_post.0:last").type1, rep.layer(0).n_cofiring
     """
-    if not 0 <= jaccard_tolerance < 1:
-        raise TLDegenError("jaccard_tolerance must lie in [0, 1)")
-    _check_effective(model, effective, effective_kwargs)  # before any work
+    shards = Shards(distributed)
+    with shards.step("degeneracy_report (checking the arguments)"):
+        if not 0 <= jaccard_tolerance < 1:
+            raise TLDegenError("jaccard_tolerance must lie in [0, 1)")
+        _check_effective(model, effective, effective_kwargs)  # before any work
+        if shards.active and effective is True:
+            raise DistributedError(
+                "effective=True samples the posterior of one process's loss and is not "
+                "sharded; compute tl_degen.effective_parameters on the tokens of one process "
+                "and pass the result as effective=..., or call with distributed=False")
     if bases is None:
         bases = fit_bases(model, tokens, sites, method="lib", threshold=threshold,
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, progress=progress, distributed=distributed)
     elif bases.method != "lib":
         raise TLDegenError(f"the degeneracy report needs LIB bases (method='lib'), got "
                            f"{bases.method!r}")
@@ -254,7 +267,7 @@ def degeneracy_report(
     layers = sorted({s.layer for s in parse_sites(sites) if s.kind != "logits"})
     mlp_sites = {s.layer: s for s in parse_sites(sites) if s.kind == "mlp_post"}
     type3 = _type3(model, adapter, tokens, layers, mlp_sites, jaccard_tolerance,
-                   pattern_tolerance, batch_size, progress)
+                   pattern_tolerance, batch_size, progress, shards)
     if effective is True:
         kwargs = {"progress": progress, **(effective_kwargs or {})}
         if "positions" not in kwargs:
@@ -328,9 +341,10 @@ def _union_find(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
 
 
 def _type3(model, adapter, tokens, layers, mlp_sites, jaccard_tol, pattern_tol, batch_size,
-           progress):
+           progress, shards):
     """Firing-set co-occurrence counts (at the positions of the layer's ``mlp_post`` site, all
-    positions without one) and the largest pattern difference between heads."""
+    positions without one) and the largest pattern difference between heads; summed (counts)
+    and maximised (differences) over the ranks of ``shards``."""
     batches = token_batches(tokens, batch_size, adapter)
     names = {}
     for L in layers:
@@ -340,7 +354,8 @@ def _type3(model, adapter, tokens, layers, mlp_sites, jaccard_tol, pattern_tol, 
             names[f"blocks.{L}.attn.hook_pattern"] = ("attn", L)
     co: dict[int, Tensor] = {}
     diff: dict[int, Tensor] = {}
-    with prepared(model, None), torch.no_grad():
+    with shards.step("degeneracy_report (firing sets)"), prepared(model, None), \
+            torch.no_grad():
         for b in tqdm(batches, desc="firing sets", disable=not progress):
             seen: dict[str, Tensor] = {}
             hooks = [(n, lambda t, hook, n=n: seen.__setitem__(n, t.detach())) for n in names]
@@ -362,6 +377,10 @@ def _type3(model, adapter, tokens, layers, mlp_sites, jaccard_tol, pattern_tol, 
                         for j in range(i + 1, H):
                             d[i, j] = d[j, i] = float((t[:, i] - t[:, j]).abs().max())
                     diff[L] = torch.maximum(diff[L], d) if L in diff else d
+    for L in sorted(co):  # every rank saw the same hooks, so holds the same keys
+        co[L] = shards.sum(co[L])
+    for L in sorted(diff):
+        diff[L] = shards.max(diff[L])
     out = []
     for L in layers:
         rec = LayerDegeneracy(L, adapter.d_mlp, n_heads=adapter.n_heads)

@@ -14,6 +14,8 @@ __all__ = [
     "NonFiniteError",
     "BasisMismatchError",
     "BackendError",
+    "DistributedError",
+    "CheckpointError",
 ]
 
 
@@ -39,3 +41,13 @@ class BasisMismatchError(TLDegenError):
 
 class BackendError(TLDegenError):
     """A model that is neither a TransformerBridge nor a HookedTransformer, or lacks a hook."""
+
+
+class DistributedError(TLDegenError):
+    """Ranks of a ``torch.distributed`` run that disagree (sites, settings, model weights), or
+    a rank that failed: raised with the same message on every rank, before any hang."""
+
+
+class CheckpointError(TLDegenError):
+    """A checkpoint that belongs to another run (model, sites, settings or tokens differ) or
+    cannot be read; it is never merged into this one."""

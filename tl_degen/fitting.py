@@ -8,6 +8,7 @@ needs the next site's ``C`` (§4 step 6).
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 
@@ -19,13 +20,15 @@ from tqdm.auto import tqdm
 from tl_degen.adapters import Adapter, get_adapter
 from tl_degen.basis import METHODS, Dropped, InteractionBasis, Threshold, lib_rotation, whiten
 from tl_degen.basis_set import BasisSet, model_probe
+from tl_degen.checkpoint import FitCheckpoint
 from tl_degen.closed_form import recognise
+from tl_degen.distributed import Shards, tokens_digest, weights_digest
 from tl_degen.errors import DataError, TLDegenError
 from tl_degen.memory import auto_batch_size
 from tl_degen.sections import accumulate_jacobian_gram, integration_rule
 from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import GramAccumulator, MomentAccumulator
-from tl_degen.stochastic import estimate_jacobian_gram
+from tl_degen.stochastic import StochasticEstimate, estimate_jacobian_gram
 
 __all__ = ["fit_bases", "site_activations", "token_batches"]
 
@@ -185,6 +188,9 @@ def fit_bases(
     probe_groups: int = 4,
     seed: int = 0,
     closed_form: bool = True,
+    distributed: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
 ) -> BasisSet:
     """Fit a basis per site: LIB, PCA or neuron (DESIGN.md §4).
 
@@ -213,6 +219,17 @@ def fit_bases(
         seed: seed of the probes.
         closed_form: use the closed forms of :mod:`tl_degen.closed_form` where they apply
             (``False``: autograd everywhere; the results agree to rounding).
+        distributed: inside an initialised ``torch.distributed`` process group each rank
+            passes its own shard of ``tokens``; the statistics are summed over ranks and every
+            rank returns the bases of all shards together (:mod:`tl_degen.distributed`).
+            ``None`` shards whenever a group of several ranks is initialised, ``False`` never.
+            Random probes (``n_probes``) are drawn independently on each rank.
+        checkpoint: a file to keep the fit's accumulators in, written atomically every
+            ``checkpoint_every`` batches and after each stage. If it exists, the fit resumes
+            from it (a checkpoint of another model, other sites, settings or tokens is
+            refused with :class:`~tl_degen.errors.CheckpointError`); it is deleted when the
+            fit completes. Under ``torch.distributed`` each rank keeps ``<checkpoint>.rank<r>``.
+        checkpoint_every: batches between checkpoint writes.
 
     Returns:
         A :class:`~tl_degen.basis_set.BasisSet` mapping each site to its
@@ -226,29 +243,49 @@ def fit_bases(
         >>> bases = fit_bases(model, tokens, ["resid_pre.0", "resid_post.0:last", "logits:last"])
         >>> bases["resid_pre.0"].C.shape  # [d_model + 1, k]
     """
-    if method not in METHODS:
-        raise TLDegenError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    threshold = Threshold.coerce(threshold)
-    alphas, weights = integration_rule(integration, n_alpha)
-    adapter = get_adapter(model)
-    batches = token_batches(tokens, batch_size, adapter)
-    n_pos = batches[0].shape[1]
-    site_list = _resolve_sites(adapter, sites, n_pos)
-    n_samples = sum(b.shape[0] for b in batches)
+    shards = Shards(distributed)
+    with shards.step("fit_bases (checking the arguments)"):
+        if method not in METHODS:
+            raise TLDegenError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        threshold = Threshold.coerce(threshold)
+        alphas, weights = integration_rule(integration, n_alpha)
+        adapter = get_adapter(model)
+        batches = token_batches(tokens, batch_size, adapter)
+        n_pos = batches[0].shape[1]
+        site_list = _resolve_sites(adapter, sites, n_pos)
+        settings = {"method": method, "center": center, "threshold": str(threshold),
+                    "integration": integration, "n_alpha": len(alphas),
+                    "dtype": str(dtype), "n_probes": n_probes, "probe_groups": probe_groups,
+                    "seed": seed, "closed_form": closed_form}
+        fingerprint = {"sites": [s.name for s in site_list], "n_pos": n_pos,
+                       "backend": adapter.backend, "settings": settings}
+        if shards.active or checkpoint is not None:
+            fingerprint["weights"] = weights_digest(model)
+        ckpt = None
+        if checkpoint is not None:
+            ckpt = FitCheckpoint(
+                FitCheckpoint.for_rank(checkpoint, shards.rank, shards.world),
+                {**fingerprint, "rank": shards.rank, "world": shards.world,
+                 "tokens": tokens_digest(batches)}, checkpoint_every)
+            saved = ckpt.load()
+    shards.agree("fit_bases", fingerprint)
+    n_local = sum(b.shape[0] for b in batches)
+    (n_samples,) = shards.sum_ints([n_local])
     with prepared(model, None):
         probe = model_probe(adapter)  # in the model's own dtype, as check_model will see it
 
-    generator = torch.Generator().manual_seed(seed)
+    run = _FitRun(site_list, batches, ckpt, saved if ckpt is not None else None,
+                  shards.seed(seed))
     with prepared(model, dtype):
         work_dtype = adapter.dtype
-        # ---- pass 1: means and Grams of every site
-        accs = [MomentAccumulator(adapter.site_dim(s) + int(s.has_constant), name=s.name,
-                                  has_constant=s.has_constant, device=adapter.device)
-                for s in site_list]
-        with torch.no_grad():
-            for b in tqdm(batches, desc="activation statistics", disable=not progress):
+        # ---- pass 1: means and Grams of every site (local rows, then merged over ranks)
+        accs = run.moment_accumulators(adapter)
+        with shards.step("fit_bases (activation statistics)"), torch.no_grad():
+            for b in run.pending("moments", desc="activation statistics", progress=progress):
                 for acc, x in zip(accs, adapter.read_sites(b, site_list)):
                     acc.update(x)
+                run.advance("moments")
+        accs = [shards.merge_moments(a) for a in accs]
 
         bases: dict[Site, InteractionBasis] = {}
         next_C: Tensor | None = None  # None = raw outputs (identity)
@@ -273,39 +310,48 @@ def fit_bases(
                 continue
             out_site = (site_list[idx + 1] if idx + 1 < len(site_list)
                         else Site("logits", None, site.positions))
-            jac = GramAccumulator(acc.d, name=site.name, device=adapter.device)
             out_C = None if next_C is None else next_C.to(work_dtype)
-            estimate = None
-            for b in tqdm(batches, desc=f"LIB {site.name} → {out_site.name}",
-                          disable=not progress):
-                with torch.no_grad():
-                    (x,) = adapter.read_sites(b, [site])
-                section = recognise(adapter, b, site, out_site, x) if closed_form else None
-                if section is not None:
-                    section.add_jacobian_gram(x, out_C, jac, alphas, weights)
-                    continue
-                if n_probes is None:
-                    accumulate_jacobian_gram(adapter, b, site, out_site, x, out_C, jac,
-                                             alphas=alphas, weights=weights, closed_form=False)
-                    continue
-                est = estimate_jacobian_gram(adapter, b, site, out_site, x, out_C,
-                                             alphas=alphas, weights=weights, n_probes=n_probes,
-                                             n_groups=probe_groups, generator=generator)
-                estimate = est if estimate is None else estimate + est
-                jac.add_count(x.shape[0] * x.shape[1])
+            jac, estimate = run.jacobian_accumulators(idx, acc.d, adapter.device,
+                                                      probe_groups if n_probes else 0)
+            stage = f"jacobian:{idx}"
+            with shards.step(f"fit_bases (LIB {site.name})"):
+                for b in run.pending(stage, desc=f"LIB {site.name} → {out_site.name}",
+                                     progress=progress):
+                    with torch.no_grad():
+                        (x,) = adapter.read_sites(b, [site])
+                    section = recognise(adapter, b, site, out_site, x) if closed_form else None
+                    if section is not None:
+                        section.add_jacobian_gram(x, out_C, jac, alphas, weights)
+                    elif n_probes is None:
+                        accumulate_jacobian_gram(adapter, b, site, out_site, x, out_C, jac,
+                                                 alphas=alphas, weights=weights,
+                                                 closed_form=False)
+                    else:
+                        est = estimate_jacobian_gram(
+                            adapter, b, site, out_site, x, out_C, alphas=alphas,
+                            weights=weights, n_probes=n_probes, n_groups=probe_groups,
+                            generator=run.generator)
+                        for g_sum, g in zip(estimate, est.groups):
+                            g_sum += g
+                        jac.add_count(x.shape[0] * x.shape[1])
+                    run.advance(stage)
+            total = GramAccumulator(acc.d, name=site.name, device=adapter.device)
+            total._sum, (total.count,) = shards.sum(jac._sum), shards.sum_ints([jac.count])
             error = None if n_probes is None else 0.0
-            if estimate is not None:
-                jac.add_matrix(estimate.value)
-                error = float(estimate.standard_error.norm()
-                              / (jac.value * jac.count).norm().clamp_min(1e-300))
+            est = StochasticEstimate([shards.sum(g) for g in estimate]) if estimate else None
+            if est is not None and any(g.any() for g in est.groups):  # some batch was probed
+                total.add_matrix(est.value)
+                error = float(est.standard_error.norm()
+                              / (total.value * total.count).norm().clamp_min(1e-300))
             C, C_pinv, lam, lam_all, n_drop, cut = lib_rotation(
-                wh, jac.value, constant_first=constant_first, threshold=threshold)
+                wh, total.value, constant_first=constant_first, threshold=threshold)
             dropped.jacobian, dropped.jacobian_cutoff = n_drop, cut
             bases[site] = InteractionBasis(
                 site=site, method="lib", C=C, C_pinv=C_pinv, eigenvalues=lam, mean=mean,
                 gram=gram, gram_eigenvalues=wh.all_eigenvalues, dropped=dropped, center=center,
                 n_samples=n_samples, lambda_all=lam_all, jacobian_gram_error=error)
             next_C = C
+    run.finish()
 
     config = {"method": method, "center": center, "threshold": str(threshold),
               "threshold_value": threshold.value, "threshold_mode": threshold.mode,
@@ -313,8 +359,93 @@ def fit_bases(
               "dtype": str(work_dtype).replace("torch.", ""), "n_samples": n_samples,
               "n_pos": n_pos, "backend": adapter.backend, "n_probes": n_probes,
               "probe_groups": probe_groups if n_probes else None, "seed": seed}
+    if shards.active:
+        config["world_size"] = shards.world
     return BasisSet([bases[s] for s in site_list], config=config,
                     model_signature=adapter.signature(), model_probe=probe)
+
+
+class _FitRun:
+    """The local (this rank's) accumulators of a fit, the batches each stage has consumed,
+    and the checkpoint they are written to (every ``checkpoint.every`` batches and at the end
+    of each stage). Stages: ``"moments"`` (pass 1), then ``"jacobian:<site index>"``."""
+
+    def __init__(self, sites: list[Site], batches: list[Tensor], ckpt: FitCheckpoint | None,
+                 saved: tuple[dict, dict[str, Tensor]] | None, seed: int):
+        self.sites, self.batches, self.ckpt = sites, batches, ckpt
+        self.progress: dict[str, int] = {}
+        self.saved: dict[str, Tensor] = {}
+        if saved is not None:
+            self.progress, self.saved = saved
+        self.tensors: dict[str, Tensor] = {}  # live views of every accumulator, by name
+        self.generator = torch.Generator().manual_seed(seed)
+        if "generator" in self.saved:
+            self.generator.set_state(self.saved["generator"])
+        self.resumed = saved is not None
+
+    def _restore(self, name: str, like: Tensor) -> Tensor:
+        if name in self.saved:
+            like.copy_(self.saved[name].to(like))
+        self.tensors[name] = like
+        return like
+
+    def moment_accumulators(self, adapter) -> list[MomentAccumulator]:
+        accs = []
+        for i, s in enumerate(self.sites):
+            acc = MomentAccumulator(adapter.site_dim(s) + int(s.has_constant), name=s.name,
+                                    has_constant=s.has_constant, device=adapter.device)
+            self._restore(f"moments.{i}.mean", acc._mean)
+            self._restore(f"moments.{i}.m2", acc._m2)
+            count = self._restore(f"moments.{i}.count", torch.zeros(1, dtype=torch.int64))
+            acc.count = int(count)
+            accs.append(acc)
+        self._moments = accs
+        return accs
+
+    def jacobian_accumulators(self, idx: int, d: int, device, n_groups: int
+                              ) -> tuple[GramAccumulator, list[Tensor]]:
+        jac = GramAccumulator(d, name=self.sites[idx].name, device=device)
+        self._restore(f"jacobian.{idx}.sum", jac._sum)
+        jac.count = int(self._restore(f"jacobian.{idx}.count", torch.zeros(1, dtype=torch.int64)))
+        groups = [self._restore(f"jacobian.{idx}.probes.{g}",
+                                torch.zeros(d, d, dtype=torch.float64, device=device))
+                  for g in range(n_groups)]
+        self._jac = (idx, jac)
+        return jac, groups
+
+    def pending(self, stage: str, *, desc: str, progress: bool) -> Iterator[Tensor]:
+        """The batches of ``stage`` not yet done (all of them without a checkpoint)."""
+        done = self.progress.setdefault(stage, 0)
+        bar = tqdm(total=len(self.batches), initial=done, desc=desc, disable=not progress)
+        try:
+            for b in self.batches[done:]:
+                yield b
+                bar.update()
+        finally:
+            bar.close()
+        if self.ckpt is not None and self.progress[stage] == len(self.batches) and done < len(
+                self.batches):
+            self._write()
+
+    def advance(self, stage: str) -> None:
+        self.progress[stage] += 1
+        if self.ckpt is not None and self.progress[stage] % self.ckpt.every == 0 and \
+                self.progress[stage] < len(self.batches):
+            self._write()
+
+    def _write(self) -> None:
+        for i, acc in enumerate(self._moments):
+            self.tensors[f"moments.{i}.count"] = torch.tensor([acc.count])
+        if getattr(self, "_jac", None) is not None:
+            idx, jac = self._jac
+            self.tensors[f"jacobian.{idx}.count"] = torch.tensor([jac.count])
+        self.ckpt.save(dict(self.progress), {**self.tensors,
+                                             "generator": self.generator.get_state()})
+
+    def finish(self) -> None:
+        """The fit is complete: its checkpoint has served and is removed."""
+        if self.ckpt is not None:
+            self.ckpt.remove()
 
 
 def _identity_basis(site: Site, method: str, mean: Tensor, raw_gram: Tensor, gram: Tensor,

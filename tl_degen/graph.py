@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 from tl_degen.adapters import get_adapter
 from tl_degen.basis_set import BasisSet
 from tl_degen.closed_form import recognise
+from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import prepared, token_batches
 from tl_degen.io import save_safetensors_atomic
 from tl_degen.sections import autograd_pullbacks, integration_rule
 from tl_degen.sites import Site
-from tl_degen.stochastic import estimate_edge_squares
+from tl_degen.stochastic import StochasticEstimate, estimate_edge_squares
 
 __all__ = ["interaction_graph", "InteractionGraph", "Modules", "GRAPH_FORMAT", "GRAPH_VERSION"]
 
@@ -57,6 +58,7 @@ def interaction_graph(
     n_probes: int | None = None,
     probe_groups: int = 4,
     seed: int = 0,
+    distributed: bool | None = None,
 ) -> InteractionGraph:
     """Edges between every pair of consecutive sites of ``bases`` (DESIGN.md §4 step 8).
 
@@ -73,6 +75,9 @@ def interaction_graph(
         n_probes, probe_groups, seed: estimate the sum over output positions with random ±1
             probes (DESIGN.md §4 step 9) where no closed form applies; the relative standard
             error of each pair's edges is in ``graph.errors``.
+        distributed: inside a ``torch.distributed`` process group each rank passes its own
+            shard of ``tokens``; edge sums are added over ranks and every rank returns the
+            graph of all shards (:mod:`tl_degen.distributed`; ``False`` opts out).
 
     Returns:
         An :class:`InteractionGraph`; ``graph.edges[(in_site, out_site)]`` is
@@ -82,19 +87,28 @@ def interaction_graph(
         >>> graph = interaction_graph(model, tokens, bases)
         >>> graph.edges[(Site.parse("resid_pre.0"), Site.parse("resid_mid.0:last"))].shape
     """
-    sites = list(bases.sites)
-    if len(sites) < 2:
-        raise TLDegenError("an interaction graph needs bases of at least two sites")
-    bases.check_model(model)
-    alphas, weights = integration_rule(integration, n_alpha)
-    adapter = get_adapter(model)
-    batches = token_batches(tokens, batch_size, adapter)
-    n_pos = batches[0].shape[1]
-    for s in sites:
-        s.resolve_positions(n_pos)
+    shards = Shards(distributed)
+    with shards.step("interaction_graph (checking the arguments)"):
+        sites = list(bases.sites)
+        if len(sites) < 2:
+            raise TLDegenError("an interaction graph needs bases of at least two sites")
+        bases.check_model(model)
+        alphas, weights = integration_rule(integration, n_alpha)
+        adapter = get_adapter(model)
+        batches = token_batches(tokens, batch_size, adapter)
+        n_pos = batches[0].shape[1]
+        for s in sites:
+            s.resolve_positions(n_pos)
+        fingerprint = {"sites": [s.name for s in sites], "n_pos": n_pos,
+                       "settings": [integration, len(alphas), str(dtype), closed_form,
+                                    n_probes, probe_groups, seed]}
+        if shards.active:
+            fingerprint["weights"] = weights_digest(model)
+            fingerprint["bases"] = _bases_digest(bases)
+    shards.agree("interaction_graph", fingerprint)
     edges: dict[tuple[Site, Site], Tensor] = {}
     errors: dict[tuple[Site, Site], float] = {}
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(shards.seed(seed))
     with prepared(model, dtype):
         dt = adapter.dtype
         for in_site, out_site in zip(sites, sites[1:]):
@@ -103,44 +117,47 @@ def interaction_graph(
             out_C = None if out_site.kind == "logits" else b_out.C.to(adapter.device, dt)
             E = torch.zeros(b_out.k, b_in.k, dtype=torch.float64, device=adapter.device)
             count = 0
-            estimate = None
-            for batch in tqdm(batches, desc=f"edges {in_site.name} → {out_site.name}",
-                              disable=not progress):
-                with torch.no_grad():
-                    (x,) = adapter.read_sites(batch, [in_site])
-                h = x.double() @ C_in  # [b, P_in, k_in]
-                x_proj = (h @ C_pinv).to(dt)
-                section = recognise(adapter, batch, in_site, out_site, x) if closed_form \
-                    else None
-                if section is not None:
-                    E += section.edge_squares(x_proj, h, C_pinv, out_C, alphas, weights)
+            groups = [torch.zeros_like(E) for _ in range(probe_groups if n_probes else 0)]
+            with shards.step(f"interaction_graph ({in_site.name} → {out_site.name})"):
+                for batch in tqdm(batches, desc=f"edges {in_site.name} → {out_site.name}",
+                                  disable=not progress):
+                    with torch.no_grad():
+                        (x,) = adapter.read_sites(batch, [in_site])
+                    h = x.double() @ C_in  # [b, P_in, k_in]
+                    x_proj = (h @ C_pinv).to(dt)
                     count += x.shape[0] * x.shape[1]
-                    continue
-                if n_probes is not None:
-                    est = estimate_edge_squares(adapter, batch, in_site, out_site, x_proj, h,
-                                                C_pinv, out_C, alphas=alphas, weights=weights,
-                                                n_probes=n_probes, n_groups=probe_groups,
-                                                generator=generator)
-                    estimate = est if estimate is None else estimate + est
-                    count += x.shape[0] * x.shape[1]
-                    continue
-                for pb in autograd_pullbacks(adapter, batch, in_site, out_site, x_proj, out_C,
-                                             alphas=alphas, weights=weights):
-                    g_h = torch.einsum("brdm,jd->brjm", pb.g.double(), C_pinv)
-                    A = torch.einsum("brjm,brj->bmj", g_h, h[pb.samples][:, pb.in_rows])
-                    E.index_add_(0, pb.dirs, (A * A).sum(0))
-                count += x.shape[0] * x.shape[1]
-            if estimate is not None:
-                E += estimate.value
-                errors[(in_site, out_site)] = float(estimate.standard_error.norm()
-                                                    / E.norm().clamp_min(1e-300))
-            elif n_probes is not None:
-                errors[(in_site, out_site)] = 0.0
+                    section = recognise(adapter, batch, in_site, out_site, x) if closed_form \
+                        else None
+                    if section is not None:
+                        E += section.edge_squares(x_proj, h, C_pinv, out_C, alphas, weights)
+                    elif n_probes is not None:
+                        est = estimate_edge_squares(
+                            adapter, batch, in_site, out_site, x_proj, h, C_pinv, out_C,
+                            alphas=alphas, weights=weights, n_probes=n_probes,
+                            n_groups=probe_groups, generator=generator)
+                        for g_sum, g in zip(groups, est.groups):
+                            g_sum += g
+                    else:
+                        for pb in autograd_pullbacks(adapter, batch, in_site, out_site, x_proj,
+                                                     out_C, alphas=alphas, weights=weights):
+                            g_h = torch.einsum("brdm,jd->brjm", pb.g.double(), C_pinv)
+                            A = torch.einsum("brjm,brj->bmj", g_h, h[pb.samples][:, pb.in_rows])
+                            E.index_add_(0, pb.dirs, (A * A).sum(0))
+            E = shards.sum(E)
+            (count,) = shards.sum_ints([count])
+            if n_probes is not None:
+                estimate = StochasticEstimate([shards.sum(g) for g in groups])
+                error = 0.0
+                if any(g.any() for g in estimate.groups):  # some batch was probed
+                    E += estimate.value
+                    error = float(estimate.standard_error.norm() / E.norm().clamp_min(1e-300))
+                errors[(in_site, out_site)] = error
             if not torch.isfinite(E).all():
                 raise DataError(f"NaN/Inf edges between {in_site.name} and {out_site.name}")
             edges[(in_site, out_site)] = (E / count).cpu()
+    (n_samples,) = shards.sum_ints([sum(b.shape[0] for b in batches)])
     config = {"integration": integration, "n_alpha": len(alphas),
-              "n_samples": sum(b.shape[0] for b in batches), "n_pos": n_pos,
+              "n_samples": n_samples, "n_pos": n_pos,
               "n_probes": n_probes, "seed": seed}
     graph = InteractionGraph(bases, edges, config=config)
     graph.errors = errors
@@ -401,3 +418,8 @@ class InteractionGraph:
         from tl_degen.viz.graph_page import graph_html
 
         return graph_html(self, standalone=False)
+
+
+def _bases_digest(bases: BasisSet) -> str:
+    """A digest of every basis matrix (ranks must hold the same bases)."""
+    return tensors_digest([t for b in bases.values() for t in (b.C, b.C_pinv)])

@@ -38,6 +38,7 @@ from tl_degen.ablation import make_metric
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
 from tl_degen.basis_set import BasisSet
+from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, SiteError, TLDegenError
 from tl_degen.fitting import prepared, token_batches
 from tl_degen.sections import integration_rule
@@ -471,6 +472,7 @@ def attribution_patch(
     mode: str = "denoising",
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> AttributionResult:
     """Attribution patching per basis direction: ``Δx̂ · ∂metric/∂x̂`` at each site.
 
@@ -482,6 +484,10 @@ def attribution_patch(
             points; its total approaches the whole-site patch effect).
         mode: ``"denoising"`` (gradient on the corrupted run, ``Δ = clean − corrupted``) or
             ``"noising"``.
+        distributed: inside a ``torch.distributed`` process group each rank passes its own
+            shard of prompt pairs; each rank's mean metric counts by its share of the pairs, so
+            every rank returns the result of all shards together for a metric that averages
+            over examples (:mod:`tl_degen.distributed`; ``False`` opts out).
 
     Returns:
         An :class:`AttributionResult`; ``result.total(site)`` equals the neuron-basis
@@ -492,58 +498,73 @@ def attribution_patch(
         ...                                   ["resid_mid.0:last"], logit_diff)
         >>> attr.per_direction("resid_mid.0:last")[:5]
     """
-    _check_mode(mode)
-    if method not in ("gradient", "integrated"):
-        raise TLDegenError(f"method must be 'gradient' or 'integrated', got {method!r}")
-    site_list = [sites] if isinstance(sites, (str, Site)) else list(sites)
-    if not site_list:
-        raise SiteError("give at least one site")
-    found = [lookup_basis(bases, s, model) for s in site_list]
-    adapter = get_adapter(model)
-    clean, corrupted = _pair_tokens(adapter, clean_tokens, corrupted_tokens)
-    fn = _metric(metric)
+    shards = Shards(distributed)
+    with shards.step("attribution_patch (checking the arguments)"):
+        _check_mode(mode)
+        if method not in ("gradient", "integrated"):
+            raise TLDegenError(f"method must be 'gradient' or 'integrated', got {method!r}")
+        site_list = [sites] if isinstance(sites, (str, Site)) else list(sites)
+        if not site_list:
+            raise SiteError("give at least one site")
+        found = [lookup_basis(bases, s, model) for s in site_list]
+        adapter = get_adapter(model)
+        clean, corrupted = _pair_tokens(adapter, clean_tokens, corrupted_tokens)
+        fn = _metric(metric)
+        fingerprint = {"sites": [b.site.name for b in found], "method": method,
+                       "n_alpha": n_alpha, "mode": mode, "dtype": str(dtype),
+                       "n_pos": clean.shape[1]}
+        if shards.active:
+            fingerprint["weights"] = weights_digest(model)
+            fingerprint["bases"] = tensors_digest([t for b in found for t in (b.C, b.C_pinv)])
+    shards.agree("attribution_patch", fingerprint)
     source, target = (clean, corrupted) if mode == "denoising" else (corrupted, clean)
     alphas, weights = ([0.0], [1.0]) if method == "gradient" else integration_rule(
         "gauss-legendre", n_alpha)
     dev = adapter.device
+    n_local = clean.shape[0]
+    (n_total,) = shards.sum_ints([n_local])
+    share = n_local / n_total  # a rank's mean metric weighs as its share of the examples
     out = AttributionResult({}, {}, {}, {}, method, mode, len(alphas),
                             getattr(bases, "method", None) or found[0].method)
     with prepared(model, dtype):
-        with torch.no_grad():
+        with shards.step("attribution_patch (unpatched run)"), torch.no_grad():
             base = float(fn(adapter.read_sites(target, [Site("logits")])[0]).mean())
+        (base,) = shards.sum_floats([base * share])
         for basis in tqdm(found, desc="attribution", disable=not progress):
             site = basis.site
-            if site.kind == "logits":
-                raise SiteError("attribution at the logits is the metric's own gradient; "
-                                "choose an earlier site")
-            with torch.no_grad():
-                (x_s,) = adapter.read_sites(source, [site])
-                (x_t,) = adapter.read_sites(target, [site])
-            _check_finite(x_s, x_t, site=site)
-            diff = (x_s - x_t).double()
-            diff[..., -1] = 0.0
-            grad = torch.zeros_like(diff)
-            for a, w in zip(alphas, weights):
-                x = (x_t.double() + a * diff).to(x_t.dtype).requires_grad_(True)
-                value = _run_metric(adapter, target, fn, write=(site, x)).mean()
-                (g,) = torch.autograd.grad(value, x)
-                grad += w * g.double()
-            # patches keep c = 1 (the constant coordinate is not an activation), so its
-            # gradient takes no part; with centered bases it only touches the constant
-            # direction, whose coordinate never changes
-            grad[..., -1] = 0.0
-            C, Cp = basis.C.to(dev), basis.C_pinv.to(dev)
-            h_diff, h_grad = diff @ C, grad @ Cp.T
+            with shards.step(f"attribution_patch ({site.name})"):
+                if site.kind == "logits":
+                    raise SiteError("attribution at the logits is the metric's own gradient; "
+                                    "choose an earlier site")
+                with torch.no_grad():
+                    (x_s,) = adapter.read_sites(source, [site])
+                    (x_t,) = adapter.read_sites(target, [site])
+                _check_finite(x_s, x_t, site=site)
+                diff = (x_s - x_t).double()
+                diff[..., -1] = 0.0
+                grad = torch.zeros_like(diff)
+                for a, w in zip(alphas, weights):
+                    x = (x_t.double() + a * diff).to(x_t.dtype).requires_grad_(True)
+                    value = _run_metric(adapter, target, fn, write=(site, x)).mean()
+                    (g,) = torch.autograd.grad(value, x)
+                    grad += w * share * g.double()
+                # patches keep c = 1 (the constant coordinate is not an activation), so its
+                # gradient takes no part; with centered bases it only touches the constant
+                # direction, whose coordinate never changes
+                grad[..., -1] = 0.0
+                C, Cp = basis.C.to(dev), basis.C_pinv.to(dev)
+                h_diff, h_grad = diff @ C, grad @ Cp.T
+                rest = diff - h_diff @ Cp
+                with torch.no_grad():
+                    x = x_s.clone()
+                    x[..., -1] = 1.0
+                    delta = float(_run_metric(adapter, target, fn, write=(site, x)).mean())
             name = site.name
-            out.attributions[name] = (h_diff * h_grad).sum(0).cpu()
-            out.neuron[name] = (diff * grad).sum(0).cpu()
-            rest = diff - h_diff @ Cp
-            out.dropped[name] = float((rest * grad).sum())
-            with torch.no_grad():
-                x = x_s.clone()
-                x[..., -1] = 1.0
-                out.delta[name] = float(_run_metric(adapter, target, fn,
-                                                    write=(site, x)).mean()) - base
+            out.attributions[name] = shards.sum((h_diff * h_grad).sum(0)).cpu()
+            out.neuron[name] = shards.sum((diff * grad).sum(0)).cpu()
+            dropped, delta = shards.sum_floats([float((rest * grad).sum()), delta * share])
+            out.dropped[name] = dropped
+            out.delta[name] = delta - base
     return out
 
 

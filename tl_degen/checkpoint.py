@@ -1,0 +1,98 @@
+"""Checkpoints of a long fit: its float64 accumulators, written atomically every N batches.
+
+A checkpoint names what it belongs to (a fingerprint: model weights digest, sites, settings,
+this rank's tokens and how they are batched) and how far the run got (batches done per
+stage). A run started again with the same arguments loads it and continues from there; the
+accumulators are stored exactly, so the result equals an uninterrupted run's bit for bit. A
+checkpoint whose fingerprint differs is refused with :class:`~tl_degen.errors.CheckpointError`
+and left untouched, never merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import safe_open
+from torch import Tensor
+
+from tl_degen.distributed import short_repr as _short
+from tl_degen.errors import CheckpointError, TLDegenError
+from tl_degen.io import save_safetensors_atomic
+
+__all__ = ["FitCheckpoint", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+
+CHECKPOINT_FORMAT = "tl_degen.fit_checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class FitCheckpoint:
+    """One checkpoint file of a fit in progress.
+
+    Args:
+        path: the file (``.safetensors``); under ``torch.distributed`` each rank writes
+            ``<path>.rank<r>`` (see :meth:`for_rank`).
+        fingerprint: JSON-able facts the run must share with the checkpoint to resume it.
+        every: write after every ``every`` batches (and at the end of every stage).
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, every: int = 10):
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise TLDegenError(f"checkpoint_every must be a positive integer, got {every!r}")
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise CheckpointError(f"checkpoint path {self.path} is a folder; give a file name "
+                                  "such as fit.ckpt.safetensors")
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        self.every = every
+        self.writes = 0
+
+    @staticmethod
+    def for_rank(path: str | os.PathLike, rank: int, world: int) -> Path:
+        """The file of ``rank`` in a run of ``world`` processes (``path`` itself for one)."""
+        path = Path(path)
+        return path if world == 1 else path.with_name(f"{path.name}.rank{rank}")
+
+    def load(self) -> tuple[dict, dict[str, Tensor]] | None:
+        """``(progress, tensors)`` of an existing checkpoint of this run, or ``None``."""
+        if not self.path.exists():
+            return None
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                meta = json.loads((f.metadata() or {})["tl_degen"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own types; KeyError, JSON errors
+            raise CheckpointError(f"{self.path} is not a readable tl_degen checkpoint ({err}); "
+                                  "delete it or choose another checkpoint path") from None
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{self.path} is not a tl_degen fit checkpoint")
+        if meta.get("version", 0) > CHECKPOINT_VERSION:
+            raise CheckpointError(f"{self.path} has checkpoint version {meta['version']}; this "
+                                  f"tl_degen reads up to {CHECKPOINT_VERSION}")
+        theirs = meta.get("fingerprint", {})
+        keys = sorted(set(theirs) | set(self.fingerprint))
+        differ = [k for k in keys if theirs.get(k) != self.fingerprint.get(k)]
+        if differ:
+            what = "; ".join(f"{k} (checkpoint: {_short(theirs.get(k))}, this run: "
+                             f"{_short(self.fingerprint.get(k))})" for k in differ)
+            raise CheckpointError(
+                f"{self.path} belongs to another run and was not used: {what}. Resume with "
+                "the same model, tokens and arguments, or delete the file / choose another "
+                "checkpoint path")
+        return meta["progress"], tensors
+
+    def save(self, progress: dict, tensors: dict[str, Tensor]) -> None:
+        """Write atomically: a kill at any moment leaves the previous checkpoint or this one."""
+        meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "fingerprint": self.fingerprint, "progress": progress}
+        save_safetensors_atomic(
+            self.path, {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+            {"tl_degen": json.dumps(meta)})
+        self.writes += 1
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __repr__(self) -> str:
+        return f"FitCheckpoint({str(self.path)!r}, every={self.every})"
