@@ -9,7 +9,7 @@ Examples:
     >>> print(bases)
 """
 
-from tl_degen import memory
+from tl_degen import distributed, memory
 from tl_degen.ablation import AblationCurve, EdgeAblationResult, ablation_curve, edge_ablation
 from tl_degen.basis import Dropped, InteractionBasis, Threshold
 from tl_degen.basis_set import BasisSet
@@ -28,7 +28,9 @@ from tl_degen.effective import (
 from tl_degen.errors import (
     BackendError,
     BasisMismatchError,
+    CheckpointError,
     DataError,
+    DistributedError,
     NonFiniteError,
     SiteError,
     TLDegenError,
@@ -58,6 +60,7 @@ __all__ = [
     "AblationCurve",
     "edge_ablation",
     "memory",
+    "distributed",
     "EdgeAblationResult",
     "patch_directions",
     "PatchResult",
@@ -85,4 +88,6 @@ __all__ = [
     "NonFiniteError",
     "BasisMismatchError",
     "BackendError",
+    "DistributedError",
+    "CheckpointError",
 ]

@@ -17,6 +17,7 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
+from tl_degen.distributed import _flatten
 from tl_degen.distributed import short_repr as _short
 from tl_degen.errors import CheckpointError, TLDegenError
 from tl_degen.io import save_safetensors_atomic
@@ -54,28 +55,36 @@ class FitCheckpoint:
         path = Path(path)
         return path if world == 1 else path.with_name(f"{path.name}.rank{rank}")
 
+    @staticmethod
+    def read(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+        """``(header, tensors)`` of a checkpoint file, unchecked: the header holds
+        ``fingerprint`` (what the run was) and ``progress`` (batches done per stage)."""
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = json.loads((f.metadata() or {})["tl_degen"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own types; KeyError, JSON errors
+            raise CheckpointError(f"{path} is not a readable tl_degen checkpoint ({err}); "
+                                  "delete it or choose another checkpoint path") from None
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not a tl_degen fit checkpoint")
+        return meta, tensors
+
     def load(self) -> tuple[dict, dict[str, Tensor]] | None:
         """``(progress, tensors)`` of an existing checkpoint of this run, or ``None``."""
         if not self.path.exists():
             return None
-        try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                meta = json.loads((f.metadata() or {})["tl_degen"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own types; KeyError, JSON errors
-            raise CheckpointError(f"{self.path} is not a readable tl_degen checkpoint ({err}); "
-                                  "delete it or choose another checkpoint path") from None
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{self.path} is not a tl_degen fit checkpoint")
+        meta, tensors = self.read(self.path)
         if meta.get("version", 0) > CHECKPOINT_VERSION:
             raise CheckpointError(f"{self.path} has checkpoint version {meta['version']}; this "
                                   f"tl_degen reads up to {CHECKPOINT_VERSION}")
-        theirs = meta.get("fingerprint", {})
-        keys = sorted(set(theirs) | set(self.fingerprint))
-        differ = [k for k in keys if theirs.get(k) != self.fingerprint.get(k)]
+        theirs, ours = _flatten(meta.get("fingerprint", {})), _flatten(self.fingerprint)
+        keys = sorted(set(theirs) | set(ours))
+        differ = [k for k in keys if theirs.get(k) != ours.get(k)]
         if differ:
             what = "; ".join(f"{k} (checkpoint: {_short(theirs.get(k))}, this run: "
-                             f"{_short(self.fingerprint.get(k))})" for k in differ)
+                             f"{_short(ours.get(k))})" for k in differ)
             raise CheckpointError(
                 f"{self.path} belongs to another run and was not used: {what}. Resume with "
                 "the same model, tokens and arguments, or delete the file / choose another "

@@ -6,6 +6,13 @@
     tl-degen graph --model M --tokens T --sites S --out graph.safetensors [--html g.html]
     tl-degen show  graph.safetensors [--out graph.html] [--no-open]
 
+Under ``torchrun --nproc_per_node N -m tl_degen.cli fit ...`` (or ``torchrun ... $(which
+tl-degen) fit ...``) each process joins one process group (gloo on CPU, NCCL when CUDA is
+available), takes its share of the tokens (``tokens.tensor_split(N)[rank]``), statistics are
+reduced across processes, and rank 0 alone writes the output file, atomically.
+``fit --checkpoint ckpt.safetensors`` keeps the fit's accumulators there every
+``--checkpoint-every`` batches; run the same command again after an interruption to resume.
+
 ``--model`` is ``modadd`` (the shipped model), a local Hugging Face folder, a
 HookedTransformer state dict (``.pt``/``.safetensors``) with ``--config cfg.json``, or a
 TransformerLens model name (downloaded by TransformerLens; needs the network). ``--tokens``
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -309,37 +317,95 @@ def load_tokens(spec: str, model) -> torch.Tensor:
     return t
 
 
-def _fit_common(args):
+class _Launch:
+    """This process's place in a ``torchrun`` launch: rank, world size and device.
+
+    Outside ``torchrun`` (no ``WORLD_SIZE`` in the environment, or 1) it is rank 0 of 1 on the
+    CPU and does nothing. Under it, the default process group is initialised (NCCL with one
+    GPU per process when CUDA is available, gloo otherwise) and destroyed on exit.
+    """
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device("cpu")
+        self._owns = False
+
+    def __enter__(self) -> _Launch:
+        if self.world <= 1:
+            return self
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                local = int(os.environ.get("LOCAL_RANK", "0"))
+                torch.cuda.set_device(local)
+                self.device = torch.device("cuda", local)
+                dist.init_process_group("nccl")
+            else:
+                dist.init_process_group("gloo")
+            self._owns = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._owns:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    def shard(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of ``tokens`` (contiguous, as equal as the count allows)."""
+        if self.world <= 1:
+            return tokens
+        if tokens.shape[0] < self.world:
+            raise ArgumentError(f"{tokens.shape[0]} sequences cannot be shared by {self.world} "
+                                "processes; give at least one sequence per process")
+        return tokens.tensor_split(self.world)[self.rank]
+
+    def say(self, *lines: str) -> None:
+        """Print on rank 0 only."""
+        if self.rank == 0:
+            for line in lines:
+                print(line)
+
+
+def _fit_common(args, launch: _Launch, **fit_kwargs):
     import tl_degen
 
-    model = load_model(args.model, args.config, args.dtype)
-    tokens = load_tokens(args.tokens, model)
+    model = load_model(args.model, args.config, args.dtype).to(launch.device)
+    tokens = launch.shard(load_tokens(args.tokens, model))
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     bases = tl_degen.fit_bases(model, tokens, sites, method=args.method,
                                batch_size=args.batch_size, n_probes=args.n_probes,
-                               progress=not args.quiet)
+                               progress=not args.quiet and launch.rank == 0, **fit_kwargs)
     return tl_degen, model, tokens, bases
 
 
 def fit(args: argparse.Namespace) -> int:
-    _, _, _, bases = _fit_common(args)
-    path = bases.save(args.out)
-    print(bases.summary())
-    print(f"saved to {path}")
+    if args.checkpoint_every < 1:
+        raise ArgumentError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    with _Launch() as launch:
+        _, _, _, bases = _fit_common(args, launch, checkpoint=args.checkpoint,
+                                     checkpoint_every=args.checkpoint_every)
+        if launch.rank == 0:
+            path = bases.save(args.out)
+            launch.say(bases.summary(), f"saved to {path}")
     return 0
 
 
 def graph(args: argparse.Namespace) -> int:
     from tl_degen.viz import save_graph_page
 
-    tl_degen, model, tokens, bases = _fit_common(args)
-    g = tl_degen.interaction_graph(model, tokens, bases, batch_size=args.batch_size,
-                                   n_probes=args.n_probes, progress=not args.quiet)
-    path = g.save(args.out)
-    html_path = Path(args.html) if args.html else Path(args.out).with_suffix(".html")
-    save_graph_page(g.prune(mass=0.99), html_path)
-    print(g.summary())
-    print(f"saved to {path}; page {html_path}")
+    with _Launch() as launch:
+        tl_degen, model, tokens, bases = _fit_common(args, launch)
+        g = tl_degen.interaction_graph(model, tokens, bases, batch_size=args.batch_size,
+                                       n_probes=args.n_probes,
+                                       progress=not args.quiet and launch.rank == 0)
+        if launch.rank == 0:
+            path = g.save(args.out)
+            html_path = Path(args.html) if args.html else Path(args.out).with_suffix(".html")
+            save_graph_page(g.prune(mass=0.99), html_path)
+            launch.say(g.summary(), f"saved to {path}; page {html_path}")
     return 0
 
 
@@ -391,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit bases of your model; save them")
     _model_args(f)
     f.add_argument("--out", required=True, help="bases file (.safetensors)")
+    f.add_argument("--checkpoint", help="keep the fit's accumulators in this file; if it "
+                   "exists, resume from it (removed when the fit completes)")
+    f.add_argument("--checkpoint-every", type=int, default=10,
+                   help="batches between checkpoint writes (default 10)")
     f.set_defaults(func=fit)
     g = sub.add_parser("graph", help="fit bases and the interaction graph; save and draw it")
     _model_args(g)

@@ -121,7 +121,8 @@ class Shards:
         digest); the message names the keys that differ and each rank's value."""
         if not self.active:
             return
-        prints = self.objects(json.loads(json.dumps(fingerprint, sort_keys=True, default=str)))
+        prints = self.objects(_flatten(json.loads(json.dumps(fingerprint, sort_keys=True,
+                                                              default=str))))
         keys = sorted({k for p in prints for k in p})
         differ = [k for k in keys if any(p.get(k) != prints[0].get(k) for p in prints)]
         if differ:
@@ -204,6 +205,18 @@ class Shards:
         independent probes."""
         return seed if self.rank == 0 else int.from_bytes(
             hashlib.sha256(f"{seed}/{self.rank}".encode()).digest()[:7], "little")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """``{"settings": {"method": "lib"}}`` → ``{"settings.method": "lib"}`` (so a difference
+    is named by its leaf)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def short_repr(value) -> str:

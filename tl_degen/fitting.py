@@ -265,8 +265,9 @@ def fit_bases(
         if checkpoint is not None:
             ckpt = FitCheckpoint(
                 FitCheckpoint.for_rank(checkpoint, shards.rank, shards.world),
-                {**fingerprint, "rank": shards.rank, "world": shards.world,
-                 "tokens": tokens_digest(batches)}, checkpoint_every)
+                {**fingerprint, "model": adapter.signature(), "rank": shards.rank,
+                 "world": shards.world, "tokens": tokens_digest(batches),
+                 "n_batches": len(batches)}, checkpoint_every)
             saved = ckpt.load()
     shards.agree("fit_bases", fingerprint)
     n_local = sum(b.shape[0] for b in batches)
