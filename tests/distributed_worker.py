@@ -101,8 +101,9 @@ def scenarios(rank: int | None, out: Path) -> dict:
     res["report"] = {"text": str(report), "lib_sizes": report.lib_sizes}
     # an architecture with LayerNorm and GELU: the autograd path of the Jacobian
     ln_model = M.build("native_ln_gelu")
-    ln_bases = tl_degen.fit_bases(ln_model, shard(d["ln"], "ln", rank), M.mid_sites("native_ln_gelu"),
-                                  batch_size=4, closed_form=False, progress=False)
+    ln_bases = tl_degen.fit_bases(ln_model, shard(d["ln"], "ln", rank),
+                                  M.mid_sites("native_ln_gelu"), batch_size=4,
+                                  closed_form=False, progress=False)
     res["ln_fit"] = summarise_bases(ln_bases)
     # a checkpointed fit interrupted on one rank, then resumed
     ckpt = out / "fit.ckpt.safetensors"
