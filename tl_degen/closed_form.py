@@ -344,8 +344,9 @@ class ClosedFormSection:
 
     def _mlp_edge_squares(self, x, h, C_pinv, out_basis, alphas, weights, chunk):
         """``C⁺ g = C⁺ J0 C + (C⁺ W̃_in) diag(σ̄′) (W̃_out C)`` per row, contracted with ``h``
-        directly (float64), without forming the pullback ``g``: one ``[k_in, m] × [m, k_out]``
-        product per row instead of two."""
+        directly (float64), without forming the pullback ``g``. The per-row products are one
+        GEMM per chunk, ``[k_in, m] × [m, (b, k_out)]``, and the weighted sum of squares over
+        rows one batched product ``[k_in, 1, b] × [k_in, b, k_out]``."""
         P = self.params
         d_out = self.adapter.site_dim(self.out_site) + int(self.out_site.has_constant)
         C = (torch.eye(d_out, dtype=torch.float64, device=x.device) if out_basis is None
@@ -354,19 +355,27 @@ class ClosedFormSection:
         M0 = Cp @ P["j0"].double() @ C  # [k_in, k_out]
         CpW = Cp @ P["w_in"].double()  # [k_in, m]
         WoC = P["w_out_t"].double() @ C  # [m, k_out]
-        E = torch.zeros(C.shape[1], Cp.shape[0], dtype=torch.float64, device=x.device)
-        # [b, m, k_out] per chunk: small enough to stay in cache (measured 1.6x faster than 256)
-        chunk = max(1, min(chunk, 2**21 // max(1, WoC.numel())))
-        for start in range(0, x.shape[0], chunk):
-            for r in P["rows_in_list"]:
-                xt = x[start:start + chunk, r]
-                pre = xt @ P["w_in"]
-                dbar = sum(w * _act_derivative(P["act"], a * pre)
-                           for a, w in zip(alphas, weights)).double()  # [b, m]
-                A = M0 + CpW @ (dbar[:, :, None] * WoC)  # [b, k_in, k_out]
-                A *= h[start:start + chunk, r].double()[:, :, None]
-                E += (A * A).sum(0).T
-        return E
+        k_in, (m, k_out) = CpW.shape[0], WoC.shape
+        E = torch.zeros(k_in, k_out, dtype=torch.float64, device=x.device)
+        # A is [k_in, b, k_out]: 4 MiB per chunk (about 40 rows on modadd) measured fastest
+        # here (2x the rows: 1.05-1.3x slower; the former [b, k_in, k_out] layout: 1.15x)
+        chunk = max(1, min(chunk, 2**19 // max(1, k_in * k_out)))
+        Y = torch.empty(m, chunk, k_out, dtype=torch.float64, device=x.device)
+        for r in P["rows_in_list"]:
+            pre = x[:, r] @ P["w_in"]
+            dbar_t = sum(w * _act_derivative(P["act"], a * pre)
+                         for a, w in zip(alphas, weights)).double().T.contiguous()  # [m, B]
+            h2_t = h[:, r].double().T.square()  # [k_in, B]
+            for start in range(0, x.shape[0], chunk):
+                d = dbar_t[:, start:start + chunk]
+                b = d.shape[1]
+                Yb = Y[:, :b]
+                torch.mul(d[:, :, None], WoC[:, None, :], out=Yb)
+                A = (CpW @ Yb.reshape(m, b * k_out)).view(k_in, b, k_out)
+                A += M0[:, None, :]
+                A.square_()
+                E += torch.bmm(h2_t[:, None, start:start + chunk], A)[:, 0]
+        return E.T
 
     def _attention_edge_squares(self, x, h, C_pinv, out_basis, alphas, weights, chunk):
         P = self.params
