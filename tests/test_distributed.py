@@ -212,3 +212,21 @@ def test_without_a_process_group_nothing_is_sharded():
         Shards(True)
     with pytest.raises(tl_degen.TLDegenError, match="None, True or False"):
         Shards("yes")
+
+
+def test_cli_graph_under_torchrun_equals_one_process(tmp_path):
+    from tl_degen.cli import load_model
+
+    tokens = W.data()["train"][:150]
+    torch.save(tokens, tmp_path / "tokens.pt")
+    out = torchrun(["-m", "tl_degen.cli", "graph", "--model", "modadd", "--tokens", "tokens.pt",
+                    "--sites", ",".join(W.SITES[1:]), "--quiet", "--out", "g.safetensors"],
+                   cwd=tmp_path)
+    assert out.count("saved to g.safetensors") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.html", "g.safetensors", "tokens.pt"]
+    model = load_model("modadd")
+    ours = tl_degen.InteractionGraph.load(tmp_path / "g.safetensors", model=model)
+    bases = tl_degen.fit_bases(model, tokens, W.SITES[1:], progress=False)
+    ref = tl_degen.interaction_graph(model, tokens, bases, progress=False)
+    for pair, E in ref.edges.items():
+        assert rel(ours.edges[pair], E) <= 1e-12, pair
