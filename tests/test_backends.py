@@ -12,7 +12,7 @@ from torch.func import functional_call, jacrev
 import tl_degen
 from tests import models as M
 from tl_degen.adapters import get_adapter
-from tl_degen.fitting import prepared
+from tl_degen.model_state import prepared
 from tl_degen.sites import Site
 from tl_degen.toy import modadd
 

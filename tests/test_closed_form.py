@@ -8,9 +8,9 @@ import torch
 
 from tests import models as M
 from tl_degen.adapters import get_adapter
-from tl_degen.closed_form import try_closed_form
-from tl_degen.fitting import prepared
-from tl_degen.sections import accumulate_jacobian_gram, integration_rule
+from tl_degen.closed_form import accumulate_jacobian_gram, try_closed_form
+from tl_degen.model_state import prepared
+from tl_degen.sections import integration_rule
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 from tl_degen.toy import modadd

@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
 from tl_degen.basis_set import BasisSet
+from tl_degen.closed_form import recognise
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import DataError, TLDegenError
-from tl_degen.fitting import prepared, token_batches
+from tl_degen.fitting import token_batches
+from tl_degen.model_state import prepared
 from tl_degen.sites import Site
 
 __all__ = ["ablation_curve", "AblationCurve", "edge_ablation", "EdgeAblationResult", "make_metric"]
@@ -401,8 +403,6 @@ class _MaskedPair:
     """
 
     def __init__(self, adapter, batches, bases, in_site: Site, out_site: Site, fn):
-        from tl_degen.closed_form import recognise
-
         self.adapter, self.in_site, self.out_site = adapter, in_site, out_site
         self.fn = fn
         dev = adapter.device

@@ -23,6 +23,7 @@ from torch import Tensor
 from tl_degen.basis import Dropped, InteractionBasis
 from tl_degen.errors import BasisMismatchError, DataError
 from tl_degen.io import save_safetensors_atomic
+from tl_degen.model_state import prepared
 from tl_degen.sites import Site
 
 __all__ = ["BasisSet", "model_probe", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -38,8 +39,6 @@ def model_probe(adapter) -> list[list[float]]:
     Stored with a basis so that :meth:`BasisSet.check_model` can refuse a model with other
     weights, whichever backend (bridge or HookedTransformer) holds them.
     """
-    from tl_degen.fitting import prepared
-
     n = min(adapter.n_ctx, 8)
     tokens = ((torch.arange(n) * 7 + 3) % adapter.d_vocab)[None].to(adapter.device)
     with prepared(adapter.model, None), torch.no_grad():

@@ -36,7 +36,7 @@ These section shapes have Jacobians that need no backward passes:
 
 Both act per position, so only positions in both sites contribute. Before use, each form is
 checked against the model's own forward pass on the batch (relative error below 1e-5 in the
-model's dtype); otherwise :func:`tl_degen.sections.accumulate_jacobian_gram` falls back to
+model's dtype); otherwise :func:`accumulate_jacobian_gram` falls back to
 autograd.
 """
 
@@ -51,10 +51,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_degen.adapters.base import Adapter
+from tl_degen.sections import Pullback, autograd_pullbacks
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 
-__all__ = ["try_closed_form", "recognise", "ClosedFormSection", "Pullback"]
+__all__ = ["try_closed_form", "recognise", "ClosedFormSection", "Pullback",
+           "accumulate_jacobian_gram"]
 
 _ACTIVATIONS = {
     "relu": F.relu,
@@ -83,23 +85,6 @@ def _act_derivative(act, pre: Tensor) -> Tensor:
 def _close(a: Tensor, b: Tensor) -> bool:
     tol = 1e-7 if a.dtype == torch.float64 else 1e-3
     return bool((a - b).abs().max() <= tol * b.abs().max().clamp_min(1e-12))
-
-
-@dataclass
-class Pullback:
-    """Vector-Jacobian products of one block of output directions (DESIGN.md §4 step 4).
-
-    ``g[b, r, :, m]`` is the gradient, with respect to the input vector at input position
-    ``in_rows[r]`` of sample ``samples[b]``, of output coordinate ``dirs[m]`` of the output
-    basis at output position ``t`` (an index into the output site's positions), averaged over
-    the integration points. Input positions not listed have zero gradient.
-    """
-
-    samples: slice
-    in_rows: list[int]
-    t: int
-    dirs: Tensor
-    g: Tensor  # [b, len(in_rows), d_in, m]
 
 
 @dataclass
@@ -592,7 +577,6 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
 def _vjp_agrees(section: ClosedFormSection, tokens: Tensor, x: Tensor, n: int = 4) -> bool:
     """One random output direction pulled back on a few samples, closed form vs autograd:
     the formula check alone cannot see a wrong derivative (e.g. another attention scale)."""
-    from tl_degen.sections import autograd_pullbacks
 
     adapter, n = section.adapter, min(n, x.shape[0])
     d_out = adapter.site_dim(section.out_site) + int(section.out_site.has_constant)
@@ -682,3 +666,39 @@ def _chunked_gram(rows: Tensor, chunk: int = 512) -> Tensor:
     for c in rows.split(chunk):
         out += c.T @ c
     return out
+
+
+def accumulate_jacobian_gram(
+    adapter: Adapter,
+    tokens: Int[Tensor, "batch pos"],
+    in_site: Site,
+    out_site: Site,
+    x: Float[Tensor, "batch n_in d_in"],
+    out_basis: Float[Tensor, "d_out k"] | None,
+    acc: GramAccumulator,
+    *,
+    alphas: list[float],
+    weights: list[float],
+    chunk: int = 1,
+    closed_form: bool = True,
+) -> None:
+    """Add one batch's ``Σ J Jᵀ`` (§4 step 4) to ``acc`` and ``N·P_in`` to its count.
+
+    Args:
+        x: the input site's vectors on this batch (constant coordinate last), in the dtype
+            the model runs in.
+        out_basis: ``C`` of the output site (``[d_out (+1), k]``); ``None`` for raw outputs
+            (unrotated logits).
+        chunk: output directions pulled back per autograd call (``is_grads_batched`` when
+            above 1; measured slower than 1 on CPU, see README "Speed").
+        closed_form: use :mod:`tl_degen.closed_form` where the section allows it.
+    """
+    if closed_form:
+        section = recognise(adapter, tokens, in_site, out_site, x)
+        if section is not None:
+            section.add_jacobian_gram(x, out_basis, acc, alphas, weights)
+            return
+    for pb in autograd_pullbacks(adapter, tokens, in_site, out_site, x, out_basis,
+                                 alphas=alphas, weights=weights, chunk=chunk):
+        acc.add_rows(pb.g.transpose(-1, -2))
+    acc.add_count(x.shape[0] * x.shape[1])

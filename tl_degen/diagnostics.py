@@ -36,7 +36,8 @@ from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards
 from tl_degen.effective import EffectiveParameters, effective_parameters
 from tl_degen.errors import BasisMismatchError, DataError, DistributedError, TLDegenError
-from tl_degen.fitting import fit_bases, prepared, site_activations, token_batches
+from tl_degen.fitting import fit_bases, site_activations, token_batches
+from tl_degen.model_state import prepared
 from tl_degen.patching import patch_directions
 from tl_degen.reparam import get_reparameterisation
 from tl_degen.sites import Site, parse_sites

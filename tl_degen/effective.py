@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
 from tl_degen.errors import DataError, TLDegenError
-from tl_degen.fitting import prepared, token_batches
+from tl_degen.fitting import token_batches
+from tl_degen.model_state import prepared
 
 __all__ = ["effective_parameters", "EffectiveParameters", "LLCEstimate", "parameter_groups"]
 

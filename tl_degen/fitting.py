@@ -7,10 +7,8 @@ needs the next site's ``C`` (§4 step 6).
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, redirect_stdout
 
 import torch
 from jaxtyping import Float, Int
@@ -21,11 +19,12 @@ from tl_degen.adapters import Adapter, get_adapter
 from tl_degen.basis import METHODS, Dropped, InteractionBasis, Threshold, lib_rotation, whiten
 from tl_degen.basis_set import BasisSet, model_probe
 from tl_degen.checkpoint import FitCheckpoint
-from tl_degen.closed_form import recognise
+from tl_degen.closed_form import accumulate_jacobian_gram, recognise
 from tl_degen.distributed import Shards, tokens_digest, weights_digest
 from tl_degen.errors import DataError, TLDegenError
 from tl_degen.memory import auto_batch_size
-from tl_degen.sections import accumulate_jacobian_gram, integration_rule
+from tl_degen.model_state import prepared
+from tl_degen.sections import integration_rule
 from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import GramAccumulator, MomentAccumulator
 from tl_degen.stochastic import StochasticEstimate, estimate_jacobian_gram
@@ -101,44 +100,6 @@ def token_batches(
         raise DataError(f"sequences of length {n_pos} exceed the model's context n_ctx="
                         f"{adapter.n_ctx}; truncate them")
     return out
-
-
-@contextmanager
-def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
-    """Eval mode, the requested dtype, no parameter grads and grad mode on (even inside
-    ``torch.no_grad``/``inference_mode``); everything restored afterwards, including the
-    dtype of every floating-point parameter and buffer, one by one, and ``model.cfg.dtype``
-    (a HookedTransformer casts its embeddings to it)."""
-    was_training = model.training
-    params = [(p, p.requires_grad, p.dtype) for p in model.parameters()]
-    buffers = [(m, name, b.dtype) for m in model.modules()
-               for name, b in m._buffers.items() if b is not None and b.is_floating_point()]
-    cast = dtype is not None and any(p.dtype != dtype for p, _, _ in params)
-    cfg = getattr(model, "cfg", None)
-    cfg_dtype = getattr(cfg, "dtype", None)  # HookedTransformer casts its inputs to cfg.dtype
-    try:
-        model.eval()
-        if cast:
-            with redirect_stdout(io.StringIO()):  # TransformerLens prints on every cast
-                model.to(dtype)
-        for p, _, _ in params:
-            p.requires_grad_(False)
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        if cast:
-            with torch.no_grad():
-                for p, _, dt in params:
-                    if p.dtype != dt:
-                        p.data = p.data.to(dt)
-                for m, name, dt in buffers:
-                    if m._buffers[name].dtype != dt:
-                        m._buffers[name] = m._buffers[name].to(dt)
-            if cfg_dtype is not None and getattr(cfg, "dtype", None) != cfg_dtype:
-                cfg.dtype = cfg_dtype
-        for p, flag, _ in params:
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def _resolve_sites(adapter: Adapter, sites, n_pos: int) -> list[Site]:

@@ -32,8 +32,9 @@ from tl_degen.basis_set import BasisSet
 from tl_degen.closed_form import recognise
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
-from tl_degen.fitting import prepared, token_batches
+from tl_degen.fitting import token_batches
 from tl_degen.io import save_safetensors_atomic
+from tl_degen.model_state import prepared
 from tl_degen.sections import autograd_pullbacks, integration_rule
 from tl_degen.sites import Site
 from tl_degen.stochastic import StochasticEstimate, estimate_edge_squares

@@ -40,7 +40,8 @@ from tl_degen.basis import InteractionBasis
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, SiteError, TLDegenError
-from tl_degen.fitting import prepared, token_batches
+from tl_degen.fitting import token_batches
+from tl_degen.model_state import prepared
 from tl_degen.sections import integration_rule
 from tl_degen.sites import Site
 

@@ -16,6 +16,8 @@ grad outputs), so nothing upstream of the input site is recomputed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from jaxtyping import Float, Int
@@ -24,9 +26,8 @@ from torch import Tensor
 from tl_degen.adapters.base import Adapter
 from tl_degen.errors import TLDegenError
 from tl_degen.sites import Site
-from tl_degen.stats import GramAccumulator
 
-__all__ = ["INTEGRATION_RULES", "integration_rule", "accumulate_jacobian_gram"]
+__all__ = ["INTEGRATION_RULES", "integration_rule", "Pullback", "autograd_pullbacks"]
 
 INTEGRATION_RULES = ("gradient", "trapezoid", "gauss-legendre")
 
@@ -59,6 +60,23 @@ def integration_rule(name: str, n_alpha: int | None = None) -> tuple[list[float]
     return alphas.tolist(), weights.tolist()
 
 
+@dataclass
+class Pullback:
+    """Vector-Jacobian products of one block of output directions (DESIGN.md §4 step 4).
+
+    ``g[b, r, :, m]`` is the gradient, with respect to the input vector at input position
+    ``in_rows[r]`` of sample ``samples[b]``, of output coordinate ``dirs[m]`` of the output
+    basis at output position ``t`` (an index into the output site's positions), averaged over
+    the integration points. Input positions not listed have zero gradient.
+    """
+
+    samples: slice
+    in_rows: list[int]
+    t: int
+    dirs: Tensor
+    g: Tensor  # [b, len(in_rows), d_in, m]
+
+
 def autograd_pullbacks(
     adapter: Adapter,
     tokens: Int[Tensor, "batch pos"],
@@ -75,10 +93,8 @@ def autograd_pullbacks(
 
     The model runs forward once per quadrature point with ``α·x`` written at ``in_site``;
     output directions are then pulled back ``chunk`` at a time (``is_grads_batched`` above
-    1), each call batched over all samples. Yields :class:`~tl_degen.closed_form.Pullback`.
+    1), each call batched over all samples. Yields :class:`Pullback`.
     """
-    from tl_degen.closed_form import Pullback
-
     n, n_in, _ = x.shape
     graphs = []
     for alpha in alphas:
@@ -106,41 +122,3 @@ def autograd_pullbacks(
                                                is_grads_batched=True)
                 total = w * g if total is None else total + w * g
             yield Pullback(slice(0, n), rows, t, dirs, total.permute(1, 2, 3, 0))
-
-
-def accumulate_jacobian_gram(
-    adapter: Adapter,
-    tokens: Int[Tensor, "batch pos"],
-    in_site: Site,
-    out_site: Site,
-    x: Float[Tensor, "batch n_in d_in"],
-    out_basis: Float[Tensor, "d_out k"] | None,
-    acc: GramAccumulator,
-    *,
-    alphas: list[float],
-    weights: list[float],
-    chunk: int = 1,
-    closed_form: bool = True,
-) -> None:
-    """Add one batch's ``Σ J Jᵀ`` (§4 step 4) to ``acc`` and ``N·P_in`` to its count.
-
-    Args:
-        x: the input site's vectors on this batch (constant coordinate last), in the dtype
-            the model runs in.
-        out_basis: ``C`` of the output site (``[d_out (+1), k]``); ``None`` for raw outputs
-            (unrotated logits).
-        chunk: output directions pulled back per autograd call (``is_grads_batched`` when
-            above 1; measured slower than 1 on CPU, see README "Speed").
-        closed_form: use :mod:`tl_degen.closed_form` where the section allows it.
-    """
-    if closed_form:
-        from tl_degen.closed_form import recognise
-
-        section = recognise(adapter, tokens, in_site, out_site, x)
-        if section is not None:
-            section.add_jacobian_gram(x, out_basis, acc, alphas, weights)
-            return
-    for pb in autograd_pullbacks(adapter, tokens, in_site, out_site, x, out_basis,
-                                 alphas=alphas, weights=weights, chunk=chunk):
-        acc.add_rows(pb.g.transpose(-1, -2))
-    acc.add_count(x.shape[0] * x.shape[1])

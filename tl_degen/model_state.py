@@ -1,0 +1,49 @@
+"""The state a model is put in for a pass of the library, and restored from afterwards."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
+
+import torch
+
+__all__ = ["prepared"]
+
+
+@contextmanager
+def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Eval mode, the requested dtype, no parameter grads and grad mode on (even inside
+    ``torch.no_grad``/``inference_mode``); everything restored afterwards, including the
+    dtype of every floating-point parameter and buffer, one by one, and ``model.cfg.dtype``
+    (a HookedTransformer casts its embeddings to it)."""
+    was_training = model.training
+    params = [(p, p.requires_grad, p.dtype) for p in model.parameters()]
+    buffers = [(m, name, b.dtype) for m in model.modules()
+               for name, b in m._buffers.items() if b is not None and b.is_floating_point()]
+    cast = dtype is not None and any(p.dtype != dtype for p, _, _ in params)
+    cfg = getattr(model, "cfg", None)
+    cfg_dtype = getattr(cfg, "dtype", None)  # HookedTransformer casts its inputs to cfg.dtype
+    try:
+        model.eval()
+        if cast:
+            with redirect_stdout(io.StringIO()):  # TransformerLens prints on every cast
+                model.to(dtype)
+        for p, _, _ in params:
+            p.requires_grad_(False)
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        if cast:
+            with torch.no_grad():
+                for p, _, dt in params:
+                    if p.dtype != dt:
+                        p.data = p.data.to(dt)
+                for m, name, dt in buffers:
+                    if m._buffers[name].dtype != dt:
+                        m._buffers[name] = m._buffers[name].to(dt)
+            if cfg_dtype is not None and getattr(cfg, "dtype", None) != cfg_dtype:
+                cfg.dtype = cfg_dtype
+        for p, flag, _ in params:
+            p.requires_grad_(flag)
+        model.train(was_training)
