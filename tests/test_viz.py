@@ -170,6 +170,41 @@ def test_plots_save_html_and_png(small_graph, tmp_path):
         plot.save(tmp_path / "x.pdf")
 
 
+def tick_labels(plot, axis: str) -> list[str]:
+    """The tick labels matplotlib draws on ``axis`` inside the plotted range."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plot.figure()
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
+    ticks = ax.yaxis if axis == "y" else ax.xaxis
+    return [t.get_text() for t, v in zip(ticks.get_ticklabels(), ticks.get_ticklocs())
+            if lo <= v <= hi]
+
+
+def test_plots_have_decade_and_round_ticks_and_hover_titles():
+    spectrum = viz.Plot("Spectrum", "direction", "Λ", logy=True, series=[
+        viz.Series("LIB", list(range(1, 6)), [3.2e5, 4.1e3, 2.0e0, 5e-3, 1e-6])])
+    labels = tick_labels(spectrum, "y")
+    assert len(labels) >= 3
+    assert all(re.fullmatch(r"\$\\mathdefault\{10\^\{[−-]?\d+\}\}\$", t) for t in labels), labels
+    curve = viz.Plot("Ablation", "kept", "accuracy", series=[
+        viz.Series("LIB", [0, 10, 20, 113], [0.2364, 0.5042, 0.7719, 0.99])])
+    labels = tick_labels(curve, "y")
+    assert len(labels) >= 3
+    for t in labels:  # round numbers: at most two significant digits
+        value = float(t.replace("−", "-"))
+        assert value == float(f"{value:.2g}"), labels
+    svg = spectrum.to_svg()
+    assert svg.startswith('<svg class="tld-plot"') and "<script" not in svg
+    titles = re.findall(r"<title>(.*?)</title>", svg)
+    assert titles == [f"LIB: x={x}, y={y:.6g}" for x, y in
+                      zip(range(1, 6), [3.2e5, 4.1e3, 2.0e0, 5e-3, 1e-6])]
+    with pytest.raises(tl_degen.TLDegenError, match="no data"):
+        viz.Plot("empty", "x", "y", logy=True, series=[viz.Series("a", [1], [0.0])]).to_svg()
+
+
 def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, tokenizer_dir):
     sd = modadd.load_state_dict()
     torch.save(sd, tmp_path / "model.pt")

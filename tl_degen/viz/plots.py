@@ -1,8 +1,9 @@
 """Plots that work offline: Λ spectra, ablation curves, edge-mass curves.
 
-Each function returns a :class:`Plot`, which renders as self-contained SVG inside HTML
-(hover a point for its values; no JavaScript library, no network) and as PNG through
-matplotlib::
+Each function returns a :class:`Plot`, drawn once by matplotlib (its axes, decade ticks on log
+axes, round ticks on linear ones) and written as SVG, inside HTML, or as PNG. The SVG is
+self-contained (text kept as text, no JavaScript, no network) and every point carries a
+``<title>``, so hovering it in a browser shows its values::
 
     plot = spectrum_plot({"LIB": lib_bases, "PCA": pca_bases}, "resid_mid.0:last")
     plot.save("spectrum.html"); plot.save("spectrum.png"); plot   # in a notebook
@@ -11,8 +12,10 @@ matplotlib::
 from __future__ import annotations
 
 import html
+import io
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +49,15 @@ class Series:
 
 @dataclass
 class Plot:
-    """A small line/scatter plot; ``to_html()``, ``save(path.html|.png)``, ``_repr_html_``.
+    """A small line/scatter plot drawn by matplotlib; ``figure()``, ``to_svg()``,
+    ``to_html()``, ``save(path.html|.svg|.png)``, ``_repr_html_``.
 
     Examples:
         >>> plot = viz.Plot("Eigenvalues", "direction", "Λ", logy=True)
         >>> plot.series.append(viz.Series("LIB", [1, 2, 3], [9.0, 4.0, 1.0]))
         >>> plot.save("spectrum.html")
-        >>> plot.save("spectrum.png")  # through matplotlib
+        >>> plot.save("spectrum.png")
+        >>> ax = plot.figure().axes[0]  # a matplotlib Figure, to restyle or add to
     """
 
     title: str
@@ -64,73 +69,56 @@ class Plot:
     width: int = 640
     height: int = 380
 
-    # ------------------------------------------------------------------ SVG
-    def _ranges(self):
-        xs = [x for s in self.series for x in s.x if not self.logx or x > 0]
-        ys = [y for s in self.series for y in s.y if not self.logy or y > 0]
-        if not xs or not ys:
+    def _points(self, s: Series) -> list[tuple[float, float]]:
+        """The series' finite points that the axes can show (positive on a log axis)."""
+        return [(float(x), float(y)) for x, y in zip(s.x, s.y)
+                if math.isfinite(x) and math.isfinite(y)
+                and (not self.logx or x > 0) and (not self.logy or y > 0)]
+
+    def figure(self):
+        """The plot as a :class:`matplotlib.figure.Figure` (no pyplot state involved)."""
+        from matplotlib.figure import Figure
+
+        if not any(self._points(s) for s in self.series):
             raise TLDegenError(f"plot {self.title!r} has no data to draw")
-        f = (lambda v: math.log10(v)) if self.logx else float
-        g = (lambda v: math.log10(v)) if self.logy else float
-        x0, x1 = min(map(f, xs)), max(map(f, xs))
-        y0, y1 = min(map(g, ys)), max(map(g, ys))
-        if x1 == x0:
-            x1 += 1
-        if y1 == y0:
-            y1 += 1
-        pad = 0.04 * (y1 - y0)
-        return f, g, x0, x1, y0 - pad, y1 + pad
-
-    def to_svg(self) -> str:
-        f, g, x0, x1, y0, y1 = self._ranges()
-        W, H, L, R, T, B = self.width, self.height, 70, 150, 30, 45
-        pw, ph = W - L - R, H - T - B
-
-        def px(v):
-            return L + (f(v) - x0) / (x1 - x0) * pw
-
-        def py(v):
-            return T + ph - (g(v) - y0) / (y1 - y0) * ph
-
-        out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="tld-plot" width="{W}" '
-               f'height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="11">',
-               f'<rect x="0" y="0" width="{W}" height="{H}" fill="white"/>',
-               f'<text x="{L + pw / 2}" y="18" text-anchor="middle" font-size="13" '
-               f'font-weight="bold">{html.escape(self.title)}</text>',
-               f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
-        for i in range(5):  # ticks
-            xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-            xl = f"1e{xv:.1f}" if self.logx else f"{xv:.4g}"
-            yl = f"1e{yv:.1f}" if self.logy else f"{yv:.4g}"
-            X, Y = L + pw * i / 4, T + ph - ph * i / 4
-            out.append(f'<text x="{X:.1f}" y="{T + ph + 15}" text-anchor="middle">{xl}</text>')
-            out.append(f'<text x="{L - 5}" y="{Y + 4:.1f}" text-anchor="end">{yl}</text>')
-            out.append(f'<line x1="{L}" x2="{L + pw}" y1="{Y:.1f}" y2="{Y:.1f}" '
-                       'stroke="#eee"/>')
-        out.append(f'<text x="{L + pw / 2}" y="{H - 8}" text-anchor="middle">'
-                   f'{html.escape(self.xlabel)}</text>')
-        out.append(f'<text transform="translate(14 {T + ph / 2}) rotate(-90)" '
-                   f'text-anchor="middle">{html.escape(self.ylabel)}</text>')
+        fig = Figure(figsize=(self.width / 100, self.height / 100), dpi=100)
+        ax = fig.add_subplot()
         for n, s in enumerate(self.series):
+            pts = self._points(s)
+            if not pts:
+                continue
             color = s.color or PALETTE[n % len(PALETTE)]
-            pts = [(x, y) for x, y in zip(s.x, s.y)
-                   if (not self.logx or x > 0) and (not self.logy or y > 0)]
-            if not s.points and len(pts) > 1:
-                d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-                out.append(f'<polyline class="series" fill="none" stroke="{color}" '
-                           f'stroke-width="1.5" points="{d}"/>')
-            step = max(1, len(pts) // 400)
-            for x, y in pts[::step]:
-                fill = "white" if s.hollow else color
-                out.append(f'<circle class="point" cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" '
-                           f'fill="{fill}" stroke="{color}"><title>{html.escape(s.name)}: '
-                           f'x={x:.6g}, y={y:.6g}</title></circle>')
-            ly = T + 12 + 16 * n
-            out.append(f'<rect x="{L + pw + 10}" y="{ly - 8}" width="10" height="10" '
-                       f'fill="{"white" if s.hollow else color}" stroke="{color}"/>')
-            out.append(f'<text x="{L + pw + 25}" y="{ly + 1}">{html.escape(s.name)}</text>')
-        out.append("</svg>")
-        return "\n".join(out)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                              markersize=3, color=color, label=s.name,
+                              markerfacecolor="white" if s.hollow else color,
+                              linestyle="none" if s.points else "-", linewidth=1.5)
+            line.set_gid(f"tld-series-{n}")
+        ax.set(title=self.title, xlabel=self.xlabel, ylabel=self.ylabel)
+        if self.logx:
+            ax.set_xscale("log")
+        if self.logy:
+            ax.set_yscale("log")
+        ax.grid(True, color="#eee", linewidth=0.8)
+        ax.set_axisbelow(True)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        fig.tight_layout()
+        return fig
+
+    # ------------------------------------------------------------------ SVG
+    def to_svg(self) -> str:
+        """The figure as an inline ``<svg class="tld-plot">`` element; each point's marker
+        holds a ``<title>`` (series name, x, y) that a browser shows on hover."""
+        import matplotlib
+
+        buf = io.StringIO()
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "tl_degen"}):
+            self.figure().savefig(buf, format="svg")
+        text = buf.getvalue()
+        text = text[text.index("<svg"):]  # drop the XML declaration and DOCTYPE
+        text = text.replace("<svg ", '<svg class="tld-plot" ', 1)
+        for n, s in enumerate(self.series):
+            text = _add_titles(text, f"tld-series-{n}", s.name, self._points(s))
+        return text
 
     def to_html(self) -> str:
         """A complete, self-contained HTML page holding the SVG."""
@@ -142,35 +130,14 @@ class Plot:
 
     # ------------------------------------------------------------------ PNG
     def to_png(self, path: str | os.PathLike, dpi: int = 110) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(self.width / 100, self.height / 100), dpi=dpi)
-        for n, s in enumerate(self.series):
-            color = s.color or PALETTE[n % len(PALETTE)]
-            style = dict(marker="o", markersize=3, color=color, label=s.name,
-                         markerfacecolor="white" if s.hollow else color)
-            if s.points:
-                style["linestyle"] = "none"
-            ax.plot(s.x, s.y, **style)
-        ax.set(title=self.title, xlabel=self.xlabel, ylabel=self.ylabel)
-        if self.logx:
-            ax.set_xscale("log")
-        if self.logy:
-            ax.set_yscale("log")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
+        self.figure().savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
         return path
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``.html`` (self-contained) or ``.png``, atomically."""
+        """Write ``.html`` (self-contained), ``.svg`` or ``.png``, atomically."""
         path = Path(path)
         if path.suffix == ".png":
             return self.to_png(path)
@@ -181,6 +148,31 @@ class Plot:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         return path
+
+
+_USE = re.compile(r"<use ([^>]*?)/>")
+
+
+def _add_titles(svg: str, gid: str, name: str, points: list[tuple[float, float]]) -> str:
+    """Give the marker ``<use>`` elements of the series drawn with ``gid`` a ``<title>``
+    each, in drawing order (matplotlib draws one marker per point, in order)."""
+    start = svg.find(f'<g id="{gid}">')
+    if start < 0:
+        return svg
+    end = svg.find("</g>\n   </g>", start)  # the series group closes after its markers
+    end = len(svg) if end < 0 else end
+    block = svg[start:end]
+    uses = list(_USE.finditer(block))
+    if len(uses) != len(points):  # not the structure we know: leave the SVG as drawn
+        return svg
+    label = html.escape(name)
+    out, last = [], 0
+    for m, (x, y) in zip(uses, points):
+        out.append(block[last:m.start()])
+        out.append(f"<use {m.group(1)}><title>{label}: x={x:.6g}, y={y:.6g}</title></use>")
+        last = m.end()
+    out.append(block[last:])
+    return svg[:start] + "".join(out) + svg[end:]
 
 
 def spectrum_plot(bases: dict, site: str) -> Plot:
