@@ -27,6 +27,7 @@ from tl_degen.toy import modadd  # noqa: E402
 
 SITES = ["resid_pre.0", "resid_mid.0:last", "resid_post.0:last", "logits:last"]
 N_TRAIN, N_TEST, N_PATCH = 300, 200, 60
+STOCH_SITES = ["resid_pre.1", "resid_mid.1", "resid_post.1:last", "logits:last"]
 SPLITS = {"train": [130, 170], "test": [90, 110], "patch": [25, 35], "ln": [6, 7]}
 
 
@@ -105,6 +106,20 @@ def scenarios(rank: int | None, out: Path) -> dict:
                                   M.mid_sites("native_ln_gelu"), batch_size=4,
                                   closed_form=False, progress=False)
     res["ln_fit"] = summarise_bases(ln_bases)
+    # stochastic estimates: each rank draws its own probes, the groups are summed
+    ln_shard = shard(d["ln"], "ln", rank)
+    approx = tl_degen.fit_bases(ln_model, ln_shard, STOCH_SITES, batch_size=4, n_probes=256,
+                                probe_groups=8, progress=False)
+    exact = tl_degen.fit_bases(ln_model, ln_shard, STOCH_SITES, batch_size=4, progress=False)
+    res["ln_stochastic"] = {s.name: {"eigenvalues": b.eigenvalues, "exact": exact[s].eigenvalues,
+                                     "error": b.jacobian_gram_error} for s, b in approx.items()}
+    g_est = tl_degen.interaction_graph(ln_model, ln_shard, ln_bases, batch_size=4,
+                                       n_probes=128, probe_groups=8, progress=False)
+    res["ln_graph_stochastic"] = {f"{a.name}->{b.name}": (E, g_est.errors[(a, b)])
+                                  for (a, b), E in g_est.edges.items()}
+    g_exact = tl_degen.interaction_graph(ln_model, ln_shard, ln_bases, batch_size=4,
+                                         closed_form=False, progress=False)
+    res["ln_graph"] = {f"{a.name}->{b.name}": E for (a, b), E in g_exact.edges.items()}
     # a checkpointed fit interrupted on one rank, then resumed
     ckpt = out / "fit.ckpt.safetensors"
     res["resumed"] = summarise_bases(resumed_fit(model, train, ckpt, rank))

@@ -153,6 +153,22 @@ def test_ablation_patching_and_report_equal_one_process(ranks, single):
     assert ours["report"] == ref["report"]
 
 
+def test_stochastic_estimates_over_ranks_are_within_their_reported_error(ranks, single):
+    """Each rank draws its own probes (so the estimate is not the single process's), and the
+    summed probe groups still give an error estimate that covers the exact value."""
+    for site in W.STOCH_SITES[:2]:
+        est = ranks[0]["ln_stochastic"][site]
+        exact = est["exact"][:4]
+        assert rel(exact, single["ln_stochastic"][site]["exact"][:4]) <= 1e-12
+        err = est["error"]
+        assert 0 < err < 0.2
+        assert float(((est["eigenvalues"][:4] - exact).abs() / exact).max()) < 5 * err + 1e-12
+    for pair, (E_est, err) in ranks[0]["ln_graph_stochastic"].items():
+        E = ranks[0]["ln_graph"][pair]
+        assert float((E_est - E).norm() / E.norm()) <= 4 * err + 1e-12, pair
+        assert rel(E, single["ln_graph"][pair]) <= 1e-12, pair
+
+
 def test_a_resumed_fit_equals_an_uninterrupted_one(ranks, single):
     """Rank 1 stopped mid-fit (after a checkpoint), then both ranks ran again."""
     for res in (ranks[0], single):
