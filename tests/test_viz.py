@@ -16,6 +16,7 @@ import torch
 import tl_degen
 from tests import models as M
 from tl_degen import cli, viz
+from tl_degen.sites import Site
 from tl_degen.toy import modadd
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -80,6 +81,44 @@ def test_graph_page_renders_offline_with_every_node_and_edge(small_graph, tmp_pa
     assert "resid_mid.0:last / direction 1" in text and "Λ =" in text
     assert "label of resid_mid.0:last" in text and "strongest in:" in text
     screenshot_is_not_blank(page, tmp_path)
+
+
+@needs_browser
+def test_graph_page_opens_on_a_readable_circuit_without_scripts(small_graph, tmp_path):
+    """The top directions per site, labelled, and the edges among them, in the page's own
+    markup (no script builds or reveals them: headless Chromium cannot screenshot with
+    scripts off, so the markup is checked); the whole graph sits in a closed <details> one
+    click away."""
+    _, bases, graph = small_graph
+    pruned = graph.prune(mass=0.99)
+    labels = {graph.node_name(s, j): f"L{s.name}/{j}" for s in graph.sites
+              for j in range(bases[s].k)}
+    attr = torch.zeros(bases["resid_mid.0:last"].k)
+    attr[[5, 2, 9]] = torch.tensor([-3.0, 2.0, 1.0])  # ranks by |importance|: 5, 2, 9
+    page = viz.save_graph_page(pruned, tmp_path / "g.html", labels=labels, top_nodes=3,
+                               importance={"resid_mid.0:last": attr})
+    source, dom = page.read_text(), dump_dom(page)
+    chosen = {s: [int(j) for j in bases[s].eigenvalues.abs().argsort(descending=True)
+                  if j != graph.constant_node(s)][:3] for s in graph.sites}  # by Λ
+    chosen[Site.parse("resid_mid.0:last")] = [5, 2, 9]
+    drawn = re.findall(r'<circle class="cnode"[^>]*data-id="([^"]+)"', dom)
+    assert drawn == re.findall(r'<circle class="cnode"[^>]*data-id="([^"]+)"', source)
+    assert drawn == [graph.node_name(s, j) for s in graph.sites for j in chosen[s]]
+    for nid in drawn:  # labels are visible text, not only hover titles
+        assert re.search(rf'<text class="clabel"[^>]*>#\d+ {re.escape(html.escape(labels[nid]))}<',
+                         dom), nid
+    expected = sum(int((pruned.edges[(a, b)][chosen[b]][:, chosen[a]] > 0).sum())
+                   for a, b in pruned.pairs())
+    assert len(re.findall(r'<line class="cedge"', dom)) == expected > 0
+    assert re.search(r'<details class="tld-all">', dom)  # closed
+    assert len(re.findall(r'<circle class="node"', dom)) == sum(bases[s].k for s in graph.sites)
+    opened = dump_dom(page, "#node=" + graph.node_name(graph.sites[1], 1))
+    assert re.search(r'<details class="tld-all" open', opened)
+    circuit = source[source.index('<div class="tld-circuit"'):source.index("<details")]
+    assert "hidden" not in re.sub(r"<(style|script)>.*?</\1>", "", circuit, flags=re.S)
+    screenshot_is_not_blank(page, tmp_path)
+    with pytest.raises(tl_degen.TLDegenError, match="one value per direction"):
+        viz.graph_html(pruned, importance={"resid_mid.0:last": torch.zeros(3)})
 
 
 def test_graph_page_draws_at_most_max_edges(small_graph):

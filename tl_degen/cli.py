@@ -404,7 +404,7 @@ def graph(args: argparse.Namespace) -> int:
         if launch.rank == 0:
             path = g.save(args.out)
             html_path = Path(args.html) if args.html else Path(args.out).with_suffix(".html")
-            save_graph_page(g.prune(mass=0.99), html_path)
+            save_graph_page(g.prune(mass=0.99), html_path, top_nodes=args.top)
             launch.say(g.summary(), f"saved to {path}; page {html_path}")
     return 0
 
@@ -420,7 +420,7 @@ def show(args: argparse.Namespace) -> int:
     g = InteractionGraph.load(path)
     out = Path(args.out) if args.out else path.with_suffix(".html")
     g = g.prune(mass=args.mass) if args.mass < 1 else g
-    save_graph_page(g, out, title=f"Interaction graph: {path.name}")
+    save_graph_page(g, out, title=f"Interaction graph: {path.name}", top_nodes=args.top)
     print(f"wrote {out}")
     if not args.no_open:
         webbrowser.open(out.resolve().as_uri())
@@ -466,12 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g)
     g.add_argument("--out", required=True, help="graph file (.safetensors)")
     g.add_argument("--html", help="graph page (default: next to --out)")
+    g.add_argument("--top", type=int, default=8, help="directions per site in the page's "
+                   "circuit view (default 8)")
     g.set_defaults(func=graph)
     s = sub.add_parser("show", help="draw a saved graph as a page and open it")
     s.add_argument("file", help="a graph .safetensors file")
     s.add_argument("--out", help="page to write (default: FILE.html)")
     s.add_argument("--mass", type=float, default=0.99, help="edge mass kept per layer pair")
     s.add_argument("--no-open", action="store_true", help="do not open a browser")
+    s.add_argument("--top", type=int, default=8, help="directions per site in the circuit "
+                   "view (default 8)")
     s.set_defaults(func=show)
     return parser
 

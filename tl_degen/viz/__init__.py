@@ -9,7 +9,7 @@ Examples:
     >>> viz.spectrum_plot({"LIB": lib, "PCA": pca}, "resid_mid.0:last").save("spectrum.png")
 """
 
-from tl_degen.viz.graph_page import graph_html, save_graph_page
+from tl_degen.viz.graph_page import circuit_svg, graph_html, save_graph_page
 from tl_degen.viz.plots import Plot, Series, ablation_plot, edge_mass_plot, spectrum_plot
 from tl_degen.viz.tokens import (
     direction_values,
@@ -23,6 +23,7 @@ from tl_degen.viz.tokens import (
 
 __all__ = [
     "graph_html",
+    "circuit_svg",
     "save_graph_page",
     "Plot",
     "Series",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tl_degen.errors import TLDegenError
 
-__all__ = ["graph_html", "save_graph_page", "DEFAULT_MAX_EDGES"]
+__all__ = ["graph_html", "circuit_svg", "save_graph_page", "DEFAULT_MAX_EDGES"]
 
 DEFAULT_MAX_EDGES = 3000
 MODULE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -43,6 +43,32 @@ _CSS = """
 .tld-graph .tip{position:absolute;display:none;background:#fffbe6;border:1px solid #cc9;
  padding:6px 8px;pointer-events:none;max-width:360px;white-space:pre-line;z-index:10}
 .tld-graph .hidden{display:none}
+.tld-circuit{font-family:sans-serif;font-size:12px;color:#222}
+.tld-circuit svg{background:#fff;border:1px solid #ddd}
+.tld-circuit .cedge{stroke:#c0392b}
+.tld-circuit .cnode{stroke:#333;stroke-width:0.8}
+.tld-circuit .hidden{display:none}
+details.tld-all>summary{cursor:pointer;margin:10px 0;font-weight:bold}
+"""
+
+_CIRCUIT_JS = """
+(function(){
+  var root = document.getElementById("%(id)s");
+  var input = root.querySelector(".top-n");
+  var shown = root.querySelector(".top-shown");
+  function update(){
+    var n = Number(input.value);
+    root.querySelectorAll("[data-rank]").forEach(function(el){
+      el.classList.toggle("hidden", Number(el.dataset.rank) >= n);
+    });
+    root.querySelectorAll(".cedge").forEach(function(e){
+      e.classList.toggle("hidden", Number(e.dataset.rs) >= n || Number(e.dataset.rt) >= n);
+    });
+    shown.textContent = n;
+  }
+  input.addEventListener("input", update);
+  update();
+})();
 """
 
 _JS = """
@@ -74,6 +100,8 @@ _JS = """
   function focusNode(id){  // a link "page.html#node=<site>/<j>" opens with that node's details
     var n = nodes.filter(function(x){ return x.dataset.id === id; })[0];
     if (!n) return;
+    var d = root.closest("details");
+    if (d) d.open = true;
     var r = n.getBoundingClientRect();
     n.dispatchEvent(new MouseEvent("mouseenter", {clientX: r.left, clientY: r.top}));
   }
@@ -147,10 +175,100 @@ def _drawn_edges(graph, max_edges: int):
     return out, nonzero
 
 
+def _circuit_nodes(graph, site, top_nodes: int, importance) -> list[int]:
+    """The site's ``top_nodes`` most important directions (constant node excluded): by
+    ``|importance[site]|`` when given, else by Λ."""
+    b = graph.bases[site]
+    const_j = graph.constant_node(site)
+    if importance is not None and site.name in importance:
+        score = importance[site.name].detach().double().abs().cpu()
+        if score.shape != (b.k,):
+            raise TLDegenError(f"importance[{site.name!r}] has shape {tuple(score.shape)}; "
+                               f"give one value per direction ({b.k})")
+    else:
+        score = b.eigenvalues.double().abs().cpu()
+    order = [int(j) for j in score.argsort(descending=True) if int(j) != const_j]
+    return order[:top_nodes]
+
+
+def circuit_svg(graph, *, top_nodes: int = 8, labels: dict[str, str] | None = None,
+                importance: dict | None = None, uid: str | None = None) -> str:
+    """The readable circuit: the ``top_nodes`` most important directions of every site (by Λ,
+    or by ``|importance[site]|``, e.g. a per-direction attribution), labelled, and the edges
+    among them, width and opacity by strength relative to the strongest drawn edge of their
+    layer pair. A ``<div class="tld-circuit">``; it renders without scripts (a small script
+    only adds the how-many control)."""
+    if top_nodes < 1:
+        raise TLDegenError("top_nodes must be at least 1")
+    labels = labels or {}
+    uid = uid or "tld-" + uuid.uuid4().hex[:10]
+    sites = graph.sites
+    chosen = {s: _circuit_nodes(graph, s, top_nodes, importance) for s in sites}
+    n_max = max((len(v) for v in chosen.values()), default=1)
+    col_w, top, row = 260, 50, 46
+    W, H = col_w * len(sites) + 40, top + row * max(n_max, 1) + 10
+    pos, rank, parts = {}, {}, []
+    for c, s in enumerate(sites):
+        b = graph.bases[s]
+        x = 20 + col_w * c + 40
+        lam = b.eigenvalues.double().abs()
+        lmax = float(lam.max()) if len(lam) else 1.0
+        parts.append(f'<text x="{x - 30:.1f}" y="20" font-weight="bold">{html.escape(s.name)}'
+                     f'</text><text x="{x - 30:.1f}" y="35" fill="#666">top {len(chosen[s])} '
+                     f'of {b.k} by {"importance" if importance else "Λ"}</text>')
+        for r, j in enumerate(chosen[s]):
+            nid = graph.node_name(s, j)
+            y = top + row * (r + 0.5)
+            pos[nid], rank[nid] = (x, y), r
+            lj = float(lam[j])
+            rad = 4 + 8 * math.sqrt(lj / lmax) if lmax > 0 else 4
+            label = labels.get(nid, "")
+            text = f"#{j}" + (f" {label}" if label else "")
+            parts.append(
+                f'<g data-rank="{r}"><circle class="cnode" cx="{x:.1f}" cy="{y:.1f}" '
+                f'r="{rad:.1f}" fill="{_viridis(1 - r / max(n_max, 1))}" '
+                f'data-id="{html.escape(nid)}"><title>{html.escape(s.name)} / {j}'
+                f'{": " + html.escape(label) if label else ""}; Λ {lj:.4g}</title></circle>'
+                f'<text class="clabel" x="{x + 15:.1f}" y="{y - 2:.1f}">{html.escape(text)}'
+                f'</text><text x="{x + 15:.1f}" y="{y + 11:.1f}" fill="#888" '
+                f'font-size="10">Λ {lj:.3g}</text></g>')
+    edges = []
+    for a, b in graph.pairs():
+        E = graph.edges[(a, b)].double().cpu()
+        items = [(i, j, float(E[i, j])) for i in chosen[b] for j in chosen[a] if E[i, j] > 0]
+        if not items:
+            continue
+        topw = max(w for _, _, w in items)
+        for i, j, w in sorted(items, key=lambda t: t[2]):
+            s_id, t_id = graph.node_name(a, j), graph.node_name(b, i)
+            (x1, y1), (x2, y2) = pos[s_id], pos[t_id]
+            rel = w / topw
+            edges.append(f'<line class="cedge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" '
+                         f'y2="{y2:.1f}" stroke-width="{0.5 + 5.5 * rel:.2f}" '
+                         f'stroke-opacity="{0.08 + 0.8 * rel:.2f}" data-s="{s_id}" '
+                         f'data-t="{t_id}" data-rs="{rank[s_id]}" data-rt="{rank[t_id]}">'
+                         f'<title>{s_id} → {t_id}: {w:.4g} ({rel:.0%} of the strongest '
+                         'drawn)</title></line>')
+    return (f'<div class="tld-circuit" id="{uid}"><style>{_CSS}</style>'
+            '<div class="controls" style="margin:6px 0">show the top <input class="top-n" '
+            f'type="range" min="1" max="{n_max}" value="{n_max}"> <b class="top-shown">'
+            f'{n_max}</b> directions per site; edge width by strength within its layer pair'
+            f'</div><svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+            f'viewBox="0 0 {W} {H}" font-size="12"><g class="cedges">{"".join(edges)}</g>'
+            f'<g class="cnodes">{"".join(parts)}</g></svg>'
+            f"<script>{_CIRCUIT_JS % {'id': uid}}</script></div>")
+
+
 def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
                max_edges: int = DEFAULT_MAX_EDGES, title: str = "Interaction graph",
-               standalone: bool = True, height: int = 760) -> str:
+               standalone: bool = True, height: int = 760, top_nodes: int | None = 8,
+               importance: dict | None = None) -> str:
     """The graph as HTML: a complete page (``standalone``) or a ``<div>`` for a notebook.
+
+    The page opens on the readable circuit (:func:`circuit_svg`: the ``top_nodes`` most
+    important directions per site, labelled, and the edges among them); the whole graph,
+    every node and drawn edge with hover details, is one click away below it
+    (``top_nodes=None``: the whole graph alone, open).
 
     Args:
         graph: an :class:`~tl_degen.graph.InteractionGraph` (prune it first to choose what is
@@ -158,6 +276,10 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
         labels: node id (``"site/j"``) → short text shown on hover (e.g. Fourier labels).
         modules: a :class:`~tl_degen.graph.Modules` to colour nodes by.
         max_edges: cap on drawn edges (keeps the page small).
+        top_nodes: directions per site in the circuit view (``None``: no circuit view).
+        importance: site name → ``[k]`` scores ranking that site's directions in the circuit
+            view (e.g. ``attr.per_direction(site)`` of :func:`~tl_degen.attribution_patch`);
+            sites not given are ranked by Λ.
 
     Returns:
         HTML text with everything inlined.
@@ -245,6 +367,14 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
             f'viewBox="0 0 {W} {height}" font-size="11"><g class="edges">{"".join(edge_svg)}'
             f'</g><g class="nodes">{"".join(node_svg)}</g></svg><div class="tip"></div>'
             f"<script>{_JS % {'id': uid}}</script></div>")
+    if top_nodes is not None:
+        n_nodes = sum(graph.bases[s].k for s in sites)
+        body = (f'<div class="tld-title" style="font:bold 15px sans-serif">'
+                f"{html.escape(title)}</div>"
+                + circuit_svg(graph, top_nodes=top_nodes, labels=labels, importance=importance,
+                              uid=uid + "-c")
+                + f'<details class="tld-all"><summary>The whole graph: {n_nodes} nodes, '
+                f"{shown} edges drawn (hover a node for details)</summary>{body}</details>")
     if not standalone:
         return body
     meta = html.escape(json.dumps(graph.n_edges()))
