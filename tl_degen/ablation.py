@@ -101,6 +101,17 @@ class AblationCurve:
                 f"{', …' if len(self.n_kept) > 6 else ''})")
 
 
+def _batched_metric(model, tokens, batch_size, labels, metric, position):
+    """``(adapter, batches, n_local, fn)``: this process's batches, their number of sequences
+    (checked against ``labels``) and the metric function."""
+    adapter = get_adapter(model)
+    batches = token_batches(tokens, batch_size, adapter)
+    n_local = sum(b.shape[0] for b in batches)
+    if labels is not None and labels.shape[0] != n_local:
+        raise DataError(f"labels has {labels.shape[0]} entries for {n_local} sequences")
+    return adapter, batches, n_local, make_metric(metric, labels, position)
+
+
 def ablation_curve(
     model,
     tokens: Int[Tensor, "batch pos"] | Iterable[Tensor],
@@ -151,12 +162,8 @@ def ablation_curve(
         n_kept = list(range(basis.k, -1, -1)) if n_kept is None else [int(n) for n in n_kept]
         if any(n < 0 for n in n_kept):
             raise TLDegenError(f"n_kept must be non-negative, got {n_kept}")
-        adapter = get_adapter(model)
-        batches = token_batches(tokens, batch_size, adapter)
-        n_local = sum(b.shape[0] for b in batches)
-        if labels is not None and labels.shape[0] != n_local:
-            raise DataError(f"labels has {labels.shape[0]} entries for {n_local} sequences")
-        fn = make_metric(metric, labels, position)
+        adapter, batches, n_local, fn = _batched_metric(model, tokens, batch_size, labels,
+                                                        metric, position)
         site.resolve_positions(batches[0].shape[1])
         fingerprint = {"site": site.name, "n_kept": n_kept, "n_pos": batches[0].shape[1],
                        "position": position, "dtype": str(dtype),
@@ -285,12 +292,8 @@ def edge_ablation(
         if n_edges is None and tolerance is None:
             raise TLDegenError("give n_edges=[...] to evaluate, or tolerance= to bisect, or both")
         graph.bases.check_model(model)
-        adapter = get_adapter(model)
-        batches = token_batches(tokens, batch_size, adapter)
-        n_local = sum(b.shape[0] for b in batches)
-        if labels is not None and labels.shape[0] != n_local:
-            raise DataError(f"labels has {labels.shape[0]} entries for {n_local} sequences")
-        fn = make_metric(metric, labels, position)
+        adapter, batches, n_local, fn = _batched_metric(model, tokens, batch_size, labels,
+                                                        metric, position)
         chosen = graph.pairs() if pairs is None else [
             (graph.bases._key(a), graph.bases._key(b)) for a, b in pairs]
         for p in chosen:
