@@ -1,0 +1,217 @@
+"""Patching basis directions: :func:`patch_directions`, :class:`PatchResult`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_degen.adapters import get_adapter
+from tl_degen.basis import InteractionBasis
+from tl_degen.basis_set import BasisSet
+from tl_degen.errors import DataError, SiteError, TLDegenError
+from tl_degen.model_state import prepared
+from tl_degen.patching.common import (
+    Directions,
+    Metric,
+    _check_finite,
+    _check_mode,
+    _groups,
+    _metric,
+    _pair_tokens,
+    _positions,
+    lookup_basis,
+)
+from tl_degen.sites import Site
+
+
+# ---------------------------------------------------------------------------- patching
+@dataclass
+class PatchResult:
+    """The metric after patching basis directions of one site.
+
+    Attributes:
+        site, method, mode: what was patched, in which basis, in which direction.
+        groups: the patched direction sets (indices into the basis' columns).
+        labels: one printable label per group.
+        values: ``[n_groups]`` mean metric with each group patched.
+        per_example: ``[n_groups, batch]`` the metric per example (or the scalar repeated).
+        clean, corrupted: the unpatched runs' mean metric.
+        site_value: the whole site patched (TransformerLens-style component patch).
+        all_value: every kept direction patched together.
+        positions: the token positions patched.
+
+    Examples:
+        >>> clean, corrupted, logit_diff = modadd.patching_pairs(500)
+        >>> res = tl_degen.patch_directions(model, clean, corrupted, bases, "resid_mid.0:last",
+        ...                                 logit_diff)
+        >>> res.top(5), res.recovered()[:5], res.all_value - res.site_value
+    """
+
+    site: Site
+    method: str
+    mode: str
+    groups: list[list[int]]
+    labels: list[str]
+    values: Float[Tensor, " n_groups"]
+    per_example: Float[Tensor, "n_groups batch"]
+    clean: float
+    corrupted: float
+    site_value: float
+    all_value: float
+    positions: list[int] = field(default_factory=list)
+
+    @property
+    def base(self) -> float:
+        """The metric of the unpatched run that was patched into."""
+        return self.corrupted if self.mode == "denoising" else self.clean
+
+    @property
+    def effects(self) -> Float[Tensor, " n_groups"]:
+        """``values − base``: what each patch changed."""
+        return self.values - self.base
+
+    def recovered(self) -> Float[Tensor, " n_groups"]:
+        """``(values − corrupted) / (clean − corrupted)``: 1 means the clean metric, 0 the
+        corrupted one (for denoising, the fraction of the clean behaviour restored)."""
+        gap = self.clean - self.corrupted
+        if gap == 0:
+            raise DataError("clean and corrupted runs have the same metric; nothing to recover")
+        return (self.values - self.corrupted) / gap
+
+    def as_dict(self) -> dict:
+        """Plain Python (JSON-serialisable); :meth:`from_dict` rebuilds the result."""
+        return {"site": self.site.name, "method": self.method, "mode": self.mode,
+                "groups": self.groups, "labels": self.labels, "values": self.values.tolist(),
+                "per_example": self.per_example.tolist(), "clean": self.clean,
+                "corrupted": self.corrupted, "site_value": self.site_value,
+                "all_value": self.all_value, "positions": self.positions}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PatchResult:
+        return cls(Site.parse(d["site"]), d["method"], d["mode"], d["groups"], d["labels"],
+                   torch.tensor(d["values"], dtype=torch.float64),
+                   torch.tensor(d["per_example"], dtype=torch.float64), d["clean"],
+                   d["corrupted"], d["site_value"], d["all_value"], d["positions"])
+
+    def top(self, n: int = 10) -> list[tuple[str, float]]:
+        """The ``n`` groups with the largest absolute effect, as ``(label, effect)``."""
+        order = self.effects.abs().argsort(descending=True)[:n]
+        return [(self.labels[i], float(self.effects[i])) for i in order]
+
+    def __repr__(self) -> str:
+        rows = "\n".join(f"    {lab:>10s}  {eff:+.5g}" for lab, eff in self.top(5))
+        return (f"PatchResult({self.site.name!r}, method={self.method!r}, mode={self.mode!r}, "
+                f"{len(self.groups)} groups, clean={self.clean:.5g}, "
+                f"corrupted={self.corrupted:.5g}, whole site={self.site_value:.5g}, "
+                f"all kept directions={self.all_value:.5g})\n  largest effects:\n{rows}")
+
+
+def patch_directions(
+    model,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    bases: BasisSet | InteractionBasis,
+    site: str | Site,
+    metric: Metric,
+    *,
+    directions: Directions = None,
+    positions: int | Sequence[int] | None = None,
+    mode: str = "denoising",
+    dtype: torch.dtype | None = None,
+    rows_per_pass: int = 4096,
+    progress: bool = True,
+) -> PatchResult:
+    """Activation patching of single basis directions (or groups) at one site.
+
+    Patches share forward passes (stacked along the batch). On a ``HookedTransformer`` every
+    pass starts at the site's block from the target's cached residual stream
+    (``start_at_layer``), so the blocks upstream of the site run once, not once per patch; a
+    ``TransformerBridge`` runs from the embedding (its ``start_at_layer`` reruns those blocks).
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer`` (the one the bases fit).
+        clean_tokens, corrupted_tokens: ``[batch, pos]`` paired prompts.
+        bases: a :class:`BasisSet` containing ``site`` (LIB, PCA or neuron), or one basis.
+        site: e.g. ``"resid_mid.0:last"``; must match a basis' site, positions included.
+        metric: function of the logits ``[batch, pos, d_vocab]`` → scalar or ``[batch]``.
+        directions: ``None`` (each direction alone), a list of indices (each alone), or a list
+            of lists (each a group patched together), e.g. ``[list(range(n)) for n in ...]``
+            for cumulative patching.
+        positions: token positions to patch (default: all of the site's positions).
+        mode: ``"denoising"`` (run corrupted, patch in clean) or ``"noising"``.
+        dtype: run the model in this dtype (default: its own).
+        rows_per_pass: several patches share one forward pass, stacked along the batch, up to
+            about this many token rows (``patches × batch × pos``); lower it to save memory.
+
+    Returns:
+        A :class:`PatchResult`.
+
+    Examples:
+        >>> res = tl_degen.patch_directions(model, clean, corrupt, bases, "resid_mid.0:last",
+        ...                                 logit_diff, directions=[[0, 1, 2], [3]])
+        >>> res.recovered()
+    """
+    _check_mode(mode)
+    if not isinstance(rows_per_pass, int) or rows_per_pass < 1:
+        raise TLDegenError(f"rows_per_pass must be a positive integer, got {rows_per_pass!r}")
+    basis = lookup_basis(bases, site, model)
+    site = basis.site
+    if site.kind == "logits":
+        raise SiteError("patching the logits is the output itself; choose an earlier site")
+    adapter = get_adapter(model)
+    clean, corrupted = _pair_tokens(adapter, clean_tokens, corrupted_tokens)
+    pos_idx = _positions(site, positions, clean.shape[1])
+    groups, labels = _groups(directions, basis.k)
+    fn = _metric(metric)
+    source, target = (clean, corrupted) if mode == "denoising" else (corrupted, clean)
+    dev = adapter.device
+    C, Cp = basis.C.to(dev), basis.C_pinv.to(dev)
+    with prepared(model, dtype), torch.no_grad():
+        value_clean = fn(adapter.read_sites(clean, [Site("logits")])[0])
+        value_corrupted = fn(adapter.read_sites(corrupted, [Site("logits")])[0])
+        (x_s,) = adapter.read_sites(source, [site])
+        (x_t,) = adapter.read_sites(target, [site])
+        _check_finite(x_s, x_t, site=site)
+        diff = torch.zeros_like(x_t, dtype=torch.float64)
+        diff[:, pos_idx] = (x_s - x_t).double()[:, pos_idx]
+        h_diff = diff @ C  # [batch, n_pos, k]
+
+        n = target.shape[0]
+        # the blocks before the site are the same for every patch: run them once
+        resume = adapter.resume_state(target, site.layer)
+
+        def patched_many(deltas: list[Tensor]) -> list[Tensor]:
+            """One forward pass for several patches: the runs are stacked along the batch
+            and the metric is applied to each run's own ``n`` rows, in order."""
+            x = (x_t.double().repeat(len(deltas), 1, 1) + torch.cat(deltas)).to(x_t.dtype)
+            x[..., -1] = 1.0
+            start = None if resume is None else (resume[0], resume[1].repeat(len(deltas), 1, 1))
+            logits = adapter.run(target.repeat(len(deltas), 1), read=Site("logits"),
+                                 write=(site, x), resume=start)
+            out = []
+            for r in range(len(deltas)):
+                value = fn(logits[r * n:(r + 1) * n])
+                if not torch.isfinite(value).all():
+                    raise DataError("the metric returned NaN or Inf; check it on the logits")
+                out.append(value)
+            return out
+
+        per_call = max(1, rows_per_pass // max(n * target.shape[1], 1))
+        per = []
+        bar = tqdm(total=len(groups), desc=f"patching {site.name}", disable=not progress)
+        for start in range(0, len(groups), per_call):
+            block = groups[start:start + per_call]
+            per += patched_many([h_diff[..., g] @ Cp[g] for g in block])
+            bar.update(len(block))
+        bar.close()
+        site_value, all_value = (float(v.mean()) for v in patched_many([diff, h_diff @ Cp]))
+    per_example = torch.stack(per).cpu() if per else torch.zeros(0, clean.shape[0])
+    site_pos = site.resolve_positions(clean.shape[1])
+    return PatchResult(site, basis.method, mode, groups, labels, per_example.mean(1),
+                       per_example, float(value_clean.mean()), float(value_corrupted.mean()),
+                       site_value, all_value, [site_pos[i] for i in pos_idx])
