@@ -121,6 +121,23 @@ def test_graph_page_opens_on_a_readable_circuit_without_scripts(small_graph, tmp
         viz.graph_html(pruned, importance={"resid_mid.0:last": torch.zeros(3)})
 
 
+def test_top_token_labels_name_the_tokens_where_a_direction_peaks(tokenizer_dir):
+    model = M.build("gpt2", tokenizer_dir)
+    tokens = M.random_tokens(12, 6, seed=3)
+    sites = ["resid_mid.1", "resid_post.1:last", "logits:last"]
+    bases = tl_degen.fit_bases(model, tokens, sites, progress=False)
+    labels = viz.top_token_labels(model, tokens, bases, top_k=2)
+    assert set(labels) == {f"{s}/{j}" for s in sites[:2] for j in range(bases[s].k)}
+    assert labels["resid_mid.1/0"] == "constant"  # the constant direction of a centered basis
+    site = "resid_post.1:last"
+    vals = viz.direction_values(model, tokens, bases[site], [1])[:, 0, 0]  # last position
+    first = model.tokenizer.decode([int(tokens[int(vals.argmax()), -1])])
+    assert labels[f"{site}/1"].startswith(f"↑ {first!r}")
+    html_text = viz.graph_html(tl_degen.interaction_graph(model, tokens, bases, progress=False),
+                               labels=labels, top_nodes=3)
+    assert html.escape(labels[f"{site}/1"]) in html_text
+
+
 def test_graph_page_draws_at_most_max_edges(small_graph):
     _, _, graph = small_graph
     text = viz.graph_html(graph, max_edges=300)

@@ -19,6 +19,7 @@ from tl_degen.viz.tokens import (
     modadd_labels,
     save_token_view,
     token_view_html,
+    top_token_labels,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "fourier_content",
     "fourier_label",
     "modadd_labels",
+    "top_token_labels",
 ]

@@ -240,3 +240,45 @@ def modadd_labels(model, bases, p: int = 113) -> dict[str, str]:
             label = fourier_label(tops[j]) if bool(varies[j]) else "constant"
             out[f"{site.name}/{j}"] = label
     return out
+
+
+def top_token_labels(model, tokens: Int[Tensor, "batch pos"], bases, *, top_k: int = 3,
+                     batch_size: int | None = None) -> dict[str, str]:
+    """Labels for language-model nodes: each direction's ``top_k`` tokens, the (distinct)
+    tokens at the positions where its coordinate rises furthest above its mean over
+    ``tokens`` (node id ``"site/j"`` → e.g. ``"↑ ' the' ' a' ' of'"``). Directions whose
+    coordinate does not vary (the constant direction) are labelled ``"constant"``; the
+    logits are not labelled.
+
+    Examples:
+        >>> labels = viz.top_token_labels(model, tokens, bases)
+        >>> viz.save_graph_page(graph, "graph.html", labels=labels)  # labels drawn beside nodes
+    """
+    if top_k < 1:
+        raise TLDegenError("top_k must be at least 1")
+    strings = _token_strings(model, tokens)
+    out: dict[str, str] = {}
+    for site in bases.sites:
+        if site.kind == "logits":
+            continue
+        b = bases[site]
+        positions = site.resolve_positions(tokens.shape[1])
+        coords = b.to_coords(site_activations(model, tokens, site, batch_size=batch_size))
+        dev = (coords - coords.mean((0, 1), keepdim=True)).double()  # [batch, n_pos, k]
+        flat = dev.reshape(-1, b.k)
+        scale = flat.abs().amax().clamp_min(1e-300)
+        order = flat.argsort(0, descending=True)  # [batch * n_pos, k]
+        for j in range(b.k):
+            if float(flat[:, j].abs().max()) <= 1e-9 * float(scale):
+                out[f"{site.name}/{j}"] = "constant"
+                continue
+            seen: list[str] = []
+            for idx in order[:, j].tolist():
+                row, col = divmod(idx, len(positions))
+                text = strings[row][positions[col]]
+                if text not in seen:
+                    seen.append(text)
+                if len(seen) == top_k:
+                    break
+            out[f"{site.name}/{j}"] = "↑ " + " ".join(repr(t) for t in seen)
+    return out
