@@ -295,6 +295,13 @@ def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, to
     assert cli.main(["fit", "--model", str(hf_dir), "--tokens", str(tmp_path / "prompts.txt"),
                      "--sites", "resid_pre.1,resid_post.1:last,logits:last", "--quiet",
                      "--out", str(tmp_path / "hf.safetensors")]) == 0
+    assert cli.main(["graph", "--model", str(hf_dir), "--tokens", str(tmp_path / "prompts.txt"),
+                     "--sites", "resid_post.1:last,logits:last", "--quiet", "--top", "4",
+                     "--out", str(tmp_path / "hfg.safetensors")]) == 0
+    page = (tmp_path / "hfg.html").read_text()
+    circuit = page[page.index('<div class="tld-circuit"'):page.index("<details")]
+    token_labels = re.findall(r'<text class="clabel"[^>]*>#\d+ ↑ ([^<]+)<', circuit)
+    assert len(token_labels) == 4 and all("t" in t for t in token_labels)  # words t0…t39
     capsys.readouterr()
 
 
