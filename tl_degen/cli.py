@@ -347,10 +347,12 @@ class _Launch:
             self._owns = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._owns:
             import torch.distributed as dist
 
+            if exc_type is None:  # wait for rank 0's writing before tearing the group down
+                dist.barrier()
             dist.destroy_process_group()
 
     def shard(self, tokens: torch.Tensor) -> torch.Tensor:
