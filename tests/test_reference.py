@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import tl_degen
+from tests.gram_route import gram_factor
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import Threshold, lib_rotation, whiten
 from tl_degen.closed_form import accumulate_jacobian_gram
@@ -100,12 +101,13 @@ def coordinate_error(x: torch.Tensor, ours: torch.Tensor, ref: torch.Tensor) -> 
     return (a - r).pow(2).mean(0).sqrt() / r.pow(2).mean(0).sqrt()
 
 
-@pytest.mark.parametrize("layer, raw_tol", [("ln2.0", 1e-2), ("unembed", 1e-3)])
+@pytest.mark.parametrize("layer, raw_tol", [("ln2.0", None), ("unembed", 1e-3)])
 def test_lib_lambda_and_C(layer, raw_tol, lib, setting):
-    """Λ within 1e-4 and the LIB coordinates of the data within 1e-6 (measured 1e-11 and
-    4e-9). Raw entries of C at resid_mid differ by up to 3e-3: C = R V Λ^(1/2) and R has huge
-    columns along the Gram's noise-floor directions (eigenvalue ~1e-15), which the data
-    never visits."""
+    """Λ within 1e-4 and the LIB coordinates of the data within 1e-6. Raw entries of C at
+    resid_mid are not compared: off the data span they are set by directions the reference
+    resolved from its Gram's noise floor (eigenvalue ~1e-15 absolute), which our square-root
+    statistics keep as real, tiny directions of the data; the data never visits the
+    difference (the coordinates agree)."""
     bases, ref = lib
     b, lam = bases[LAYERS[layer]], ref_lambda(ref, layer)
     n = int((lam > 1e-8 * lam.max()).sum())
@@ -114,7 +116,8 @@ def test_lib_lambda_and_C(layer, raw_tol, lib, setting):
     model, tokens = setting
     x = tl_degen.site_activations(model, tokens, LAYERS[layer]).double().reshape(-1, b.d_site)
     assert coordinate_error(x, b.C[:, :n], ref[f"{layer}/C"][:, :n]).max() < 1e-6
-    assert column_error(b.C[:, :n], ref[f"{layer}/C"][:, :n], lam[:n]).max() < raw_tol
+    if raw_tol is not None:
+        assert column_error(b.C[:, :n], ref[f"{layer}/C"][:, :n], lam[:n]).max() < raw_tol
 
 
 def test_lib_resid_pre_exact_given_reference_downstream_basis(setting, lib):
@@ -131,8 +134,9 @@ def test_lib_resid_pre_exact_given_reference_downstream_basis(setting, lib):
         accumulate_jacobian_gram(adapter, tokens, pre, mid, x, ref["ln2.0/C"], jac,
                                  alphas=[1.0], weights=[1.0])
     b = bases["resid_pre.0"]
-    wh = whiten(b.mean, b.gram, center=True, has_constant=True, threshold=REFERENCE_THRESHOLD)
-    C, _, lam_ours, *_ = lib_rotation(wh, jac.value, constant_first=True,
+    wh = whiten(b.mean, gram_factor(b.gram), center=True, has_constant=True,
+                threshold=REFERENCE_THRESHOLD)
+    C, _, lam_ours, *_ = lib_rotation(wh, *jac.parts(), constant_first=True,
                                       threshold=REFERENCE_THRESHOLD)
     lam = ref_lambda(ref, "ln1.0")
     n = int((lam > 1e-8 * lam.max()).sum())
@@ -140,16 +144,42 @@ def test_lib_resid_pre_exact_given_reference_downstream_basis(setting, lib):
     assert column_error(C[:, :n], ref["ln1.0/C"][:, :n], lam[:n]).max() < 1e-3
 
 
-def test_lib_resid_pre_end_to_end(lib):
-    """End to end, the leading resid_pre directions agree to 1e-4; the small ones (Λ down to
-    1e-8·max) only to 1e-3, because of the noise-floor directions of resid_mid (see above)."""
+def test_lib_resid_pre_end_to_end(lib, setting, reference_dir):
+    """End to end, the leading resid_pre directions (Λ > 1e-5·max) agree with the reference
+    to 1e-4. Smaller ones (down to 1e-8·max) depart by up to ~1e-2 (measured 9e-3): the
+    reference's own arithmetic (Grams formed and eigendecomposed, its activation cut inside
+    the Gram's noise floor; tests/gram_route.py reproduces it to 1e-3) moves those Λ by more
+    than that (measured 6e-2) under a function-preserving change of residual basis plus
+    rescaled neurons, while ours stays put (measured 8e-12): the reference is the one that
+    moves."""
+    from tests.gram_route import gram_route_lambdas
+    from tl_degen import reparam
+
     bases, ref = lib
     b, lam = bases["resid_pre.0"], ref_lambda(ref, "ln1.0")
     rel = (b.eigenvalues[: len(lam)] - lam[: len(b.eigenvalues)]).abs() / lam[: len(b.eigenvalues)]
     lead = int((lam > 1e-5 * lam.max()).sum())
     tail = int((lam > 1e-8 * lam.max()).sum())
     assert rel[:lead].max() < 1e-4, rel[:lead]
-    assert rel[:tail].max() < 1e-3, rel[:tail]
+    departure = float(rel[:tail].max())
+    assert departure < 2e-2
+
+    _, tokens = setting
+    model = modadd.load_bridge(modadd.load_state_dict(reference_dir / "model.safetensors"),
+                               dtype=torch.float64)  # exact reparameterisations need float64
+    other = reparam.rescale_neurons(reparam.change_residual_basis(model, seed=1, strength=0.03),
+                                    seed=2)
+
+    def moved(a, b):
+        return float(((a[:tail] - b[:tail]).abs() / b[:tail].abs()).max())
+
+    ours = [tl_degen.fit_bases(m, tokens, SITES, batch_size=4000, threshold=REFERENCE_THRESHOLD,
+                               progress=False)["resid_pre.0"].lambda_all for m in (model, other)]
+    theirs = [gram_route_lambdas(m, tokens, SITES, REFERENCE_THRESHOLD)["resid_pre.0"]
+              for m in (model, other)]
+    assert moved(theirs[0], lam) < 3e-3  # the emulation is the reference's arithmetic
+    assert moved(ours[1], ours[0]) < 1e-8
+    assert moved(theirs[1], theirs[0]) > 2 * departure
 
 
 def test_reference_top_lambdas_and_kept_counts(lib):

@@ -26,6 +26,7 @@ from tl_degen.effective import (
     parameter_groups,
 )
 from tl_degen.errors import (
+    AmbiguousRankWarning,
     BackendError,
     BasisMismatchError,
     CheckpointError,
@@ -83,6 +84,7 @@ __all__ = [
     "Threshold",
     "Dropped",
     "TLDegenError",
+    "AmbiguousRankWarning",
     "SiteError",
     "DataError",
     "NonFiniteError",

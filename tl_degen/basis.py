@@ -20,9 +20,24 @@ from torch import Tensor
 from tl_degen.errors import BasisMismatchError, SiteError, TLDegenError
 from tl_degen.sites import Site
 
-__all__ = ["Threshold", "Dropped", "InteractionBasis", "whiten", "lib_rotation", "METHODS"]
+__all__ = ["Threshold", "Dropped", "InteractionBasis", "whiten", "lib_rotation", "METHODS",
+           "numerical_null_cutoff", "cut_gap", "AMBIGUOUS_GAP"]
 
 METHODS = ("lib", "pca", "neuron")
+
+#: A cut is *ambiguous* when the eigenvalues on its two sides lie within this factor of each
+#: other: the spectrum has no gap there, so a slightly different threshold (or data) keeps a
+#: different number of directions (:attr:`Dropped.ambiguous`).
+AMBIGUOUS_GAP = 10.0
+
+
+def cut_gap(values: Tensor, keep: Tensor, cutoff: float) -> float:
+    """Smallest kept over largest dropped value (over ``cutoff`` when nothing is dropped);
+    ``inf`` when there is nothing below."""
+    kept, dropped = values[keep], values[~keep]
+    low = float(kept.min()) if kept.numel() else 0.0
+    high = float(dropped.max()) if dropped.numel() else float(cutoff)
+    return float("inf") if high <= 0 else low / high
 
 
 @dataclass(frozen=True)
@@ -98,14 +113,31 @@ class Dropped:
     jacobian: int = 0
     activation_cutoff: float = 0.0
     jacobian_cutoff: float = 0.0
+    activation_gap: float = float("inf")
+    jacobian_gap: float = float("inf")
 
     @property
     def total(self) -> int:
         return self.activation + self.jacobian
 
+    @property
+    def gap(self) -> float:
+        """The narrower of the two cuts' gaps (smallest kept over largest dropped eigenvalue)."""
+        return min(self.activation_gap, self.jacobian_gap)
+
+    @property
+    def ambiguous(self) -> bool:
+        """No spectral gap at a cut (within :data:`AMBIGUOUS_GAP`): the number of kept
+        directions depends on the threshold, not only on the model and the data."""
+        return self.gap < AMBIGUOUS_GAP
+
     def __str__(self) -> str:
-        return (f"{self.activation} activation-null (type 1, eig < {self.activation_cutoff:.3g}), "
+        text = (f"{self.activation} activation-null (type 1, eig < {self.activation_cutoff:.3g}), "
                 f"{self.jacobian} Jacobian-null (type 2, Λ < {self.jacobian_cutoff:.3g})")
+        if self.ambiguous:
+            which = "Λ" if self.jacobian_gap <= self.activation_gap else "activation"
+            text += f"; rank ambiguous (no gap at the {which} cut: {self.gap:.2g}×)"
+        return text
 
 
 @dataclass
@@ -120,6 +152,7 @@ class Whitening:
     all_eigenvalues: Tensor  # [d] every eigenvalue of G, constant first, then descending
     n_dropped: int
     cutoff: float
+    gap: float = float("inf")  # smallest kept / largest dropped data eigenvalue
 
 
 def _centering_maps(mean: Tensor, center: bool, has_constant: bool) -> tuple[Tensor, Tensor]:
@@ -133,64 +166,105 @@ def _centering_maps(mean: Tensor, center: bool, has_constant: bool) -> tuple[Ten
     return Y, Y_inv
 
 
-def whiten(mean: Tensor, gram: Tensor, *, center: bool, has_constant: bool,
-           threshold: Threshold) -> Whitening:
-    """Eigendecompose the (centered) Gram and build the whitening maps (§4 step 3)."""
-    d = gram.shape[0]
+def numerical_null_cutoff(eigenvalues: Tensor, d: int, eps: float) -> float:
+    """Eigenvalues at or below this are null to working precision: a singular value of the
+    square-root factor below ``d·eps`` of the largest (``eps`` of the dtype the activations
+    were computed in), i.e. ``D ≤ (d·eps)²·max D``. Unlike a fraction of the spectrum, this
+    cut does not move under an invertible reparameterisation of the site: it removes only
+    directions the data does not span at all (DESIGN.md §4 step 3)."""
+    if eigenvalues.numel() == 0:
+        return 0.0
+    return float((d * eps) ** 2 * eigenvalues.abs().max())
+
+
+def whiten(mean: Tensor, factor: Tensor, *, center: bool, has_constant: bool,
+           threshold: Threshold, invariant_cut: bool = False, eps: float = 2.0**-52
+           ) -> Whitening:
+    """Whitening maps from a square-root factor of the (centered) Gram (§4 step 3).
+
+    ``factor`` (``[r, d]``) satisfies ``factorᵀ factor = G``
+    (:meth:`tl_degen.stats.MomentAccumulator.factor`); ``G = U D Uᵀ`` is read off its SVD
+    (``D`` = squared singular values), never from ``G`` itself, so small eigenvalues keep
+    their precision.
+
+    With ``invariant_cut`` and a relative threshold (LIB's default), only directions null to
+    working precision are dropped (:func:`numerical_null_cutoff`); the threshold then acts on
+    Λ alone (:func:`lib_rotation`), whose values do not depend on the site's parameterisation.
+    An absolute threshold cuts ``D`` itself, as the reference implementation does.
+    """
+    d = factor.shape[1]
+    dev = factor.device
     Y, Y_inv = _centering_maps(mean, center, has_constant)
     if center and has_constant:
         # G = blockdiag(cov, 1): the constant direction is e_last with eigenvalue 1, first.
-        evals, evecs = torch.linalg.eigh(gram[:-1, :-1])
-        evals, order = evals.abs().sort(descending=True)
-        evecs = evecs[:, order]
-        U = torch.zeros(d, d, dtype=torch.float64, device=gram.device)
+        _, sv, vh = torch.linalg.svd(factor[:, :-1], full_matrices=False)
+        U = torch.zeros(d, d, dtype=torch.float64, device=dev)
         U[-1, 0] = 1.0
-        U[:-1, 1:] = evecs
-        D = torch.cat([torch.ones(1, dtype=torch.float64, device=gram.device), evals])
+        U[:-1, 1:] = vh.T
+        D = torch.cat([torch.ones(1, dtype=torch.float64, device=dev), sv**2])
     else:
-        evals, U = torch.linalg.eigh(gram)
-        D, order = evals.abs().sort(descending=True)
-        U = U[:, order]
-    cutoff = threshold.cutoff(D[1:] if center and has_constant else D)
+        _, sv, vh = torch.linalg.svd(factor, full_matrices=False)
+        U, D = vh.T, sv**2
+    data = D[1:] if center and has_constant else D
+    if invariant_cut:
+        cutoff = numerical_null_cutoff(data, d, eps)
+    else:
+        cutoff = threshold.cutoff(data)
     keep = D > cutoff
     if center and has_constant:
         keep[0] = True
+    first = int(center and has_constant)
+    gap = cut_gap(D[first:], keep[first:], cutoff)
     U_k, D_k = U[:, keep], D[keep]
     W = Y @ U_k
     W_pinv = U_k.T @ Y_inv
     return Whitening(W=W, W_pinv=W_pinv, R=W / D_k.sqrt(), R_pinv=D_k.sqrt()[:, None] * W_pinv,
                      eigenvalues=D_k, all_eigenvalues=D, n_dropped=int((~keep).sum()),
-                     cutoff=cutoff)
+                     cutoff=cutoff, gap=gap)
 
 
-def lib_rotation(wh: Whitening, jacobian_gram: Tensor, *, constant_first: bool,
-                 threshold: Threshold) -> tuple[Tensor, Tensor, Tensor, Tensor, int, float]:
+def lib_rotation(wh: Whitening, jacobian_factor: Tensor, jacobian_gram: Tensor | None = None,
+                 *, constant_first: bool, threshold: Threshold
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, float, float]:
     """LIB rotation and scaling (§4 steps 5-6).
 
-    ``M = R⁺ M′ R⁺ᵀ``; the constant direction (first, when ``constant_first``) stays
-    unrotated with ``Λ_0 = M[0, 0]``; the rest is eigendecomposed, descending.
+    ``M = R⁺ M′ R⁺ᵀ`` with ``M′ = FᵀF + G`` (``jacobian_factor`` ``F``, ``[r, d]``, and the
+    formed part ``jacobian_gram`` ``G`` or ``None``,
+    :meth:`tl_degen.stats.GramAccumulator.parts`). When ``M′`` comes as a factor only,
+    ``Λ`` and ``V`` are the squared singular values and right singular vectors of
+    ``B = F R⁺ᵀ`` (``M = BᵀB``), whose small values keep their precision; otherwise ``M`` is
+    formed and eigendecomposed. The constant direction (first, when ``constant_first``) stays
+    unrotated with ``Λ_0 = M[0, 0]``; the rest is decomposed, descending.
 
-    Returns ``C, C⁺, Λ`` (kept), all ``Λ`` before truncation, the number dropped, the cutoff.
+    Returns ``C, C⁺, Λ`` (kept), all ``Λ`` before truncation, the number dropped, the cutoff
+    and the gap at the cut (:func:`cut_gap`).
     """
-    M = wh.R_pinv @ jacobian_gram @ wh.R_pinv.T
-    M = (M + M.T) / 2
-    k1 = M.shape[0]
-    if constant_first:
-        evals, evecs = torch.linalg.eigh(M[1:, 1:])
-        evals, order = evals.abs().sort(descending=True)
-        V = torch.zeros(k1, k1, dtype=torch.float64, device=M.device)
-        V[0, 0] = 1.0
-        V[1:, 1:] = evecs[:, order]
-        lam = torch.cat([M[:1, 0].abs(), evals])
+    B = jacobian_factor @ wh.R_pinv.T  # [r, k1]
+    k1 = B.shape[1]
+    first = int(constant_first)
+    if jacobian_gram is None:
+        _, sv, vh = torch.linalg.svd(B[:, first:], full_matrices=False)
+        evals, evecs = sv**2, vh.T
+        lam0 = (B[:, :1] ** 2).sum(0) if constant_first else None
     else:
-        evals, evecs = torch.linalg.eigh(M)
-        lam, order = evals.abs().sort(descending=True)
-        V = evecs[:, order]
+        M = wh.R_pinv @ jacobian_gram @ wh.R_pinv.T + B.T @ B
+        M = (M + M.T) / 2
+        evals, evecs = torch.linalg.eigh(M[first:, first:])
+        evals, order = evals.abs().sort(descending=True)
+        evecs = evecs[:, order]
+        lam0 = M[:1, 0].abs() if constant_first else None
+    V = torch.zeros(k1, k1, dtype=torch.float64, device=B.device)
+    V[first:, first:] = evecs
+    if constant_first:
+        V[0, 0] = 1.0
+        lam = torch.cat([lam0, evals])
+    else:
+        lam = evals
     cutoff = threshold.cutoff(lam)
     keep = lam > cutoff
     if constant_first:
         keep[0] = bool(lam[0] > 0)
-    rest = lam[int(constant_first):]
+    rest = lam[first:]
     if rest.numel() and not (rest > 0).any():
         raise SiteError(
             "no direction of this site influences the next one (every Λ is zero): the next "
@@ -199,7 +273,8 @@ def lib_rotation(wh: Whitening, jacobian_gram: Tensor, *, constant_first: bool,
     V_k, lam_k = V[:, keep], lam[keep]
     C = wh.R @ V_k * lam_k.sqrt()
     C_pinv = (V_k.T @ wh.R_pinv) / lam_k.sqrt()[:, None]
-    return C, C_pinv, lam_k, lam, int((~keep).sum()), cutoff
+    return (C, C_pinv, lam_k, lam, int((~keep).sum()), cutoff,
+            cut_gap(lam[first:], keep[first:], cutoff))
 
 
 @dataclass

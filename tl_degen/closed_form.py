@@ -103,23 +103,14 @@ class ClosedFormSection:
                           alphas: list[float], weights: list[float]) -> None:
         """Add the batch's ``Σ J K Jᵀ`` to ``acc`` (and ``N·P_in`` to its count)."""
         if self.kind == "mlp":
-            xr = self._rows(x)
-            P = self.params
-            pre = xr @ P["w_in"]
-            dbar = sum(w * _act_derivative(P["act"], a * pre) for a, w in zip(alphas, weights))
-            K = _k_matrix(out_basis, P["j0"].shape[1], x.device)
-            w_in64, dbar64, w_out_t = P["w_in"].double(), dbar.double(), P["w_out_t"].double()
-            j0 = P["j0"].double()
-            A = w_out_t @ K @ w_out_t.T
-            t2 = j0 @ K @ w_out_t.T @ (dbar64.sum(0)[:, None] * w_in64.T)
-            total = (xr.shape[0] * (j0 @ K @ j0.T) + t2 + t2.T
-                     + w_in64 @ (A * _chunked_gram(dbar64)) @ w_in64.T)
-            acc.add_matrix(total)
+            acc.add_rows(self._mlp_factor(x, out_basis, alphas, weights))
         elif self.kind in ("unembed", "linear"):
-            xr = self._rows(x)
+            # every row has the same J: Σ_r J K Jᵀ = n (J C)(J C)ᵀ, added as the factor
+            # √n (J C)ᵀ (exact, and as precise as the rows: see tl_degen.stats)
+            n = self._rows(x).shape[0]
             J64 = self.params["J"].double()
-            acc.add_matrix(xr.shape[0] * (J64 @ _k_matrix(out_basis, J64.shape[1], x.device)
-                                          @ J64.T))
+            JC = J64 if out_basis is None else J64 @ out_basis.double()
+            acc.add_rows(n**0.5 * JC.T)
         elif len(alphas) == 1:  # attention, one evaluation point: summed in factored form
             acc.add_matrix(weights[0] ** 2 * self._attention_jacobian_gram(alphas[0] * x,
                                                                            out_basis))
@@ -127,6 +118,39 @@ class ClosedFormSection:
             for pb in self.pullbacks(x, out_basis, alphas, weights):
                 acc.add_rows(pb.g.transpose(-1, -2))
         acc.add_count(x.shape[0] * x.shape[1])
+
+    def _mlp_factor(self, x: Tensor, out_basis: Tensor | None, alphas: list[float],
+                    weights: list[float]) -> Float[Tensor, "m_plus_k d_in"]:
+        """A square-root factor of the batch's ``Σ_r J_r K J_rᵀ`` with ``m + k`` rows.
+
+        ``J_r C = J0 C + W̃_in diag(σ̄′_r) A`` with ``A = W̃_out C``, so
+        ``Σ_r J_r K J_rᵀ = T G Tᵀ`` with ``T = [W̃_in, J0 C]`` (``[d_in, m + k]``) and
+        ``G = [[S ⊙ A Aᵀ, diag(Σσ̄′) A], [Aᵀ diag(Σσ̄′), n I_k]]``, ``S = Σ_r σ̄′_r σ̄′_rᵀ``
+        (for ReLU, integer counts). ``G`` is small and well formed; its eigendecomposition
+        gives ``L`` with ``LᵀL = G`` and the factor is ``L Tᵀ``, so the cancellations inside
+        ``T G Tᵀ`` are never formed (see :mod:`tl_degen.stats`).
+        """
+        xr = self._rows(x)
+        P = self.params
+        pre = xr @ P["w_in"]
+        dbar = sum(w * _act_derivative(P["act"], a * pre) for a, w in zip(alphas, weights))
+        dbar64 = dbar.double()
+        d_out = P["j0"].shape[1]
+        C = (torch.eye(d_out, dtype=torch.float64, device=x.device) if out_basis is None
+             else out_basis.double())
+        A = P["w_out_t"].double() @ C  # [m, k]
+        J0C = P["j0"].double() @ C  # [d_in, k]
+        m, k = A.shape
+        dA = dbar64.sum(0)[:, None] * A
+        G = torch.empty(m + k, m + k, dtype=torch.float64, device=x.device)
+        G[:m, :m] = _chunked_gram(dbar64) * (A @ A.T)
+        G[:m, m:] = dA
+        G[m:, :m] = dA.T
+        G[m:, m:] = xr.shape[0] * torch.eye(k, dtype=torch.float64, device=x.device)
+        evals, vecs = torch.linalg.eigh(G)
+        L = vecs.T * evals.clamp_min(0.0).sqrt()[:, None]
+        T = torch.cat([P["w_in"].double(), J0C], 1)  # [d_in, m + k]
+        return L @ T.T
 
     def _attention_jacobian_gram(self, x: Tensor, out_basis: Tensor | None) -> Tensor:
         """``Σ_b Σ_t Σ_s g_s(u) g_s(u)ᵀ`` summed over the output directions ``u`` (columns of

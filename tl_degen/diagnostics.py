@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
-from tl_degen.basis import Threshold
+from tl_degen.basis import AMBIGUOUS_GAP, Threshold
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards
 from tl_degen.effective import EffectiveParameters, effective_parameters
@@ -43,7 +43,7 @@ from tl_degen.reparam import get_reparameterisation
 from tl_degen.sites import Site, parse_sites
 
 __all__ = ["degeneracy_report", "DegeneracyReport", "SiteDegeneracy", "LayerDegeneracy",
-           "check_invariance", "InvarianceReport"]
+           "check_invariance", "InvarianceReport", "INVARIANCE_TARGETS"]
 
 
 # ---------------------------------------------------------------------------- report data
@@ -57,6 +57,13 @@ class SiteDegeneracy:
     jacobian_rank: int
     free_read: int | None
     free_write: int | None
+    #: the narrower spectral gap at the site's two cuts (:attr:`tl_degen.basis.Dropped.gap`)
+    gap: float = float("inf")
+
+    @property
+    def ambiguous(self) -> bool:
+        """No spectral gap at a cut: the ranks depend on the threshold."""
+        return self.gap < AMBIGUOUS_GAP
 
     @property
     def type1(self) -> int:
@@ -127,7 +134,8 @@ class DegeneracyReport:
 
     def as_dict(self) -> dict:
         return {
-            "sites": [{**vars(s), "type1": s.type1, "type2": s.type2} for s in self.sites],
+            "sites": [{**vars(s), "type1": s.type1, "type2": s.type2,
+                       "ambiguous": s.ambiguous} for s in self.sites],
             "layers": [{**vars(x), "n_cofiring": x.n_cofiring,
                         "n_identical_heads": x.n_identical_heads} for x in self.layers],
             "config": self.config,
@@ -141,12 +149,16 @@ class DegeneracyReport:
 
         w = max([len(s.site) for s in self.sites] + [4])
         head = (f"{'site':<{w}}  {'dim':>5} {'act rank':>8} {'jac rank':>8} {'type 1':>6} "
-                f"{'type 2':>6} {'free (read)':>11} {'free (write)':>12}")
+                f"{'type 2':>6} {'free (read)':>11} {'free (write)':>12} {'gap':>9}")
         rows = [head, "-" * len(head)]
         for s in self.sites:
+            gap = f"{s.gap:.2g}×" + (" !" if s.ambiguous else "  ")
             rows.append(f"{s.site:<{w}}  {s.dim:>5} {s.activation_rank:>8} {s.jacobian_rank:>8} "
                         f"{s.type1:>6} {s.type2:>6} {fmt(s.free_read):>11} "
-                        f"{fmt(s.free_write):>12}")
+                        f"{fmt(s.free_write):>12} {gap:>9}")
+        if any(s.ambiguous for s in self.sites):
+            rows.append(f"! no spectral gap at the cut (within {AMBIGUOUS_GAP:g}×): the ranks "
+                        "there depend on the threshold, not only on the model and the data")
         rows.append("")
         head = (f"{'layer':<6} {'dead neurons':>12} {'co-firing groups':>16} "
                 f"{'redundant neurons':>17} {'identical-head groups':>21}")
@@ -264,7 +276,7 @@ def degeneracy_report(
         rows.append(SiteDegeneracy(
             s.name, b.d_site, rank, b.k,
             None if read is None else (b.d_site - rank) * read,
-            None if write is None else (rank - b.k) * write))
+            None if write is None else (rank - b.k) * write, gap=b.dropped.gap))
     layers = sorted({s.layer for s in parse_sites(sites) if s.kind != "logits"})
     mlp_sites = {s.layer: s for s in parse_sites(sites) if s.kind == "mlp_post"}
     type3 = _type3(model, adapter, tokens, layers, mlp_sites, jaccard_tolerance,
@@ -404,21 +416,36 @@ def _type3(model, adapter, tokens, layers, mlp_sites, jaccard_tol, pattern_tol, 
 
 
 # ---------------------------------------------------------------------------- invariance
+#: LIB's promise under a function-preserving reparameterisation (issue 11): the largest
+#: relative change allowed per quantity, on the directions with Λ above the band's floor.
+INVARIANCE_TARGETS = {"eigenvalue_change": 1e-8, "eigenvalue_change_small": 1e-4,
+                      "coordinate_change": 1e-6, "edge_change": 1e-6, "patching_change": 1e-6}
+#: The bands: Λ above ``LEADING·max`` (``eigenvalue_change`` and every comparison of
+#: coordinates, edges and patching), and above ``SMALL·max`` (``eigenvalue_change_small``).
+LEADING, SMALL = 1e-8, 1e-12
+
+
 @dataclass
 class InvarianceReport:
-    """How bases and patching results change under a function-preserving reparameterisation.
+    """How bases, graphs and patching results change under a function-preserving
+    reparameterisation.
 
-    ``rows``: one dict per (method, site) with ``k_before``, ``k_after``, ``eigenvalue_change``
-    (max relative change of the leading eigenvalues, those above ``1e-6·max``; smaller ones sit
-    near the cut and carry rounding noise), ``coordinate_change`` (relative change of
-    the data's coordinates, up to sign and rotation within equal-eigenvalue groups) and
-    ``patching_change`` (max change of per-direction patch effects relative to the largest
-    effect; NaN when no patching was asked for). ``inf`` marks a changed number of directions.
+    ``rows``: one dict per (method, site) with ``k_before``, ``k_after`` (kept directions),
+    ``n_leading`` / ``n_small`` (directions with eigenvalue above ``1e-8·max`` /
+    ``1e-12·max`` of the first fit), ``eigenvalue_change`` (largest relative change of those
+    above ``1e-8·max``), ``eigenvalue_change_small`` (the same above ``1e-12·max``),
+    ``coordinate_change`` (relative change of the data's coordinates along the leading
+    directions, up to sign and rotation within equal-eigenvalue groups), ``edge_change``
+    (LIB: edges from the leading directions of this site to those of the next, relative to
+    the largest edge; NaN otherwise), ``patching_change`` (per-direction patch effects,
+    relative to the largest; NaN when no patching was asked for) and ``gap`` (the narrower
+    spectral gap at the two fits' cuts, :attr:`tl_degen.basis.Dropped.gap`). ``inf`` marks a
+    comparison the two fits cannot make (fewer kept directions than the band needs).
 
     Examples:
-        >>> rep = tl_degen.check_invariance(model, tokens, bases.sites, "permute_neurons")
-        >>> rep.worst("lib", "coordinate_change"), rep.worst("neuron", "coordinate_change")
-        >>> print(rep.table())
+        >>> rep = tl_degen.check_invariance(model, tokens, bases.sites, "change_residual_basis")
+        >>> print(rep)  # the table, with LIB's targets
+        >>> rep.holds("lib"), rep.worst("pca", "eigenvalue_change")
     """
 
     transform: str
@@ -430,14 +457,32 @@ class InvarianceReport:
         vals = [r[key] for r in self.rows if r["method"] == method and r[key] == r[key]]
         return max(vals) if vals else float("nan")
 
+    def holds(self, method: str = "lib") -> bool:
+        """Whether every measured quantity of ``method`` is within
+        :data:`INVARIANCE_TARGETS` at every site."""
+        return all(not (r[k] > t) for r in self.rows if r["method"] == method
+                   for k, t in INVARIANCE_TARGETS.items())
+
     def table(self) -> str:
-        head = (f"{'method':<7} {'site':<20} {'k':>9} {'Λ change':>10} {'coords change':>13} "
-                f"{'patching change':>15}")
+        head = (f"{'method':<7} {'site':<20} {'k':>9} {'Λ>1e-8':>9} {'Λ>1e-12':>9} "
+                f"{'coords':>9} {'edges':>9} {'patching':>9} {'gap':>8}")
         rows = [head, "-" * len(head)]
+
+        def f(v):
+            return f"{'-':>9}" if v != v else f"{v:>9.1e}"
+
         for r in self.rows:
             k = f"{r['k_before']}->{r['k_after']}"
-            rows.append(f"{r['method']:<7} {r['site']:<20} {k:>9} {r['eigenvalue_change']:>10.2e} "
-                        f"{r['coordinate_change']:>13.2e} {r['patching_change']:>15.2e}")
+            gap = f"{r['gap']:>7.2g}×" if r["gap"] == r["gap"] else f"{'-':>8}"
+            rows.append(f"{r['method']:<7} {r['site']:<20} {k:>9} {f(r['eigenvalue_change'])} "
+                        f"{f(r['eigenvalue_change_small'])} {f(r['coordinate_change'])} "
+                        f"{f(r['edge_change'])} {f(r['patching_change'])} {gap}")
+        t = INVARIANCE_TARGETS
+        rows.append(f"LIB targets: Λ {t['eigenvalue_change']:.0e} (Λ > 1e-8·max), "
+                    f"{t['eigenvalue_change_small']:.0e} (Λ > 1e-12·max); coordinates, edges, "
+                    f"patching {t['coordinate_change']:.0e}. LIB "
+                    + ("holds them." if self.holds("lib") else "does NOT hold them.")
+                    if any(r["method"] == "lib" for r in self.rows) else "")
         return "\n".join(rows)
 
     def __repr__(self) -> str:
@@ -455,28 +500,31 @@ def check_invariance(
     clean_tokens: Tensor | None = None,
     corrupted_tokens: Tensor | None = None,
     metric: Callable[[Tensor], Tensor] | None = None,
-    threshold: float | Threshold = 1e-10,
+    threshold: float | Threshold = 1e-13,
+    edges: bool = True,
     batch_size: int | None = None,
     progress: bool = True,
 ) -> InvarianceReport:
     """Reparameterise the model without changing its function and compare, side by side,
-    how LIB, PCA and neuron bases (and per-direction patching results) change.
+    how LIB, PCA and neuron bases (LIB's graph, and per-direction patching results) change.
 
     Args:
-        model: a ``TransformerBridge`` or ``HookedTransformer``.
+        model: a ``TransformerBridge`` or ``HookedTransformer``. Load it in float64 for a
+            sharp test: a reparameterisation in float32 changes the function by ~1e-7.
         tokens: data to fit the bases on.
         sites: sites in forward order, ending with the logits.
         transform: a built-in name (:data:`tl_degen.reparam.REPARAMETERISATIONS`:
             ``"permute_neurons"``, ``"rescale_neurons"``, ``"split_neuron"``,
             ``"add_dead_neurons"``, ``"change_residual_basis"``) or a function
             ``model -> new model`` computing the same function.
+        threshold: as in :func:`~tl_degen.fit_bases`.
+        edges: also compare LIB's interaction graphs.
         clean_tokens, corrupted_tokens, metric: if given, every direction of every site is
             patched (denoising) in both models and the effects compared.
 
     Returns:
-        An :class:`InvarianceReport`. LIB is invariant when every site's activation Gram has
-        full rank on the data; a non-orthogonal reparameterisation of a rank-deficient site
-        moves LIB's small eigenvalues (the projection onto the data span depends on the basis).
+        An :class:`InvarianceReport`; ``print`` it for the table with LIB's targets
+        (:data:`INVARIANCE_TARGETS`).
 
     Examples:
         >>> rep = tl_degen.check_invariance(model, tokens, sites, "rescale_neurons",
@@ -484,6 +532,8 @@ def check_invariance(
         ...                                 metric=logit_diff)
         >>> print(rep)
     """
+    from tl_degen.graph import interaction_graph
+
     name, fn = get_reparameterisation(transform)
     if (clean_tokens is None) != (metric is None) or (clean_tokens is None) != (
             corrupted_tokens is None):
@@ -502,32 +552,60 @@ def check_invariance(
     for method in tqdm(list(methods), desc=f"invariance under {name}", disable=not progress):
         fits = [fit_bases(m, tokens, parsed, method=method, threshold=threshold,
                           batch_size=batch_size, progress=False) for m in (model, new)]
-        for s in parsed:
+        graphs = None
+        if method == "lib" and edges:
+            graphs = [interaction_graph(m, tokens, f, batch_size=batch_size, progress=False)
+                      for m, f in zip((model, new), fits)]
+        for i, s in enumerate(parsed):
             if s.kind == "logits":
                 continue
             b0, b1 = fits[0][s], fits[1][s]
+            lam0, lam1 = b0.eigenvalues.double(), b1.eigenvalues.double()
+            top = lam0.abs().max()
+            n_lead = int((lam0.abs() > LEADING * top).sum())
+            n_small = int((lam0.abs() > SMALL * top).sum())
+            gap = (min(b0.dropped.gap, b1.dropped.gap) if method == "lib" else float("nan"))
             row = {"method": method, "site": s.name, "k_before": b0.k, "k_after": b1.k,
-                   "eigenvalue_change": float("inf"), "coordinate_change": float("inf"),
-                   "patching_change": float("nan")}
-            if b0.k == b1.k:
-                lam0, lam1 = b0.eigenvalues.double(), b1.eigenvalues.double()
-                lead = lam0.abs() > 1e-6 * lam0.abs().max()
-                row["eigenvalue_change"] = float(((lam1 - lam0).abs() / lam0.abs().clamp_min(
-                    1e-30))[lead].max())
-                c0 = b0.to_coords(site_activations(model, tokens, s, batch_size=batch_size))
-                c1 = b1.to_coords(site_activations(new, tokens, s, batch_size=batch_size))
-                row["coordinate_change"] = _coordinate_change(c0[..., lead], c1[..., lead],
-                                                              lam0[lead])
-                if metric is not None:
-                    p0 = patch_directions(model, clean_tokens, corrupted_tokens, fits[0], s,
-                                          metric, progress=False).effects
-                    p1 = patch_directions(new, clean_tokens, corrupted_tokens, fits[1], s,
-                                          metric, progress=False).effects
-                    row["patching_change"] = float((p1 - p0).abs().max() /
-                                                   p0.abs().max().clamp_min(1e-30))
-            elif metric is not None:
-                row["patching_change"] = float("inf")
+                   "n_leading": n_lead, "n_small": n_small,
+                   "eigenvalue_change": float("inf"), "eigenvalue_change_small": float("inf"),
+                   "coordinate_change": float("inf"),
+                   "edge_change": float("inf") if graphs else float("nan"),
+                   "patching_change": float("nan") if metric is None else float("inf"),
+                   "gap": gap}
             rows.append(row)
+
+            def rel(n):
+                return float(((lam1[:n] - lam0[:n]).abs() / lam0[:n].abs().clamp_min(1e-300)
+                              ).max()) if n else 0.0
+
+            if b1.k < n_lead:
+                continue
+            row["eigenvalue_change"] = rel(n_lead)
+            if b1.k >= n_small:
+                row["eigenvalue_change_small"] = rel(n_small)
+            lead = slice(0, n_lead)
+            c0 = b0.to_coords(site_activations(model, tokens, s, batch_size=batch_size))
+            c1 = b1.to_coords(site_activations(new, tokens, s, batch_size=batch_size))
+            row["coordinate_change"] = _coordinate_change(c0[..., lead], c1[..., lead],
+                                                          lam0[lead])
+            if graphs is not None and i + 1 < len(parsed):
+                nxt = parsed[i + 1]
+                n_out = (fits[0][nxt].k if nxt.kind == "logits" else
+                         int((fits[0][nxt].eigenvalues.abs()
+                              > LEADING * fits[0][nxt].eigenvalues.abs().max()).sum()))
+                e0, e1 = graphs[0].edge(s, nxt), graphs[1].edge(s, nxt)
+                if e1.shape[0] >= n_out:
+                    d = (e1[:n_out, lead] - e0[:n_out, lead]).abs().max()
+                    row["edge_change"] = float(d / e0.abs().max().clamp_min(1e-300))
+            elif graphs is not None:
+                row["edge_change"] = float("nan")
+            if metric is not None:
+                p0 = patch_directions(model, clean_tokens, corrupted_tokens, fits[0], s,
+                                      metric, progress=False).effects
+                p1 = patch_directions(new, clean_tokens, corrupted_tokens, fits[1], s,
+                                      metric, progress=False).effects
+                row["patching_change"] = float((p1[lead] - p0[lead]).abs().max() /
+                                               p0.abs().max().clamp_min(1e-30))
     return InvarianceReport(name, change, rows)
 
 

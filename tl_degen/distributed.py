@@ -156,6 +156,16 @@ class Shards:
             total += p
         return total
 
+    def stack(self, r: Tensor) -> Tensor:
+        """The square-root factor of the sum over ranks of ``rᵀr``: ``qr`` of every rank's
+        ``r`` stacked in rank order (bit-identical on every rank,
+        :func:`tl_degen.stats.stack_factors`)."""
+        if not self.active:
+            return r
+        from tl_degen.stats import stack_factors
+
+        return stack_factors(*self.gather(r))
+
     def max(self, t: Tensor) -> Tensor:
         """Elementwise maximum of ``t`` over ranks."""
         if not self.active:
@@ -187,11 +197,12 @@ class Shards:
         counts = self.sum_ints_each(acc.count)
         means = self.gather(acc._mean)
         m2s = self.gather(acc._m2)
+        rs = self.gather(acc._R)
         out = MomentAccumulator(acc.d, has_constant=acc.has_constant, name=acc.name,
                                 device=acc._mean.device)
-        for n, mean, m2 in zip(counts, means, m2s):
+        for n, mean, m2, r in zip(counts, means, m2s, rs):
             if n:
-                out._merge_moments(n, mean, m2)
+                out._merge_moments(n, mean, m2, r)
         return out
 
     def sum_ints_each(self, value: int) -> list[int]:

@@ -8,6 +8,7 @@ on purpose.
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousRankWarning",
     "TLDegenError",
     "SiteError",
     "DataError",
@@ -51,3 +52,9 @@ class DistributedError(TLDegenError):
 class CheckpointError(TLDegenError):
     """A checkpoint that belongs to another run (model, sites, settings or tokens differ) or
     cannot be read; it is never merged into this one."""
+
+
+class AmbiguousRankWarning(UserWarning):
+    """A site's spectrum has no gap at the threshold: how many directions are kept there
+    depends on the threshold (:attr:`tl_degen.basis.Dropped.ambiguous`). Silence it with
+    ``warnings.simplefilter("ignore", tl_degen.AmbiguousRankWarning)``."""

@@ -8,6 +8,7 @@ needs the next site's ``C`` (§4 step 6).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -16,12 +17,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_degen.adapters import Adapter, get_adapter
-from tl_degen.basis import METHODS, Dropped, InteractionBasis, Threshold, lib_rotation, whiten
+from tl_degen.basis import (
+    AMBIGUOUS_GAP,
+    METHODS,
+    Dropped,
+    InteractionBasis,
+    Threshold,
+    lib_rotation,
+    whiten,
+)
 from tl_degen.basis_set import BasisSet, model_probe
 from tl_degen.checkpoint import FitCheckpoint
 from tl_degen.closed_form import accumulate_jacobian_gram, recognise
 from tl_degen.distributed import Shards, tokens_digest, weights_digest
-from tl_degen.errors import DataError, TLDegenError
+from tl_degen.errors import AmbiguousRankWarning, DataError, TLDegenError
 from tl_degen.memory import auto_batch_size
 from tl_degen.model_state import prepared
 from tl_degen.sections import integration_rule
@@ -217,7 +226,7 @@ def fit_bases(
         settings = {"method": method, "center": center, "threshold": str(threshold),
                     "integration": integration, "n_alpha": len(alphas),
                     "dtype": str(dtype), "n_probes": n_probes, "probe_groups": probe_groups,
-                    "seed": seed, "closed_form": closed_form}
+                    "seed": seed, "closed_form": closed_form, "statistics": "qr"}
         fingerprint = {"sites": [s.name for s in site_list], "n_pos": n_pos,
                        "backend": adapter.backend, "settings": settings}
         if shards.active or checkpoint is not None:
@@ -261,9 +270,11 @@ def fit_bases(
                 next_C = None if site.kind == "logits" else bases[site].C
                 continue
             constant_first = center and site.has_constant
-            wh = whiten(mean, gram, center=center, has_constant=site.has_constant,
-                        threshold=threshold)
-            dropped = Dropped(activation=wh.n_dropped, activation_cutoff=wh.cutoff)
+            wh = whiten(mean, acc.factor(center), center=center, has_constant=site.has_constant,
+                        threshold=threshold, invariant_cut=method == "lib",
+                        eps=torch.finfo(work_dtype).eps)
+            dropped = Dropped(activation=wh.n_dropped, activation_cutoff=wh.cutoff,
+                              activation_gap=wh.gap)
             if method == "pca":
                 bases[site] = InteractionBasis(
                     site=site, method="pca", C=wh.W, C_pinv=wh.W_pinv, eigenvalues=wh.eigenvalues,
@@ -299,21 +310,32 @@ def fit_bases(
                     run.advance(stage)
             total = GramAccumulator(acc.d, name=site.name, device=adapter.device)
             total._sum, (total.count,) = shards.sum(jac._sum), shards.sum_ints([jac.count])
+            total._R.copy_(shards.stack(jac._R))
             error = None if n_probes is None else 0.0
             est = StochasticEstimate([shards.sum(g) for g in estimate]) if estimate else None
             if est is not None and any(g.any() for g in est.groups):  # some batch was probed
                 total.add_matrix(est.value)
                 error = float(est.standard_error.norm()
                               / (total.value * total.count).norm().clamp_min(1e-300))
-            C, C_pinv, lam, lam_all, n_drop, cut = lib_rotation(
-                wh, total.value, constant_first=constant_first, threshold=threshold)
-            dropped.jacobian, dropped.jacobian_cutoff = n_drop, cut
+            C, C_pinv, lam, lam_all, n_drop, cut, gap = lib_rotation(
+                wh, *total.parts(), constant_first=constant_first, threshold=threshold)
+            dropped.jacobian, dropped.jacobian_cutoff, dropped.jacobian_gap = n_drop, cut, gap
             bases[site] = InteractionBasis(
                 site=site, method="lib", C=C, C_pinv=C_pinv, eigenvalues=lam, mean=mean,
                 gram=gram, gram_eigenvalues=wh.all_eigenvalues, dropped=dropped, center=center,
                 n_samples=n_samples, lambda_all=lam_all, jacobian_gram_error=error)
             next_C = C
     run.finish()
+    ambiguous = [f"{s.name} ({bases[s].dropped.gap:.2g}×)" for s in site_list
+                 if bases[s].dropped.ambiguous]
+    if ambiguous and shards.rank == 0:
+        warnings.warn(
+            f"no spectral gap at the cut of {', '.join(ambiguous)}: the eigenvalues on the two "
+            f"sides of the threshold ({threshold}) lie within a factor {AMBIGUOUS_GAP:g} of "
+            "each other, so the number of kept directions there depends on the threshold, not "
+            "only on the model and the data, and so do the Λ of the sites before it "
+            "(bases[site].dropped.gap). A threshold in a gap of bases[site].lambda_all makes "
+            "the rank a property of the model and the data", AmbiguousRankWarning, stacklevel=2)
 
     config = {"method": method, "center": center, "threshold": str(threshold),
               "threshold_value": threshold.value, "threshold_mode": threshold.mode,
@@ -358,6 +380,7 @@ class _FitRun:
                                     has_constant=s.has_constant, device=adapter.device)
             self._restore(f"moments.{i}.mean", acc._mean)
             self._restore(f"moments.{i}.m2", acc._m2)
+            self._restore(f"moments.{i}.R", acc._R)
             count = self._restore(f"moments.{i}.count", torch.zeros(1, dtype=torch.int64))
             acc.count = int(count)
             accs.append(acc)
@@ -368,6 +391,7 @@ class _FitRun:
                               ) -> tuple[GramAccumulator, list[Tensor]]:
         jac = GramAccumulator(d, name=self.sites[idx].name, device=device)
         self._restore(f"jacobian.{idx}.sum", jac._sum)
+        self._restore(f"jacobian.{idx}.R", jac._R)
         jac.count = int(self._restore(f"jacobian.{idx}.count", torch.zeros(1, dtype=torch.int64)))
         groups = [self._restore(f"jacobian.{idx}.probes.{g}",
                                 torch.zeros(d, d, dtype=torch.float64, device=device))
