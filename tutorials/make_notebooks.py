@@ -233,7 +233,7 @@ print(report)'''),
                "spans fewer dimensions than it has). Type 2: visited directions nothing reads. "
                "Now split one neuron into two identical halves — the function is unchanged, "
                "but the MLP gains a redundant unit."),
-        ("code", '''split = reparam.split_neuron(model, layer=0)
+        ("code", '''split = reparam.split_neuron(model)
 after = tl_degen.degeneracy_report(split, tokens, sites)
 print(after.table())
 print("new co-firing groups:", [g for g in after.layer(0).cofiring_groups
