@@ -230,4 +230,4 @@ def test_lib_patching_is_invariant_and_neuron_patching_is_not(small, name):
     else:
         assert neuron["patching_change"] > 1e-2, neuron
         assert rep.worst("lib") < 1e-6 < rep.worst("neuron")
-    assert "patching change" in repr(rep)
+    assert "patching" in repr(rep) and "LIB targets" in repr(rep)

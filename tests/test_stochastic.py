@@ -52,11 +52,13 @@ def test_fit_and_graph_with_probes(setting):
     exact = tl_degen.fit_bases(model, tokens, sites, progress=False)
     approx = tl_degen.fit_bases(model, tokens, sites, n_probes=256, probe_groups=8,
                                 progress=False)
-    for s in sites[:2]:
-        err = approx[s].jacobian_gram_error
-        assert 0 < err < 0.2
+    errs = [approx[s].jacobian_gram_error for s in sites[:3]]
+    assert all(0 < e < 0.2 for e in errs), errs
+    for i, s in enumerate(sites[:2]):
+        # a site's Λ carry its own estimate's error and, through the next site's estimated
+        # basis, the error of every estimate downstream
         lam, lam2 = exact[s].eigenvalues[:4], approx[s].eigenvalues[:4]
-        assert ((lam2 - lam).abs() / lam).max() < 5 * err + 1e-12
+        assert ((lam2 - lam).abs() / lam).max() < 5 * sum(errs[i:]) + 1e-12
     assert "stochastic M′" in repr(approx)
     g_exact = tl_degen.interaction_graph(model, tokens, exact, progress=False)
     g_est = tl_degen.interaction_graph(model, tokens, exact, n_probes=128, probe_groups=8,

@@ -44,15 +44,20 @@ def cut_gap(values: Tensor, keep: Tensor, cutoff: float) -> float:
 class Threshold:
     """Which eigenvalues count as zero (DESIGN.md §4 step 10).
 
-    ``Threshold.relative(1e-13)`` (the default) drops eigenvalues below ``1e-13 ×`` the
-    largest one at that stage; ``Threshold.absolute(1e-15)`` drops those below ``1e-15`` (the
-    reference implementation's setting, which cuts inside the float64 noise floor). A bare
-    float passed to :func:`tl_degen.fit_bases` means relative.
+    For LIB the threshold acts on Λ, whose values do not depend on how a site is
+    parameterised: ``Threshold.relative(1e-13)`` (the default) drops Λ below ``1e-13 ×`` the
+    largest, ``Threshold.absolute(1e-15)`` below ``1e-15`` (the reference implementation's
+    value). LIB's activation stage drops only directions null to working precision
+    (:func:`numerical_null_cutoff`), whatever the threshold: any other activation cut moves
+    under a reparameterisation (docs: "Precision and the cut"). PCA, which has no Λ, applies
+    the threshold to the Gram eigenvalues. A bare float passed to :func:`tl_degen.fit_bases`
+    means relative.
 
     Examples:
         >>> bases = tl_degen.fit_bases(model, tokens, ["resid_pre.0", "logits:last"],
         ...                            threshold=tl_degen.Threshold.absolute(1e-15))
-        >>> bases["resid_pre.0"].dropped.activation_cutoff  # 1e-15
+        >>> bases["resid_pre.0"].dropped.jacobian_cutoff  # 1e-15
+        >>> bases["resid_pre.0"].dropped.gap  # smallest kept / largest dropped eigenvalue
     """
 
     value: float = 1e-13

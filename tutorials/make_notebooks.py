@@ -57,6 +57,8 @@ def notebook(name: str, title: str, intro: str, cells: list[tuple[str, str]]) ->
                 new_code_cell(INSTALL.format(repo=REPO))]
     for kind, text in cells:
         nb.cells.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes only what changed
+        cell["id"] = f"{Path(name).stem[:2]}-{i:02d}"
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     nbformat.write(nb, str(HERE / name))
