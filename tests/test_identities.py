@@ -5,6 +5,8 @@ vector-Jacobian products and closed forms the package uses."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -92,3 +94,36 @@ def test_fit_is_independent_of_batch_size():
         assert a[s].k == b[s].k
         lam = b[s].eigenvalues
         assert ((a[s].eigenvalues - lam).abs() <= 1e-8 * lam.max()).all(), s
+
+
+def test_cut_gap_and_ambiguity():
+    from tl_degen.basis import AMBIGUOUS_GAP, Dropped, cut_gap, numerical_null_cutoff
+
+    v = torch.tensor([10.0, 1.0, 0.5, 1e-9, 1e-10], dtype=torch.float64)
+    keep = v > 1e-3
+    assert cut_gap(v, keep, 1e-3) == pytest.approx(0.5 / 1e-9)
+    assert cut_gap(v, v > 0.7, 0.7) == pytest.approx(2.0)  # 1.0 kept, 0.5 dropped
+    assert cut_gap(v, torch.ones(5, dtype=torch.bool), 1e-12) == pytest.approx(100.0)
+    assert cut_gap(v, torch.ones(5, dtype=torch.bool), 0.0) == float("inf")
+    assert not Dropped(activation_gap=1e9, jacobian_gap=AMBIGUOUS_GAP).ambiguous
+    d = Dropped(jacobian=3, activation_gap=1e9, jacobian_gap=1.3)
+    assert d.ambiguous and d.gap == 1.3 and "rank ambiguous" in str(d)
+    assert numerical_null_cutoff(v, 4, 1e-16) == pytest.approx((4e-16) ** 2 * 10)
+
+
+def test_fit_warns_where_the_cut_has_no_gap():
+    """Λ of the unembedding's input decays without a gap on random data: a relative threshold
+    in the middle of it warns, one below every Λ does not."""
+    model = M.build("native_relu")
+    tokens = M.random_tokens(24, 6)
+    sites = ["resid_post.1:last", "logits:last"]
+    lam = tl_degen.fit_bases(model, tokens, sites, threshold=0.0, progress=False)[
+        "resid_post.1:last"].lambda_all[1:]
+    middle = float((lam[len(lam) // 2] * lam[len(lam) // 2 + 1]).sqrt() / lam.max())
+    with pytest.warns(tl_degen.AmbiguousRankWarning, match="resid_post.1:last"):
+        b = tl_degen.fit_bases(model, tokens, sites, threshold=middle, progress=False)
+    assert b["resid_post.1:last"].dropped.ambiguous
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tl_degen.AmbiguousRankWarning)
+        b = tl_degen.fit_bases(model, tokens, sites, threshold=0.0, progress=False)
+    assert not b["resid_post.1:last"].dropped.ambiguous

@@ -74,3 +74,71 @@ def test_errors():
         acc.update(bad)
     with pytest.raises(NonFiniteError, match="Jacobians"):
         GramAccumulator(3).add_rows(torch.full((2, 3), float("inf")))
+
+
+# ---------------------------------------------------------------- square-root factors
+def _known_spectrum(n=4000, d=12, decades=7, seed=0):
+    """Rows whose centered scatter has singular values 1 … 10^-decades exactly (per √n):
+    an orthogonal Q (n×d, orthogonal to the ones vector), a diagonal, a rotation."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    a -= a.mean(0)
+    q = torch.linalg.qr(a).Q * n**0.5
+    sv = torch.logspace(0, -decades, d, dtype=torch.float64)
+    rot = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+    rows = q * sv @ rot.T + 3.0  # a mean far from zero, as activations have
+    return torch.cat([rows, torch.ones(n, 1, dtype=torch.float64)], 1), sv**2
+
+
+@pytest.mark.parametrize("batch_size", [97, 4000])
+def test_factor_keeps_small_eigenvalues_the_gram_loses(batch_size):
+    """Eigenvalues down to 1e-14 of the largest: from the factor within 1e-6 relative, from the
+    formed Gram off by ~1e-3 (the issue's figure), a closed-form spectrum."""
+    x, exact = _known_spectrum()
+    acc = MomentAccumulator(x.shape[1])
+    for chunk in x.split(batch_size):
+        acc.update(chunk)
+    F = acc.factor()
+    torch.testing.assert_close(F.T @ F, acc.gram(), rtol=0, atol=1e-13)
+    from_factor = torch.linalg.svdvals(F[:, :-1]) ** 2
+    from_gram = torch.linalg.eigvalsh(acc.gram()[:-1, :-1]).flip(0).abs()
+    rel = lambda v: ((v - exact) / exact).abs()  # noqa: E731
+    assert rel(from_factor).max() < 1e-6, rel(from_factor)
+    # what squaring the condition number costs (measured 1e-3 at 1e-14 of the largest)
+    assert rel(from_gram)[-1] > max(1e-4, 100 * rel(from_factor)[-1])
+
+
+def test_factor_merges_like_the_moments():
+    x = _data()
+    whole, a, b = (MomentAccumulator(x.shape[-1]) for _ in range(3))
+    whole.update(x)
+    a.update(x[:300])
+    b.update(x[300:])
+    a.merge(b)
+    for center in (True, False):
+        Fw, Fm = whole.factor(center), a.factor(center)
+        torch.testing.assert_close(Fm.T @ Fm, Fw.T @ Fw, rtol=0, atol=1e-10)
+        torch.testing.assert_close(Fw.T @ Fw, whole.gram(center), rtol=0, atol=1e-10)
+
+
+def test_gram_accumulator_keeps_rows_as_a_factor_and_blocks_as_a_gram():
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(700, 6, generator=g, dtype=torch.float64)
+    block = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    block = block @ block.T
+    acc = GramAccumulator(6)
+    acc.add_rows(rows)
+    acc.add_count(10)
+    F, G = acc.parts()
+    assert G is None
+    torch.testing.assert_close(F.T @ F, rows.T @ rows / 10, rtol=1e-12, atol=1e-12)
+    acc.add_matrix(block)
+    F, G = acc.parts()
+    torch.testing.assert_close(G, block / 10)
+    torch.testing.assert_close(acc.value, (rows.T @ rows + block) / 10, rtol=1e-12, atol=1e-12)
+    other = GramAccumulator(6)
+    other.add_rows(rows[:5])
+    other.add_count(1)
+    acc.merge(other)
+    torch.testing.assert_close(acc.value * 11, rows.T @ rows + rows[:5].T @ rows[:5] + block,
+                               rtol=1e-12, atol=1e-10)
