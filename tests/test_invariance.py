@@ -25,6 +25,10 @@ from tests import models as M
 from tl_degen import reparam
 from tl_degen.toy import modadd
 
+#: the built-in reparameterisations rebuild native bridges on TransformerLens 4 and
+#: HookedTransformers on 3.x
+LOAD = modadd.load_hooked_transformer if M.HAS_HOOKED_TRANSFORMER else modadd.load_bridge
+LN_ARCH = "hooked_transformer" if M.HAS_HOOKED_TRANSFORMER else "native_ln_gelu"
 MODADD_SITES = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
                 "logits:last"]
 
@@ -45,7 +49,7 @@ def assert_invariant(rep: tl_degen.InvarianceReport) -> None:
 
 @pytest.fixture(scope="module")
 def shipped():
-    model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
+    model = LOAD(modadd.load_state_dict(), dtype=torch.float64)
     return model, modadd.tokens_for(modadd.train_test_split()[0][:1500])
 
 
@@ -68,8 +72,8 @@ def test_lib_is_invariant_on_modadd(name, shipped):
 
 def test_lib_is_invariant_on_the_reference_checkpoint(reference_dir):
     """The reference implementation's own checkpoint, 1500 training pairs."""
-    model = modadd.load_bridge(modadd.load_state_dict(reference_dir / "model.safetensors"),
-                               dtype=torch.float64)
+    model = LOAD(modadd.load_state_dict(reference_dir / "model.safetensors"),
+                 dtype=torch.float64)
     tokens = modadd.tokens_for(modadd.train_test_split()[0][:1500])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tl_degen.AmbiguousRankWarning)
@@ -103,10 +107,10 @@ LN_CASES = {"permuted neurons": reparam.permute_neurons, "split neuron": reparam
 
 @pytest.mark.parametrize("name", list(LN_CASES))
 def test_lib_is_invariant_on_a_gelu_layernorm_model(name):
-    model = M.build("native_ln_gelu")
+    model = M.build(LN_ARCH)
     tokens = M.random_tokens(48, 6)
     clean, corrupted = M.random_tokens(8, 6, seed=5), M.random_tokens(8, 6, seed=6)
-    rep = tl_degen.check_invariance(model, tokens, M.mid_sites("native_ln_gelu"), LN_CASES[name],
+    rep = tl_degen.check_invariance(model, tokens, M.mid_sites(LN_ARCH), LN_CASES[name],
                                     methods=("lib",), clean_tokens=clean,
                                     corrupted_tokens=corrupted,
                                     metric=lambda logits: logits[:, -1, 0].mean(), progress=False)

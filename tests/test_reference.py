@@ -164,9 +164,12 @@ def test_lib_resid_pre_end_to_end(lib, setting, reference_dir):
     departure = float(rel[:tail].max())
     assert departure < 2e-2
 
+    from tests.models import HAS_HOOKED_TRANSFORMER
+
     _, tokens = setting
-    model = modadd.load_bridge(modadd.load_state_dict(reference_dir / "model.safetensors"),
-                               dtype=torch.float64)  # exact reparameterisations need float64
+    loader = modadd.load_hooked_transformer if HAS_HOOKED_TRANSFORMER else modadd.load_bridge
+    model = loader(modadd.load_state_dict(reference_dir / "model.safetensors"),
+                   dtype=torch.float64)  # exact reparameterisations need float64
     other = reparam.rescale_neurons(reparam.change_residual_basis(model, seed=1),
                                     seed=2)
 

@@ -102,16 +102,18 @@ def autograd_pullbacks(
         y = adapter.run(tokens, read=out_site, write=(in_site, leaf))
         graphs.append((leaf, y))
     _, n_out, d_out = graphs[0][1].shape
-    basis = (torch.eye(d_out, dtype=x.dtype, device=x.device) if out_basis is None
-             else out_basis.to(x.dtype))
-    k = basis.shape[1]
+    basis = None if out_basis is None else out_basis.to(x.dtype)
+    k = d_out if basis is None else basis.shape[1]
     rows = list(range(n_in))
     for t in range(n_out):
         for start in range(0, k, chunk):
             dirs = torch.arange(start, min(k, start + chunk), device=x.device)
             m = len(dirs)
             grad_out = torch.zeros(m, n, n_out, d_out, dtype=x.dtype, device=x.device)
-            grad_out[:, :, t, :] = basis[:, dirs].T[:, None, :]
+            if basis is None:  # raw outputs: one-hot rows, never a [d_out, d_out] identity
+                grad_out[torch.arange(m, device=x.device), :, t, dirs] = 1.0
+            else:
+                grad_out[:, :, t, :] = basis[:, dirs].T[:, None, :]
             total = None
             for (leaf, y), w in zip(graphs, weights):
                 if m == 1:

@@ -87,16 +87,18 @@ def estimate_jacobian_gram(
     per_group = _check(n_probes, n_groups)
     graphs = _graphs(adapter, tokens, in_site, out_site, x, alphas)
     y = graphs[0][1]
-    d_out = y.shape[-1]
-    C = (torch.eye(d_out, dtype=x.dtype, device=x.device) if out_basis is None
-         else out_basis.to(x.dtype))
+    # raw outputs (the logits, d_out up to a vocabulary) are probed directly: never a
+    # [d_out, d_out] identity
+    C = None if out_basis is None else out_basis.to(x.dtype)
+    k = y.shape[-1] if C is None else C.shape[1]
     groups = []
     for _ in range(n_groups):
         acc = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
         for _ in range(per_group):
-            r = torch.randint(0, 2, (*y.shape[:2], C.shape[1]), generator=generator,
+            r = torch.randint(0, 2, (*y.shape[:2], k), generator=generator,
                               device="cpu").to(x.device, x.dtype) * 2 - 1
-            g = _pullback(graphs, weights, r @ C.T).reshape(-1, x.shape[-1]).double()
+            g = _pullback(graphs, weights, r if C is None else r @ C.T).reshape(
+                -1, x.shape[-1]).double()
             acc += g.T @ g
         groups.append(acc / per_group)
     return StochasticEstimate(groups)
@@ -113,17 +115,20 @@ def estimate_edge_squares(
     per_group = _check(n_probes, n_groups)
     graphs = _graphs(adapter, tokens, in_site, out_site, x_eval, alphas)
     y = graphs[0][1]
-    C = (torch.eye(y.shape[-1], dtype=x_eval.dtype, device=x_eval.device) if out_basis is None
-         else out_basis.to(x_eval.dtype))
+    C = None if out_basis is None else out_basis.to(x_eval.dtype)
+    k = y.shape[-1] if C is None else C.shape[1]
     groups = []
     for _ in range(n_groups):
-        acc = torch.zeros(C.shape[1], C_pinv.shape[0], dtype=torch.float64,
-                          device=x_eval.device)
+        acc = torch.zeros(k, C_pinv.shape[0], dtype=torch.float64, device=x_eval.device)
         for _ in range(per_group):
             r = torch.randint(0, 2, y.shape[:2], generator=generator,
                               device="cpu").to(x_eval.device, x_eval.dtype) * 2 - 1
-            for i in range(C.shape[1]):
-                grad_out = r[..., None] * C[:, i]
+            for i in range(k):
+                if C is None:  # raw output i: a one-hot column
+                    grad_out = torch.zeros_like(y)
+                    grad_out[..., i] = r
+                else:
+                    grad_out = r[..., None] * C[:, i]
                 g = _pullback(graphs, weights, grad_out).double()  # [b, P_in, d]
                 A = torch.einsum("bsd,jd,bsj->bj", g, C_pinv, h)
                 acc[i] += (A * A).sum(0)

@@ -1,0 +1,84 @@
+"""Benchmark: LIB bases and graph on a GPT-2-small-shaped language model (issue 16).
+
+The tutorial-3 setting: a 12-layer GPT-2-small-shaped ``TransformerBridge`` (d_model 768,
+vocab 50257, random weights: they cost the same to analyse as trained ones), ``--prompts``
+prompts × ``--tokens`` tokens, sites ``resid_pre.1, resid_mid.1, resid_post.1:last,
+resid_post.2:last``, ``n_probes`` random probes, the model in ``--dtype`` (accumulation is
+float64 whatever it is). Prints, per stage, wall time and peak RSS, and in the same run the
+time of one plain forward + backward pass of the model over the same tokens (the baseline the
+fit is measured against) and the machine's matmul rates.
+
+    python benchmarks/bench_lm.py [--prompts 48] [--tokens 12] [--probes 32] [--no-graph]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+from _lm import gpt2_small_shaped, word_tokens
+from _machine import machine_line, peak_rss_mib
+
+import tl_degen
+
+SITES = ["resid_pre.1", "resid_mid.1", "resid_post.1:last", "resid_post.2:last"]
+
+
+def forward_backward_seconds(model, tokens: torch.Tensor, repeats: int = 3) -> float:
+    """Best of ``repeats``: the model's forward pass on ``tokens`` and one backward pass of
+    the summed logits to the embedding weights."""
+    best = float("inf")
+    for _ in range(repeats):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        model(tokens).sum().backward()
+        best = min(best, time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--tokens", type=int, default=12)
+    parser.add_argument("--probes", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--no-graph", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", tl_degen.AmbiguousRankWarning)
+    dtype = getattr(torch, args.dtype)
+    print(machine_line())
+    model = gpt2_small_shaped().to(dtype)
+    tokens = word_tokens(args.prompts, args.tokens)
+    print(f"GPT-2-small-shaped bridge, {args.prompts} prompts x {args.tokens} tokens, model in "
+          f"{args.dtype}, n_probes={args.probes}, batch size {args.batch_size}, sites {SITES}")
+    base = forward_backward_seconds(model, tokens)
+    print(f"baseline: one forward + backward pass over the tokens  {base:8.2f} s")
+    start = time.perf_counter()
+    bases = tl_degen.fit_bases(model, tokens, SITES, n_probes=args.probes, dtype=dtype,
+                               batch_size=args.batch_size, progress=False)
+    fit = time.perf_counter() - start
+    errors = ", ".join(f"{s.name} {bases[s].jacobian_gram_error:.1%}" for s in bases.sites)
+    print(f"fit_bases                                              {fit:8.2f} s "
+          f"({fit / base:.0f}x baseline)   peak RSS {peak_rss_mib():.0f} MiB")
+    print(f"  kept {[bases[s].k for s in bases.sites]}; relative SE of M′: {errors}")
+    if args.no_graph:
+        return
+    start = time.perf_counter()
+    graph = tl_degen.interaction_graph(model, tokens, bases, n_probes=args.probes, dtype=dtype,
+                                       batch_size=args.batch_size, progress=True)
+    seconds = time.perf_counter() - start
+    print(f"interaction_graph                                      {seconds:8.2f} s "
+          f"({seconds / base:.0f}x baseline)   peak RSS {peak_rss_mib():.0f} MiB")
+    print("  relative SE of the edges: "
+          + ", ".join(f"{a.name}->{b.name} {e:.1%}" for (a, b), e in graph.errors.items()))
+    print(f"bases + graph {fit + seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
