@@ -420,6 +420,20 @@ class InteractionGraph:
 
         return graph_html(self, standalone=False)
 
+    def to_circuit_tracer(self, folder: str | os.PathLike, *, slug: str = "tl-degen",
+                          **kwargs) -> Path:
+        """Write the graph for circuit-tracer's frontend (and Neuronpedia): ``folder/<slug>.json``
+        in its graph format, listed in ``folder/graph-metadata.json``. Keyword arguments
+        (``labels``, ``modules``, ``top_nodes``, ``prompt_tokens``, …) and the mapping of
+        sites, directions and modules: :mod:`tl_degen.viz.circuit_tracer`.
+
+        Examples:
+            >>> graph.prune(mass=0.99).to_circuit_tracer("ct_graphs", slug="modadd")
+        """
+        from tl_degen.viz.circuit_tracer import save_circuit_tracer
+
+        return save_circuit_tracer(self, folder, slug=slug, **kwargs)
+
 
 def _bases_digest(bases: BasisSet) -> str:
     """A digest of every basis matrix (ranks must hold the same bases)."""

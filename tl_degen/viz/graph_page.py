@@ -175,20 +175,31 @@ def _drawn_edges(graph, max_edges: int):
     return out, nonzero
 
 
-def _circuit_nodes(graph, site, top_nodes: int, importance) -> list[int]:
-    """The site's ``top_nodes`` most important directions (constant node excluded): by
-    ``|importance[site]|`` when given, else by Λ."""
+def direction_scores(graph, site, importance):
+    """How important each direction of ``site`` is: ``|importance[site.name]|`` when given
+    (one value per direction), else ``|Λ|``; a float64 ``[k]`` tensor on the CPU."""
     b = graph.bases[site]
-    const_j = graph.constant_node(site)
     if importance is not None and site.name in importance:
         score = importance[site.name].detach().double().abs().cpu()
         if score.shape != (b.k,):
             raise TLDegenError(f"importance[{site.name!r}] has shape {tuple(score.shape)}; "
                                f"give one value per direction ({b.k})")
-    else:
-        score = b.eigenvalues.double().abs().cpu()
-    order = [int(j) for j in score.argsort(descending=True) if int(j) != const_j]
-    return order[:top_nodes]
+        return score
+    return b.eigenvalues.double().abs().cpu()
+
+
+def ranked_directions(graph, site, importance) -> list[int]:
+    """The site's directions, most important first (:func:`direction_scores`), the constant
+    node left out."""
+    const_j = graph.constant_node(site)
+    score = direction_scores(graph, site, importance)
+    return [int(j) for j in score.argsort(descending=True) if int(j) != const_j]
+
+
+def _circuit_nodes(graph, site, top_nodes: int, importance) -> list[int]:
+    """The site's ``top_nodes`` most important directions (constant node excluded): by
+    ``|importance[site]|`` when given, else by Λ."""
+    return ranked_directions(graph, site, importance)[:top_nodes]
 
 
 def circuit_svg(graph, *, top_nodes: int = 8, labels: dict[str, str] | None = None,
