@@ -155,11 +155,9 @@ def npm_file(name: str, member: str) -> bytes:
         return tar.extractfile(member).read()
 
 
-@pytest.fixture(scope="module")
-def frontend(tmp_path_factory):
-    """circuit-tracer's frontend folder, its CDN scripts pointing to local copies."""
+def build_frontend(out: Path) -> Path:
+    """circuit-tracer's frontend folder at ``out``, its CDN scripts pointing to local copies."""
     wheel = circuit_tracer_wheel()
-    out = tmp_path_factory.mktemp("ct") / "assets"
     if wheel is None:
         spec = importlib.util.find_spec("circuit_tracer")
         shutil.copytree(Path(spec.submodule_search_locations[0]) / "frontend" / "assets", out)
@@ -184,6 +182,11 @@ def frontend(tmp_path_factory):
             text = text.replace(tag, f"<script src='./lib/{n}.js'></script>")
     index.write_text(text, encoding="utf-8")
     return out
+
+
+@pytest.fixture(scope="module")
+def frontend(tmp_path_factory):
+    return build_frontend(tmp_path_factory.mktemp("ct") / "assets")
 
 
 @pytest.fixture(scope="module")

@@ -193,7 +193,7 @@ def circuit_tracer_json(
             if len(members) < 2:
                 continue
             # the frontend URI-decodes the supernodes it reads back: no bare "%" in labels
-            first = labels.get(members[0], members[0]).replace("%", "\uff05")
+            first = labels.get(members[0], members[0]).replace("%", " pct")
             supernodes.append([f"module {m}: {first}", *(ids[n] for n in members)])
     meta = {
         "slug": slug,
