@@ -20,16 +20,29 @@ from tl_degen.sites import Site
 from tl_degen.toy import modadd
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not "
-                                   "installed (apt-get install chromium; .ci/run does)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
-         "--hide-scrollbars", "--virtual-time-budget=4000"]
+needs_browser = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)",
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--proxy-server=127.0.0.1:9",
+    "--proxy-bypass-list=<-loopback>",
+    "--hide-scrollbars",
+    "--virtual-time-budget=4000",
+]
 
 
 def dump_dom(page: Path, fragment: str = "") -> str:
-    out = subprocess.run([CHROMIUM, *FLAGS, "--dump-dom", page.resolve().as_uri() + fragment],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [CHROMIUM, *FLAGS, "--dump-dom", page.resolve().as_uri() + fragment],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -38,8 +51,18 @@ def screenshot_is_not_blank(page: Path, tmp_path: Path, size: str = "1300,900") 
     import matplotlib.image as mpimg
 
     shot = tmp_path / f"{page.stem}.png"
-    subprocess.run([CHROMIUM, *FLAGS, f"--window-size={size}", f"--screenshot={shot}",
-                    page.resolve().as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            CHROMIUM,
+            *FLAGS,
+            f"--window-size={size}",
+            f"--screenshot={shot}",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     img = torch.from_numpy(mpimg.imread(str(shot)))[..., :3]
     colours = torch.unique((img * 255).round().reshape(-1, 3), dim=0)
     assert img.std() > 0.02 and len(colours) > 20, (float(img.std()), len(colours))
@@ -60,11 +83,13 @@ def test_graph_page_renders_offline_with_every_node_and_edge(small_graph, tmp_pa
     model, bases, graph = small_graph
     pruned = graph.prune(top_k=3)
     labels = {graph.node_name(s, 1): f"label of {s.name}" for s in graph.sites}
-    page = viz.save_graph_page(pruned, tmp_path / "graph.html", labels=labels,
-                               modules=pruned.modules())
+    page = viz.save_graph_page(
+        pruned, tmp_path / "graph.html", labels=labels, modules=pruned.modules()
+    )
     assert page.stat().st_size < 5 * 2**20
-    assert not re.search(r'(src|href)="https?:|url\(https?:|import\s.*https?:',
-                         page.read_text())  # nothing fetched (the SVG namespace is a name)
+    assert not re.search(
+        r'(src|href)="https?:|url\(https?:|import\s.*https?:', page.read_text()
+    )  # nothing fetched (the SVG namespace is a name)
     dom = dump_dom(page)
     n_nodes = sum(bases[s].k for s in graph.sites)
     n_edges = sum(pruned.n_edges().values())
@@ -75,8 +100,9 @@ def test_graph_page_renders_offline_with_every_node_and_edge(small_graph, tmp_pa
     assert len(re.findall(r"<title>[^<]*Λ=", dom)) == n_nodes
     # hovering a node (opened through a #node= link) shows its details and strongest edges
     node = graph.node_name(graph.sites[1], 1)
-    tip = re.search(r'<div class="tip"[^>]*>(.*?)</div>', dump_dom(page, "#node=" + node),
-                    re.S).group(1)
+    tip = re.search(
+        r'<div class="tip"[^>]*>(.*?)</div>', dump_dom(page, "#node=" + node), re.S
+    ).group(1)
     text = html.unescape(tip)
     assert "resid_mid.0:last / direction 1" in text and "Λ =" in text
     assert "label of resid_mid.0:last" in text and "strongest in:" in text
@@ -91,30 +117,44 @@ def test_graph_page_opens_on_a_readable_circuit_without_scripts(small_graph, tmp
     click away."""
     _, bases, graph = small_graph
     pruned = graph.prune(mass=0.99)
-    labels = {graph.node_name(s, j): f"L{s.name}/{j}" for s in graph.sites
-              for j in range(bases[s].k)}
+    labels = {
+        graph.node_name(s, j): f"L{s.name}/{j}" for s in graph.sites for j in range(bases[s].k)
+    }
     attr = torch.zeros(bases["resid_mid.0:last"].k)
     attr[[5, 2, 9]] = torch.tensor([-3.0, 2.0, 1.0])  # ranks by |importance|: 5, 2, 9
-    page = viz.save_graph_page(pruned, tmp_path / "g.html", labels=labels, top_nodes=3,
-                               importance={"resid_mid.0:last": attr})
+    page = viz.save_graph_page(
+        pruned,
+        tmp_path / "g.html",
+        labels=labels,
+        top_nodes=3,
+        importance={"resid_mid.0:last": attr},
+    )
     source, dom = page.read_text(), dump_dom(page)
-    chosen = {s: [int(j) for j in bases[s].eigenvalues.abs().argsort(descending=True)
-                  if j != graph.constant_node(s)][:3] for s in graph.sites}  # by Λ
+    chosen = {
+        s: [
+            int(j)
+            for j in bases[s].eigenvalues.abs().argsort(descending=True)
+            if j != graph.constant_node(s)
+        ][:3]
+        for s in graph.sites
+    }  # by Λ
     chosen[Site.parse("resid_mid.0:last")] = [5, 2, 9]
     drawn = re.findall(r'<circle class="cnode"[^>]*data-id="([^"]+)"', dom)
     assert drawn == re.findall(r'<circle class="cnode"[^>]*data-id="([^"]+)"', source)
     assert drawn == [graph.node_name(s, j) for s in graph.sites for j in chosen[s]]
     for nid in drawn:  # labels are visible text, not only hover titles
-        assert re.search(rf'<text class="clabel"[^>]*>#\d+ {re.escape(html.escape(labels[nid]))}<',
-                         dom), nid
-    expected = sum(int((pruned.edges[(a, b)][chosen[b]][:, chosen[a]] > 0).sum())
-                   for a, b in pruned.pairs())
+        assert re.search(
+            rf'<text class="clabel"[^>]*>#\d+ {re.escape(html.escape(labels[nid]))}<', dom
+        ), nid
+    expected = sum(
+        int((pruned.edges[(a, b)][chosen[b]][:, chosen[a]] > 0).sum()) for a, b in pruned.pairs()
+    )
     assert len(re.findall(r'<line class="cedge"', dom)) == expected > 0
     assert re.search(r'<details class="tld-all">', dom)  # closed
     assert len(re.findall(r'<circle class="node"', dom)) == sum(bases[s].k for s in graph.sites)
     opened = dump_dom(page, "#node=" + graph.node_name(graph.sites[1], 1))
     assert re.search(r'<details class="tld-all" open', opened)
-    circuit = source[source.index('<div class="tld-circuit"'):source.index("<details")]
+    circuit = source[source.index('<div class="tld-circuit"') : source.index("<details")]
     assert "hidden" not in re.sub(r"<(style|script)>.*?</\1>", "", circuit, flags=re.S)
     screenshot_is_not_blank(page, tmp_path)
     with pytest.raises(tl_degen.TLDegenError, match="one value per direction"):
@@ -133,9 +173,43 @@ def test_top_token_labels_name_the_tokens_where_a_direction_peaks(tokenizer_dir)
     vals = viz.direction_values(model, tokens, bases[site], [1])[:, 0, 0]  # last position
     first = model.tokenizer.decode([int(tokens[int(vals.argmax()), -1])])
     assert labels[f"{site}/1"].startswith(f"↑ {first!r}")
-    html_text = viz.graph_html(tl_degen.interaction_graph(model, tokens, bases, progress=False),
-                               labels=labels, top_nodes=3)
+    html_text = viz.graph_html(
+        tl_degen.interaction_graph(model, tokens, bases, progress=False), labels=labels, top_nodes=3
+    )
     assert html.escape(labels[f"{site}/1"]) in html_text
+
+
+def test_circuit_view_defaults_to_top_8_by_lambda_with_widths_growing_with_strength(small_graph):
+    _, bases, graph = small_graph
+    pruned = graph.prune(mass=0.99)
+    text = viz.graph_html(pruned)  # defaults: top_nodes=8, ranked by Λ
+    circuit = text[text.index('<div class="tld-circuit"') : text.index("<details")]
+    top = {
+        s: [
+            int(j)
+            for j in bases[s].eigenvalues.abs().argsort(descending=True)
+            if j != graph.constant_node(s)
+        ][:8]
+        for s in graph.sites
+    }
+    drawn = re.findall(r'<circle class="cnode"[^>]*data-id="([^"]+)"', circuit)
+    assert drawn == [graph.node_name(s, j) for s in graph.sites for j in top[s]]
+    assert len(drawn) == 8 * len(graph.sites) < sum(bases[s].k for s in graph.sites)
+    edges = re.findall(
+        r'<line class="cedge"[^>]*stroke-width="([\d.]+)" stroke-opacity="([\d.]+)" '
+        r'data-s="([^"]+)" data-t="([^"]+)"',
+        circuit,
+    )
+    assert edges
+    for a, b in pruned.pairs():  # within a layer pair, width and opacity grow with strength
+        E = pruned.edges[(a, b)]
+        rows = sorted(
+            (float(E[int(t.split("/")[-1]), int(s_.split("/")[-1])]), float(w), float(o))
+            for w, o, s_, t in edges
+            if s_.startswith(a.name + "/") and t.startswith(b.name + "/")
+        )
+        assert rows and rows[-1][1] == 6.0  # the strongest edge of the pair: the widest
+        assert all(r[1] <= q[1] and r[2] <= q[2] for r, q in zip(rows, rows[1:]))
 
 
 def test_graph_page_draws_at_most_max_edges(small_graph):
@@ -161,7 +235,8 @@ def test_demo_report_renders_offline(demo_report, tmp_path):
     graph = tl_degen.InteractionGraph.load(demo_report / "graph.safetensors").prune(mass=0.99)
     dom = dump_dom(index)
     assert len(re.findall(r'<circle class="node', dom)) == sum(
-        graph.bases[s].k for s in graph.sites)
+        graph.bases[s].k for s in graph.sites
+    )
     assert len(re.findall(r'<line class="edge', dom)) == sum(graph.n_edges().values())
     assert len(re.findall(r'<svg[^>]*class="tld-plot"', dom)) == 7  # 4 spectra, 2 ablation, 1 mass
     for heading in ("Patching", "Degeneracy", "Modules", "Spectra", "Token view"):
@@ -179,8 +254,7 @@ def test_token_view_renders_offline(demo_report, tmp_path):
     assert "/>" not in re.sub(r"<script.*?</script>", "", raw, flags=re.S).replace("<br/>", "")
     dom = dump_dom(page)
     # both circuitsvis views rendered (React fills their containers), with our tokens
-    containers = re.findall(r'<div id="circuits-vis-[^"]*"[^>]*>(.*?)</div>\s*<script', dom,
-                            re.S)
+    containers = re.findall(r'<div id="circuits-vis-[^"]*"[^>]*>(.*?)</div>\s*<script', dom, re.S)
     assert len(containers) == 2 and all(len(c) > 200 for c in containers)
     assert dom.count(">=<") >= 5  # the '=' token of the shown sequences
     screenshot_is_not_blank(page, tmp_path, "900,700")
@@ -197,10 +271,12 @@ def test_fourier_content_finds_planted_frequencies():
     p = 113
     a = torch.arange(p, dtype=torch.float64)[:, None]
     b = torch.arange(p, dtype=torch.float64)[None, :]
-    cases = {"a+b: k=14 (100%)": torch.cos(2 * torch.pi * 14 * (a + b) / p),
-             "a: k=5 (100%)": torch.sin(2 * torch.pi * 5 * a / p).expand(p, p),
-             "b: k=40 (100%)": torch.cos(2 * torch.pi * 40 * b / p + 0.3).expand(p, p),
-             "(k_a,k_b)=(3,7) (100%)": torch.cos(2 * torch.pi * (3 * a + 7 * b) / p)}
+    cases = {
+        "a+b: k=14 (100%)": torch.cos(2 * torch.pi * 14 * (a + b) / p),
+        "a: k=5 (100%)": torch.sin(2 * torch.pi * 5 * a / p).expand(p, p),
+        "b: k=40 (100%)": torch.cos(2 * torch.pi * 40 * b / p + 0.3).expand(p, p),
+        "(k_a,k_b)=(3,7) (100%)": torch.cos(2 * torch.pi * (3 * a + 7 * b) / p),
+    }
     grids = torch.stack(list(cases.values()))
     power, tops = viz.fourier_content(grids)
     assert torch.allclose(power.sum((-1, -2)), torch.ones(4, dtype=torch.float64))
@@ -210,8 +286,13 @@ def test_fourier_content_finds_planted_frequencies():
 
 def test_plots_save_html_and_png(small_graph, tmp_path):
     model, bases, graph = small_graph
-    pca = tl_degen.fit_bases(model, modadd.tokens_for(modadd.train_test_split()[0][:600]),
-                             ["resid_mid.0:last", "logits:last"], method="pca", progress=False)
+    pca = tl_degen.fit_bases(
+        model,
+        modadd.tokens_for(modadd.train_test_split()[0][:600]),
+        ["resid_mid.0:last", "logits:last"],
+        method="pca",
+        progress=False,
+    )
     plot = viz.spectrum_plot({"LIB": bases, "PCA": pca}, "resid_mid.0:last")
     names = [s.name for s in plot.series]
     assert any(n.startswith("LIB kept") for n in names)
@@ -235,18 +316,28 @@ def tick_labels(plot, axis: str) -> list[str]:
     ax = fig.axes[0]
     lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
     ticks = ax.yaxis if axis == "y" else ax.xaxis
-    return [t.get_text() for t, v in zip(ticks.get_ticklabels(), ticks.get_ticklocs())
-            if lo <= v <= hi]
+    return [
+        t.get_text() for t, v in zip(ticks.get_ticklabels(), ticks.get_ticklocs()) if lo <= v <= hi
+    ]
 
 
 def test_plots_have_decade_and_round_ticks_and_hover_titles():
-    spectrum = viz.Plot("Spectrum", "direction", "Λ", logy=True, series=[
-        viz.Series("LIB", list(range(1, 6)), [3.2e5, 4.1e3, 2.0e0, 5e-3, 1e-6])])
+    spectrum = viz.Plot(
+        "Spectrum",
+        "direction",
+        "Λ",
+        logy=True,
+        series=[viz.Series("LIB", list(range(1, 6)), [3.2e5, 4.1e3, 2.0e0, 5e-3, 1e-6])],
+    )
     labels = tick_labels(spectrum, "y")
     assert len(labels) >= 3
     assert all(re.fullmatch(r"\$\\mathdefault\{10\^\{[−-]?\d+\}\}\$", t) for t in labels), labels
-    curve = viz.Plot("Ablation", "kept", "accuracy", series=[
-        viz.Series("LIB", [0, 10, 20, 113], [0.2364, 0.5042, 0.7719, 0.99])])
+    curve = viz.Plot(
+        "Ablation",
+        "kept",
+        "accuracy",
+        series=[viz.Series("LIB", [0, 10, 20, 113], [0.2364, 0.5042, 0.7719, 0.99])],
+    )
     labels = tick_labels(curve, "y")
     assert len(labels) >= 3
     for t in labels:  # round numbers: at most two significant digits
@@ -255,8 +346,9 @@ def test_plots_have_decade_and_round_ticks_and_hover_titles():
     svg = spectrum.to_svg()
     assert svg.startswith('<svg class="tld-plot"') and "<script" not in svg
     titles = re.findall(r"<title>(.*?)</title>", svg)
-    assert titles == [f"LIB: x={x}, y={y:.6g}" for x, y in
-                      zip(range(1, 6), [3.2e5, 4.1e3, 2.0e0, 5e-3, 1e-6])]
+    assert titles == [
+        f"LIB: x={x}, y={y:.6g}" for x, y in zip(range(1, 6), [3.2e5, 4.1e3, 2.0e0, 5e-3, 1e-6])
+    ]
     with pytest.raises(tl_degen.TLDegenError, match="no data"):
         viz.Plot("empty", "x", "y", logy=True, series=[viz.Series("a", [1], [0.0])]).to_svg()
 
@@ -264,62 +356,199 @@ def test_plots_have_decade_and_round_ticks_and_hover_titles():
 def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, tokenizer_dir):
     sd = modadd.load_state_dict()
     torch.save(sd, tmp_path / "model.pt")
-    cfg = {"d_model": 128, "n_heads": 4, "d_head": 32, "d_mlp": 512, "n_layers": 1,
-           "n_ctx": 3, "d_vocab": 114, "act_fn": "relu", "normalization_type": None}
+    cfg = {
+        "d_model": 128,
+        "n_heads": 4,
+        "d_head": 32,
+        "d_mlp": 512,
+        "n_layers": 1,
+        "n_ctx": 3,
+        "d_vocab": 114,
+        "act_fn": "relu",
+        "normalization_type": None,
+    }
     if not M.HAS_HOOKED_TRANSFORMER:
         pytest.importorskip("transformer_lens.utilities.tl_checkpoint_conversion")
     (tmp_path / "cfg.json").write_text(__import__("json").dumps(cfg))
     torch.save(modadd.tokens_for(modadd.train_test_split()[0][:300]), tmp_path / "tok.pt")
-    common = ["--model", str(tmp_path / "model.pt"), "--config", str(tmp_path / "cfg.json"),
-              "--tokens", str(tmp_path / "tok.pt"), "--sites",
-              "resid_mid.0:last,resid_post.0:last,logits:last", "--quiet"]
+    common = [
+        "--model",
+        str(tmp_path / "model.pt"),
+        "--config",
+        str(tmp_path / "cfg.json"),
+        "--tokens",
+        str(tmp_path / "tok.pt"),
+        "--sites",
+        "resid_mid.0:last,resid_post.0:last,logits:last",
+        "--quiet",
+    ]
     assert cli.main(["fit", *common, "--out", str(tmp_path / "b.safetensors")]) == 0
     bases = tl_degen.BasisSet.load(tmp_path / "b.safetensors")
-    assert [s.name for s in bases.sites] == ["resid_mid.0:last", "resid_post.0:last",
-                                             "logits:last"]
+    assert [s.name for s in bases.sites] == ["resid_mid.0:last", "resid_post.0:last", "logits:last"]
     assert cli.main(["graph", *common, "--out", str(tmp_path / "g.safetensors")]) == 0
     assert (tmp_path / "g.html").stat().st_size > 1000
-    assert cli.main(["show", str(tmp_path / "g.safetensors"), "--no-open",
-                     "--out", str(tmp_path / "shown.html")]) == 0
+    assert (
+        cli.main(
+            [
+                "show",
+                str(tmp_path / "g.safetensors"),
+                "--no-open",
+                "--out",
+                str(tmp_path / "shown.html"),
+            ]
+        )
+        == 0
+    )
     assert '<circle class="node' in (tmp_path / "shown.html").read_text()
     # a local Hugging Face folder and a text file of prompts
     from transformers import GPT2Config, GPT2LMHeadModel
 
     hf_dir = tmp_path / "hf"
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=M.VOCAB, n_positions=M.N_CTX, n_embd=16, n_layer=2,
-                               n_head=2, n_inner=24)).save_pretrained(str(hf_dir))
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=M.VOCAB, n_positions=M.N_CTX, n_embd=16, n_layer=2, n_head=2, n_inner=24
+        )
+    ).save_pretrained(str(hf_dir))
     shutil.copytree(tokenizer_dir, hf_dir, dirs_exist_ok=True)
-    (tmp_path / "prompts.txt").write_text("\n".join(
-        " ".join(f"t{(i * 7 + j) % 40}" for j in range(6)) for i in range(20)))
-    assert cli.main(["fit", "--model", str(hf_dir), "--tokens", str(tmp_path / "prompts.txt"),
-                     "--sites", "resid_pre.1,resid_post.1:last,logits:last", "--quiet",
-                     "--out", str(tmp_path / "hf.safetensors")]) == 0
-    assert cli.main(["graph", "--model", str(hf_dir), "--tokens", str(tmp_path / "prompts.txt"),
-                     "--sites", "resid_post.1:last,logits:last", "--quiet", "--top", "4",
-                     "--out", str(tmp_path / "hfg.safetensors")]) == 0
+    (tmp_path / "prompts.txt").write_text(
+        "\n".join(" ".join(f"t{(i * 7 + j) % 40}" for j in range(6)) for i in range(20))
+    )
+    assert (
+        cli.main(
+            [
+                "fit",
+                "--model",
+                str(hf_dir),
+                "--tokens",
+                str(tmp_path / "prompts.txt"),
+                "--sites",
+                "resid_pre.1,resid_post.1:last,logits:last",
+                "--quiet",
+                "--out",
+                str(tmp_path / "hf.safetensors"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "graph",
+                "--model",
+                str(hf_dir),
+                "--tokens",
+                str(tmp_path / "prompts.txt"),
+                "--sites",
+                "resid_post.1:last,logits:last",
+                "--quiet",
+                "--top",
+                "4",
+                "--out",
+                str(tmp_path / "hfg.safetensors"),
+            ]
+        )
+        == 0
+    )
     page = (tmp_path / "hfg.html").read_text()
-    circuit = page[page.index('<div class="tld-circuit"'):page.index("<details")]
+    circuit = page[page.index('<div class="tld-circuit"') : page.index("<details")]
     token_labels = re.findall(r'<text class="clabel"[^>]*>#\d+ ↑ ([^<]+)<', circuit)
     assert len(token_labels) == 4 and all("t" in t for t in token_labels)  # words t0…t39
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["fit", "--model", "{tmp}/model.pt", "--tokens", "{tmp}/tok.pt", "--sites", "logits",
-      "--out", "{tmp}/x.safetensors"], "also give --config"),
-    (["fit", "--model", "modadd", "--tokens", "{tmp}/nope.pt", "--sites", "logits",
-      "--out", "{tmp}/x.safetensors"], "no such tokens file"),
-    (["fit", "--model", "modadd", "--tokens", "{tmp}/tok.csv", "--sites", "logits",
-      "--out", "{tmp}/x.safetensors"], "must be .pt, .safetensors, .npy or .txt"),
-    (["fit", "--model", "modadd", "--tokens", "{tmp}/tok.pt", "--sites",
-      "resid_post.0,resid_pre.0", "--out", "{tmp}/x.safetensors"], "out of forward order"),
-    (["fit", "--model", "{tmp}", "--tokens", "{tmp}/tok.pt", "--sites", "logits",
-      "--out", "{tmp}/x.safetensors"], "has no config.json"),
-    (["show", "{tmp}/missing.safetensors", "--no-open"], "no such file"),
-    (["fit", "--model", "modadd", "--tokens", "{tmp}/tok.pt", "--sites", "logits",
-      "--dtype", "float13", "--out", "{tmp}/x.safetensors"], "is not a torch dtype"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [
+                "fit",
+                "--model",
+                "{tmp}/model.pt",
+                "--tokens",
+                "{tmp}/tok.pt",
+                "--sites",
+                "logits",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "also give --config",
+        ),
+        (
+            [
+                "fit",
+                "--model",
+                "modadd",
+                "--tokens",
+                "{tmp}/nope.pt",
+                "--sites",
+                "logits",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "no such tokens file",
+        ),
+        (
+            [
+                "fit",
+                "--model",
+                "modadd",
+                "--tokens",
+                "{tmp}/tok.csv",
+                "--sites",
+                "logits",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "must be .pt, .safetensors, .npy or .txt",
+        ),
+        (
+            [
+                "fit",
+                "--model",
+                "modadd",
+                "--tokens",
+                "{tmp}/tok.pt",
+                "--sites",
+                "resid_post.0,resid_pre.0",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "out of forward order",
+        ),
+        (
+            [
+                "fit",
+                "--model",
+                "{tmp}",
+                "--tokens",
+                "{tmp}/tok.pt",
+                "--sites",
+                "logits",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "has no config.json",
+        ),
+        (["show", "{tmp}/missing.safetensors", "--no-open"], "no such file"),
+        (
+            [
+                "fit",
+                "--model",
+                "modadd",
+                "--tokens",
+                "{tmp}/tok.pt",
+                "--sites",
+                "logits",
+                "--dtype",
+                "float13",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "is not a torch dtype",
+        ),
+    ],
+)
 def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, argv, message):
     torch.save(torch.zeros(4, 3, dtype=torch.long), tmp_path / "tok.pt")
     (tmp_path / "tok.csv").write_text("1,2,3")

@@ -29,8 +29,22 @@ from tl_degen.errors import TLDegenError
 __all__ = ["graph_html", "circuit_svg", "save_graph_page", "DEFAULT_MAX_EDGES"]
 
 DEFAULT_MAX_EDGES = 3000
-MODULE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-                  "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39"]
+MODULE_COLOURS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+]
 
 _CSS = """
 .tld-graph{font-family:sans-serif;font-size:12px;position:relative;color:#222}
@@ -170,8 +184,7 @@ def _drawn_edges(graph, max_edges: int):
         order = order[:n]
         top = float(flat[order[0]]) if n else 1.0
         width = E.shape[1]
-        out.append((a, b, [(int(o // width), int(o % width), float(flat[o])) for o in order],
-                    top))
+        out.append((a, b, [(int(o // width), int(o % width), float(flat[o])) for o in order], top))
     return out, nonzero
 
 
@@ -182,8 +195,10 @@ def direction_scores(graph, site, importance):
     if importance is not None and site.name in importance:
         score = importance[site.name].detach().double().abs().cpu()
         if score.shape != (b.k,):
-            raise TLDegenError(f"importance[{site.name!r}] has shape {tuple(score.shape)}; "
-                               f"give one value per direction ({b.k})")
+            raise TLDegenError(
+                f"importance[{site.name!r}] has shape {tuple(score.shape)}; "
+                f"give one value per direction ({b.k})"
+            )
         return score
     return b.eigenvalues.double().abs().cpu()
 
@@ -202,8 +217,14 @@ def _circuit_nodes(graph, site, top_nodes: int, importance) -> list[int]:
     return ranked_directions(graph, site, importance)[:top_nodes]
 
 
-def circuit_svg(graph, *, top_nodes: int = 8, labels: dict[str, str] | None = None,
-                importance: dict | None = None, uid: str | None = None) -> str:
+def circuit_svg(
+    graph,
+    *,
+    top_nodes: int = 8,
+    labels: dict[str, str] | None = None,
+    importance: dict | None = None,
+    uid: str | None = None,
+) -> str:
     """The readable circuit: the ``top_nodes`` most important directions of every site (by Λ,
     or by ``|importance[site]|``, e.g. a per-direction attribution), labelled, and the edges
     among them, width and opacity by strength relative to the strongest drawn edge of their
@@ -224,9 +245,11 @@ def circuit_svg(graph, *, top_nodes: int = 8, labels: dict[str, str] | None = No
         x = 20 + col_w * c + 40
         lam = b.eigenvalues.double().abs()
         lmax = float(lam.max()) if len(lam) else 1.0
-        parts.append(f'<text x="{x - 30:.1f}" y="20" font-weight="bold">{html.escape(s.name)}'
-                     f'</text><text x="{x - 30:.1f}" y="35" fill="#666">top {len(chosen[s])} '
-                     f'of {b.k} by {"importance" if importance else "Λ"}</text>')
+        parts.append(
+            f'<text x="{x - 30:.1f}" y="20" font-weight="bold">{html.escape(s.name)}'
+            f'</text><text x="{x - 30:.1f}" y="35" fill="#666">top {len(chosen[s])} '
+            f"of {b.k} by {'importance' if importance else 'Λ'}</text>"
+        )
         for r, j in enumerate(chosen[s]):
             nid = graph.node_name(s, j)
             y = top + row * (r + 0.5)
@@ -239,10 +262,11 @@ def circuit_svg(graph, *, top_nodes: int = 8, labels: dict[str, str] | None = No
                 f'<g data-rank="{r}"><circle class="cnode" cx="{x:.1f}" cy="{y:.1f}" '
                 f'r="{rad:.1f}" fill="{_viridis(1 - r / max(n_max, 1))}" '
                 f'data-id="{html.escape(nid)}"><title>{html.escape(s.name)} / {j}'
-                f'{": " + html.escape(label) if label else ""}; Λ {lj:.4g}</title></circle>'
+                f"{': ' + html.escape(label) if label else ''}; Λ {lj:.4g}</title></circle>"
                 f'<text class="clabel" x="{x + 15:.1f}" y="{y - 2:.1f}">{html.escape(text)}'
                 f'</text><text x="{x + 15:.1f}" y="{y + 11:.1f}" fill="#888" '
-                f'font-size="10">Λ {lj:.3g}</text></g>')
+                f'font-size="10">Λ {lj:.3g}</text></g>'
+            )
     edges = []
     for a, b in graph.pairs():
         E = graph.edges[(a, b)].double().cpu()
@@ -254,26 +278,38 @@ def circuit_svg(graph, *, top_nodes: int = 8, labels: dict[str, str] | None = No
             s_id, t_id = graph.node_name(a, j), graph.node_name(b, i)
             (x1, y1), (x2, y2) = pos[s_id], pos[t_id]
             rel = w / topw
-            edges.append(f'<line class="cedge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" '
-                         f'y2="{y2:.1f}" stroke-width="{0.5 + 5.5 * rel:.2f}" '
-                         f'stroke-opacity="{0.08 + 0.8 * rel:.2f}" data-s="{s_id}" '
-                         f'data-t="{t_id}" data-rs="{rank[s_id]}" data-rt="{rank[t_id]}">'
-                         f'<title>{s_id} → {t_id}: {w:.4g} ({rel:.0%} of the strongest '
-                         'drawn)</title></line>')
-    return (f'<div class="tld-circuit" id="{uid}"><style>{_CSS}</style>'
-            '<div class="controls" style="margin:6px 0">show the top <input class="top-n" '
-            f'type="range" min="1" max="{n_max}" value="{n_max}"> <b class="top-shown">'
-            f'{n_max}</b> directions per site; edge width by strength within its layer pair'
-            f'</div><svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-            f'viewBox="0 0 {W} {H}" font-size="12"><g class="cedges">{"".join(edges)}</g>'
-            f'<g class="cnodes">{"".join(parts)}</g></svg>'
-            f"<script>{_CIRCUIT_JS % {'id': uid}}</script></div>")
+            edges.append(
+                f'<line class="cedge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" '
+                f'y2="{y2:.1f}" stroke-width="{0.5 + 5.5 * rel:.2f}" '
+                f'stroke-opacity="{0.08 + 0.8 * rel:.2f}" data-s="{s_id}" '
+                f'data-t="{t_id}" data-rs="{rank[s_id]}" data-rt="{rank[t_id]}">'
+                f"<title>{s_id} → {t_id}: {w:.4g} ({rel:.0%} of the strongest "
+                "drawn)</title></line>"
+            )
+    return (
+        f'<div class="tld-circuit" id="{uid}"><style>{_CSS}</style>'
+        '<div class="controls" style="margin:6px 0">show the top <input class="top-n" '
+        f'type="range" min="1" max="{n_max}" value="{n_max}"> <b class="top-shown">'
+        f"{n_max}</b> directions per site; edge width by strength within its layer pair"
+        f'</div><svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+        f'viewBox="0 0 {W} {H}" font-size="12"><g class="cedges">{"".join(edges)}</g>'
+        f'<g class="cnodes">{"".join(parts)}</g></svg>'
+        f"<script>{_CIRCUIT_JS % {'id': uid}}</script></div>"
+    )
 
 
-def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
-               max_edges: int = DEFAULT_MAX_EDGES, title: str = "Interaction graph",
-               standalone: bool = True, height: int = 760, top_nodes: int | None = 8,
-               importance: dict | None = None) -> str:
+def graph_html(
+    graph,
+    *,
+    labels: dict[str, str] | None = None,
+    modules=None,
+    max_edges: int = DEFAULT_MAX_EDGES,
+    title: str = "Interaction graph",
+    standalone: bool = True,
+    height: int = 760,
+    top_nodes: int | None = 8,
+    importance: dict | None = None,
+) -> str:
     """The graph as HTML: a complete page (``standalone``) or a ``<div>`` for a notebook.
 
     The page opens on the readable circuit (:func:`circuit_svg`: the ``top_nodes`` most
@@ -320,9 +356,11 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
         const_j = graph.constant_node(s)
         lo = math.log10(max(float(lam[lam > 0].min()) if (lam > 0).any() else 1.0, 1e-300))
         hi = math.log10(max(lmax, 1e-300))
-        node_svg.append(f'<text x="{x:.1f}" y="20" text-anchor="middle" font-weight="bold">'
-                        f'{html.escape(s.name)}</text><text x="{x:.1f}" y="35" '
-                        f'text-anchor="middle" fill="#666">{b.k} directions ({b.method})</text>')
+        node_svg.append(
+            f'<text x="{x:.1f}" y="20" text-anchor="middle" font-weight="bold">'
+            f'{html.escape(s.name)}</text><text x="{x:.1f}" y="35" '
+            f'text-anchor="middle" fill="#666">{b.k} directions ({b.method})</text>'
+        )
         for j in range(b.k):
             nid = graph.node_name(s, j)
             y = top + step * (j + 0.5)
@@ -347,7 +385,8 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
                 f'data-index="{j}" data-lambda="{lj:.6g}" data-const="{int(is_const)}" '
                 f'data-label="{html.escape(label)}"'
                 + (f' data-module="{mod}"' if mod is not None else "")
-                + f"><title>{html.escape(tip)}</title></circle>")
+                + f"><title>{html.escape(tip)}</title></circle>"
+            )
     edge_svg = []
     for a, b, items, topw in drawn:
         const_in = graph.constant_node(a)
@@ -361,37 +400,48 @@ def graph_html(graph, *, labels: dict[str, str] | None = None, modules=None,
                 f'stroke-width="{0.3 + 2.7 * math.sqrt(rel):.2f}" '
                 f'stroke-opacity="{0.04 + 0.66 * rel:.2f}" data-s="{s_id}" '
                 f'data-t="{t_id}" data-w="{w:.4g}" data-q="{(rank + 1) / n:.4f}" '
-                f'data-c="{int(j == const_in)}"/>')
+                f'data-c="{int(j == const_in)}"/>'
+            )
     shown = sum(len(d[2]) for d in drawn)
-    note = (f"{shown} edges drawn" + (f" (the strongest {shown} of {nonzero} nonzero; prune the "
-                                      "graph or raise max_edges for more)"
-                                      if shown < nonzero else ""))
-    body = (f'<div class="tld-graph" id="{uid}"><style>{_CSS}</style>'
-            f'<div class="title" style="font-size:15px;font-weight:bold">{html.escape(title)}'
-            f'</div><div class="note" style="color:#666">{html.escape(note)}; node size √Λ, '
-            f'colour {"module" if membership else "log Λ"}; hover a node for details</div>'
-            '<div class="controls"><label>strongest <input class="prune" type="range" '
-            'min="1" max="100" value="100"> % of edges per layer pair</label>'
-            '<label><input class="hide-const" type="checkbox"> hide constant nodes</label>'
-            '<span class="count"></span></div>'
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
-            f'viewBox="0 0 {W} {height}" font-size="11"><g class="edges">{"".join(edge_svg)}'
-            f'</g><g class="nodes">{"".join(node_svg)}</g></svg><div class="tip"></div>'
-            f"<script>{_JS % {'id': uid}}</script></div>")
+    note = f"{shown} edges drawn" + (
+        f" (the strongest {shown} of {nonzero} nonzero; prune the "
+        "graph or raise max_edges for more)"
+        if shown < nonzero
+        else ""
+    )
+    body = (
+        f'<div class="tld-graph" id="{uid}"><style>{_CSS}</style>'
+        f'<div class="title" style="font-size:15px;font-weight:bold">{html.escape(title)}'
+        f'</div><div class="note" style="color:#666">{html.escape(note)}; node size √Λ, '
+        f"colour {'module' if membership else 'log Λ'}; hover a node for details</div>"
+        '<div class="controls"><label>strongest <input class="prune" type="range" '
+        'min="1" max="100" value="100"> % of edges per layer pair</label>'
+        '<label><input class="hide-const" type="checkbox"> hide constant nodes</label>'
+        '<span class="count"></span></div>'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
+        f'viewBox="0 0 {W} {height}" font-size="11"><g class="edges">{"".join(edge_svg)}'
+        f'</g><g class="nodes">{"".join(node_svg)}</g></svg><div class="tip"></div>'
+        f"<script>{_JS % {'id': uid}}</script></div>"
+    )
     if top_nodes is not None:
         n_nodes = sum(graph.bases[s].k for s in sites)
-        body = (f'<div class="tld-title" style="font:bold 15px sans-serif">'
-                f"{html.escape(title)}</div>"
-                + circuit_svg(graph, top_nodes=top_nodes, labels=labels, importance=importance,
-                              uid=uid + "-c")
-                + f'<details class="tld-all"><summary>The whole graph: {n_nodes} nodes, '
-                f"{shown} edges drawn (hover a node for details)</summary>{body}</details>")
+        body = (
+            f'<div class="tld-title" style="font:bold 15px sans-serif">'
+            f"{html.escape(title)}</div>"
+            + circuit_svg(
+                graph, top_nodes=top_nodes, labels=labels, importance=importance, uid=uid + "-c"
+            )
+            + f'<details class="tld-all"><summary>The whole graph: {n_nodes} nodes, '
+            f"{shown} edges drawn (hover a node for details)</summary>{body}</details>"
+        )
     if not standalone:
         return body
     meta = html.escape(json.dumps(graph.n_edges()))
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><meta name='tl-degen-edges' content='{meta}'>"
-            f"</head><body>{body}</body></html>")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><meta name='tl-degen-edges' content='{meta}'>"
+        f"</head><body>{body}</body></html>"
+    )
 
 
 def save_graph_page(graph, path: str | os.PathLike, **kwargs) -> Path:
