@@ -109,6 +109,18 @@ def test_graph_page_renders_offline_with_every_node_and_edge(small_graph, tmp_pa
     screenshot_is_not_blank(page, tmp_path)
 
 
+def top_by_lambda(graph, n: int) -> dict:
+    """Site → its ``n`` directions of largest |Λ|, the constant node left out."""
+    return {
+        s: [
+            int(j)
+            for j in graph.bases[s].eigenvalues.abs().argsort(descending=True)
+            if j != graph.constant_node(s)
+        ][:n]
+        for s in graph.sites
+    }
+
+
 @needs_browser
 def test_graph_page_opens_on_a_readable_circuit_without_scripts(small_graph, tmp_path):
     """The top directions per site, labelled, and the edges among them, in the page's own
@@ -130,14 +142,7 @@ def test_graph_page_opens_on_a_readable_circuit_without_scripts(small_graph, tmp
         importance={"resid_mid.0:last": attr},
     )
     source, dom = page.read_text(), dump_dom(page)
-    chosen = {
-        s: [
-            int(j)
-            for j in bases[s].eigenvalues.abs().argsort(descending=True)
-            if j != graph.constant_node(s)
-        ][:3]
-        for s in graph.sites
-    }  # by Λ
+    chosen = top_by_lambda(graph, 3)
     chosen[Site.parse("resid_mid.0:last")] = [5, 2, 9]
     drawn = re.findall(r'<circle class="cnode"[^>]*data-id="([^"]+)"', dom)
     assert drawn == re.findall(r'<circle class="cnode"[^>]*data-id="([^"]+)"', source)
@@ -184,14 +189,7 @@ def test_circuit_view_defaults_to_top_8_by_lambda_with_widths_growing_with_stren
     pruned = graph.prune(mass=0.99)
     text = viz.graph_html(pruned)  # defaults: top_nodes=8, ranked by Λ
     circuit = text[text.index('<div class="tld-circuit"') : text.index("<details")]
-    top = {
-        s: [
-            int(j)
-            for j in bases[s].eigenvalues.abs().argsort(descending=True)
-            if j != graph.constant_node(s)
-        ][:8]
-        for s in graph.sites
-    }
+    top = top_by_lambda(graph, 8)
     drawn = re.findall(r'<circle class="cnode"[^>]*data-id="([^"]+)"', circuit)
     assert drawn == [graph.node_name(s, j) for s in graph.sites for j in top[s]]
     assert len(drawn) == 8 * len(graph.sites) < sum(bases[s].k for s in graph.sites)
