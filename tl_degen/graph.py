@@ -35,7 +35,13 @@ from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import token_batches
 from tl_degen.io import save_safetensors_atomic
 from tl_degen.model_state import prepared
-from tl_degen.sections import autograd_pullbacks, integration_rule
+from tl_degen.sections import (
+    EDGE_ROUTES,
+    backward_edge_squares,
+    edge_route,
+    forward_edge_squares,
+    integration_rule,
+)
 from tl_degen.sites import Site
 from tl_degen.stochastic import StochasticEstimate, estimate_edge_squares
 
@@ -59,6 +65,7 @@ def interaction_graph(
     n_probes: int | None = None,
     probe_groups: int = 4,
     seed: int = 0,
+    route: str | None = None,
     distributed: bool | None = None,
 ) -> InteractionGraph:
     """Edges between every pair of consecutive sites of ``bases`` (DESIGN.md §4 step 8).
@@ -76,6 +83,11 @@ def interaction_graph(
         n_probes, probe_groups, seed: estimate the sum over output positions with random ±1
             probes (DESIGN.md §4 step 9) where no closed form applies; the relative standard
             error of each pair's edges is in ``graph.errors``.
+        route: how sections without a closed form are differentiated: ``"forward"`` (one
+            Jacobian-vector product per input direction), ``"backward"`` (one vector-Jacobian
+            product per output position and direction), ``"probes"`` (needs ``n_probes``);
+            ``None`` (default) takes the cheapest, :func:`tl_degen.sections.edge_route`. The
+            routes taken are in ``graph.config["edge_routes"]``.
         distributed: inside a ``torch.distributed`` process group each rank passes its own
             shard of ``tokens``; edge sums are added over ranks and every rank returns the
             graph of all shards (:mod:`tl_degen.distributed`; ``False`` opts out).
@@ -95,6 +107,11 @@ def interaction_graph(
             raise TLDegenError("an interaction graph needs bases of at least two sites")
         bases.check_model(model)
         alphas, weights = integration_rule(integration, n_alpha)
+        if route is not None and route not in EDGE_ROUTES:
+            raise TLDegenError(f"unknown route {route!r}; use one of {', '.join(EDGE_ROUTES)} "
+                               "or None (the cheapest)")
+        if route == "probes" and n_probes is None:
+            raise TLDegenError('route="probes" needs n_probes (e.g. n_probes=64)')
         adapter = get_adapter(model)
         batches = token_batches(tokens, batch_size, adapter)
         n_pos = batches[0].shape[1]
@@ -102,13 +119,14 @@ def interaction_graph(
             s.resolve_positions(n_pos)
         fingerprint = {"sites": [s.name for s in sites], "n_pos": n_pos,
                        "settings": [integration, len(alphas), str(dtype), closed_form,
-                                    n_probes, probe_groups, seed]}
+                                    n_probes, probe_groups, seed, route]}
         if shards.active:
             fingerprint["weights"] = weights_digest(model)
             fingerprint["bases"] = _bases_digest(bases)
     shards.agree("interaction_graph", fingerprint)
     edges: dict[tuple[Site, Site], Tensor] = {}
     errors: dict[tuple[Site, Site], float] = {}
+    edge_routes: dict[str, str] = {}
     generator = torch.Generator().manual_seed(shards.seed(seed))
     with prepared(model, dtype):
         dt = adapter.dtype
@@ -119,6 +137,7 @@ def interaction_graph(
             E = torch.zeros(b_out.k, b_in.k, dtype=torch.float64, device=adapter.device)
             count = 0
             groups = [torch.zeros_like(E) for _ in range(probe_groups if n_probes else 0)]
+            routes: set[str] = set()
             with shards.step(f"interaction_graph ({in_site.name} → {out_site.name})"):
                 for batch in tqdm(batches, desc=f"edges {in_site.name} → {out_site.name}",
                                   disable=not progress):
@@ -131,19 +150,23 @@ def interaction_graph(
                         else None
                     if section is not None:
                         E += section.edge_squares(x_proj, h, C_pinv, out_C, alphas, weights)
-                    elif n_probes is not None:
+                        routes.add("closed form")
+                        continue
+                    k_out = adapter.site_dim(out_site) if out_C is None else out_C.shape[1]
+                    chosen = route or edge_route(
+                        b_in.k, k_out, len(out_site.resolve_positions(n_pos)), n_probes)
+                    routes.add(chosen)
+                    args = (adapter, batch, in_site, out_site, x_proj, h, C_pinv, out_C)
+                    if chosen == "probes":
                         est = estimate_edge_squares(
-                            adapter, batch, in_site, out_site, x_proj, h, C_pinv, out_C,
-                            alphas=alphas, weights=weights, n_probes=n_probes,
+                            *args, alphas=alphas, weights=weights, n_probes=n_probes,
                             n_groups=probe_groups, generator=generator)
                         for g_sum, g in zip(groups, est.groups):
                             g_sum += g
+                    elif chosen == "forward":
+                        E += forward_edge_squares(*args, alphas=alphas, weights=weights)
                     else:
-                        for pb in autograd_pullbacks(adapter, batch, in_site, out_site, x_proj,
-                                                     out_C, alphas=alphas, weights=weights):
-                            g_h = torch.einsum("brdm,jd->brjm", pb.g.double(), C_pinv)
-                            A = torch.einsum("brjm,brj->bmj", g_h, h[pb.samples][:, pb.in_rows])
-                            E.index_add_(0, pb.dirs, (A * A).sum(0))
+                        E += backward_edge_squares(*args, alphas=alphas, weights=weights)
             E = shards.sum(E)
             (count,) = shards.sum_ints([count])
             if n_probes is not None:
@@ -156,10 +179,11 @@ def interaction_graph(
             if not torch.isfinite(E).all():
                 raise DataError(f"NaN/Inf edges between {in_site.name} and {out_site.name}")
             edges[(in_site, out_site)] = (E / count).cpu()
+            edge_routes[f"{in_site.name}->{out_site.name}"] = "+".join(sorted(routes))
     (n_samples,) = shards.sum_ints([sum(b.shape[0] for b in batches)])
     config = {"integration": integration, "n_alpha": len(alphas),
               "n_samples": n_samples, "n_pos": n_pos,
-              "n_probes": n_probes, "seed": seed}
+              "n_probes": n_probes, "seed": seed, "edge_routes": edge_routes}
     graph = InteractionGraph(bases, edges, config=config)
     graph.errors = errors
     return graph

@@ -12,6 +12,19 @@ averaged over ``α·x`` with quadrature weights.
 The model is run forward once per batch and quadrature point; the output directions are then
 pulled back with vector-Jacobian products in chunks (``torch.autograd.grad`` with batched
 grad outputs), so nothing upstream of the input site is recomputed.
+
+Edges (§4 step 8) need ``A[b,t,i,j] = Σ_s ∂F[t,i]/∂h[s,j] · h[s,j]`` for every pair ``(i, j)``.
+Where no closed form applies there are three autograd routes, chosen per section by
+:func:`edge_route` from their cost in passes over the section:
+
+* ``"forward"``: one Jacobian-vector product per *input* direction ``j`` — the tangent
+  ``h[s,j]·C⁺[j,:]`` at every input position — gives ``A[:, :, :, j]`` for every output
+  position and direction at once (``torch.func.jvp`` under ``vmap``, many directions per
+  pass): ``k_in`` products, exact;
+* ``"backward"``: one vector-Jacobian product per output position and direction:
+  ``P_out·k_out`` products, exact;
+* ``"probes"``: random signs over the output positions (:mod:`tl_degen.stochastic`):
+  ``n_probes·k_out`` products, an estimate with its standard error.
 """
 
 from __future__ import annotations
@@ -27,7 +40,10 @@ from tl_degen.adapters.base import Adapter
 from tl_degen.errors import TLDegenError
 from tl_degen.sites import Site
 
-__all__ = ["INTEGRATION_RULES", "integration_rule", "Pullback", "autograd_pullbacks"]
+__all__ = ["INTEGRATION_RULES", "integration_rule", "Pullback", "autograd_pullbacks",
+           "EDGE_ROUTES", "edge_route", "forward_edge_squares", "backward_edge_squares"]
+
+EDGE_ROUTES = ("forward", "backward", "probes")
 
 INTEGRATION_RULES = ("gradient", "trapezoid", "gauss-legendre")
 
@@ -124,3 +140,132 @@ def autograd_pullbacks(
                                                is_grads_batched=True)
                 total = w * g if total is None else total + w * g
             yield Pullback(slice(0, n), rows, t, dirs, total.permute(1, 2, 3, 0))
+
+
+def edge_route(k_in: int, k_out: int, n_out_pos: int, n_probes: int | None) -> str:
+    """The cheapest autograd route for a section's edges (see the module docstring).
+
+    Costs in passes over the section: ``"forward"`` ``k_in`` (a Jacobian-vector product costs
+    about what a vector-Jacobian product does), ``"backward"`` ``n_out_pos·k_out``,
+    ``"probes"`` ``n_probes·k_out``. An exact route wins unless probing costs less than half
+    of it (an estimate is worth taking only when it saves real time).
+
+    Examples:
+        >>> edge_route(k_in=562, k_out=562, n_out_pos=12, n_probes=32)  # attention, all pos
+        'forward'
+        >>> edge_route(k_in=769, k_out=49, n_out_pos=1, n_probes=32)    # to a :last site
+        'backward'
+    """
+    exact = min(("forward", k_in), ("backward", n_out_pos * k_out), key=lambda r: r[1])
+    if n_probes is not None and 2 * n_probes * k_out < exact[1]:
+        return "probes"
+    return exact[0]
+
+
+def _section_bytes(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int,
+                   itemsize: int) -> int:
+    """Rough bytes one sequence's tangent takes through the section (every layer it spans
+    kept several times over, plus the output vector)."""
+    first = in_site.layer or 0
+    last = adapter.n_layers - 1 if out_site.layer is None else out_site.layer
+    per_layer = 16 * adapter.d_model + 4 * (adapter.d_mlp or 0) + 3 * adapter.n_heads * n_pos
+    return itemsize * n_pos * (max(1, last - first + 1) * per_layer
+                               + adapter.site_dim(out_site) + 1)
+
+
+def forward_edge_squares(
+    adapter: Adapter,
+    tokens: Int[Tensor, "batch pos"],
+    in_site: Site,
+    out_site: Site,
+    x_eval: Float[Tensor, "batch n_in d_in"],
+    h: Float[Tensor, "batch n_in k_in"],
+    C_pinv: Float[Tensor, "k_in d_in"],
+    out_basis: Float[Tensor, "d_out k_out"] | None,
+    *,
+    alphas: list[float],
+    weights: list[float],
+    chunk: int | None = None,
+    budget: int | None = None,
+) -> Float[Tensor, "k_out k_in"]:
+    """This batch's exact ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8) by forward-mode autograd.
+
+    For input direction ``j`` the tangent ``V_j[b,s,:] = h[b,s,j]·C⁺[j,:]`` (every input
+    position at once) gives ``J·V_j = A[:, :, :, j]`` (in output coordinates after ``out_basis``)
+    for every output position and direction. ``chunk`` directions share one pass
+    (``torch.func.vmap`` over ``torch.func.jvp``); by default as many as fit ``budget`` bytes
+    (:func:`tl_degen.memory.memory_budget`). Integrated rules add ``w_α·J(α·x)·V_j``.
+
+    Returns:
+        ``[k_out, k_in]`` float64 (``k_out = d_out`` for raw outputs such as the logits).
+    """
+    from torch.func import jvp, vmap
+
+    from tl_degen.memory import memory_budget
+
+    n, n_in, _ = x_eval.shape
+    k_in = h.shape[-1]
+    dt = x_eval.dtype
+    if chunk is None:
+        budget = memory_budget(x_eval.device) if budget is None else budget
+        per = n * _section_bytes(adapter, in_site, out_site, tokens.shape[1],
+                                 torch.finfo(dt).bits // 8)
+        chunk = int(max(1, min(k_in, budget // max(per, 1))))
+    basis = None if out_basis is None else out_basis.to(dt)
+    Cp = C_pinv.to(dt)
+    hd = h.to(dt)
+    E = None
+    for start in range(0, k_in, chunk):
+        stop = min(k_in, start + chunk)
+        V = hd[..., start:stop].permute(2, 0, 1)[..., None] * Cp[start:stop, None, None, :]
+        A = None
+        for alpha, w in zip(alphas, weights):
+            primal = (alpha * x_eval).detach()
+
+            def section(z):
+                return adapter.run(tokens, read=out_site, write=(in_site, z))
+
+            def push(v):
+                return jvp(section, (primal,), (v,))[1]
+
+            Y = vmap(push)(V)  # [m, b, P_out, d_out]
+            if basis is not None:
+                Y = Y @ basis
+            A = w * Y if A is None else A + w * Y
+        A = A.double()
+        block = torch.einsum("mbti,mbti->im", A, A)
+        if E is None:
+            E = torch.zeros(block.shape[0], k_in, dtype=torch.float64, device=x_eval.device)
+        E[:, start:stop] = block
+    return E
+
+
+def backward_edge_squares(
+    adapter: Adapter,
+    tokens: Int[Tensor, "batch pos"],
+    in_site: Site,
+    out_site: Site,
+    x_eval: Float[Tensor, "batch n_in d_in"],
+    h: Float[Tensor, "batch n_in k_in"],
+    C_pinv: Float[Tensor, "k_in d_in"],
+    out_basis: Float[Tensor, "d_out k_out"] | None,
+    *,
+    alphas: list[float],
+    weights: list[float],
+) -> Float[Tensor, "k_out k_in"]:
+    """This batch's exact ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8): one vector-Jacobian product
+    per output position and direction (:func:`autograd_pullbacks`).
+
+    Returns:
+        ``[k_out, k_in]`` float64.
+    """
+    E = None
+    for pb in autograd_pullbacks(adapter, tokens, in_site, out_site, x_eval, out_basis,
+                                 alphas=alphas, weights=weights):
+        if E is None:
+            k_out = adapter.site_dim(out_site) if out_basis is None else out_basis.shape[1]
+            E = torch.zeros(k_out, h.shape[-1], dtype=torch.float64, device=x_eval.device)
+        g_h = torch.einsum("brdm,jd->brjm", pb.g.double(), C_pinv.double())
+        A = torch.einsum("brjm,brj->bmj", g_h, h[pb.samples][:, pb.in_rows].double())
+        E.index_add_(0, pb.dirs, (A * A).sum(0))
+    return E

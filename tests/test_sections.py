@@ -1,0 +1,105 @@
+"""Sections without a closed form: the three autograd routes for edges (forward-mode per
+input direction, backward per output direction, random probes) agree, on every architecture
+of ``tests/models.py`` (DESIGN.md §4 step 8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tl_degen
+from tests import models as M
+from tl_degen.sections import edge_route
+
+# rotary embeddings are computed in float32 inside the Hugging Face Llama/NeoX models,
+# whatever the model's dtype, so their Jacobians agree to float32 rounding only
+TOL = {"llama": 1e-6, "neox": 1e-6}
+
+
+def _graphs(model, sites, tokens, **kwargs):
+    bases = tl_degen.fit_bases(model, tokens, sites, progress=False)
+    return {r: tl_degen.interaction_graph(model, tokens, bases, closed_form=False, route=r,
+                                          progress=False, **kwargs)
+            for r in ("forward", "backward")}
+
+
+def test_forward_and_backward_routes_agree(arch, model):
+    sites = M.mid_sites(arch)
+    graphs = _graphs(model, sites, M.random_tokens(12, 6))
+    tol = TOL.get(arch, 1e-10)
+    for pair, E in graphs["backward"].edges.items():
+        F = graphs["forward"].edges[pair]
+        assert E.abs().max() > 0
+        assert float((F - E).abs().max() / E.abs().max()) < tol, pair
+    routes = graphs["forward"].config["edge_routes"]
+    assert set(routes.values()) == {"forward"}, routes
+
+
+@pytest.mark.filterwarnings("ignore::tl_degen.AmbiguousRankWarning")
+def test_routes_agree_with_the_closed_forms_and_integration():
+    """The modadd sections all have closed forms: both autograd routes reproduce them, with
+    an integrated-gradients rule too (α-weighted tangents)."""
+    from tl_degen.toy import modadd
+
+    model = modadd.load_bridge(modadd.load_state_dict())
+    tokens = modadd.tokens_for(modadd.all_pairs()[::97])
+    sites = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
+             "logits:last"]
+    bases = tl_degen.fit_bases(model, tokens, sites, progress=False)
+    for kw in ({}, {"integration": "gauss-legendre", "n_alpha": 3}):
+        ref = tl_degen.interaction_graph(model, tokens, bases, progress=False, **kw)
+        for r in ("forward", "backward"):
+            g = tl_degen.interaction_graph(model, tokens, bases, closed_form=False, route=r,
+                                           progress=False, **kw)
+            for pair, E in ref.edges.items():
+                err = float((g.edges[pair] - E).abs().max() / E.abs().max())
+                assert err < 1e-10, (r, kw, pair, err)
+
+
+def test_forward_route_in_chunks_and_batches(tokenizer_dir):
+    """Chunks of input directions per pass and batches of sequences add up to the same."""
+    from tl_degen.adapters import get_adapter
+    from tl_degen.sections import forward_edge_squares
+
+    model = M.build("gpt2", tokenizer_dir)
+    tokens = M.random_tokens(10, 6)
+    bases = tl_degen.fit_bases(model, tokens, ["resid_pre.1", "resid_mid.1"], progress=False)
+    a, b = bases.sites
+    adapter = get_adapter(model)
+    (x,) = adapter.read_sites(tokens, [a])
+    h = x @ bases[a].C
+    args = (adapter, tokens, a, b, h @ bases[a].C_pinv, h, bases[a].C_pinv, bases[b].C)
+    whole = forward_edge_squares(*args, alphas=[1.0], weights=[1.0], chunk=bases[a].k)
+    for chunk in (1, 5):
+        torch.testing.assert_close(
+            forward_edge_squares(*args, alphas=[1.0], weights=[1.0], chunk=chunk), whole,
+            rtol=1e-12, atol=0)
+    # a tiny memory budget means one direction per pass, same result
+    torch.testing.assert_close(
+        forward_edge_squares(*args, alphas=[1.0], weights=[1.0], budget=1), whole,
+        rtol=1e-12, atol=0)
+    halves = sum(forward_edge_squares(adapter, t, a, b, (hh @ bases[a].C_pinv), hh,
+                                      bases[a].C_pinv, bases[b].C, alphas=[1.0], weights=[1.0])
+                 for t, hh in ((tokens[:4], h[:4]), (tokens[4:], h[4:])))
+    torch.testing.assert_close(halves, whole, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("k_in,k_out,n_out_pos,n_probes,expected", [
+    (562, 562, 12, 32, "forward"),      # tutorial 3: attention, every position
+    (769, 49, 1, 32, "backward"),       # into a :last site: one output position
+    (50, 50257, 1, None, "forward"),    # into raw logits: never 50257 pullbacks
+    (769, 8, 128, 2, "probes"),         # few output directions, many positions, few probes
+    (769, 8, 128, None, "forward"),
+])
+def test_edge_route_takes_the_cheapest(k_in, k_out, n_out_pos, n_probes, expected):
+    assert edge_route(k_in, k_out, n_out_pos, n_probes) == expected
+
+
+def test_route_argument_is_checked(tokenizer_dir):
+    model = M.build("gpt2", tokenizer_dir)
+    tokens = M.random_tokens(4, 6)
+    bases = tl_degen.fit_bases(model, tokens, ["resid_pre.1", "resid_mid.1"], progress=False)
+    with pytest.raises(tl_degen.TLDegenError, match="unknown route"):
+        tl_degen.interaction_graph(model, tokens, bases, route="sideways", progress=False)
+    with pytest.raises(tl_degen.TLDegenError, match="needs n_probes"):
+        tl_degen.interaction_graph(model, tokens, bases, route="probes", progress=False)
