@@ -41,7 +41,8 @@ CASES = [
     (TOKENS[0], ["resid_pre.0"], {}, DataError, r"expected \[batch, pos\]"),
     (TOKENS + 100, ["resid_pre.0"], {}, DataError, r"must lie in \[0, 40\)"),
     (torch.zeros(2, 9, dtype=torch.long), ["resid_pre.0"], {}, DataError, "exceed .* n_ctx=8"),
-    ([TOKENS, TOKENS[:, :3]], ["resid_pre.0"], {}, DataError, "different lengths"),
+    # batches of different lengths are fine, unless a site names a position one lacks
+    ([TOKENS, TOKENS[:, :3]], ["resid_pre.0:4"], {}, SiteError, "out of range"),
     (TOKENS, ["resid_pre.0"], {"method": "ica"}, TLDegenError, "unknown method 'ica'"),
     (TOKENS, ["resid_pre.0"], {"integration": "simpson"}, TLDegenError, "unknown integration"),
     (TOKENS, ["resid_pre.0"], {"batch_size": 0}, DataError, "batch_size must be"),

@@ -410,7 +410,8 @@ def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, to
     ).save_pretrained(str(hf_dir))
     shutil.copytree(tokenizer_dir, hf_dir, dirs_exist_ok=True)
     (tmp_path / "prompts.txt").write_text(
-        "\n".join(" ".join(f"t{(i * 7 + j) % 40}" for j in range(6)) for i in range(20))
+        # prompts of 4 to 6 words: each keeps its own length (no cutting, no padding)
+        "\n".join(" ".join(f"t{(i * 7 + j) % 10}" for j in range(4 + i % 3)) for i in range(20))
     )
     assert (
         cli.main(

@@ -21,7 +21,7 @@ from tl_degen.basis_set import BasisSet
 from tl_degen.closed_form import recognise
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import DataError, TLDegenError
-from tl_degen.fitting import token_batches
+from tl_degen.fitting import check_positions, token_batches
 from tl_degen.model_state import prepared
 from tl_degen.sites import Site
 
@@ -109,6 +109,8 @@ def _batched_metric(model, tokens, batch_size, labels, metric, position):
     n_local = sum(b.shape[0] for b in batches)
     if labels is not None and labels.shape[0] != n_local:
         raise DataError(f"labels has {labels.shape[0]} entries for {n_local} sequences")
+    if labels is not None and batches.order is not None:  # prompts regrouped by length
+        labels = labels[batches.order.to(labels.device)]
     return adapter, batches, n_local, make_metric(metric, labels, position)
 
 
@@ -164,8 +166,8 @@ def ablation_curve(
             raise TLDegenError(f"n_kept must be non-negative, got {n_kept}")
         adapter, batches, n_local, fn = _batched_metric(model, tokens, batch_size, labels,
                                                         metric, position)
-        site.resolve_positions(batches[0].shape[1])
-        fingerprint = {"site": site.name, "n_kept": n_kept, "n_pos": batches[0].shape[1],
+        check_positions(site, batches)
+        fingerprint = {"site": site.name, "n_kept": n_kept,
                        "position": position, "dtype": str(dtype),
                        "metric": metric if isinstance(metric, str) else "function"}
         if shards.active:
@@ -303,7 +305,7 @@ def edge_ablation(
         fingerprint = {"pairs": [f"{a.name}->{b.name}" for a, b in chosen],
                        "n_edges": None if n_edges is None else [int(k) for k in n_edges],
                        "tolerance": tolerance, "upper": upper, "position": position,
-                       "n_pos": batches[0].shape[1], "dtype": str(dtype),
+                       "dtype": str(dtype),
                        "metric": metric if isinstance(metric, str) else "function"}
         if shards.active:
             fingerprint["weights"] = weights_digest(model)

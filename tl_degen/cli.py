@@ -17,7 +17,8 @@ reduced across processes, and rank 0 alone writes the output file, atomically.
 HookedTransformer state dict (``.pt``/``.safetensors``) with ``--config cfg.json``, or a
 TransformerLens model name (downloaded by TransformerLens; needs the network). ``--tokens``
 is a ``[batch, pos]`` integer tensor file (``.pt``, ``.safetensors``, ``.npy``) or a text
-file with one prompt per line (tokenized with the model's tokenizer, cut to the shortest).
+file with one prompt per line (tokenized with the model's tokenizer; prompts keep their own
+lengths: no padding enters a statistic and ``:last`` is each prompt's last token).
 """
 
 from __future__ import annotations
@@ -280,8 +281,9 @@ def _load_tensors(path: Path) -> dict:
     return obj
 
 
-def load_tokens(spec: str, model) -> torch.Tensor:
-    """``[batch, pos]`` token ids from ``--tokens`` (see the module docstring)."""
+def load_tokens(spec: str, model) -> torch.Tensor | list[torch.Tensor]:
+    """``[batch, pos]`` token ids from ``--tokens``, or for a text file one 1-D tensor per
+    prompt, each of its own length (see the module docstring)."""
     path = Path(spec)
     if not path.exists():
         raise ArgumentError(f"no such tokens file {spec!r}")
@@ -305,10 +307,10 @@ def load_tokens(spec: str, model) -> torch.Tensor:
         if tok is None:
             raise ArgumentError("this model has no tokenizer; give token ids (.pt/.npy)")
         ids = [tok(ln)["input_ids"] for ln in lines]
-        n = min(len(i) for i in ids)
-        if n == 0:
+        if min(len(i) for i in ids) == 0:
             raise ArgumentError(f"{path} has a line that tokenizes to nothing")
-        t = torch.tensor([i[:n] for i in ids])
+        # whole prompts, of their own lengths (fit_bases groups them by length)
+        return [torch.tensor(i) for i in ids]
     else:
         raise ArgumentError(f"tokens must be .pt, .safetensors, .npy or .txt, not "
                             f"{path.suffix!r}")
@@ -355,13 +357,16 @@ class _Launch:
                 dist.barrier()
             dist.destroy_process_group()
 
-    def shard(self, tokens: torch.Tensor) -> torch.Tensor:
+    def shard(self, tokens: torch.Tensor | list[torch.Tensor]):
         """This rank's rows of ``tokens`` (contiguous, as equal as the count allows)."""
         if self.world <= 1:
             return tokens
-        if tokens.shape[0] < self.world:
-            raise ArgumentError(f"{tokens.shape[0]} sequences cannot be shared by {self.world} "
+        if len(tokens) < self.world:
+            raise ArgumentError(f"{len(tokens)} sequences cannot be shared by {self.world} "
                                 "processes; give at least one sequence per process")
+        if isinstance(tokens, list):
+            bounds = torch.arange(len(tokens)).tensor_split(self.world)[self.rank]
+            return tokens[int(bounds[0]):int(bounds[-1]) + 1]
         return tokens.tensor_split(self.world)[self.rank]
 
     def say(self, *lines: str) -> None:

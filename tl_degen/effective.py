@@ -345,6 +345,9 @@ def effective_parameters(
 
     adapter = get_adapter(model)
     batches = token_batches(tokens, 1 << 30, adapter)
+    if len({b.shape[1] for b in batches}) > 1:
+        raise DataError("effective_parameters needs prompts of one length (its loss compares "
+                        "fixed positions); pass a [batch, pos] tensor")
     data = torch.cat(batches)
     n = data.shape[0]
     if n < 2:

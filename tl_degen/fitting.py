@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -38,51 +38,48 @@ from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import GramAccumulator, MomentAccumulator
 from tl_degen.stochastic import StochasticEstimate, estimate_jacobian_gram
 
-__all__ = ["fit_bases", "site_activations", "token_batches"]
+__all__ = ["fit_bases", "site_activations", "token_batches", "check_positions"]
 
 
 def token_batches(
-    tokens: Tensor | Iterable[Tensor], batch_size: int | None, adapter: Adapter
+    tokens: Tensor | Iterable[Tensor] | Mapping[str, Tensor], batch_size: int | None,
+    adapter: Adapter,
 ) -> list[Int[Tensor, "batch pos"]]:
     """Validate tokens and split them into batches on the model's device.
 
-    ``batch_size=None`` takes as many sequences as fit the memory budget
-    (:func:`tl_degen.memory.auto_batch_size`).
+    ``tokens`` is one of
 
-    ``tokens`` is a ``[batch, pos]`` integer tensor or an iterable of such tensors (all of the
-    same length). Raises :class:`~tl_degen.errors.DataError` on anything else.
+    * a ``[batch, pos]`` integer tensor (or a numpy array, or a nested list of equal rows);
+    * an iterable of such tensors (their lengths may differ);
+    * a list of 1-D sequences of different lengths (prompts tokenized one by one);
+    * a mapping with ``"input_ids"`` and ``"attention_mask"``, both ``[batch, pos]`` (what a
+      Hugging Face tokenizer returns with ``padding=True``; either padding side): the padded
+      positions are removed.
+
+    Sequences of different lengths are grouped by length (in order of first appearance), so
+    no batch holds padding: every statistic runs over real tokens only, and a site's ``:last``
+    is each prompt's last real token. For a causal model this is exactly what the model
+    computes on each prompt alone.
+
+    ``batch_size=None`` takes as many sequences as fit the memory budget
+    (:func:`tl_degen.memory.auto_batch_size`). Raises :class:`~tl_degen.errors.DataError` on
+    anything else.
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise DataError(f"batch_size must be a positive integer or None (from the memory "
                         f"budget, tl_degen.memory), got {batch_size!r}")
-    if not isinstance(tokens, Tensor) and hasattr(tokens, "__array__") or (
-            isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], (list, tuple))
-            and tokens[0] and isinstance(tokens[0][0], int)):
-        try:  # a numpy array or a nested list of ids: one [batch, pos] tensor
-            tokens = torch.as_tensor(tokens)
-        except (TypeError, ValueError):
-            raise DataError("tokens must be a [batch, pos] array of integer ids") from None
-    if isinstance(tokens, Tensor):
-        chunks = [tokens]
-        if tokens.dim() == 2 and tokens.shape[0] == 0:
-            chunks = []
-    elif isinstance(tokens, Iterable) and not isinstance(tokens, (str, bytes)):
-        chunks = []
-        for t in tokens:
-            t = torch.as_tensor(t)
-            chunks.append(t)
-    else:
-        raise DataError(f"tokens must be a [batch, pos] tensor or an iterable of them, got "
-                        f"{type(tokens).__name__}")
+    chunks, order = _token_chunks(tokens)
     if not chunks:
         raise DataError("no tokens: pass at least one sequence ([batch, pos] tensor)")
-    if batch_size is None:
-        width = max((t.shape[1] for t in chunks if t.dim() == 2), default=adapter.n_ctx)
-        batch_size = auto_batch_size(adapter, min(max(width, 1), adapter.n_ctx))
-    chunks = [piece for t in chunks for piece in (t.split(batch_size) if t.dim() == 2 else [t])]
+    sizes = {}
+    for t in chunks:
+        if t.dim() == 2 and t.shape[1] not in sizes:
+            width = min(max(t.shape[1], 1), adapter.n_ctx)
+            sizes[t.shape[1]] = batch_size or auto_batch_size(adapter, width)
+    chunks = [piece for t in chunks
+              for piece in (t.split(sizes[t.shape[1]]) if t.dim() == 2 else [t])]
     if not chunks:
         raise DataError("no tokens: pass at least one sequence ([batch, pos] tensor)")
-    n_pos = None
     out = []
     for i, t in enumerate(chunks):
         if t.dim() != 2:
@@ -93,31 +90,111 @@ def token_batches(
                             "tokenize text first (model.to_tokens(...))")
         if t.shape[0] == 0 or t.shape[1] == 0:
             continue
-        if n_pos is None:
-            n_pos = t.shape[1]
-        elif t.shape[1] != n_pos:
-            raise DataError(f"token batches have different lengths ({n_pos} and {t.shape[1]}); "
-                            "pad or truncate them to one length")
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= adapter.d_vocab:
             raise DataError(f"token ids must lie in [0, {adapter.d_vocab}); batch {i} has ids "
                             f"in [{lo}, {hi}]")
+        if t.shape[1] > adapter.n_ctx:
+            raise DataError(f"sequences of length {t.shape[1]} exceed the model's context "
+                            f"n_ctx={adapter.n_ctx}; truncate them")
         out.append(t.to(device=adapter.device, dtype=torch.long))
     if not out:
         raise DataError("no tokens: every batch was empty")
-    if n_pos > adapter.n_ctx:
-        raise DataError(f"sequences of length {n_pos} exceed the model's context n_ctx="
-                        f"{adapter.n_ctx}; truncate them")
-    return out
+    return Batches(out, order)
 
 
-def _resolve_sites(adapter: Adapter, sites, n_pos: int) -> list[Site]:
+class Batches(list):
+    """The batches :func:`token_batches` made, and ``order``: when prompts of different
+    lengths were regrouped, ``order[r]`` is the index, in the caller's tokens, of row ``r`` of
+    the concatenated batches (``None`` when rows are in the caller's order)."""
+
+    def __init__(self, batches: list[Tensor], order: Tensor | None = None):
+        super().__init__(batches)
+        self.order = order
+
+    def in_caller_order(self, rows: Tensor) -> Tensor:
+        """``rows`` (one per sequence, in batch order) put back in the caller's order."""
+        if self.order is None:
+            return rows
+        out = torch.empty_like(rows)
+        out[self.order.to(rows.device)] = rows
+        return out
+
+
+def _token_chunks(tokens) -> tuple[list[Tensor], Tensor | None]:
+    """``tokens`` (any form :func:`token_batches` takes) as a list of tensors, padding
+    removed and sequences of different lengths grouped into ``[n, length]`` tensors, with
+    the regrouping's row order (see :class:`Batches`)."""
+    if isinstance(tokens, Mapping):
+        return _unpad(tokens)
+    if not isinstance(tokens, Tensor) and hasattr(tokens, "__array__") or (
+            isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], (list, tuple))
+            and tokens[0] and isinstance(tokens[0][0], int)):
+        if len({len(row) for row in tokens}) > 1:  # prompts of different lengths
+            return _by_length([torch.as_tensor(row) for row in tokens])
+        try:  # a numpy array or a nested list of ids: one [batch, pos] tensor
+            tokens = torch.as_tensor(tokens)
+        except (TypeError, ValueError):
+            raise DataError("tokens must be a [batch, pos] array of integer ids") from None
+    if isinstance(tokens, Tensor):
+        return ([] if tokens.dim() == 2 and tokens.shape[0] == 0 else [tokens]), None
+    if isinstance(tokens, Iterable) and not isinstance(tokens, (str, bytes)):
+        chunks = [torch.as_tensor(t) for t in tokens]
+        if chunks and all(t.dim() == 1 for t in chunks):  # one sequence each
+            return _by_length(chunks)
+        return chunks, None
+    raise DataError(f"tokens must be a [batch, pos] tensor, an iterable of them, a list of "
+                    f"sequences or a mapping with input_ids and attention_mask; got "
+                    f"{type(tokens).__name__}")
+
+
+def _by_length(seqs: list[Tensor]) -> tuple[list[Tensor], Tensor | None]:
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(seqs):
+        groups.setdefault(t.shape[0], []).append(i)
+    if any(n == 0 for n in groups):
+        raise DataError("a prompt has no tokens; drop empty prompts")
+    order = torch.tensor([i for g in groups.values() for i in g])
+    chunks = [torch.stack([seqs[i] for i in g]) for g in groups.values()]
+    return chunks, None if bool((order == torch.arange(len(order))).all()) else order
+
+
+def _unpad(tokens: Mapping) -> tuple[list[Tensor], Tensor | None]:
+    missing = {"input_ids", "attention_mask"} - set(tokens)
+    if missing:
+        raise DataError(f"a mapping of tokens needs 'input_ids' and 'attention_mask' (a "
+                        f"tokenizer's padded output); it lacks {sorted(missing)}")
+    ids = torch.as_tensor(tokens["input_ids"])
+    mask = torch.as_tensor(tokens["attention_mask"])
+    if ids.dim() != 2 or mask.shape != ids.shape:
+        raise DataError(f"input_ids {tuple(ids.shape)} and attention_mask "
+                        f"{tuple(mask.shape)} must both be [batch, pos]")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise DataError("attention_mask must hold 0 (padding) and 1 (real tokens) only")
+    mask = mask.bool()
+    seqs = []
+    for i, (row, m) in enumerate(zip(ids, mask)):
+        real = m.nonzero().flatten()
+        if len(real) and int(real[-1] - real[0]) + 1 != len(real):
+            raise DataError(f"prompt {i} has padding between its tokens (attention_mask "
+                            f"{m.int().tolist()}); pad on one side, left or right")
+        seqs.append(row[m])
+    return _by_length(seqs)
+
+
+def _resolve_sites(adapter: Adapter, sites, batches: list[Tensor]) -> list[Site]:
     parsed = parse_sites(sites)
     check_forward_order(parsed)
     for s in parsed:
         adapter.check_site(s)
-        s.resolve_positions(n_pos)
+        check_positions(s, batches)
     return parsed
+
+
+def check_positions(site: Site, batches: list[Tensor]) -> None:
+    """Raise unless ``site``'s positions exist in every batch's sequence length."""
+    for n in sorted({b.shape[1] for b in batches}):
+        site.resolve_positions(n)
 
 
 def site_activations(
@@ -136,9 +213,15 @@ def site_activations(
     """
     adapter = get_adapter(model)
     batches = token_batches(tokens, batch_size, adapter)
-    (s,) = _resolve_sites(adapter, [site], batches[0].shape[1])
+    (s,) = _resolve_sites(adapter, [site], batches)
     with prepared(model, None), torch.no_grad():
-        return torch.cat([adapter.read_sites(b, [s])[0] for b in batches])
+        parts = [adapter.read_sites(b, [s])[0] for b in batches]
+    if len({p.shape[1] for p in parts}) > 1:
+        raise DataError(f"prompts of different lengths have different numbers of positions "
+                        f"at {s.name}; read a site at fixed positions (e.g. {s.kind}"
+                        f"{'' if s.layer is None else f'.{s.layer}'}:last) or pass prompts of "
+                        "one length")
+    return batches.in_caller_order(torch.cat(parts))
 
 
 def fit_bases(
@@ -167,7 +250,10 @@ def fit_bases(
     Args:
         model: a TransformerLens 4 ``TransformerBridge`` or a 3.x ``HookedTransformer``.
             It is put in eval mode and cast to ``dtype`` during the fit, then restored.
-        tokens: ``[batch, pos]`` token ids, or an iterable of such batches (same length).
+        tokens: ``[batch, pos]`` token ids, an iterable of such batches, or prompts of
+            different lengths: a list of 1-D sequences, or a tokenizer's padded output
+            ``{"input_ids", "attention_mask"}`` (either padding side). Padding never enters a
+            statistic and ``:last`` is each prompt's last real token (:func:`token_batches`).
         sites: site names in forward order, e.g. ``["resid_pre.0", "resid_mid.0:last",
             "resid_post.0:last", "logits:last"]`` (see :mod:`tl_degen.sites`).
         method: ``"lib"`` (interaction basis), ``"pca"`` or ``"neuron"``.
@@ -221,21 +307,22 @@ def fit_bases(
         alphas, weights = integration_rule(integration, n_alpha)
         adapter = get_adapter(model)
         batches = token_batches(tokens, batch_size, adapter)
-        n_pos = batches[0].shape[1]
-        site_list = _resolve_sites(adapter, sites, n_pos)
+        n_pos = max(b.shape[1] for b in batches)
+        site_list = _resolve_sites(adapter, sites, batches)
         settings = {"method": method, "center": center, "threshold": str(threshold),
                     "integration": integration, "n_alpha": len(alphas),
                     "dtype": str(dtype), "n_probes": n_probes, "probe_groups": probe_groups,
                     "seed": seed, "closed_form": closed_form, "statistics": "qr"}
-        fingerprint = {"sites": [s.name for s in site_list], "n_pos": n_pos,
-                       "backend": adapter.backend, "settings": settings}
+        fingerprint = {"sites": [s.name for s in site_list], "backend": adapter.backend,
+                       "settings": settings}
         if shards.active or checkpoint is not None:
             fingerprint["weights"] = weights_digest(model)
         ckpt = None
         if checkpoint is not None:
             ckpt = FitCheckpoint(
                 FitCheckpoint.for_rank(checkpoint, shards.rank, shards.world),
-                {**fingerprint, "model": adapter.signature(), "rank": shards.rank,
+                {**fingerprint, "n_pos": n_pos, "model": adapter.signature(),
+                 "rank": shards.rank,
                  "world": shards.world, "tokens": tokens_digest(batches),
                  "n_batches": len(batches)}, checkpoint_every)
             saved = ckpt.load()

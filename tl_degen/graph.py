@@ -32,7 +32,7 @@ from tl_degen.basis_set import BasisSet
 from tl_degen.closed_form import recognise
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
-from tl_degen.fitting import token_batches
+from tl_degen.fitting import check_positions, token_batches
 from tl_degen.io import save_safetensors_atomic
 from tl_degen.model_state import prepared
 from tl_degen.sections import (
@@ -72,7 +72,8 @@ def interaction_graph(
 
     Args:
         model: the model the bases were fitted on (checked).
-        tokens: ``[batch, pos]`` token ids (or an iterable of batches), same length as the fit.
+        tokens: ``[batch, pos]`` token ids, an iterable of batches, or prompts of different
+            lengths (as :func:`tl_degen.fit_bases` takes them).
         bases: a :class:`~tl_degen.basis_set.BasisSet` with at least two sites.
         integration, n_alpha: integration rule for ``A`` (as in :func:`tl_degen.fit_bases`).
         batch_size: sequences per forward pass (default: as many as fit the memory budget,
@@ -114,10 +115,10 @@ def interaction_graph(
             raise TLDegenError('route="probes" needs n_probes (e.g. n_probes=64)')
         adapter = get_adapter(model)
         batches = token_batches(tokens, batch_size, adapter)
-        n_pos = batches[0].shape[1]
+        n_pos = max(b.shape[1] for b in batches)
         for s in sites:
-            s.resolve_positions(n_pos)
-        fingerprint = {"sites": [s.name for s in sites], "n_pos": n_pos,
+            check_positions(s, batches)
+        fingerprint = {"sites": [s.name for s in sites],
                        "settings": [integration, len(alphas), str(dtype), closed_form,
                                     n_probes, probe_groups, seed, route]}
         if shards.active:
@@ -154,7 +155,7 @@ def interaction_graph(
                         continue
                     k_out = adapter.site_dim(out_site) if out_C is None else out_C.shape[1]
                     chosen = route or edge_route(
-                        b_in.k, k_out, len(out_site.resolve_positions(n_pos)), n_probes)
+                        b_in.k, k_out, len(out_site.resolve_positions(batch.shape[1])), n_probes)
                     routes.add(chosen)
                     args = (adapter, batch, in_site, out_site, x_proj, h, C_pinv, out_C)
                     if chosen == "probes":

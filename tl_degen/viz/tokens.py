@@ -19,9 +19,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
 from tl_degen.errors import DataError, TLDegenError
-from tl_degen.fitting import site_activations
+from tl_degen.fitting import site_activations, token_batches
 
 __all__ = ["fix_local_src", "direction_values", "token_view_html", "save_token_view",
            "fourier_content", "top_frequencies",
@@ -242,13 +243,14 @@ def modadd_labels(model, bases, p: int = 113) -> dict[str, str]:
     return out
 
 
-def top_token_labels(model, tokens: Int[Tensor, "batch pos"], bases, *, top_k: int = 3,
+def top_token_labels(model, tokens: Int[Tensor, "batch pos"] | list, bases, *, top_k: int = 3,
                      batch_size: int | None = None) -> dict[str, str]:
     """Labels for language-model nodes: each direction's ``top_k`` tokens, the (distinct)
     tokens at the positions where its coordinate rises furthest above its mean over
     ``tokens`` (node id ``"site/j"`` → e.g. ``"↑ ' the' ' a' ' of'"``). Directions whose
     coordinate does not vary (the constant direction) are labelled ``"constant"``; the
-    logits are not labelled.
+    logits are not labelled. ``tokens`` may be prompts of different lengths (as
+    :func:`tl_degen.fit_bases` takes them).
 
     Examples:
         >>> labels = viz.top_token_labels(model, tokens, bases)
@@ -256,26 +258,30 @@ def top_token_labels(model, tokens: Int[Tensor, "batch pos"], bases, *, top_k: i
     """
     if top_k < 1:
         raise TLDegenError("top_k must be at least 1")
-    strings = _token_strings(model, tokens)
+    batches = token_batches(tokens, batch_size, get_adapter(model))
+    strings = [_token_strings(model, t) for t in batches]
     out: dict[str, str] = {}
     for site in bases.sites:
         if site.kind == "logits":
             continue
         b = bases[site]
-        positions = site.resolve_positions(tokens.shape[1])
-        coords = b.to_coords(site_activations(model, tokens, site, batch_size=batch_size))
-        dev = (coords - coords.mean((0, 1), keepdim=True)).double()  # [batch, n_pos, k]
-        flat = dev.reshape(-1, b.k)
+        parts, texts = [], []  # every (sequence, position) read, and the token there
+        for t, strs in zip(batches, strings):
+            positions = site.resolve_positions(t.shape[1])
+            coords = b.to_coords(site_activations(model, t, site, batch_size=batch_size))
+            parts.append(coords.reshape(-1, b.k))
+            texts += [row[p] for row in strs for p in positions]
+        flat = torch.cat(parts).double()
+        flat = flat - flat.mean(0, keepdim=True)
         scale = flat.abs().amax().clamp_min(1e-300)
-        order = flat.argsort(0, descending=True)  # [batch * n_pos, k]
+        order = flat.argsort(0, descending=True)  # [n_read, k]
         for j in range(b.k):
             if float(flat[:, j].abs().max()) <= 1e-9 * float(scale):
                 out[f"{site.name}/{j}"] = "constant"
                 continue
             seen: list[str] = []
             for idx in order[:, j].tolist():
-                row, col = divmod(idx, len(positions))
-                text = strings[row][positions[col]]
+                text = texts[idx]
                 if text not in seen:
                     seen.append(text)
                 if len(seen) == top_k:
