@@ -26,14 +26,17 @@ import tl_degen
 SITES = ["resid_pre.1", "resid_mid.1", "resid_post.1:last", "resid_post.2:last"]
 
 
-def forward_backward_seconds(model, tokens: torch.Tensor, repeats: int = 3) -> float:
+def forward_backward_seconds(model, tokens: torch.Tensor, batch_size: int,
+                             repeats: int = 3) -> float:
     """Best of ``repeats``: the model's forward pass on ``tokens`` and one backward pass of
-    the summed logits to the embedding weights."""
+    the summed logits to the embedding weights, in batches of ``batch_size`` (as the fit runs;
+    one batch of everything would hold every layer's activations of every prompt at once)."""
     best = float("inf")
     for _ in range(repeats):
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        model(tokens).sum().backward()
+        for batch in tokens.split(batch_size):
+            model(batch).sum().backward()
         best = min(best, time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     return best
@@ -57,8 +60,9 @@ def main() -> None:
     tokens = word_tokens(args.prompts, args.tokens)
     print(f"GPT-2-small-shaped bridge, {args.prompts} prompts x {args.tokens} tokens, model in "
           f"{args.dtype}, n_probes={args.probes}, batch size {args.batch_size}, sites {SITES}")
-    base = forward_backward_seconds(model, tokens)
-    print(f"baseline: one forward + backward pass over the tokens  {base:8.2f} s")
+    base = forward_backward_seconds(model, tokens, args.batch_size)
+    print(f"baseline: one forward + backward pass over the tokens  {base:8.2f} s   peak RSS "
+          f"{peak_rss_mib():.0f} MiB")
     start = time.perf_counter()
     bases = tl_degen.fit_bases(model, tokens, SITES, n_probes=args.probes, dtype=dtype,
                                batch_size=args.batch_size, progress=False)

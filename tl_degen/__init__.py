@@ -33,6 +33,7 @@ from tl_degen.errors import (
     DataError,
     DistributedError,
     NonFiniteError,
+    ProbeErrorWarning,
     SiteError,
     TLDegenError,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "Dropped",
     "TLDegenError",
     "AmbiguousRankWarning",
+    "ProbeErrorWarning",
     "SiteError",
     "DataError",
     "NonFiniteError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "AmbiguousRankWarning",
+    "ProbeErrorWarning",
     "TLDegenError",
     "SiteError",
     "DataError",
@@ -58,3 +59,8 @@ class AmbiguousRankWarning(UserWarning):
     """A site's spectrum has no gap at the threshold: how many directions are kept there
     depends on the threshold (:attr:`tl_degen.basis.Dropped.ambiguous`). Silence it with
     ``warnings.simplefilter("ignore", tl_degen.AmbiguousRankWarning)``."""
+
+
+class ProbeErrorWarning(UserWarning):
+    """A stochastic estimate stopped at ``max_probes`` above the ``target_error`` asked for;
+    the message says how many probes would meet it."""

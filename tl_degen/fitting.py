@@ -30,10 +30,10 @@ from tl_degen.basis_set import BasisSet, model_probe
 from tl_degen.checkpoint import FitCheckpoint
 from tl_degen.closed_form import accumulate_jacobian_gram, recognise
 from tl_degen.distributed import Shards, tokens_digest, weights_digest
-from tl_degen.errors import AmbiguousRankWarning, DataError, TLDegenError
+from tl_degen.errors import AmbiguousRankWarning, DataError, ProbeErrorWarning, TLDegenError
 from tl_degen.memory import auto_batch_size
 from tl_degen.model_state import prepared
-from tl_degen.sections import integration_rule
+from tl_degen.sections import gram_route, integration_rule
 from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import GramAccumulator, MomentAccumulator
 from tl_degen.stochastic import StochasticEstimate, estimate_jacobian_gram
@@ -239,6 +239,8 @@ def fit_bases(
     progress: bool = True,
     n_probes: int | None = None,
     probe_groups: int = 4,
+    target_error: float | None = None,
+    max_probes: int | None = None,
     seed: int = 0,
     closed_form: bool = True,
     distributed: bool | None = None,
@@ -271,7 +273,16 @@ def fit_bases(
             positions and directions (DESIGN.md §4 step 9) instead of one vector-Jacobian
             product per output direction; sections with a closed form stay exact. The
             relative standard error is stored as ``bases[site].jacobian_gram_error``.
+            A section whose exact Gram costs at most ``2·n_probes`` pullbacks (e.g. into a
+            ``:last`` site with few directions) stays exact
+            (:func:`tl_degen.sections.gram_route`).
         probe_groups: groups the probes are split into to estimate that error.
+        target_error: with ``n_probes``, a relative standard error to reach: the batches are
+            probed again, ``n_probes`` more per round, until every site's error is at most
+            this, or ``max_probes`` are spent (then a :class:`~tl_degen.ProbeErrorWarning`
+            says how many probes would meet it).
+        max_probes: the most probes per batch ``target_error`` may spend (default
+            ``16·n_probes``).
         seed: seed of the probes.
         closed_form: use the closed forms of :mod:`tl_degen.closed_form` where they apply
             (``False``: autograd everywhere; the results agree to rounding).
@@ -305,6 +316,12 @@ def fit_bases(
             raise TLDegenError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         threshold = Threshold.coerce(threshold)
         alphas, weights = integration_rule(integration, n_alpha)
+        if target_error is not None and (n_probes is None or not 0 < target_error < 1):
+            raise TLDegenError(f"target_error={target_error!r} needs n_probes (probes per "
+                               "round) and must be a fraction in (0, 1), e.g. 0.05")
+        max_probes = 16 * (n_probes or 0) if max_probes is None else int(max_probes)
+        if n_probes is not None and max_probes < n_probes:
+            raise TLDegenError(f"max_probes={max_probes} is below n_probes={n_probes}")
         adapter = get_adapter(model)
         batches = token_batches(tokens, batch_size, adapter)
         n_pos = max(b.shape[1] for b in batches)
@@ -312,7 +329,8 @@ def fit_bases(
         settings = {"method": method, "center": center, "threshold": str(threshold),
                     "integration": integration, "n_alpha": len(alphas),
                     "dtype": str(dtype), "n_probes": n_probes, "probe_groups": probe_groups,
-                    "seed": seed, "closed_form": closed_form, "statistics": "qr"}
+                    "seed": seed, "closed_form": closed_form, "statistics": "qr",
+                    "target_error": target_error, "max_probes": max_probes}
         fingerprint = {"sites": [s.name for s in site_list], "backend": adapter.backend,
                        "settings": settings}
         if shards.active or checkpoint is not None:
@@ -346,6 +364,7 @@ def fit_bases(
         accs = [shards.merge_moments(a) for a in accs]
 
         bases: dict[Site, InteractionBasis] = {}
+        probes_spent: dict[str, int] = {}  # probes per batch, by site (target_error)
         next_C: Tensor | None = None  # None = raw outputs (identity)
         for idx in range(len(site_list) - 1, -1, -1):
             site, acc = site_list[idx], accs[idx]
@@ -373,37 +392,68 @@ def fit_bases(
             out_C = None if next_C is None else next_C.to(work_dtype)
             jac, estimate = run.jacobian_accumulators(idx, acc.d, adapter.device,
                                                       probe_groups if n_probes else 0)
-            stage = f"jacobian:{idx}"
-            with shards.step(f"fit_bases (LIB {site.name})"):
-                for b in run.pending(stage, desc=f"LIB {site.name} → {out_site.name}",
-                                     progress=progress):
-                    with torch.no_grad():
-                        (x,) = adapter.read_sites(b, [site])
-                    section = recognise(adapter, b, site, out_site, x) if closed_form else None
-                    if section is not None:
-                        section.add_jacobian_gram(x, out_C, jac, alphas, weights)
-                    elif n_probes is None:
-                        accumulate_jacobian_gram(adapter, b, site, out_site, x, out_C, jac,
-                                                 alphas=alphas, weights=weights,
-                                                 closed_form=False)
-                    else:
-                        est = estimate_jacobian_gram(
-                            adapter, b, site, out_site, x, out_C, alphas=alphas,
-                            weights=weights, n_probes=n_probes, n_groups=probe_groups,
-                            generator=run.generator)
-                        for g_sum, g in zip(estimate, est.groups):
-                            g_sum += g
-                        jac.add_count(x.shape[0] * x.shape[1])
-                    run.advance(stage)
-            total = GramAccumulator(acc.d, name=site.name, device=adapter.device)
-            total._sum, (total.count,) = shards.sum(jac._sum), shards.sum_ints([jac.count])
-            total._R.copy_(shards.stack(jac._R))
-            error = None if n_probes is None else 0.0
-            est = StochasticEstimate([shards.sum(g) for g in estimate]) if estimate else None
-            if est is not None and any(g.any() for g in est.groups):  # some batch was probed
+            k_out = adapter.site_dim(out_site) if out_C is None else out_C.shape[1]
+            rounds = 0
+            while True:  # one pass over the batches; more while the probes miss target_error
+                rounds += 1
+                stage = f"jacobian:{idx}" + (f":round{rounds}" if rounds > 1 else "")
+                with shards.step(f"fit_bases (LIB {site.name})"):
+                    desc = f"LIB {site.name} → {out_site.name}" + (
+                        f" (probes, round {rounds})" if rounds > 1 else "")
+                    for b in run.pending(stage, desc=desc, progress=progress):
+                        with torch.no_grad():
+                            (x,) = adapter.read_sites(b, [site])
+                        section = (recognise(adapter, b, site, out_site, x) if closed_form
+                                   else None)
+                        probed_here = section is None and gram_route(
+                            k_out, len(out_site.resolve_positions(b.shape[1])),
+                            n_probes) == "probes"
+                        if rounds > 1 and not probed_here:
+                            pass  # exact batches are in after the first pass
+                        elif section is not None:
+                            section.add_jacobian_gram(x, out_C, jac, alphas, weights)
+                        elif not probed_here:
+                            accumulate_jacobian_gram(adapter, b, site, out_site, x, out_C, jac,
+                                                     alphas=alphas, weights=weights,
+                                                     closed_form=False)
+                        else:
+                            est = estimate_jacobian_gram(
+                                adapter, b, site, out_site, x, out_C, alphas=alphas,
+                                weights=weights, n_probes=n_probes, n_groups=probe_groups,
+                                generator=run.generator)
+                            for g_sum, g in zip(estimate, est.groups):
+                                g_sum += g
+                            if rounds == 1:
+                                jac.add_count(x.shape[0] * x.shape[1])
+                        run.advance(stage)
+                total = GramAccumulator(acc.d, name=site.name, device=adapter.device)
+                total._sum = shards.sum(jac._sum)
+                (total.count,) = shards.sum_ints([jac.count])
+                total._R.copy_(shards.stack(jac._R))
+                error = None if n_probes is None else 0.0
+                est = (StochasticEstimate([shards.sum(g) / rounds for g in estimate])
+                       if estimate else None)
+                probed = est is not None and any(g.any() for g in est.groups)
+                if probed:
+                    error = float(est.standard_error.norm()
+                                  / (total.value * total.count + est.value).norm()
+                                  .clamp_min(1e-300))
+                if not probed or target_error is None or error <= target_error:
+                    break
+                if rounds * n_probes >= max_probes:
+                    if shards.rank == 0:
+                        need = rounds * n_probes * (error / target_error) ** 2
+                        warnings.warn(
+                            f"{site.name}: the relative standard error of M′ is {error:.1%} "
+                            f"after {rounds * n_probes} probes, above target_error="
+                            f"{target_error:g}; about {need:.0f} probes would meet it, "
+                            f"{need / (rounds * n_probes):.1f}× this site's probing so far "
+                            f"(raise max_probes to {int(need) + 1} to spend that)",
+                            ProbeErrorWarning, stacklevel=2)
+                    break
+            if probed:
                 total.add_matrix(est.value)
-                error = float(est.standard_error.norm()
-                              / (total.value * total.count).norm().clamp_min(1e-300))
+                probes_spent[site.name] = rounds * n_probes
             C, C_pinv, lam, lam_all, n_drop, cut, gap = lib_rotation(
                 wh, *total.parts(), constant_first=constant_first, threshold=threshold)
             dropped.jacobian, dropped.jacobian_cutoff, dropped.jacobian_gap = n_drop, cut, gap
@@ -430,6 +480,9 @@ def fit_bases(
               "dtype": str(work_dtype).replace("torch.", ""), "n_samples": n_samples,
               "n_pos": n_pos, "backend": adapter.backend, "n_probes": n_probes,
               "probe_groups": probe_groups if n_probes else None, "seed": seed}
+    if target_error is not None:
+        config["target_error"] = target_error
+        config["probes_per_batch"] = probes_spent
     if shards.active:
         config["world_size"] = shards.world
     return BasisSet([bases[s] for s in site_list], config=config,

@@ -41,7 +41,8 @@ from tl_degen.errors import TLDegenError
 from tl_degen.sites import Site
 
 __all__ = ["INTEGRATION_RULES", "integration_rule", "Pullback", "autograd_pullbacks",
-           "EDGE_ROUTES", "edge_route", "forward_edge_squares", "backward_edge_squares"]
+           "EDGE_ROUTES", "edge_route", "gram_route", "forward_edge_squares",
+           "backward_edge_squares"]
 
 EDGE_ROUTES = ("forward", "backward", "probes")
 
@@ -160,6 +161,23 @@ def edge_route(k_in: int, k_out: int, n_out_pos: int, n_probes: int | None) -> s
     if n_probes is not None and 2 * n_probes * k_out < exact[1]:
         return "probes"
     return exact[0]
+
+
+def gram_route(k_out: int, n_out_pos: int, n_probes: int | None) -> str:
+    """``"backward"`` (exact: one vector-Jacobian product per output position and direction,
+    ``n_out_pos·k_out`` of them) or ``"probes"`` (``n_probes`` products, probing positions and
+    directions jointly) for a section's Jacobian Gram (§4 steps 4 and 9): probes only when
+    asked for and less than half the exact cost.
+
+    Examples:
+        >>> gram_route(k_out=48, n_out_pos=1, n_probes=32)       # into a :last site: exact
+        'backward'
+        >>> gram_route(k_out=562, n_out_pos=12, n_probes=32)
+        'probes'
+    """
+    if n_probes is not None and 2 * n_probes < n_out_pos * k_out:
+        return "probes"
+    return "backward"
 
 
 def _section_bytes(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int,
