@@ -197,3 +197,21 @@ def test_resumed_runs_equal_runs_from_the_embedding(arch, model, site):
             pytest.skip("this TransformerLens bridge refuses start_at_layer (3.x)")
     assert (resumed - full).abs().max() <= 1e-12 * full.abs().max()
     assert adapter.resume_state(tokens, 0) is None  # nothing upstream to skip
+
+
+def test_logits_read_at_some_positions_equal_the_full_unembedding(arch, model, monkeypatch):
+    """``logits:last`` unembeds only the last position (cut at ``unembed.hook_in`` where the
+    model has it): the same logits as unembedding every position, biases scaled by ``c``."""
+    from tl_degen.adapters.base import Adapter
+
+    adapter = get_adapter(model)
+    tokens = M.random_tokens(5, 6)
+    write, read = Site.parse("resid_post.0"), Site.parse("logits:last")
+    (x,) = adapter.read_sites(tokens, [write])
+    x = x.clone()
+    x[..., -1] = 0.7  # a constant coordinate other than 1 scales every bias downstream
+    cut = adapter.run(tokens, read=read, write=(write, x))
+    monkeypatch.setattr(Adapter, "_unembed_only_at", lambda self, *args: False)
+    full = adapter.run(tokens, read=read, write=(write, x))
+    assert cut.shape == full.shape == (5, 1, adapter.d_vocab_out)
+    torch.testing.assert_close(cut, full, rtol=1e-12, atol=1e-12)

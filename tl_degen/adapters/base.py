@@ -167,17 +167,36 @@ class Adapter:
             if write is not None:
                 hooks += self._write_hooks(w_site, x[..., :-1], in_pos, run)
             final_hook = self._read_hooks(read, run, hooks)
+            sliced = read.kind == "logits" and self._unembed_only_at(out_pos, n_pos, run, hooks)
             logits = self._forward(tokens, hooks, final_hook, resume)
         finally:
             for fn in cleanup:
                 fn()
         if read.kind == "logits":
             logits = self._unembed_bias_fix(logits, run)
-            return logits[:, out_pos]
+            return logits if sliced else logits[:, out_pos]
         vec = self._assemble(read, run.captured)[:, out_pos]
         const = (run.c[:, out_pos] if run.c is not None
                  else torch.ones(vec.shape[:2], dtype=vec.dtype, device=vec.device))
         return torch.cat([vec, const.to(vec.dtype)[..., None]], dim=-1)
+
+    def _unembed_only_at(self, pos: list[int], n_pos: int, run: SectionRun,
+                         hooks: list) -> bool:
+        """Unembed only the positions read (``logits:last`` of long prompts: the
+        ``[d_model, d_vocab]`` product, forward and backward, at one position instead of
+        every one) by cutting the unembedding's input at ``unembed.hook_in``, where the
+        model has it. Returns whether it was cut."""
+        if pos == list(range(n_pos)) or "unembed.hook_in" not in self._hook_names:
+            return False
+        idx = torch.tensor(pos)
+
+        def take(tensor: Tensor, hook) -> Tensor:
+            if run.c is not None:  # the unembedding's bias scale, at the kept positions
+                run.c = run.c[:, idx.to(run.c.device)]
+            return tensor[:, idx.to(tensor.device)]
+
+        hooks.append(("unembed.hook_in", take))
+        return True
 
     def read_sites(
         self, tokens: Int[Tensor, "batch pos"], sites: list[Site]
