@@ -250,8 +250,8 @@ def forward_edge_squares(
             if basis is not None:
                 Y = Y @ basis
             A = w * Y if A is None else A + w * Y
-        A = A.double()
-        block = torch.einsum("mbti,mbti->im", A, A)
+        # squares in the pass's dtype (no float64 copy of A), summed in float64
+        block = A.square_().sum(dim=(1, 2), dtype=torch.float64).T
         if E is None:
             E = torch.zeros(block.shape[0], k_in, dtype=torch.float64, device=x_eval.device)
         E[:, start:stop] = block
