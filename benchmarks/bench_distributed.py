@@ -14,9 +14,9 @@ up to the end of the graph (the launch, imports and model loading are printed ap
 the largest difference of the leading Λ between the two results.
 
 ``--setting lm`` runs ``benchmarks/bench_lm.py``'s setting instead (a GPT-2-small-shaped
-bridge, 48 prompts × 12 tokens, ``n_probes=32``, float32 passes): the bases only, since its
-graph does not finish in useful time yet (issue 16); each rank draws its own probes, so the
-two results differ by the estimates' standard error, not by rounding.
+bridge, 48 prompts × 12 tokens, ``n_probes=32``, float32 passes): the bases only; each rank
+draws its own probes, so the two results differ by the estimates' standard error, not by
+rounding.
 
     python benchmarks/bench_distributed.py [--threads 2] [--repeats 3] [--setting modadd|lm]
 """
