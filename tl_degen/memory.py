@@ -22,7 +22,8 @@ import torch
 
 from tl_degen.errors import TLDegenError
 
-__all__ = ["MEMORY_BUDGET", "memory_budget", "bytes_per_sequence", "auto_batch_size"]
+__all__ = ["MEMORY_BUDGET", "memory_budget", "bytes_per_sequence", "floats_per_layer",
+           "auto_batch_size"]
 
 #: Bytes one batch may take; ``None`` chooses from the machine (see the module docstring).
 MEMORY_BUDGET: int | None = None
@@ -74,8 +75,15 @@ def bytes_per_sequence(model, n_pos: int, itemsize: int = 8) -> int:
     from tl_degen.adapters import get_adapter
 
     a = get_adapter(model)
-    per_layer = 16 * a.d_model + 4 * (a.d_mlp or 0) + 3 * a.n_heads * n_pos
-    return int(itemsize * n_pos * (max(a.n_layers, 1) * per_layer + 2 * a.d_vocab_out))
+    return int(itemsize * n_pos * (max(a.n_layers, 1) * floats_per_layer(a, n_pos)
+                                   + 2 * a.d_vocab_out))
+
+
+def floats_per_layer(adapter, n_pos: int) -> int:
+    """Floats one token keeps per layer for a backward (or forward-mode) pass: the residual
+    stream and the MLP hidden units several times over, and its row of every head's
+    attention pattern."""
+    return 16 * adapter.d_model + 4 * (adapter.d_mlp or 0) + 3 * adapter.n_heads * n_pos
 
 
 def auto_batch_size(model, n_pos: int, itemsize: int = 8) -> int:

@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.func import jvp, vmap
 
 from tl_degen.adapters.base import Adapter
 from tl_degen.errors import TLDegenError
+from tl_degen.memory import floats_per_layer, memory_budget
 from tl_degen.sites import Site
 
 __all__ = ["INTEGRATION_RULES", "integration_rule", "Pullback", "autograd_pullbacks",
@@ -186,8 +188,7 @@ def _section_bytes(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int,
     kept several times over, plus the output vector)."""
     first = in_site.layer or 0
     last = adapter.n_layers - 1 if out_site.layer is None else out_site.layer
-    per_layer = 16 * adapter.d_model + 4 * (adapter.d_mlp or 0) + 3 * adapter.n_heads * n_pos
-    return itemsize * n_pos * (max(1, last - first + 1) * per_layer
+    return itemsize * n_pos * (max(1, last - first + 1) * floats_per_layer(adapter, n_pos)
                                + adapter.site_dim(out_site) + 1)
 
 
@@ -217,10 +218,6 @@ def forward_edge_squares(
     Returns:
         ``[k_out, k_in]`` float64 (``k_out = d_out`` for raw outputs such as the logits).
     """
-    from torch.func import jvp, vmap
-
-    from tl_degen.memory import memory_budget
-
     n, n_in, _ = x_eval.shape
     k_in = h.shape[-1]
     dt = x_eval.dtype
