@@ -31,7 +31,7 @@ from tl_degen.checkpoint import FitCheckpoint
 from tl_degen.closed_form import accumulate_jacobian_gram, recognise
 from tl_degen.distributed import Shards, tokens_digest, weights_digest
 from tl_degen.errors import AmbiguousRankWarning, DataError, ProbeErrorWarning, TLDegenError
-from tl_degen.memory import auto_batch_size
+from tl_degen.memory import auto_batch_size, memory_budget
 from tl_degen.model_state import prepared
 from tl_degen.sections import gram_route, integration_rule
 from tl_degen.sites import Site, check_forward_order, parse_sites
@@ -357,9 +357,12 @@ def fit_bases(
         # ---- pass 1: means and Grams of every site (local rows, then merged over ranks)
         accs = run.moment_accumulators(adapter)
         with shards.step("fit_bases (activation statistics)"), torch.no_grad():
-            for b in run.pending("moments", desc="activation statistics", progress=progress):
-                for acc, x in zip(accs, adapter.read_sites(b, site_list)):
+            for i, b in run.pending("moments", desc="activation statistics",
+                                    progress=progress):
+                xs = adapter.read_sites(b, site_list)
+                for acc, x in zip(accs, xs):
                     acc.update(x)
+                run.keep(i, xs, adapter.device)
                 run.advance("moments")
         accs = [shards.merge_moments(a) for a in accs]
 
@@ -400,9 +403,11 @@ def fit_bases(
                 with shards.step(f"fit_bases (LIB {site.name})"):
                     desc = f"LIB {site.name} → {out_site.name}" + (
                         f" (probes, round {rounds})" if rounds > 1 else "")
-                    for b in run.pending(stage, desc=desc, progress=progress):
-                        with torch.no_grad():
-                            (x,) = adapter.read_sites(b, [site])
+                    for i, b in run.pending(stage, desc=desc, progress=progress):
+                        x = run.kept(i, idx)
+                        if x is None:
+                            with torch.no_grad():
+                                (x,) = adapter.read_sites(b, [site])
                         section = (recognise(adapter, b, site, out_site, x) if closed_form
                                    else None)
                         probed_here = section is None and gram_route(
@@ -506,6 +511,8 @@ class _FitRun:
         if "generator" in self.saved:
             self.generator.set_state(self.saved["generator"])
         self.resumed = saved is not None
+        self._kept: dict[int, list[Tensor]] | None = {}  # pass-1 activations, while they fit
+        self._kept_bytes = 0
 
     def _restore(self, name: str, like: Tensor) -> Tensor:
         if name in self.saved:
@@ -539,13 +546,31 @@ class _FitRun:
         self._jac = (idx, jac)
         return jac, groups
 
-    def pending(self, stage: str, *, desc: str, progress: bool) -> Iterator[Tensor]:
-        """The batches of ``stage`` not yet done (all of them without a checkpoint)."""
+    def keep(self, i: int, xs: list[Tensor], device) -> None:
+        """Keep batch ``i``'s pass-1 activations for the Jacobian passes, which then need no
+        forward pass of their own, while all of them fit a quarter of the memory budget."""
+        if self._kept is None:
+            return
+        self._kept_bytes += sum(x.numel() * x.element_size() for x in xs)
+        if self._kept_bytes > memory_budget(device) // 4:
+            self._kept = None  # too big to keep: each Jacobian pass reads its site again
+            return
+        self._kept[i] = xs
+
+    def kept(self, i: int, site_index: int) -> Tensor | None:
+        """Batch ``i``'s activations at site ``site_index`` from pass 1, if kept."""
+        if not self._kept or i not in self._kept:
+            return None
+        return self._kept[i][site_index]
+
+    def pending(self, stage: str, *, desc: str, progress: bool) -> Iterator[tuple[int, Tensor]]:
+        """``(index, batch)`` of the batches of ``stage`` not yet done (all of them without a
+        checkpoint)."""
         done = self.progress.setdefault(stage, 0)
         bar = tqdm(total=len(self.batches), initial=done, desc=desc, disable=not progress)
         try:
-            for b in self.batches[done:]:
-                yield b
+            for i in range(done, len(self.batches)):
+                yield i, self.batches[i]
                 bar.update()
         finally:
             bar.close()

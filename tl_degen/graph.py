@@ -34,6 +34,7 @@ from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
 from tl_degen.io import save_safetensors_atomic
+from tl_degen.memory import memory_budget
 from tl_degen.model_state import prepared
 from tl_degen.sections import (
     EDGE_ROUTES,
@@ -131,6 +132,7 @@ def interaction_graph(
     generator = torch.Generator().manual_seed(shards.seed(seed))
     with prepared(model, dtype):
         dt = adapter.dtype
+        inputs = _InputReader(adapter, batches, sites[:-1])
         for in_site, out_site in zip(sites, sites[1:]):
             b_in, b_out = bases[in_site], bases[out_site]
             C_in, C_pinv = b_in.C.to(adapter.device), b_in.C_pinv.to(adapter.device)
@@ -140,10 +142,10 @@ def interaction_graph(
             groups = [torch.zeros_like(E) for _ in range(probe_groups if n_probes else 0)]
             routes: set[str] = set()
             with shards.step(f"interaction_graph ({in_site.name} → {out_site.name})"):
-                for batch in tqdm(batches, desc=f"edges {in_site.name} → {out_site.name}",
-                                  disable=not progress):
-                    with torch.no_grad():
-                        (x,) = adapter.read_sites(batch, [in_site])
+                for i, batch in enumerate(tqdm(batches,
+                                               desc=f"edges {in_site.name} → {out_site.name}",
+                                               disable=not progress)):
+                    x = inputs.read(i, in_site)
                     h = x.double() @ C_in  # [b, P_in, k_in]
                     x_proj = (h @ C_pinv).to(dt)
                     count += x.shape[0] * x.shape[1]
@@ -188,6 +190,28 @@ def interaction_graph(
     graph = InteractionGraph(bases, edges, config=config)
     graph.errors = errors
     return graph
+
+
+class _InputReader:
+    """The input sites' activations of each batch: all sites of a batch from one forward pass
+    and kept, while all batches' fit a quarter of the memory budget; otherwise one site per
+    forward pass, as each section asks."""
+
+    def __init__(self, adapter, batches: list[Tensor], sites: list[Site]):
+        self.adapter, self.batches, self.sites = adapter, batches, sites
+        itemsize = torch.finfo(adapter.dtype).bits // 8
+        total = sum(b.shape[0] * len(s.resolve_positions(b.shape[1]))
+                    * (adapter.site_dim(s) + 1) * itemsize for b in batches for s in sites)
+        self._kept: dict[int, list[Tensor]] | None = (
+            {} if len(sites) > 1 and total <= memory_budget(adapter.device) // 4 else None)
+
+    @torch.no_grad()
+    def read(self, i: int, site: Site) -> Tensor:
+        if self._kept is None:
+            return self.adapter.read_sites(self.batches[i], [site])[0]
+        if i not in self._kept:
+            self._kept[i] = self.adapter.read_sites(self.batches[i], self.sites)
+        return self._kept[i][self.sites.index(site)]
 
 
 @dataclass
