@@ -64,3 +64,51 @@ def test_budget_from_the_environment(budget, monkeypatch):
     budget(-5)
     with pytest.raises(TLDegenError, match="positive"):
         memory.memory_budget()
+
+
+def test_work_that_cannot_fit_the_budget_stops_before_it_starts(budget, monkeypatch):
+    model = modadd.load_bridge(dtype=torch.float64)
+    tokens = modadd.tokens_for(modadd.train_test_split()[0][:50])
+    sites = ["resid_mid.0:last", "resid_post.0:last", "logits:last"]
+    per = memory.bytes_per_sequence(model, 3)
+    # the statistics the fit keeps: 3·d² floats per site and (6 + probe groups)·d² of the
+    # largest, d = 129, 129 and 114 (the constant coordinate included; logits have none)
+    stats = 8 * (3 * (129**2 + 129**2 + 114**2) + 6 * 129**2)
+    assert memory.statistics_bytes([129, 129, 114]) == stats
+    assert memory.statistics_bytes([129, 129, 114], n_groups=4) == stats + 8 * 4 * 129**2
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the budget was checked")
+
+    adapter_cls = type(get_adapter(model))
+    monkeypatch.setattr(adapter_cls, "read_sites", no_forward)
+    budget(per - 1)  # not even one sequence
+    with pytest.raises(memory.MemoryBudgetError, match="one sequence of 3 tokens") as err:
+        tl_degen.fit_bases(model, tokens, sites, progress=False)
+    assert f"MEMORY_BUDGET = {per} " in str(err.value)  # what would have been enough
+    with pytest.raises(tl_degen.MemoryBudgetError):
+        token_batches(tokens, None, get_adapter(model))
+    budget(stats + per - 1)  # one sequence fits, not with the fit's statistics
+    token_batches(tokens, None, get_adapter(model))
+    with pytest.raises(TLDegenError, match=r"statistics of 3 sites \(the largest of dimension "
+                       r"129\).*MEMORY_BUDGET = " + str(stats + per)):
+        tl_degen.fit_bases(model, tokens, sites, progress=False)
+    monkeypatch.undo()
+    budget(stats + per)  # exactly enough: the fit runs (batches from the budget)
+    small = tl_degen.fit_bases(model, tokens, sites, progress=False)
+    budget(1)
+    whole = tl_degen.fit_bases(model, tokens, sites, batch_size=50, progress=False)  # explicit
+    for s in sites[:-1]:
+        lam = whole[s].eigenvalues
+        torch.testing.assert_close(small[s].eigenvalues, lam, rtol=0,
+                                   atol=1e-12 * float(lam.max()))
+
+
+def test_float32_passes_take_half_the_bytes_per_sequence(budget):
+    model = modadd.load_bridge()
+    tokens = modadd.tokens_for(modadd.train_test_split()[0][:100])
+    per64 = memory.bytes_per_sequence(model, 3)
+    assert memory.bytes_per_sequence(model, 3, itemsize=4) * 2 == per64
+    budget(10 * per64)
+    assert token_batches(tokens, None, get_adapter(model))[0].shape[0] == 10
+    assert token_batches(tokens, None, get_adapter(model), itemsize=4)[0].shape[0] == 20

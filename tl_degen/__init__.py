@@ -32,6 +32,7 @@ from tl_degen.errors import (
     CheckpointError,
     DataError,
     DistributedError,
+    MemoryBudgetError,
     NonFiniteError,
     ProbeErrorWarning,
     SiteError,
@@ -94,4 +95,5 @@ __all__ = [
     "BackendError",
     "DistributedError",
     "CheckpointError",
+    "MemoryBudgetError",
 ]

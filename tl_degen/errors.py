@@ -18,6 +18,7 @@ __all__ = [
     "BackendError",
     "DistributedError",
     "CheckpointError",
+    "MemoryBudgetError",
 ]
 
 
@@ -53,6 +54,11 @@ class DistributedError(TLDegenError):
 class CheckpointError(TLDegenError):
     """A checkpoint that belongs to another run (model, sites, settings or tokens differ) or
     cannot be read; it is never merged into this one."""
+
+
+class MemoryBudgetError(TLDegenError):
+    """The requested work cannot fit the memory budget (:mod:`tl_degen.memory`) even one
+    sequence at a time: raised before any work, with what it would take."""
 
 
 class AmbiguousRankWarning(UserWarning):

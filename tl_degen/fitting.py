@@ -31,7 +31,7 @@ from tl_degen.checkpoint import FitCheckpoint
 from tl_degen.closed_form import accumulate_jacobian_gram, recognise
 from tl_degen.distributed import Shards, tokens_digest, weights_digest
 from tl_degen.errors import AmbiguousRankWarning, DataError, ProbeErrorWarning, TLDegenError
-from tl_degen.memory import auto_batch_size, memory_budget
+from tl_degen.memory import auto_batch_size, check_fits, memory_budget, statistics_bytes
 from tl_degen.model_state import prepared
 from tl_degen.sections import gram_route, integration_rule
 from tl_degen.sites import Site, check_forward_order, parse_sites
@@ -43,7 +43,7 @@ __all__ = ["fit_bases", "site_activations", "token_batches", "check_positions"]
 
 def token_batches(
     tokens: Tensor | Iterable[Tensor] | Mapping[str, Tensor], batch_size: int | None,
-    adapter: Adapter,
+    adapter: Adapter, itemsize: int = 8,
 ) -> list[Int[Tensor, "batch pos"]]:
     """Validate tokens and split them into batches on the model's device.
 
@@ -62,8 +62,9 @@ def token_batches(
     computes on each prompt alone.
 
     ``batch_size=None`` takes as many sequences as fit the memory budget
-    (:func:`tl_degen.memory.auto_batch_size`). Raises :class:`~tl_degen.errors.DataError` on
-    anything else.
+    (:func:`tl_degen.memory.auto_batch_size`, passes in ``itemsize``-byte floats), and raises
+    :class:`~tl_degen.errors.MemoryBudgetError` if not even one does. Raises
+    :class:`~tl_degen.errors.DataError` on anything else.
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise DataError(f"batch_size must be a positive integer or None (from the memory "
@@ -75,7 +76,9 @@ def token_batches(
     for t in chunks:
         if t.dim() == 2 and t.shape[1] not in sizes:
             width = min(max(t.shape[1], 1), adapter.n_ctx)
-            sizes[t.shape[1]] = batch_size or auto_batch_size(adapter, width)
+            if batch_size is None:
+                check_fits(adapter, width, itemsize=itemsize)
+            sizes[t.shape[1]] = batch_size or auto_batch_size(adapter, width, itemsize)
     chunks = [piece for t in chunks
               for piece in (t.split(sizes[t.shape[1]]) if t.dim() == 2 else [t])]
     if not chunks:
@@ -260,7 +263,8 @@ def fit_bases(
             "resid_post.0:last", "logits:last"]`` (see :mod:`tl_degen.sites`).
         method: ``"lib"`` (interaction basis), ``"pca"`` or ``"neuron"``.
         batch_size: sequences per forward pass (default: as many as fit the memory budget,
-            :mod:`tl_degen.memory`).
+            :mod:`tl_degen.memory`; when not even one sequence and the sites' statistics fit
+            it, :class:`~tl_degen.errors.MemoryBudgetError` says so before any work).
         center: subtract the data mean (through the constant coordinate) before whitening.
         threshold: eigenvalue cutoff; a float is relative to the largest eigenvalue at each
             stage, ``Threshold.absolute(x)`` is absolute.
@@ -323,9 +327,16 @@ def fit_bases(
         if n_probes is not None and max_probes < n_probes:
             raise TLDegenError(f"max_probes={max_probes} is below n_probes={n_probes}")
         adapter = get_adapter(model)
-        batches = token_batches(tokens, batch_size, adapter)
+        itemsize = torch.finfo(dtype or adapter.dtype).bits // 8
+        batches = token_batches(tokens, batch_size, adapter, itemsize)
         n_pos = max(b.shape[1] for b in batches)
         site_list = _resolve_sites(adapter, sites, batches)
+        if batch_size is None:
+            dims = [adapter.site_dim(s) + int(s.has_constant) for s in site_list]
+            check_fits(adapter, n_pos, itemsize=itemsize, reserved=statistics_bytes(
+                dims, probe_groups if n_probes else 0), reserved_for=(
+                f"the statistics of {len(site_list)} sites (the largest of dimension "
+                f"{max(dims)})"))
         settings = {"method": method, "center": center, "threshold": str(threshold),
                     "integration": integration, "n_alpha": len(alphas),
                     "dtype": str(dtype), "n_probes": n_probes, "probe_groups": probe_groups,

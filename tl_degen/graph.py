@@ -115,7 +115,8 @@ def interaction_graph(
         if route == "probes" and n_probes is None:
             raise TLDegenError('route="probes" needs n_probes (e.g. n_probes=64)')
         adapter = get_adapter(model)
-        batches = token_batches(tokens, batch_size, adapter)
+        batches = token_batches(tokens, batch_size, adapter,
+                                torch.finfo(dtype or adapter.dtype).bits // 8)
         n_pos = max(b.shape[1] for b in batches)
         for s in sites:
             check_positions(s, batches)

@@ -5,6 +5,10 @@ then the number of sequences whose forward and backward state fits :func:`memory
 estimated per sequence by :func:`bytes_per_sequence`. On the modular-addition model the
 whole training set (3830 pairs) fits one batch, which is about 5× faster than batches of 256.
 
+Before any work, :func:`check_fits` raises :class:`~tl_degen.errors.MemoryBudgetError` when
+even one sequence (with the fit's statistics of every site, :func:`statistics_bytes`) would
+not fit the budget; an explicit ``batch_size`` skips the check.
+
 The budget is, in order: :data:`MEMORY_BUDGET` when set (bytes), the environment variable
 ``TL_DEGEN_MEMORY_BUDGET`` (bytes, or with a ``K``/``M``/``G`` suffix), else a quarter of the
 machine's memory capped at 4 GiB on CPU, or half of the free memory of the model's GPU.
@@ -20,10 +24,10 @@ import os
 
 import torch
 
-from tl_degen.errors import TLDegenError
+from tl_degen.errors import MemoryBudgetError, TLDegenError
 
 __all__ = ["MEMORY_BUDGET", "memory_budget", "bytes_per_sequence", "floats_per_layer",
-           "auto_batch_size"]
+           "auto_batch_size", "statistics_bytes", "check_fits"]
 
 #: Bytes one batch may take; ``None`` chooses from the machine (see the module docstring).
 MEMORY_BUDGET: int | None = None
@@ -94,3 +98,47 @@ def auto_batch_size(model, n_pos: int, itemsize: int = 8) -> int:
     device = get_adapter(model).device
     per = bytes_per_sequence(model, n_pos, itemsize)
     return int(max(1, min(MAX_BATCH, memory_budget(device) // per)))
+
+
+def statistics_bytes(site_dims: list[int], n_groups: int = 0) -> int:
+    """Bytes a fit keeps besides its batches, for sites of these dimensions (constant
+    coordinate included): every site's float64 moment accumulators (``3·d²``: Gram, factor and
+    a merge), and for the site being fitted its Jacobian Gram, factor, probe groups and the
+    decompositions (``(6 + n_groups)·d²`` of the largest)."""
+    if not site_dims:
+        return 0
+    return 8 * (3 * sum(d * d for d in site_dims) + (6 + n_groups) * max(site_dims) ** 2)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_fits(model, n_pos: int, *, reserved: int = 0, reserved_for: str = "",
+               itemsize: int = 8) -> None:
+    """Raise :class:`~tl_degen.errors.MemoryBudgetError` if ``reserved`` bytes (e.g. a fit's
+    :func:`statistics_bytes`) and one sequence of ``n_pos`` tokens (:func:`bytes_per_sequence`)
+    exceed :func:`memory_budget`: the work could not run even one sequence at a time.
+
+    Examples:
+        >>> check_fits(model, n_pos=128)   # silent when one sequence fits
+    """
+    from tl_degen.adapters import get_adapter
+
+    device = get_adapter(model).device
+    budget = memory_budget(device)
+    per = bytes_per_sequence(model, n_pos, itemsize)
+    if reserved + per <= budget:
+        return
+    need = f"one sequence of {n_pos} tokens takes about {_size(per)} in its passes"
+    if reserved:
+        need = (f"{reserved_for or 'the statistics'} take about {_size(reserved)} and {need}: "
+                f"{_size(reserved + per)} in all")
+    raise MemoryBudgetError(
+        f"{need}, above the memory budget of {_size(budget)} on {device}. Raise the budget "
+        f"(tl_degen.memory.MEMORY_BUDGET = "
+        f"{reserved + per} or TL_DEGEN_MEMORY_BUDGET={-(-(reserved + per) // 2**20)}M), use "
+        "shorter prompts or fewer or smaller sites, or pass batch_size= to run anyway")
