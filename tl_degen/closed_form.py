@@ -512,13 +512,15 @@ CHECK_ROWS = 256
 
 
 def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
-              x: Tensor) -> ClosedFormSection | None:
+              x: Tensor, y: Tensor | None = None) -> ClosedFormSection | None:
     """The closed form of the section, if it has one and it reproduces the model's own
     forward pass and one vector-Jacobian product on this batch (``x``: the input site's
-    vectors on ``tokens``; the first :data:`CHECK_ROWS` sequences are checked)."""
+    vectors on ``tokens``; ``y``: the output site's, read here when not given; the first
+    :data:`CHECK_ROWS` sequences are checked)."""
     if not _no_norm(adapter) or in_site.kind == "logits":
         return None
     tokens, x = tokens[:CHECK_ROWS], x[:CHECK_ROWS]
+    y_given = None if y is None else y[:CHECK_ROWS]
     n_pos = tokens.shape[1]
     in_pos, out_pos = in_site.resolve_positions(n_pos), out_site.resolve_positions(n_pos)
     cfg = adapter.model.cfg
@@ -535,8 +537,7 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
         resid = (x[..., :-1] + torch.einsum("bthe,hed->btd", z, params["W_O"])
                  + torch.einsum("bhts,bs->bt", A, x[..., -1])[..., None] * params["b_O"]
                  / params["H"])
-        with torch.no_grad():
-            (y,) = adapter.read_sites(tokens, [out_site])
+        y = _out_vectors(adapter, tokens, out_site, y_given)
         if not _close(resid[:, out_pos], y[..., :-1]):
             return None
     else:
@@ -596,14 +597,18 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
                 return xr @ J
         else:
             return None
-        with torch.no_grad():
-            (y,) = adapter.read_sites(tokens, [out_site])
+        y = _out_vectors(adapter, tokens, out_site, y_given)
         y = y[:, out_rows].reshape(-1, y.shape[-1])
         y = y if out_site.kind == "logits" else y[:, :-1]
         if not _close(formula(x[:, params["rows_in"]].reshape(-1, x.shape[-1])), y):
             return None
     section = ClosedFormSection(kind, adapter, in_site, out_site, n_pos, params)
     return section if _vjp_agrees(section, tokens, x) else None
+
+
+@torch.no_grad()
+def _out_vectors(adapter: Adapter, tokens: Tensor, out_site: Site, y: Tensor | None) -> Tensor:
+    return adapter.read_sites(tokens, [out_site])[0] if y is None else y
 
 
 def _vjp_agrees(section: ClosedFormSection, tokens: Tensor, x: Tensor, n: int = 4) -> bool:

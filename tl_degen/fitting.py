@@ -28,15 +28,15 @@ from tl_degen.basis import (
 )
 from tl_degen.basis_set import BasisSet, model_probe
 from tl_degen.checkpoint import FitCheckpoint
-from tl_degen.closed_form import accumulate_jacobian_gram, recognise
 from tl_degen.distributed import Shards, tokens_digest, weights_digest
 from tl_degen.errors import AmbiguousRankWarning, DataError, ProbeErrorWarning, TLDegenError
 from tl_degen.memory import auto_batch_size, check_fits, memory_budget, statistics_bytes
 from tl_degen.model_state import prepared
-from tl_degen.sections import gram_route, integration_rule
+from tl_degen.section_plan import SectionPlan
+from tl_degen.sections import integration_rule
 from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import GramAccumulator, MomentAccumulator
-from tl_degen.stochastic import StochasticEstimate, estimate_jacobian_gram
+from tl_degen.stochastic import StochasticEstimate
 
 __all__ = ["fit_bases", "site_activations", "token_batches", "check_positions"]
 
@@ -406,7 +406,9 @@ def fit_bases(
             out_C = None if next_C is None else next_C.to(work_dtype)
             jac, estimate = run.jacobian_accumulators(idx, acc.d, adapter.device,
                                                       probe_groups if n_probes else 0)
-            k_out = adapter.site_dim(out_site) if out_C is None else out_C.shape[1]
+            plan = SectionPlan(adapter, site, out_site, alphas=alphas, weights=weights,
+                               closed_form=closed_form, n_probes=n_probes,
+                               n_groups=probe_groups, generator=run.generator)
             rounds = 0
             while True:  # one pass over the batches; more while the probes miss target_error
                 rounds += 1
@@ -419,28 +421,15 @@ def fit_bases(
                         if x is None:
                             with torch.no_grad():
                                 (x,) = adapter.read_sites(b, [site])
-                        section = (recognise(adapter, b, site, out_site, x) if closed_form
-                                   else None)
-                        probed_here = section is None and gram_route(
-                            k_out, len(out_site.resolve_positions(b.shape[1])),
-                            n_probes) == "probes"
-                        if rounds > 1 and not probed_here:
-                            pass  # exact batches are in after the first pass
-                        elif section is not None:
-                            section.add_jacobian_gram(x, out_C, jac, alphas, weights)
-                        elif not probed_here:
-                            accumulate_jacobian_gram(adapter, b, site, out_site, x, out_C, jac,
-                                                     alphas=alphas, weights=weights,
-                                                     closed_form=False)
-                        else:
-                            est = estimate_jacobian_gram(
-                                adapter, b, site, out_site, x, out_C, alphas=alphas,
-                                weights=weights, n_probes=n_probes, n_groups=probe_groups,
-                                generator=run.generator)
-                            for g_sum, g in zip(estimate, est.groups):
-                                g_sum += g
-                            if rounds == 1:
-                                jac.add_count(x.shape[0] * x.shape[1])
+                        y = run.kept(i, idx + 1) if idx + 1 < len(site_list) else None
+                        # later rounds probe again; exact batches are in after the first
+                        if rounds == 1 or plan.gram_is_probed(b, x, out_C, y):
+                            est = plan.add_jacobian_gram(b, x, out_C, jac, y)
+                            if est is not None:
+                                for g_sum, g in zip(estimate, est.groups):
+                                    g_sum += g
+                                if rounds == 1:
+                                    jac.add_count(x.shape[0] * x.shape[1])
                         run.advance(stage)
                 total = GramAccumulator(acc.d, name=site.name, device=adapter.device)
                 total._sum = shards.sum(jac._sum)

@@ -29,22 +29,16 @@ from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
 from tl_degen.basis_set import BasisSet
-from tl_degen.closed_form import recognise
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
 from tl_degen.io import save_safetensors_atomic
 from tl_degen.memory import memory_budget
 from tl_degen.model_state import prepared
-from tl_degen.sections import (
-    EDGE_ROUTES,
-    backward_edge_squares,
-    edge_route,
-    forward_edge_squares,
-    integration_rule,
-)
+from tl_degen.section_plan import SectionPlan
+from tl_degen.sections import EDGE_ROUTES, integration_rule
 from tl_degen.sites import Site
-from tl_degen.stochastic import StochasticEstimate, estimate_edge_squares
+from tl_degen.stochastic import StochasticEstimate
 
 __all__ = ["interaction_graph", "InteractionGraph", "Modules", "GRAPH_FORMAT", "GRAPH_VERSION"]
 
@@ -133,7 +127,7 @@ def interaction_graph(
     generator = torch.Generator().manual_seed(shards.seed(seed))
     with prepared(model, dtype):
         dt = adapter.dtype
-        inputs = _InputReader(adapter, batches, sites[:-1])
+        inputs = _InputReader(adapter, batches, sites[:-1])  # not past the last input site
         for in_site, out_site in zip(sites, sites[1:]):
             b_in, b_out = bases[in_site], bases[out_site]
             C_in, C_pinv = b_in.C.to(adapter.device), b_in.C_pinv.to(adapter.device)
@@ -141,36 +135,23 @@ def interaction_graph(
             E = torch.zeros(b_out.k, b_in.k, dtype=torch.float64, device=adapter.device)
             count = 0
             groups = [torch.zeros_like(E) for _ in range(probe_groups if n_probes else 0)]
-            routes: set[str] = set()
+            plan = SectionPlan(adapter, in_site, out_site, alphas=alphas, weights=weights,
+                               closed_form=closed_form, n_probes=n_probes,
+                               n_groups=probe_groups, generator=generator, route=route)
             with shards.step(f"interaction_graph ({in_site.name} → {out_site.name})"):
                 for i, batch in enumerate(tqdm(batches,
                                                desc=f"edges {in_site.name} → {out_site.name}",
                                                disable=not progress)):
-                    x = inputs.read(i, in_site)
+                    x, y = inputs.read(i, in_site), inputs.read(i, out_site, needed=False)
                     h = x.double() @ C_in  # [b, P_in, k_in]
                     x_proj = (h @ C_pinv).to(dt)
                     count += x.shape[0] * x.shape[1]
-                    section = recognise(adapter, batch, in_site, out_site, x) if closed_form \
-                        else None
-                    if section is not None:
-                        E += section.edge_squares(x_proj, h, C_pinv, out_C, alphas, weights)
-                        routes.add("closed form")
-                        continue
-                    k_out = adapter.site_dim(out_site) if out_C is None else out_C.shape[1]
-                    chosen = route or edge_route(
-                        b_in.k, k_out, len(out_site.resolve_positions(batch.shape[1])), n_probes)
-                    routes.add(chosen)
-                    args = (adapter, batch, in_site, out_site, x_proj, h, C_pinv, out_C)
-                    if chosen == "probes":
-                        est = estimate_edge_squares(
-                            *args, alphas=alphas, weights=weights, n_probes=n_probes,
-                            n_groups=probe_groups, generator=generator)
-                        for g_sum, g in zip(groups, est.groups):
+                    out = plan.edge_squares(batch, x, x_proj, h, C_pinv, out_C, y)
+                    if isinstance(out, StochasticEstimate):
+                        for g_sum, g in zip(groups, out.groups):
                             g_sum += g
-                    elif chosen == "forward":
-                        E += forward_edge_squares(*args, alphas=alphas, weights=weights)
                     else:
-                        E += backward_edge_squares(*args, alphas=alphas, weights=weights)
+                        E += out
             E = shards.sum(E)
             (count,) = shards.sum_ints([count])
             if n_probes is not None:
@@ -183,7 +164,7 @@ def interaction_graph(
             if not torch.isfinite(E).all():
                 raise DataError(f"NaN/Inf edges between {in_site.name} and {out_site.name}")
             edges[(in_site, out_site)] = (E / count).cpu()
-            edge_routes[f"{in_site.name}->{out_site.name}"] = "+".join(sorted(routes))
+            edge_routes[f"{in_site.name}->{out_site.name}"] = "+".join(sorted(plan.routes))
     (n_samples,) = shards.sum_ints([sum(b.shape[0] for b in batches)])
     config = {"integration": integration, "n_alpha": len(alphas),
               "n_samples": n_samples, "n_pos": n_pos,
@@ -194,9 +175,10 @@ def interaction_graph(
 
 
 class _InputReader:
-    """The input sites' activations of each batch: all sites of a batch from one forward pass
-    and kept, while all batches' fit a quarter of the memory budget; otherwise one site per
-    forward pass, as each section asks."""
+    """The sites' activations of each batch: all sites of a batch from one forward pass and
+    kept, while all batches' fit a quarter of the memory budget; otherwise none is kept and
+    :meth:`read` gives the input site only, one forward pass each (a section's output is then
+    read by its closed-form check, on a few sequences)."""
 
     def __init__(self, adapter, batches: list[Tensor], sites: list[Site]):
         self.adapter, self.batches, self.sites = adapter, batches, sites
@@ -207,9 +189,10 @@ class _InputReader:
             {} if len(sites) > 1 and total <= memory_budget(adapter.device) // 4 else None)
 
     @torch.no_grad()
-    def read(self, i: int, site: Site) -> Tensor:
-        if self._kept is None:
-            return self.adapter.read_sites(self.batches[i], [site])[0]
+    def read(self, i: int, site: Site, needed: bool = True) -> Tensor | None:
+        """Batch ``i``'s vectors at ``site``; ``None`` when not kept and not ``needed``."""
+        if self._kept is None or site not in self.sites:
+            return self.adapter.read_sites(self.batches[i], [site])[0] if needed else None
         if i not in self._kept:
             self._kept[i] = self.adapter.read_sites(self.batches[i], self.sites)
         return self._kept[i][self.sites.index(site)]

@@ -1,0 +1,161 @@
+"""One section between two sites, planned once: how its Jacobian Gram and its edges are
+computed on each batch.
+
+A section ``f`` maps the vectors at one site to the next (DESIGN.md §4). Both verbs need the
+same two things from it, batch by batch:
+
+* its Jacobian Gram ``Σ J K Jᵀ`` (§4 step 4) for :func:`tl_degen.fit_bases`;
+* its edge squares ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8) for :func:`tl_degen.interaction_graph`.
+
+:class:`SectionPlan` is that interface. It picks, once per section (and once per prompt
+length), among three implementations:
+
+* **closed form** (:mod:`tl_degen.closed_form`): MLP, attention, linear and unembedding
+  sections without normalisation, checked against the model's own forward pass and one
+  vector-Jacobian product on the first batch of each length;
+* **batched autograd** (:mod:`tl_degen.sections`): exact, by the cheapest of forward-mode
+  (one Jacobian-vector product per input direction) and backward-mode (one vector-Jacobian
+  product per output position and direction), :func:`~tl_degen.sections.edge_route` and
+  :func:`~tl_degen.sections.gram_route`;
+* **stochastic** (:mod:`tl_degen.stochastic`): random-sign probes with their standard error,
+  when ``n_probes`` is given and probing costs less than half the exact route.
+
+Examples:
+    >>> plan = SectionPlan(adapter, Site.parse("resid_pre.0"), Site.parse("resid_mid.0:last"),
+    ...                    alphas=[1.0], weights=[1.0])
+    >>> plan.edge_squares(tokens, x, x_proj, h, C_pinv, out_C)   # [k_out, k_in] float64
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_degen.adapters.base import Adapter
+from tl_degen.closed_form import ClosedFormSection, recognise
+from tl_degen.sections import (
+    autograd_pullbacks,
+    backward_edge_squares,
+    edge_route,
+    forward_edge_squares,
+    gram_route,
+)
+from tl_degen.sites import Site
+from tl_degen.stats import GramAccumulator
+from tl_degen.stochastic import StochasticEstimate, estimate_edge_squares, estimate_jacobian_gram
+
+__all__ = ["SectionPlan"]
+
+
+class SectionPlan:
+    """How the section ``in_site → out_site`` is differentiated, chosen once.
+
+    Args:
+        adapter: the model's adapter (the model already in the dtype of the passes).
+        in_site, out_site: consecutive sites; ``out_site`` may be ``logits``.
+        alphas, weights: the integration rule (:func:`tl_degen.sections.integration_rule`).
+        closed_form: use a closed form where the section has one.
+        n_probes, n_groups, generator: random probes where they are cheaper
+            (``None``: exact everywhere).
+        route: force the edges' autograd route (``"forward"``, ``"backward"``, ``"probes"``);
+            ``None`` takes the cheapest.
+
+    Attributes:
+        routes: the implementations used so far (``"closed form"``, ``"forward"``, ...).
+    """
+
+    def __init__(self, adapter: Adapter, in_site: Site, out_site: Site, *,
+                 alphas: list[float], weights: list[float], closed_form: bool = True,
+                 n_probes: int | None = None, n_groups: int = 4,
+                 generator: torch.Generator | None = None, route: str | None = None):
+        self.adapter, self.in_site, self.out_site = adapter, in_site, out_site
+        self.alphas, self.weights = alphas, weights
+        self.closed_form, self.route = closed_form, route
+        self.n_probes, self.n_groups, self.generator = n_probes, n_groups, generator
+        self.routes: set[str] = set()
+        self._closed: dict[int, ClosedFormSection | None] = {}
+
+    def __repr__(self) -> str:
+        used = ", ".join(sorted(self.routes)) or "nothing yet"
+        return f"SectionPlan({self.in_site.name} → {self.out_site.name}; used: {used})"
+
+    def closed(self, tokens: Int[Tensor, "batch pos"], x: Tensor,
+               y: Tensor | None = None) -> ClosedFormSection | None:
+        """The section's closed form for prompts of this length, recognised (and checked
+        against the model) on the first batch of that length; ``y``: the output site's
+        vectors on ``tokens``, when already read."""
+        if not self.closed_form:
+            return None
+        n_pos = tokens.shape[1]
+        if n_pos not in self._closed:
+            self._closed[n_pos] = recognise(self.adapter, tokens, self.in_site,
+                                            self.out_site, x, y)
+        return self._closed[n_pos]
+
+    def _k_out(self, out_basis: Tensor | None) -> int:
+        return self.adapter.site_dim(self.out_site) if out_basis is None else out_basis.shape[1]
+
+    def _n_out_pos(self, tokens: Tensor) -> int:
+        return len(self.out_site.resolve_positions(tokens.shape[1]))
+
+    # ------------------------------------------------------------------ Jacobian Gram
+    def gram_is_probed(self, tokens: Int[Tensor, "batch pos"], x: Tensor,
+                       out_basis: Tensor | None, y: Tensor | None = None) -> bool:
+        """Whether this batch's Jacobian Gram is estimated with probes (else exact)."""
+        return self.closed(tokens, x, y) is None and gram_route(
+            self._k_out(out_basis), self._n_out_pos(tokens), self.n_probes) == "probes"
+
+    def add_jacobian_gram(
+        self, tokens: Int[Tensor, "batch pos"], x: Float[Tensor, "batch n_in d_in"],
+        out_basis: Float[Tensor, "d_out k"] | None, acc: GramAccumulator,
+        y: Tensor | None = None,
+    ) -> StochasticEstimate | None:
+        """Add this batch's exact ``Σ J K Jᵀ`` (§4 step 4) and ``N·P_in`` to ``acc``; or, where
+        the plan probes, leave ``acc`` alone and return the estimate (its groups are sums over
+        the batch, to be added to ``acc`` once complete)."""
+        section = self.closed(tokens, x, y)
+        if section is not None:
+            self.routes.add("closed form")
+            section.add_jacobian_gram(x, out_basis, acc, self.alphas, self.weights)
+            return None
+        if self.gram_is_probed(tokens, x, out_basis, y):
+            self.routes.add("probes")
+            return estimate_jacobian_gram(
+                self.adapter, tokens, self.in_site, self.out_site, x, out_basis,
+                alphas=self.alphas, weights=self.weights, n_probes=self.n_probes,
+                n_groups=self.n_groups, generator=self.generator)
+        self.routes.add("backward")
+        for pb in autograd_pullbacks(self.adapter, tokens, self.in_site, self.out_site, x,
+                                     out_basis, alphas=self.alphas, weights=self.weights):
+            acc.add_rows(pb.g.transpose(-1, -2))
+        acc.add_count(x.shape[0] * x.shape[1])
+        return None
+
+    # ------------------------------------------------------------------ edges
+    def edge_squares(
+        self, tokens: Int[Tensor, "batch pos"], x: Float[Tensor, "batch n_in d_in"],
+        x_proj: Float[Tensor, "batch n_in d_in"], h: Float[Tensor, "batch n_in k_in"],
+        C_pinv: Float[Tensor, "k_in d_in"], out_basis: Float[Tensor, "d_out k_out"] | None,
+        y: Tensor | None = None,
+    ) -> Float[Tensor, "k_out k_in"] | StochasticEstimate:
+        """This batch's ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8), ``[k_out, k_in]`` float64, exact;
+        or, where the plan probes, its estimate.
+
+        ``x``: the input site's vectors (the closed form is recognised on them); ``x_proj``
+        and ``h``: the same projected onto the kept directions and in basis coordinates."""
+        section = self.closed(tokens, x, y)
+        if section is not None:
+            self.routes.add("closed form")
+            return section.edge_squares(x_proj, h, C_pinv, out_basis, self.alphas,
+                                        self.weights)
+        chosen = self.route or edge_route(h.shape[-1], self._k_out(out_basis),
+                                          self._n_out_pos(tokens), self.n_probes)
+        self.routes.add(chosen)
+        args = (self.adapter, tokens, self.in_site, self.out_site, x_proj, h, C_pinv, out_basis)
+        if chosen == "probes":
+            return estimate_edge_squares(*args, alphas=self.alphas, weights=self.weights,
+                                         n_probes=self.n_probes, n_groups=self.n_groups,
+                                         generator=self.generator)
+        routine = forward_edge_squares if chosen == "forward" else backward_edge_squares
+        return routine(*args, alphas=self.alphas, weights=self.weights)
