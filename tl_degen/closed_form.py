@@ -35,9 +35,9 @@ These section shapes have Jacobians that need no backward passes:
   computation.
 
 Both act per position, so only positions in both sites contribute. Before use, each form is
-checked against the model's own forward pass on the batch (relative error below 1e-5 in the
-model's dtype); otherwise :func:`accumulate_jacobian_gram` falls back to
-autograd.
+checked against the model's own forward pass and one vector-Jacobian product (:func:`recognise`,
+on the first batch of each prompt length when :class:`tl_degen.section_plan.SectionPlan`
+asks); otherwise the plan, or :func:`accumulate_jacobian_gram`, falls back to autograd.
 """
 
 from __future__ import annotations
