@@ -8,7 +8,7 @@ import torch
 
 from tests import models as M
 from tl_degen.adapters import get_adapter
-from tl_degen.closed_form import accumulate_jacobian_gram, try_closed_form
+from tl_degen.closed_form import accumulate_jacobian_gram, recognise, try_closed_form
 from tl_degen.model_state import prepared
 from tl_degen.sections import integration_rule
 from tl_degen.sites import Site
@@ -67,7 +67,8 @@ def test_closed_form_equals_autograd(modadd_model, sites, rule, rotated_output):
 
 
 def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
-    """LayerNorm (GPT-2) and rotary/RMSNorm (Llama) sections fall back to autograd."""
+    """LayerNorm (GPT-2) and rotary/RMSNorm (Llama) sections fall back to autograd; GPT-2's
+    attention after its LayerNorm is known by its formula only."""
     for arch in ("gpt2", "llama"):
         model = M.build(arch, tokenizer_dir)
         adapter = get_adapter(model)
@@ -78,8 +79,57 @@ def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
             in_site, out_site = (Site.parse(s) for s in sites)
             with prepared(model, torch.float64):
                 (x,) = adapter.read_sites(tokens, [in_site])
-                assert not try_closed_form(adapter, tokens, in_site, out_site, x, None,
-                                           GramAccumulator(x.shape[-1]), [1.0], [1.0])
+                section = recognise(adapter, tokens, in_site, out_site, x)
+            if arch == "gpt2" and sites[0] == "resid_pre.1":
+                assert section.kind == "norm_attention" and section.formula_only
+            else:
+                assert section is None, (arch, sites)
+
+
+NORM_ARCHS = ["native_ln_gelu", "gpt2", "hooked_transformer"]
+
+
+@pytest.mark.parametrize("arch", NORM_ARCHS)
+def test_attention_after_a_norm_by_its_formula_equals_the_model(arch, tokenizer_dir):
+    """Attention after a LayerNorm, differentiated through the section's formula: its
+    output, Jacobian Gram (exact and integrated) and edges (forward mode) equal those of
+    autograd through the model, at every position and at the last."""
+    import tl_degen
+
+    if arch == "hooked_transformer" and not M.HAS_HOOKED_TRANSFORMER:
+        pytest.skip("HookedTransformer needs transformer_lens 3.x")
+    model = M.build(arch, tokenizer_dir)
+    adapter = get_adapter(model)
+    tokens = M.random_tokens(10, 6)
+    for out in ("resid_mid.1", "resid_mid.1:last"):
+        in_site, out_site = Site.parse("resid_pre.1"), Site.parse(out)
+        with prepared(model, torch.float64):
+            x, y = adapter.read_sites(tokens, [in_site, out_site])
+            section = recognise(adapter, tokens, in_site, out_site, x)
+            assert section.kind == "norm_attention"
+            torch.testing.assert_close(section.forward(x), y, rtol=0, atol=1e-12)
+            out_C = torch.randn(y.shape[-1], 5, generator=torch.Generator().manual_seed(0),
+                                dtype=torch.float64)
+            for alphas, weights in ([[1.0], [1.0]], integration_rule("gauss-legendre", 2)):
+                grams = []
+                for closed in (True, False):
+                    acc = GramAccumulator(x.shape[-1])
+                    accumulate_jacobian_gram(adapter, tokens, in_site, out_site, x, out_C, acc,
+                                             alphas=alphas, weights=weights,
+                                             closed_form=closed)
+                    grams.append(acc.value)
+                err = (grams[0] - grams[1]).abs().max() / grams[1].abs().max()
+                assert err <= 1e-10, (out, alphas, float(err))
+        sites = ["resid_pre.1", out, "resid_post.1:last"]
+        bases = tl_degen.fit_bases(model, tokens, sites, progress=False)
+        graphs = [tl_degen.interaction_graph(model, tokens, bases, closed_form=closed,
+                                             route="forward", progress=False)
+                  for closed in (True, False)]
+        routes = graphs[0].config["edge_routes"]
+        assert routes[f"resid_pre.1->{out}"] == "forward (section formula)", routes
+        for pair, E in graphs[1].edges.items():
+            err = (graphs[0].edges[pair] - E).abs().max() / E.abs().max()
+            assert err <= 1e-10, (pair, float(err))
 
 
 EDGE_CASES = {

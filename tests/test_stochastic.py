@@ -69,7 +69,8 @@ def test_fit_and_graph_with_probes(setting):
     g_exact = tl_degen.interaction_graph(model, tokens, exact, progress=False)
     g_est = tl_degen.interaction_graph(model, tokens, exact, n_probes=128, probe_groups=8,
                                        route="probes", progress=False)
-    assert set(g_est.config["edge_routes"].values()) == {"probes"}
+    # the attention pair (after GPT-2's LayerNorm) probes through the section's formula
+    assert set(g_est.config["edge_routes"].values()) == {"probes", "probes (section formula)"}
     for pair in g_exact.pairs():
         E, F = g_exact.edges[pair], g_est.edges[pair]
         actual = float((F - E).norm() / E.norm())

@@ -51,7 +51,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_degen.adapters.base import Adapter
-from tl_degen.sections import Pullback, autograd_pullbacks
+from tl_degen.sections import Pullback, autograd_pullbacks, forward_edge_squares
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 
@@ -89,7 +89,12 @@ def _close(a: Tensor, b: Tensor) -> bool:
 
 @dataclass
 class ClosedFormSection:
-    """A section recognised as MLP, unembedding or attention, with its weights."""
+    """A section recognised as MLP, unembedding or attention, with its weights.
+
+    ``kind`` is ``"mlp"``, ``"linear"``, ``"unembed"``, ``"attention"`` (closed-form Grams,
+    edges and pullbacks) or ``"norm_attention"`` (attention after a LayerNorm or RMSNorm: its
+    formula only, :meth:`forward`, which autograd and forward mode differentiate instead of
+    the model, see :attr:`formula_only`)."""
 
     kind: str
     adapter: Adapter
@@ -97,6 +102,12 @@ class ClosedFormSection:
     out_site: Site
     n_pos: int
     params: dict
+
+    @property
+    def formula_only(self) -> bool:
+        """Whether only the section's formula is known (its Gram and edges then come from
+        autograd through :meth:`forward`, by the cheapest route)."""
+        return self.kind == "norm_attention"
 
     # ------------------------------------------------------------------ M′ (fast path)
     def add_jacobian_gram(self, x: Tensor, out_basis: Tensor | None, acc: GramAccumulator,
@@ -111,7 +122,7 @@ class ClosedFormSection:
             J64 = self.params["J"].double()
             JC = J64 if out_basis is None else J64 @ out_basis.double()
             acc.add_rows(n**0.5 * JC.T)
-        elif len(alphas) == 1:  # attention, one evaluation point: summed in factored form
+        elif self.kind == "attention" and len(alphas) == 1:  # summed in factored form
             acc.add_matrix(weights[0] ** 2 * self._attention_jacobian_gram(alphas[0] * x,
                                                                            out_basis))
         else:
@@ -283,7 +294,7 @@ class ClosedFormSection:
         positions alone (then the caller runs the model).
         """
         P = self.params
-        if self.kind == "attention":
+        if self.kind in ("attention", "norm_attention"):
             return self._attention_forward(x)
         if len(P["out_rows"]) != len(self.out_site.resolve_positions(self.n_pos)):
             return None
@@ -297,11 +308,28 @@ class ClosedFormSection:
         out = xr[..., :-1] + hidden @ P["w_out_t"][:, :-1] + xr[..., -1:] * P["j0"][-1, :-1]
         return torch.cat([out, xr[..., -1:]], dim=-1)
 
+    def _normalised(self, x: Tensor) -> Tensor:
+        """``[norm(x), c]``: the attention's input, LayerNorm (or RMSNorm) of the residual
+        stream with its bias scaled by the constant coordinate ``c``, as the adapter runs it
+        (every bias inside a section is multiplied by ``c``)."""
+        N = self.params["norm"]
+        xs, c = x[..., :-1], x[..., -1:]
+        if not N["rms"]:
+            xs = xs - xs.mean(-1, keepdim=True)
+        y = xs * torch.rsqrt(xs.square().mean(-1, keepdim=True) + N["eps"])
+        if N["w"] is not None:
+            y = y * N["w"]
+        if N["b"] is not None:
+            y = y + c * N["b"]
+        return torch.cat([y, c], dim=-1)
+
     def _attention_forward(self, x: Tensor) -> Tensor:
         """Keys and values at every position, queries only at the positions read; three
-        matmuls over the whole batch."""
+        matmuls over the whole batch. With a normalisation before the attention
+        (``norm_attention``) the projections read :meth:`_normalised` and the residual ``x``."""
         P = self.params
         H, pos = P["H"], P["out_pos"]
+        xn = self._normalised(x) if self.kind == "norm_attention" else x
         b, S, D = x.shape
         if "w_kv" not in P:  # fused [D, (h, k|v, e)] and [D, (h, e)] weights, formed once
             P["w_kv"] = torch.cat([P["wk"], P["wv"]], -1).permute(1, 0, 2).reshape(D, -1)
@@ -310,10 +338,10 @@ class ClosedFormSection:
             idx = torch.arange(S, device=x.device)
             P["future"] = idx[None, :] > torch.tensor(pos, device=x.device)[:, None]  # [t, s]
         e = P["wq"].shape[-1]
-        kv = (x.reshape(b * S, D) @ P["w_kv"]).view(b, S, H, 2 * e)
+        kv = (xn.reshape(b * S, D) @ P["w_kv"]).view(b, S, H, 2 * e)
         k, v = kv[..., :e], kv[..., e:]
         T = len(pos)
-        q = (x[:, pos].reshape(b * T, D) @ P["w_q"]).view(b, T, H, e)
+        q = (xn[:, pos].reshape(b * T, D) @ P["w_q"]).view(b, T, H, e)
         scores = torch.einsum("bthe,bshe->bhts", q, k) / P["scale"]
         A = scores.masked_fill(P["future"], float("-inf")).softmax(-1)  # [b, H, t, s]
         z = torch.einsum("bhts,bshe->bthe", A, v).reshape(b * T, H * e)
@@ -333,6 +361,10 @@ class ClosedFormSection:
         if self.kind == "attention":
             return self._attention_edge_squares(x_eval, h, C_pinv, out_basis, alphas, weights,
                                                 chunk)
+        if self.kind == "norm_attention":  # forward mode through the section's formula
+            return forward_edge_squares(self.adapter, None, self.in_site, self.out_site, x_eval,
+                                        h, C_pinv, out_basis, alphas=alphas, weights=weights,
+                                        forward=self.forward)
         if self.kind in ("unembed", "linear"):  # constant Jacobian: A[b,t,i,j] = M[j,i] h[b,t,j]
             J = self.params["J"].double()
             C = (torch.eye(J.shape[1], dtype=torch.float64, device=h.device)
@@ -458,6 +490,14 @@ class ClosedFormSection:
         C = (torch.eye(d_out, dtype=dt, device=x.device) if out_basis is None
              else out_basis.to(dt))
         dirs = torch.arange(C.shape[1], device=x.device)
+        if self.kind == "norm_attention":  # autograd through the section's formula
+            for start in range(0, x.shape[0], chunk):
+                for pb in autograd_pullbacks(self.adapter, None, self.in_site, self.out_site,
+                                             x[start:start + chunk], out_basis, alphas=alphas,
+                                             weights=weights, forward=self.forward):
+                    pb.samples = slice(start, start + pb.g.shape[0])
+                    yield pb
+            return
         if self.kind == "attention":
             yield from self._attention_pullbacks(x, C, dirs, alphas, weights, chunk)
             return
@@ -517,7 +557,7 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
     forward pass and one vector-Jacobian product on this batch (``x``: the input site's
     vectors on ``tokens``; ``y``: the output site's, read here when not given; the first
     :data:`CHECK_ROWS` sequences are checked)."""
-    if not _no_norm(adapter) or in_site.kind == "logits":
+    if in_site.kind == "logits":
         return None
     tokens, x = tokens[:CHECK_ROWS], x[:CHECK_ROWS]
     y_given = None if y is None else y[:CHECK_ROWS]
@@ -527,18 +567,23 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
     L = in_site.layer
     dt = x.dtype
     pair = (in_site.kind, out_site.kind)
-    if pair == ("resid_pre", "resid_mid") and out_site.layer == L:
+    attention = pair == ("resid_pre", "resid_mid") and out_site.layer == L
+    if not _no_norm(adapter) and not attention:
+        return None
+    if attention:
         params = _attention_params(adapter, in_site, out_site, x, n_pos)
         if params is None:
             return None
         kind = "attention"
-        _, _, v, A = params["attention"](x)
-        z = torch.einsum("bhts,bhse->bthe", A, v)
-        resid = (x[..., :-1] + torch.einsum("bthe,hed->btd", z, params["W_O"])
-                 + torch.einsum("bhts,bs->bt", A, x[..., -1])[..., None] * params["b_O"]
-                 / params["H"])
+        if not _no_norm(adapter):
+            norm = _norm_params(adapter, L, dt)
+            if norm is None:
+                return None
+            params["norm"] = norm
+            kind = "norm_attention"
+        section = ClosedFormSection(kind, adapter, in_site, out_site, n_pos, params)
         y = _out_vectors(adapter, tokens, out_site, y_given)
-        if not _close(resid[:, out_pos], y[..., :-1]):
+        if not _close(section.forward(x), y):
             return None
     else:
         common = [p for p in out_pos if p in in_pos]
@@ -602,7 +647,7 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
         y = y if out_site.kind == "logits" else y[:, :-1]
         if not _close(formula(x[:, params["rows_in"]].reshape(-1, x.shape[-1])), y):
             return None
-    section = ClosedFormSection(kind, adapter, in_site, out_site, n_pos, params)
+        section = ClosedFormSection(kind, adapter, in_site, out_site, n_pos, params)
     return section if _vjp_agrees(section, tokens, x) else None
 
 
@@ -675,6 +720,27 @@ def _attention_params(adapter, in_site, out_site, x, n_pos) -> dict | None:
     out_pos = out_site.resolve_positions(n_pos)
     return {"H": H, "scale": scale, "wq": wq, "wk": wk, "wv": wv, "W_O": W["W_O"],
             "b_O": W["b_O"], "attention": attention, "out_pos": out_pos}
+
+
+def _norm_params(adapter: Adapter, L: int, dt: torch.dtype) -> dict | None:
+    """The attention input's normalisation of layer ``L`` (``ln1``): LayerNorm or RMSNorm,
+    with or without its weight and bias, else None."""
+    kind = str(getattr(adapter.model.cfg, "normalization_type", ""))
+    if kind not in ("LN", "LNPre", "RMS", "RMSPre"):
+        return None
+    try:
+        ln = adapter.model.blocks[L].ln1
+    except (AttributeError, IndexError, TypeError):
+        return None
+    eps = getattr(ln, "eps", None)
+    eps = getattr(adapter.model.cfg, "eps", None) if eps is None else eps
+    if not isinstance(eps, (int, float)):
+        return None
+    w = getattr(ln, "w", None) if not kind.endswith("Pre") else None
+    b = getattr(ln, "b", None) if kind == "LN" else None
+    return {"rms": kind.startswith("RMS"), "eps": float(eps),
+            "w": None if w is None else w.detach().to(dt),
+            "b": None if b is None else b.detach().to(dt)}
 
 
 def _mlp_weights(adapter: Adapter, L: int, dt: torch.dtype):

@@ -12,7 +12,10 @@ length), among three implementations:
 
 * **closed form** (:mod:`tl_degen.closed_form`): MLP, attention, linear and unembedding
   sections without normalisation, checked against the model's own forward pass and one
-  vector-Jacobian product on the first batch of each length;
+  vector-Jacobian product on the first batch of each length. Attention after a LayerNorm or
+  RMSNorm has its formula only: the autograd routes below then differentiate that formula
+  (one layer's attention in a few matmuls) instead of the model (route names end in
+  "(section formula)");
 * **batched autograd** (:mod:`tl_degen.sections`): exact, by the cheapest of forward-mode
   (one Jacobian-vector product per input direction) and backward-mode (one vector-Jacobian
   product per output position and direction), :func:`~tl_degen.sections.edge_route` and
@@ -93,6 +96,18 @@ class SectionPlan:
                                             self.out_site, x, y)
         return self._closed[n_pos]
 
+    def _exact_closed(self, tokens, x, y) -> ClosedFormSection | None:
+        section = self.closed(tokens, x, y)
+        return None if section is None or section.formula_only else section
+
+    def _formula(self, tokens, x, y):
+        """The section's formula to differentiate instead of the model, if there is one."""
+        section = self.closed(tokens, x, y)
+        return section.forward if section is not None and section.formula_only else None
+
+    def _route_name(self, route: str, formula) -> str:
+        return route if formula is None else f"{route} (section formula)"
+
     def _k_out(self, out_basis: Tensor | None) -> int:
         return self.adapter.site_dim(self.out_site) if out_basis is None else out_basis.shape[1]
 
@@ -103,7 +118,7 @@ class SectionPlan:
     def gram_is_probed(self, tokens: Int[Tensor, "batch pos"], x: Tensor,
                        out_basis: Tensor | None, y: Tensor | None = None) -> bool:
         """Whether this batch's Jacobian Gram is estimated with probes (else exact)."""
-        return self.closed(tokens, x, y) is None and gram_route(
+        return self._exact_closed(tokens, x, y) is None and gram_route(
             self._k_out(out_basis), self._n_out_pos(tokens), self.n_probes) == "probes"
 
     def add_jacobian_gram(
@@ -114,20 +129,22 @@ class SectionPlan:
         """Add this batch's exact ``Σ J K Jᵀ`` (§4 step 4) and ``N·P_in`` to ``acc``; or, where
         the plan probes, leave ``acc`` alone and return the estimate (its groups are sums over
         the batch, to be added to ``acc`` once complete)."""
-        section = self.closed(tokens, x, y)
+        section = self._exact_closed(tokens, x, y)
         if section is not None:
             self.routes.add("closed form")
             section.add_jacobian_gram(x, out_basis, acc, self.alphas, self.weights)
             return None
+        formula = self._formula(tokens, x, y)
         if self.gram_is_probed(tokens, x, out_basis, y):
-            self.routes.add("probes")
+            self.routes.add(self._route_name("probes", formula))
             return estimate_jacobian_gram(
                 self.adapter, tokens, self.in_site, self.out_site, x, out_basis,
                 alphas=self.alphas, weights=self.weights, n_probes=self.n_probes,
-                n_groups=self.n_groups, generator=self.generator)
-        self.routes.add("backward")
+                n_groups=self.n_groups, generator=self.generator, forward=formula)
+        self.routes.add(self._route_name("backward", formula))
         for pb in autograd_pullbacks(self.adapter, tokens, self.in_site, self.out_site, x,
-                                     out_basis, alphas=self.alphas, weights=self.weights):
+                                     out_basis, alphas=self.alphas, weights=self.weights,
+                                     forward=formula):
             acc.add_rows(pb.g.transpose(-1, -2))
         acc.add_count(x.shape[0] * x.shape[1])
         return None
@@ -144,18 +161,19 @@ class SectionPlan:
 
         ``x``: the input site's vectors (the closed form is recognised on them); ``x_proj``
         and ``h``: the same projected onto the kept directions and in basis coordinates."""
-        section = self.closed(tokens, x, y)
+        section = self._exact_closed(tokens, x, y)
         if section is not None:
             self.routes.add("closed form")
             return section.edge_squares(x_proj, h, C_pinv, out_basis, self.alphas,
                                         self.weights)
+        formula = self._formula(tokens, x, y)
         chosen = self.route or edge_route(h.shape[-1], self._k_out(out_basis),
                                           self._n_out_pos(tokens), self.n_probes)
-        self.routes.add(chosen)
+        self.routes.add(self._route_name(chosen, formula))
         args = (self.adapter, tokens, self.in_site, self.out_site, x_proj, h, C_pinv, out_basis)
         if chosen == "probes":
             return estimate_edge_squares(*args, alphas=self.alphas, weights=self.weights,
                                          n_probes=self.n_probes, n_groups=self.n_groups,
-                                         generator=self.generator)
+                                         generator=self.generator, forward=formula)
         routine = forward_edge_squares if chosen == "forward" else backward_edge_squares
-        return routine(*args, alphas=self.alphas, weights=self.weights)
+        return routine(*args, alphas=self.alphas, weights=self.weights, forward=formula)

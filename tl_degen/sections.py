@@ -29,6 +29,7 @@ Where no closed form applies there are three autograd routes, chosen per section
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,7 @@ from tl_degen.memory import floats_per_layer, memory_budget
 from tl_degen.sites import Site
 
 __all__ = ["INTEGRATION_RULES", "integration_rule", "Pullback", "autograd_pullbacks",
+           "section_forward",
            "EDGE_ROUTES", "edge_route", "gram_route", "forward_edge_squares",
            "backward_edge_squares"]
 
@@ -107,19 +109,23 @@ def autograd_pullbacks(
     alphas: list[float],
     weights: list[float],
     chunk: int = 1,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ):
     """Pullbacks of every output direction through the model with autograd.
 
     The model runs forward once per quadrature point with ``α·x`` written at ``in_site``;
     output directions are then pulled back ``chunk`` at a time (``is_grads_batched`` above
-    1), each call batched over all samples. Yields :class:`Pullback`.
+    1), each call batched over all samples. ``forward``, when given, replaces the model: the
+    section's own formula (e.g. :meth:`tl_degen.closed_form.ClosedFormSection.forward`),
+    input site vectors to output site vectors (``tokens`` is then unused). Yields
+    :class:`Pullback`.
     """
     n, n_in, _ = x.shape
+    run = forward or section_forward(adapter, tokens, in_site, out_site)
     graphs = []
     for alpha in alphas:
         leaf = (alpha * x).detach().requires_grad_(True)
-        y = adapter.run(tokens, read=out_site, write=(in_site, leaf))
-        graphs.append((leaf, y))
+        graphs.append((leaf, run(leaf)))
     _, n_out, d_out = graphs[0][1].shape
     basis = None if out_basis is None else out_basis.to(x.dtype)
     k = d_out if basis is None else basis.shape[1]
@@ -143,6 +149,17 @@ def autograd_pullbacks(
                                                is_grads_batched=True)
                 total = w * g if total is None else total + w * g
             yield Pullback(slice(0, n), rows, t, dirs, total.permute(1, 2, 3, 0))
+
+
+def section_forward(adapter: Adapter, tokens: Int[Tensor, "batch pos"], in_site: Site,
+                    out_site: Site) -> Callable[[Tensor], Tensor]:
+    """The section as a function of the input site's vectors: the model run on ``tokens``
+    with them written at ``in_site``, reading ``out_site``."""
+
+    def run(z: Tensor) -> Tensor:
+        return adapter.run(tokens, read=out_site, write=(in_site, z))
+
+    return run
 
 
 def edge_route(k_in: int, k_out: int, n_out_pos: int, n_probes: int | None) -> str:
@@ -206,6 +223,7 @@ def forward_edge_squares(
     weights: list[float],
     chunk: int | None = None,
     budget: int | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "k_out k_in"]:
     """This batch's exact ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8) by forward-mode autograd.
 
@@ -214,6 +232,8 @@ def forward_edge_squares(
     for every output position and direction. ``chunk`` directions share one pass
     (``torch.func.vmap`` over ``torch.func.jvp``); by default as many as fit ``budget`` bytes
     (:func:`tl_degen.memory.memory_budget`). Integrated rules add ``w_α·J(α·x)·V_j``.
+    ``forward`` replaces the model by the section's own formula (as in
+    :func:`autograd_pullbacks`).
 
     Returns:
         ``[k_out, k_in]`` float64 (``k_out = d_out`` for raw outputs such as the logits).
@@ -221,20 +241,21 @@ def forward_edge_squares(
     n, n_in, _ = x_eval.shape
     k_in = h.shape[-1]
     dt = x_eval.dtype
+    n_pos = n_in if tokens is None else tokens.shape[1]
     if chunk is None:
         budget = memory_budget(x_eval.device) if budget is None else budget
-        per = n * _section_bytes(adapter, in_site, out_site, tokens.shape[1],
-                                 torch.finfo(dt).bits // 8)
+        per = n * _section_bytes(adapter, in_site, out_site, n_pos, torch.finfo(dt).bits // 8)
         chunk = budget // max(per, 1)
         if x_eval.device.type == "cpu":
             # on CPU, passes of about 6k tangent tokens run fastest (measured on 2 cores,
             # GPT-2-small attention: 32 directions per pass at 16 × 12 tokens took 4.6 s for
             # 562 directions, 180 per pass 8.9 s; 4 to 16 per pass at 16 × 128 tokens)
-            chunk = min(chunk, min(32, max(4, 6144 // max(1, n * tokens.shape[1]))))
+            chunk = min(chunk, min(32, max(4, 6144 // max(1, n * n_pos))))
         chunk = int(max(1, min(k_in, chunk)))
     basis = None if out_basis is None else out_basis.to(dt)
     Cp = C_pinv.to(dt)
     hd = h.to(dt)
+    section = forward or section_forward(adapter, tokens, in_site, out_site)
     E = None
     for start in range(0, k_in, chunk):
         stop = min(k_in, start + chunk)
@@ -242,9 +263,6 @@ def forward_edge_squares(
         A = None
         for alpha, w in zip(alphas, weights):
             primal = (alpha * x_eval).detach()
-
-            def section(z):
-                return adapter.run(tokens, read=out_site, write=(in_site, z))
 
             def push(v):
                 return jvp(section, (primal,), (v,))[1]
@@ -272,16 +290,17 @@ def backward_edge_squares(
     *,
     alphas: list[float],
     weights: list[float],
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> Float[Tensor, "k_out k_in"]:
     """This batch's exact ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8): one vector-Jacobian product
-    per output position and direction (:func:`autograd_pullbacks`).
+    per output position and direction (:func:`autograd_pullbacks`; ``forward`` as there).
 
     Returns:
         ``[k_out, k_in]`` float64.
     """
     E = None
     for pb in autograd_pullbacks(adapter, tokens, in_site, out_site, x_eval, out_basis,
-                                 alphas=alphas, weights=weights):
+                                 alphas=alphas, weights=weights, forward=forward):
         if E is None:
             k_out = adapter.site_dim(out_site) if out_basis is None else out_basis.shape[1]
             E = torch.zeros(k_out, h.shape[-1], dtype=torch.float64, device=x_eval.device)

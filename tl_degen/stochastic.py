@@ -13,6 +13,7 @@ an independent estimate, and the reported error is the standard error of their m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from tl_degen.adapters.base import Adapter
 from tl_degen.errors import TLDegenError
+from tl_degen.sections import section_forward
 from tl_degen.sites import Site
 
 __all__ = ["StochasticEstimate", "estimate_jacobian_gram", "estimate_edge_squares"]
@@ -61,11 +63,12 @@ def _check(n_probes: int, n_groups: int) -> int:
     return n_probes // n_groups
 
 
-def _graphs(adapter, tokens, in_site, out_site, x, alphas):
+def _graphs(adapter, tokens, in_site, out_site, x, alphas, forward=None):
+    run = forward or section_forward(adapter, tokens, in_site, out_site)
     graphs = []
     for alpha in alphas:
         leaf = (alpha * x).detach().requires_grad_(True)
-        graphs.append((leaf, adapter.run(tokens, read=out_site, write=(in_site, leaf))))
+        graphs.append((leaf, run(leaf)))
     return graphs
 
 
@@ -81,11 +84,14 @@ def estimate_jacobian_gram(
     adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site, x: Tensor,
     out_basis: Tensor | None, *, alphas: list[float], weights: list[float], n_probes: int,
     n_groups: int = 4, generator: torch.Generator | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> StochasticEstimate:
     """Hutchinson estimate of this batch's ``Σ J Jᵀ`` (§4 step 4), probing output positions
-    and output directions jointly with ``n_probes`` probes in ``n_groups`` groups."""
+    and output directions jointly with ``n_probes`` probes in ``n_groups`` groups
+    (``forward``: the section's own formula instead of the model, as in
+    :func:`tl_degen.sections.autograd_pullbacks`)."""
     per_group = _check(n_probes, n_groups)
-    graphs = _graphs(adapter, tokens, in_site, out_site, x, alphas)
+    graphs = _graphs(adapter, tokens, in_site, out_site, x, alphas, forward)
     y = graphs[0][1]
     # raw outputs (the logits, d_out up to a vocabulary) are probed directly: never a
     # [d_out, d_out] identity
@@ -109,11 +115,13 @@ def estimate_edge_squares(
     h: Tensor, C_pinv: Tensor, out_basis: Tensor | None, *, alphas: list[float],
     weights: list[float], n_probes: int, n_groups: int = 4,
     generator: torch.Generator | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> StochasticEstimate:
     """Hutchinson estimate of this batch's ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8), probing the
-    output positions; every output direction ``i`` is still pulled back exactly."""
+    output positions; every output direction ``i`` is still pulled back exactly
+    (``forward`` as in :func:`estimate_jacobian_gram`)."""
     per_group = _check(n_probes, n_groups)
-    graphs = _graphs(adapter, tokens, in_site, out_site, x_eval, alphas)
+    graphs = _graphs(adapter, tokens, in_site, out_site, x_eval, alphas, forward)
     y = graphs[0][1]
     C = None if out_basis is None else out_basis.to(x_eval.dtype)
     k = y.shape[-1] if C is None else C.shape[1]
