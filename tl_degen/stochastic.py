@@ -72,10 +72,23 @@ def _graphs(adapter, tokens, in_site, out_site, x, alphas, forward=None):
     return graphs
 
 
-def _pullback(graphs, weights, grad_out: Tensor) -> Tensor:
+#: Probes pulled back together, in one batched vector-Jacobian product (is_grads_batched):
+#: on 2 CPU cores, GPT-2-small-shaped layers 3-11 and the unembedding at 16 × 12 tokens took
+#: 197 ms a probe one at a time, 160 ms in fours or eights, 188 ms in sixteens.
+PROBES_PER_PASS = 8
+
+
+def _pullback(graphs, weights, grad_out: Tensor, batched: bool = False) -> Tensor:
+    """``Σ_α w_α J(α x)ᵀ grad_out``; with ``batched`` the leading dimension of ``grad_out``
+    holds several probes, pulled back in one pass."""
     total = None
     for (leaf, y), w in zip(graphs, weights):
-        (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True)
+        if batched and grad_out.shape[0] == 1:
+            (g,) = torch.autograd.grad(y, leaf, grad_out[0], retain_graph=True)
+            g = g[None]
+        else:
+            (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
+                                       is_grads_batched=batched)
         total = w * g if total is None else total + w * g
     return total
 
@@ -100,10 +113,11 @@ def estimate_jacobian_gram(
     groups = []
     for _ in range(n_groups):
         acc = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
-        for _ in range(per_group):
-            r = torch.randint(0, 2, (*y.shape[:2], k), generator=generator,
+        for start in range(0, per_group, PROBES_PER_PASS):
+            m = min(PROBES_PER_PASS, per_group - start)
+            r = torch.randint(0, 2, (m, *y.shape[:2], k), generator=generator,
                               device="cpu").to(x.device, x.dtype) * 2 - 1
-            g = _pullback(graphs, weights, r if C is None else r @ C.T).reshape(
+            g = _pullback(graphs, weights, r if C is None else r @ C.T, batched=True).reshape(
                 -1, x.shape[-1]).double()
             acc += g.T @ g
         groups.append(acc / per_group)
