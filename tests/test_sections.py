@@ -103,3 +103,41 @@ def test_route_argument_is_checked(tokenizer_dir):
         tl_degen.interaction_graph(model, tokens, bases, route="sideways", progress=False)
     with pytest.raises(tl_degen.TLDegenError, match="needs n_probes"):
         tl_degen.interaction_graph(model, tokens, bases, route="probes", progress=False)
+
+
+def test_pullbacks_in_passes_spanning_positions_equal_one_at_a_time(tokenizer_dir):
+    """Several (output position, direction) pairs per batched pullback, passes crossing from
+    one output position to the next: the same pullbacks as one pair per pass."""
+    from tl_degen.adapters import get_adapter
+    from tl_degen.model_state import prepared
+    from tl_degen.sections import autograd_pullbacks
+    from tl_degen.sites import Site
+
+    model = M.build("native_ln_gelu", tokenizer_dir)
+    adapter = get_adapter(model)
+    tokens = M.random_tokens(5, 4)
+    a, b = Site.parse("resid_pre.1"), Site.parse("resid_mid.1")
+    with prepared(model, torch.float64):
+        (x,) = adapter.read_sites(tokens, [a])
+        C = torch.randn(17, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        results = {}
+        for chunk in (1, 5):  # 4 positions × 6 directions: passes of 5 straddle positions
+            got = {}
+            for pb in autograd_pullbacks(adapter, tokens, a, b, x, C, alphas=[1.0],
+                                         weights=[1.0], chunk=chunk):
+                for m, d in enumerate(pb.dirs.tolist()):
+                    got[(pb.t, d)] = pb.g[..., m]
+            results[chunk] = got
+    assert sorted(results[1]) == sorted(results[5]) == [(t, d) for t in range(4)
+                                                        for d in range(6)]
+    for key, g in results[1].items():
+        torch.testing.assert_close(results[5][key], g, rtol=0, atol=1e-12)
+
+
+def test_probes_per_pass_shrink_with_the_tokens():
+    from tl_degen.stochastic import BATCHED_PROBE_TOKENS, probes_per_pass
+
+    assert probes_per_pass(16 * 12) == 8  # small batches: eight probes per pullback
+    assert probes_per_pass(16 * 128) == 1  # long prompts: one at a time
+    assert probes_per_pass(BATCHED_PROBE_TOKENS // 3) == 3
+    assert probes_per_pass(0) == 8

@@ -114,11 +114,11 @@ def autograd_pullbacks(
     """Pullbacks of every output direction through the model with autograd.
 
     The model runs forward once per quadrature point with ``α·x`` written at ``in_site``;
-    output directions are then pulled back ``chunk`` at a time (``is_grads_batched`` above
-    1), each call batched over all samples. ``forward``, when given, replaces the model: the
-    section's own formula (e.g. :meth:`tl_degen.closed_form.ClosedFormSection.forward`),
-    input site vectors to output site vectors (``tokens`` is then unused). Yields
-    :class:`Pullback`.
+    the (output position, direction) pairs are then pulled back ``chunk`` at a time
+    (``is_grads_batched`` above 1), each call batched over all samples. ``forward``, when
+    given, replaces the model: the section's own formula (e.g.
+    :meth:`tl_degen.closed_form.ClosedFormSection.forward`), input site vectors to output
+    site vectors (``tokens`` is then unused). Yields :class:`Pullback`.
     """
     n, n_in, _ = x.shape
     run = forward or section_forward(adapter, tokens, in_site, out_site)
@@ -130,25 +130,30 @@ def autograd_pullbacks(
     basis = None if out_basis is None else out_basis.to(x.dtype)
     k = d_out if basis is None else basis.shape[1]
     rows = list(range(n_in))
-    for t in range(n_out):
-        for start in range(0, k, chunk):
-            dirs = torch.arange(start, min(k, start + chunk), device=x.device)
-            m = len(dirs)
-            grad_out = torch.zeros(m, n, n_out, d_out, dtype=x.dtype, device=x.device)
-            if basis is None:  # raw outputs: one-hot rows, never a [d_out, d_out] identity
-                grad_out[torch.arange(m, device=x.device), :, t, dirs] = 1.0
+    # (output position, direction) pairs in order, ``chunk`` per pass: one pass may span
+    # several positions; it yields one Pullback per position
+    for start in range(0, n_out * k, chunk):
+        flat = torch.arange(start, min(n_out * k, start + chunk), device=x.device)
+        ts, dirs = flat // k, flat % k
+        m = len(flat)
+        grad_out = torch.zeros(m, n, n_out, d_out, dtype=x.dtype, device=x.device)
+        probe = torch.arange(m, device=x.device)
+        if basis is None:  # raw outputs: one-hot rows, never a [d_out, d_out] identity
+            grad_out[probe, :, ts, dirs] = 1.0
+        else:
+            grad_out[probe, :, ts, :] = basis[:, dirs].T[:, None, :]
+        total = None
+        for (leaf, y), w in zip(graphs, weights):
+            if m == 1:
+                (g,) = torch.autograd.grad(y, leaf, grad_out[0], retain_graph=True)
+                g = g[None]
             else:
-                grad_out[:, :, t, :] = basis[:, dirs].T[:, None, :]
-            total = None
-            for (leaf, y), w in zip(graphs, weights):
-                if m == 1:
-                    (g,) = torch.autograd.grad(y, leaf, grad_out[0], retain_graph=True)
-                    g = g[None]
-                else:
-                    (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
-                                               is_grads_batched=True)
-                total = w * g if total is None else total + w * g
-            yield Pullback(slice(0, n), rows, t, dirs, total.permute(1, 2, 3, 0))
+                (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
+                                           is_grads_batched=True)
+            total = w * g if total is None else total + w * g
+        for t in range(int(ts[0]), int(ts[-1]) + 1):
+            sel = ts == t
+            yield Pullback(slice(0, n), rows, t, dirs[sel], total[sel].permute(1, 2, 3, 0))
 
 
 def section_forward(adapter: Adapter, tokens: Int[Tensor, "batch pos"], in_site: Site,

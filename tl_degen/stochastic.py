@@ -72,10 +72,18 @@ def _graphs(adapter, tokens, in_site, out_site, x, alphas, forward=None):
     return graphs
 
 
-#: Probes pulled back together, in one batched vector-Jacobian product (is_grads_batched):
-#: on 2 CPU cores, GPT-2-small-shaped layers 3-11 and the unembedding at 16 × 12 tokens took
-#: 197 ms a probe one at a time, 160 ms in fours or eights, 188 ms in sixteens.
-PROBES_PER_PASS = 8
+#: Tokens (batch × positions, over all probes of a pass) up to which probes are pulled back
+#: together, in one batched vector-Jacobian product (``is_grads_batched``): on 2 CPU cores,
+#: GPT-2-small-shaped layers 3-11 and the unembedding took 197 ms a probe one at a time at
+#: 16 × 12 tokens and 160 ms eight at a time, but at 16 × 128 tokens 1.7 s one at a time and
+#: 4.2 s eight at a time (the batched pass no longer fits the caches).
+BATCHED_PROBE_TOKENS = 1536
+
+
+def probes_per_pass(n_tokens: int) -> int:
+    """Probes per batched pullback for a batch of ``n_tokens`` tokens: up to 8, as many as
+    keep the pass within :data:`BATCHED_PROBE_TOKENS` tokens."""
+    return max(1, min(8, BATCHED_PROBE_TOKENS // max(1, n_tokens)))
 
 
 def _pullback(graphs, weights, grad_out: Tensor, batched: bool = False) -> Tensor:
@@ -110,11 +118,12 @@ def estimate_jacobian_gram(
     # [d_out, d_out] identity
     C = None if out_basis is None else out_basis.to(x.dtype)
     k = y.shape[-1] if C is None else C.shape[1]
+    step = probes_per_pass(tokens.numel() if tokens is not None else x.shape[:2].numel())
     groups = []
     for _ in range(n_groups):
         acc = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
-        for start in range(0, per_group, PROBES_PER_PASS):
-            m = min(PROBES_PER_PASS, per_group - start)
+        for start in range(0, per_group, step):
+            m = min(step, per_group - start)
             r = torch.randint(0, 2, (m, *y.shape[:2], k), generator=generator,
                               device="cpu").to(x.device, x.dtype) * 2 - 1
             g = _pullback(graphs, weights, r if C is None else r @ C.T, batched=True).reshape(
