@@ -211,9 +211,9 @@ print(sorted({len(t) for t in tokens}), "tokens per prompt")'''),
                "direction gives its edges to every output position at once.\n\n"
                "Measured on 2 CPU cores (`benchmarks/bench_lm.py`, a GPT-2-small-shaped model "
                "with random weights, 48 prompts × 12 tokens, float32 passes): `fit_bases` "
-               "28.9 s, `interaction_graph` 18.4 s, peak memory 2.4 GiB; 60 prompts × 128 "
-               "tokens: `fit_bases` 4.6 min, `interaction_graph` 8.7 min (13.4 min in all), peak "
-               "memory 7.0 GiB."),
+               "24.6 s, `interaction_graph` 16.9 s, peak memory 1.9 GiB; 60 prompts × 128 "
+               "tokens: `fit_bases` 5.0 min, `interaction_graph` 7.5 min (12.5 min in all), peak "
+               "memory 5.0 GiB."),
         ("code", '''sites = ["resid_pre.1", "resid_mid.1", "resid_post.1:last", "resid_post.2:last"]
 # float32 passes, float64 statistics (README "Float32 passes": Λ to ~3 digits upstream)
 bases = tl_degen.fit_bases(model, tokens, sites, n_probes=32, batch_size=16,
