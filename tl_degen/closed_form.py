@@ -37,7 +37,7 @@ These section shapes have Jacobians that need no backward passes:
 Both act per position, so only positions in both sites contribute. Before use, each form is
 checked against the model's own forward pass and one vector-Jacobian product (:func:`recognise`,
 on the first batch of each prompt length when :class:`tl_degen.section_plan.SectionPlan`
-asks); otherwise the plan, or :func:`accumulate_jacobian_gram`, falls back to autograd.
+asks); otherwise the plan falls back to autograd.
 """
 
 from __future__ import annotations
@@ -55,8 +55,7 @@ from tl_degen.sections import Pullback, autograd_pullbacks, forward_edge_squares
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 
-__all__ = ["try_closed_form", "recognise", "ClosedFormSection", "Pullback",
-           "accumulate_jacobian_gram"]
+__all__ = ["recognise", "ClosedFormSection", "Pullback"]
 
 _ACTIVATIONS = {
     "relu": F.relu,
@@ -677,18 +676,6 @@ def _vjp_agrees(section: ClosedFormSection, tokens: Tensor, x: Tensor, n: int = 
     return _close(totals[0], totals[1])
 
 
-def try_closed_form(
-    adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site, x: Tensor,
-    out_basis: Tensor | None, acc: GramAccumulator, alphas: list[float], weights: list[float],
-) -> bool:
-    """Add the batch's ``Σ J K Jᵀ`` in closed form if the section allows it; report whether."""
-    section = recognise(adapter, tokens, in_site, out_site, x)
-    if section is None:
-        return False
-    section.add_jacobian_gram(x, out_basis, acc, alphas, weights)
-    return True
-
-
 def _attention_params(adapter, in_site, out_site, x, n_pos) -> dict | None:
     cfg = adapter.model.cfg
     if (adapter.parallel or not adapter.pattern_before_output
@@ -771,39 +758,3 @@ def _chunked_gram(rows: Tensor, chunk: int = 512) -> Tensor:
     for c in rows.split(chunk):
         out += c.T @ c
     return out
-
-
-def accumulate_jacobian_gram(
-    adapter: Adapter,
-    tokens: Int[Tensor, "batch pos"],
-    in_site: Site,
-    out_site: Site,
-    x: Float[Tensor, "batch n_in d_in"],
-    out_basis: Float[Tensor, "d_out k"] | None,
-    acc: GramAccumulator,
-    *,
-    alphas: list[float],
-    weights: list[float],
-    chunk: int = 1,
-    closed_form: bool = True,
-) -> None:
-    """Add one batch's ``Σ J Jᵀ`` (§4 step 4) to ``acc`` and ``N·P_in`` to its count.
-
-    Args:
-        x: the input site's vectors on this batch (constant coordinate last), in the dtype
-            the model runs in.
-        out_basis: ``C`` of the output site (``[d_out (+1), k]``); ``None`` for raw outputs
-            (unrotated logits).
-        chunk: output directions pulled back per autograd call (``is_grads_batched`` when
-            above 1; measured slower than 1 on CPU, see README "Speed").
-        closed_form: use :mod:`tl_degen.closed_form` where the section allows it.
-    """
-    if closed_form:
-        section = recognise(adapter, tokens, in_site, out_site, x)
-        if section is not None:
-            section.add_jacobian_gram(x, out_basis, acc, alphas, weights)
-            return
-    for pb in autograd_pullbacks(adapter, tokens, in_site, out_site, x, out_basis,
-                                 alphas=alphas, weights=weights, chunk=chunk):
-        acc.add_rows(pb.g.transpose(-1, -2))
-    acc.add_count(x.shape[0] * x.shape[1])

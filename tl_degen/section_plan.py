@@ -48,7 +48,7 @@ from tl_degen.sites import Site
 from tl_degen.stats import CHUNK_ROWS, GramAccumulator
 from tl_degen.stochastic import StochasticEstimate, estimate_edge_squares, estimate_jacobian_gram
 
-__all__ = ["SectionPlan"]
+__all__ = ["SectionPlan", "accumulate_jacobian_gram"]
 
 
 class SectionPlan:
@@ -186,3 +186,30 @@ class SectionPlan:
                                          generator=self.generator, forward=formula)
         routine = forward_edge_squares if chosen == "forward" else backward_edge_squares
         return routine(*args, alphas=self.alphas, weights=self.weights, forward=formula)
+
+
+def accumulate_jacobian_gram(
+    adapter: Adapter,
+    tokens: Int[Tensor, "batch pos"],
+    in_site: Site,
+    out_site: Site,
+    x: Float[Tensor, "batch n_in d_in"],
+    out_basis: Float[Tensor, "d_out k"] | None,
+    acc: GramAccumulator,
+    *,
+    alphas: list[float],
+    weights: list[float],
+    closed_form: bool = True,
+) -> None:
+    """Add one batch's exact ``Σ J K Jᵀ`` (§4 step 4) to ``acc`` and ``N·P_in`` to its count:
+    a :class:`SectionPlan` without probes, for one batch.
+
+    Args:
+        x: the input site's vectors on this batch (constant coordinate last), in the dtype
+            the model runs in.
+        out_basis: ``C`` of the output site (``[d_out (+1), k]``); ``None`` for raw outputs
+            (unrotated logits).
+        closed_form: use :mod:`tl_degen.closed_form` where the section allows it.
+    """
+    SectionPlan(adapter, in_site, out_site, alphas=alphas, weights=weights,
+                closed_form=closed_form).add_jacobian_gram(tokens, x, out_basis, acc)
