@@ -1,14 +1,19 @@
-"""Benchmark: LIB bases and graph on a GPT-2-small-shaped language model (issue 16).
+"""Benchmark: LIB bases and graph on a GPT-2-small- or Pythia-70m-shaped language model
+(issue 16).
 
 The tutorial-3 setting: a 12-layer GPT-2-small-shaped ``TransformerBridge`` (d_model 768,
 vocab 50257, random weights: they cost the same to analyse as trained ones), ``--prompts``
 prompts × ``--tokens`` tokens, sites ``resid_pre.1, resid_mid.1, resid_post.1:last,
 resid_post.2:last``, ``n_probes`` random probes, the model in ``--dtype`` (accumulation is
-float64 whatever it is). Prints, per stage, wall time and peak RSS, and in the same run the
-time of one plain forward + backward pass of the model over the same tokens (the baseline the
-fit is measured against) and the machine's matmul rates.
+float64 whatever it is). ``--model pythia``: a Pythia-70m-shaped GPT-NeoX bridge (parallel
+attention and MLP, rotary), sites ``resid_pre.1, mlp_post.1:last, resid_post.1:last,
+resid_post.2:last`` (a parallel block has no ``resid_mid``). Prints, per stage, wall time
+and peak RSS, and in the same run the time of one plain forward + backward pass of the model
+over the same tokens (the baseline the fit is measured against) and the machine's matmul
+rates.
 
-    python benchmarks/bench_lm.py [--prompts 48] [--tokens 12] [--probes 32] [--no-graph]
+    python benchmarks/bench_lm.py [--model gpt2|pythia] [--prompts 48] [--tokens 12]
+                                  [--probes 32] [--no-graph]
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import time
 import warnings
 
 import torch
-from _lm import gpt2_small_shaped, word_tokens
+from _lm import gpt2_small_shaped, pythia_70m_shaped, word_tokens
 from _machine import machine_line, peak_rss_mib
 
 import tl_degen
 
 SITES = ["resid_pre.1", "resid_mid.1", "resid_post.1:last", "resid_post.2:last"]
+PYTHIA_SITES = ["resid_pre.1", "mlp_post.1:last", "resid_post.1:last", "resid_post.2:last"]
 
 
 def forward_backward_seconds(model, tokens: torch.Tensor, batch_size: int,
@@ -45,6 +51,7 @@ def forward_backward_seconds(model, tokens: torch.Tensor, batch_size: int,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="gpt2", choices=["gpt2", "pythia"])
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--probes", type=int, default=32)
@@ -56,14 +63,17 @@ def main() -> None:
     warnings.simplefilter("ignore", tl_degen.AmbiguousRankWarning)
     dtype = getattr(torch, args.dtype)
     print(machine_line())
-    model = gpt2_small_shaped().to(dtype)
+    if args.model == "gpt2":
+        model, sites, name = gpt2_small_shaped().to(dtype), SITES, "GPT-2-small-shaped"
+    else:
+        model, sites, name = pythia_70m_shaped().to(dtype), PYTHIA_SITES, "Pythia-70m-shaped"
     tokens = word_tokens(args.prompts, args.tokens)
-    print(f"GPT-2-small-shaped bridge, {args.prompts} prompts x {args.tokens} tokens, model in "
-          f"{args.dtype}, n_probes={args.probes}, batch size {args.batch_size}, sites {SITES}")
+    print(f"{name} bridge, {args.prompts} prompts x {args.tokens} tokens, model in "
+          f"{args.dtype}, n_probes={args.probes}, batch size {args.batch_size}, sites {sites}")
     # the library's stages first, so their peak RSS is theirs; the baseline pass (which
     # keeps every layer's activations and the logits for its backward pass) runs last
     start = time.perf_counter()
-    bases = tl_degen.fit_bases(model, tokens, SITES, n_probes=args.probes, dtype=dtype,
+    bases = tl_degen.fit_bases(model, tokens, sites, n_probes=args.probes, dtype=dtype,
                                batch_size=args.batch_size, progress=False)
     fit = time.perf_counter() - start
     errors = ", ".join(f"{s.name} {bases[s].jacobian_gram_error:.1%}" for s in bases.sites)
