@@ -9,6 +9,7 @@ import torch
 import tl_degen
 from tl_degen import closed_form, section_plan
 from tl_degen.adapters import get_adapter
+from tl_degen.closed_form import CHECK_ROWS
 from tl_degen.section_plan import SectionPlan
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
@@ -40,24 +41,33 @@ def test_one_recognition_per_section_and_length_and_one_forward_per_batch(monkey
     reads = _counting(monkeypatch, type(get_adapter(model)), "read_sites")
     sites = ["resid_pre.0", "resid_mid.0:last", "resid_post.0:last"]
     bases = tl_degen.fit_bases(model, prompts, sites, batch_size=60, progress=False)
-    n_batches = 5 + -(-(len(pairs) - 300) // 60)
-    # 2 sections (the last site's is into the logits) × 2 lengths
+    n_long, n_short = 5, -(-(len(pairs) - 300) // 60)
+    # 3 sections (the last site's is into the logits) × 2 lengths
     assert len(recognised) == 3 * 2
-    # the model probe (one sequence), pass 1 (every site of every batch at once), and the
-    # closed-form check of the section into the logits, which are not among the sites (once
-    # per length): the Jacobian passes read nothing again
-    assert [len(a[2]) for a in reads] == [1] + [3] * n_batches + [1, 1]
+    # a TransformerLens 3.x bridge cannot pattern-weight b_O through hooks: no closed form
+    # for attention, so every site comes from the model's pass
+    formulas = get_adapter(model).pattern_before_output
+    # the model probe (one sequence); per length, every site on the checked rows, then pass 1:
+    # the first site of each batch from the model and the others by formula (or every site
+    # from the model's pass); and the closed-form check of the section into the logits,
+    # which are not among the sites (once per length): the Jacobian passes read nothing again
+    per_batch = 1 if formulas else 3
+    assert [len(a[2]) for a in reads] == ([1] + [3] + [per_batch] * n_long + [3]
+                                         + [per_batch] * n_short + [1, 1])
+    assert reads[1][1].shape[0] == min(60, CHECK_ROWS)  # the check reads the checked rows
     recognised.clear()
     reads.clear()
     graph = tl_degen.interaction_graph(model, prompts, bases, batch_size=60, progress=False)
     assert len(recognised) == 2 * 2
-    # the model check, both input sites of each batch at once, and the check of the section
-    # into resid_post.0:last (not read with the inputs, which stop at resid_mid.0)
-    assert [len(a[2]) for a in reads] == [1] + [2] * n_batches + [1, 1]
+    # the model check; per length, both input sites on the checked rows, then the first site
+    # of each batch (both from the model without the attention formula); and the check of
+    # the section into resid_post.0:last (not read with the inputs, which stop at resid_mid.0)
+    per_batch = 1 if formulas else 2
+    assert [len(a[2]) for a in reads] == ([1] + [2] + [per_batch] * n_long + [2]
+                                         + [per_batch] * n_short + [1, 1])
     routes = graph.config["edge_routes"]
     assert routes["resid_mid.0:last->resid_post.0:last"] == "closed form"
-    # a TransformerLens 3.x bridge cannot pattern-weight b_O through hooks: no closed form
-    attention = "closed form" if get_adapter(model).pattern_before_output else "backward"
+    attention = "closed form" if formulas else "backward"
     assert routes["resid_pre.0->resid_mid.0:last"] == attention
 
 

@@ -27,10 +27,11 @@ from tl_degen.basis import (
     whiten,
 )
 from tl_degen.basis_set import BasisSet, model_probe
+from tl_degen.batch_reader import BatchReader
 from tl_degen.checkpoint import FitCheckpoint
 from tl_degen.distributed import Shards, tokens_digest, weights_digest
 from tl_degen.errors import AmbiguousRankWarning, DataError, ProbeErrorWarning, TLDegenError
-from tl_degen.memory import auto_batch_size, check_fits, memory_budget, statistics_bytes
+from tl_degen.memory import auto_batch_size, check_fits, statistics_bytes
 from tl_degen.model_state import prepared
 from tl_degen.section_plan import SectionPlan
 from tl_degen.sections import integration_rule
@@ -365,15 +366,20 @@ def fit_bases(
                   shards.seed(seed))
     with prepared(model, dtype):
         work_dtype = adapter.dtype
+        # the section after each site (into the raw logits after the last), planned once
+        plans = [SectionPlan(adapter, site, site_list[idx + 1] if idx + 1 < len(site_list)
+                             else Site("logits", None, site.positions),
+                             alphas=alphas, weights=weights, closed_form=closed_form,
+                             n_probes=n_probes, n_groups=probe_groups, generator=run.generator)
+                 for idx, site in enumerate(site_list)] if method == "lib" else None
+        reader = BatchReader(adapter, batches, site_list, plans and plans[:-1])
         # ---- pass 1: means and Grams of every site (local rows, then merged over ranks)
         accs = run.moment_accumulators(adapter)
         with shards.step("fit_bases (activation statistics)"), torch.no_grad():
-            for i, b in run.pending("moments", desc="activation statistics",
+            for i, _ in run.pending("moments", desc="activation statistics",
                                     progress=progress):
-                xs = adapter.read_sites(b, site_list)
-                for acc, x in zip(accs, xs):
+                for acc, x in zip(accs, reader.all(i)):
                     acc.update(x)
-                run.keep(i, xs, adapter.device)
                 run.advance("moments")
         accs = [shards.merge_moments(a) for a in accs]
 
@@ -401,14 +407,11 @@ def fit_bases(
                     mean=mean, gram=gram, gram_eigenvalues=wh.all_eigenvalues, dropped=dropped,
                     center=center, n_samples=n_samples)
                 continue
-            out_site = (site_list[idx + 1] if idx + 1 < len(site_list)
-                        else Site("logits", None, site.positions))
+            plan = plans[idx]
+            out_site = plan.out_site
             out_C = None if next_C is None else next_C.to(work_dtype)
             jac, estimate = run.jacobian_accumulators(idx, acc.d, adapter.device,
                                                       probe_groups if n_probes else 0)
-            plan = SectionPlan(adapter, site, out_site, alphas=alphas, weights=weights,
-                               closed_form=closed_form, n_probes=n_probes,
-                               n_groups=probe_groups, generator=run.generator)
             rounds = 0
             while True:  # one pass over the batches; more while the probes miss target_error
                 rounds += 1
@@ -417,11 +420,8 @@ def fit_bases(
                     desc = f"LIB {site.name} → {out_site.name}" + (
                         f" (probes, round {rounds})" if rounds > 1 else "")
                     for i, b in run.pending(stage, desc=desc, progress=progress):
-                        x = run.kept(i, idx)
-                        if x is None:
-                            with torch.no_grad():
-                                (x,) = adapter.read_sites(b, [site])
-                        y = run.kept(i, idx + 1) if idx + 1 < len(site_list) else None
+                        x = reader.read(i, idx)
+                        y = reader.kept(i, idx + 1) if idx + 1 < len(site_list) else None
                         # later rounds probe again; exact batches are in after the first
                         if rounds == 1 or plan.gram_is_probed(b, x, out_C, y):
                             est = plan.add_jacobian_gram(b, x, out_C, jac, y)
@@ -511,8 +511,6 @@ class _FitRun:
         if "generator" in self.saved:
             self.generator.set_state(self.saved["generator"])
         self.resumed = saved is not None
-        self._kept: dict[int, list[Tensor]] | None = {}  # pass-1 activations, while they fit
-        self._kept_bytes = 0
 
     def _restore(self, name: str, like: Tensor) -> Tensor:
         if name in self.saved:
@@ -545,23 +543,6 @@ class _FitRun:
                   for g in range(n_groups)]
         self._jac = (idx, jac)
         return jac, groups
-
-    def keep(self, i: int, xs: list[Tensor], device) -> None:
-        """Keep batch ``i``'s pass-1 activations for the Jacobian passes, which then need no
-        forward pass of their own, while all of them fit a quarter of the memory budget."""
-        if self._kept is None:
-            return
-        self._kept_bytes += sum(x.numel() * x.element_size() for x in xs)
-        if self._kept_bytes > memory_budget(device) // 4:
-            self._kept = None  # too big to keep: each Jacobian pass reads its site again
-            return
-        self._kept[i] = xs
-
-    def kept(self, i: int, site_index: int) -> Tensor | None:
-        """Batch ``i``'s activations at site ``site_index`` from pass 1, if kept."""
-        if not self._kept or i not in self._kept:
-            return None
-        return self._kept[i][site_index]
 
     def pending(self, stage: str, *, desc: str, progress: bool) -> Iterator[tuple[int, Tensor]]:
         """``(index, batch)`` of the batches of ``stage`` not yet done (all of them without a

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
 from tl_degen.basis_set import BasisSet
+from tl_degen.batch_reader import BatchReader
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
 from tl_degen.io import save_safetensors_atomic
-from tl_degen.memory import memory_budget
 from tl_degen.model_state import prepared
 from tl_degen.section_plan import SectionPlan
 from tl_degen.sections import EDGE_ROUTES, integration_rule
@@ -127,22 +127,26 @@ def interaction_graph(
     generator = torch.Generator().manual_seed(shards.seed(seed))
     with prepared(model, dtype):
         dt = adapter.dtype
-        inputs = _InputReader(adapter, batches, sites[:-1])  # not past the last input site
-        for in_site, out_site in zip(sites, sites[1:]):
+        plans = [SectionPlan(adapter, in_site, out_site, alphas=alphas, weights=weights,
+                             closed_form=closed_form, n_probes=n_probes,
+                             n_groups=probe_groups, generator=generator, route=route)
+                 for in_site, out_site in zip(sites, sites[1:])]
+        # the input sites (not past the last), the sections between them by formula if they can
+        inputs = BatchReader(adapter, batches, sites[:-1], plans[:-1])
+        for k, (in_site, out_site) in enumerate(zip(sites, sites[1:])):
             b_in, b_out = bases[in_site], bases[out_site]
             C_in, C_pinv = b_in.C.to(adapter.device), b_in.C_pinv.to(adapter.device)
             out_C = None if out_site.kind == "logits" else b_out.C.to(adapter.device, dt)
             E = torch.zeros(b_out.k, b_in.k, dtype=torch.float64, device=adapter.device)
             count = 0
             groups = [torch.zeros_like(E) for _ in range(probe_groups if n_probes else 0)]
-            plan = SectionPlan(adapter, in_site, out_site, alphas=alphas, weights=weights,
-                               closed_form=closed_form, n_probes=n_probes,
-                               n_groups=probe_groups, generator=generator, route=route)
+            plan = plans[k]
             with shards.step(f"interaction_graph ({in_site.name} → {out_site.name})"):
                 for i, batch in enumerate(tqdm(batches,
                                                desc=f"edges {in_site.name} → {out_site.name}",
                                                disable=not progress)):
-                    x, y = inputs.read(i, in_site), inputs.read(i, out_site, needed=False)
+                    x = inputs.read(i, k)
+                    y = inputs.kept(i, k + 1) if k + 2 < len(sites) else None
                     h = x.double() @ C_in  # [b, P_in, k_in]
                     x_proj = (h @ C_pinv).to(dt)
                     count += x.shape[0] * x.shape[1]
@@ -172,30 +176,6 @@ def interaction_graph(
     graph = InteractionGraph(bases, edges, config=config)
     graph.errors = errors
     return graph
-
-
-class _InputReader:
-    """The sites' activations of each batch: all sites of a batch from one forward pass and
-    kept, while all batches' fit a quarter of the memory budget; otherwise none is kept and
-    :meth:`read` gives the input site only, one forward pass each (a section's output is then
-    read by its closed-form check, on a few sequences)."""
-
-    def __init__(self, adapter, batches: list[Tensor], sites: list[Site]):
-        self.adapter, self.batches, self.sites = adapter, batches, sites
-        itemsize = torch.finfo(adapter.dtype).bits // 8
-        total = sum(b.shape[0] * len(s.resolve_positions(b.shape[1]))
-                    * (adapter.site_dim(s) + 1) * itemsize for b in batches for s in sites)
-        self._kept: dict[int, list[Tensor]] | None = (
-            {} if len(sites) > 1 and total <= memory_budget(adapter.device) // 4 else None)
-
-    @torch.no_grad()
-    def read(self, i: int, site: Site, needed: bool = True) -> Tensor | None:
-        """Batch ``i``'s vectors at ``site``; ``None`` when not kept and not ``needed``."""
-        if self._kept is None or site not in self.sites:
-            return self.adapter.read_sites(self.batches[i], [site])[0] if needed else None
-        if i not in self._kept:
-            self._kept[i] = self.adapter.read_sites(self.batches[i], self.sites)
-        return self._kept[i][self.sites.index(site)]
 
 
 @dataclass

@@ -1,0 +1,146 @@
+"""tl_degen.batch_reader: every site of a batch, from the model's pass or through the sections'
+formulas, equal to the model's own activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import models as M
+from tl_degen import memory
+from tl_degen.adapters import get_adapter
+from tl_degen.batch_reader import BatchReader
+from tl_degen.closed_form import ClosedFormSection, may_have_closed_form
+from tl_degen.model_state import prepared
+from tl_degen.section_plan import SectionPlan
+from tl_degen.sites import Site, parse_sites
+from tl_degen.toy import modadd
+
+MODADD_SITES = ["resid_pre.0", "resid_mid.0:last", "resid_post.0:last", "logits:last"]
+
+
+def _reader(adapter, batches, sites, closed_form=True):
+    plans = [SectionPlan(adapter, a, b, alphas=[1.0], weights=[1.0], closed_form=closed_form)
+             for a, b in zip(sites, sites[1:])]
+    return BatchReader(adapter, batches, sites, plans)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_by_formula_equals_the_model_on_every_architecture(arch, model):
+    """The architectures without a normalisation (native_relu) read every site after the
+    first by formula; the others from the model. Both equal the model's pass."""
+    adapter = get_adapter(model)
+    sites = parse_sites(M.mid_sites(arch))
+    batches = [M.random_tokens(12, 6, seed=1), M.random_tokens(5, 6, seed=2),
+               M.random_tokens(7, 4, seed=3)]
+    with prepared(model, None):
+        reader = _reader(adapter, batches, sites)
+        for i, b in enumerate(batches):
+            got, want = reader.all(i), adapter.read_sites(b, sites)
+            assert [g.shape for g in got] == [w.shape for w in want]
+            for g, w in zip(got, want):
+                assert _rel(g, w) < 1e-12
+    pattern = adapter.pattern_before_output
+    assert reader._by_formula == {6: arch == "native_relu" and pattern,
+                                  4: arch == "native_relu" and pattern}
+    assert "6: " in repr(reader) and "kept" in repr(reader)
+
+
+def test_modadd_reference_model_by_formula_reads_the_model_once_per_batch(monkeypatch):
+    model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
+    adapter = get_adapter(model)
+    if not adapter.pattern_before_output:
+        pytest.skip("a TransformerLens 3.x bridge has no attention closed form")
+    sites = parse_sites(MODADD_SITES)
+    tokens = modadd.tokens_for(modadd.all_pairs()[::7])
+    batches = list(tokens.split(600))
+    reads = []
+    original = type(adapter).read_sites
+
+    def counted(self, b, s):
+        reads.append((b.shape[0], [x.name for x in s]))
+        return original(self, b, s)
+
+    with prepared(model, None):
+        want = [adapter.read_sites(b, sites) for b in batches]
+        monkeypatch.setattr(type(adapter), "read_sites", counted)
+        reader = _reader(adapter, batches, sites)
+        got = [reader.all(i) for i in range(len(batches))]
+        assert reader.all(1) is got[1]  # kept, not computed again
+    for g_b, w_b in zip(got, want):
+        for g, w in zip(g_b, w_b):
+            assert _rel(g, w) < 1e-13
+    # every site on the checked rows once, then the first site of each batch
+    assert reads == [(256, MODADD_SITES)] + [(b.shape[0], ["resid_pre.0"]) for b in batches]
+
+
+def test_a_formula_off_by_more_than_rounding_is_not_used(monkeypatch):
+    """Recognition tolerates 1e-7; reading by formula needs 1e4·eps: a formula off by 1e-10
+    (the same model otherwise) leaves every read to the model, exactly as it computes."""
+    model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
+    adapter = get_adapter(model)
+    sites = parse_sites(MODADD_SITES)
+    tokens = modadd.tokens_for(modadd.all_pairs()[::17])
+    forward = ClosedFormSection.forward
+    monkeypatch.setattr(ClosedFormSection, "forward",
+                        lambda self, x: None if (y := forward(self, x)) is None
+                        else y * (1 + 1e-10))
+    with prepared(model, None):
+        reader = _reader(adapter, [tokens], sites)
+        got, want = reader.all(0), adapter.read_sites(tokens, sites)
+        assert reader.plans[0].closed(tokens, got[0]) is not None or \
+            not adapter.pattern_before_output  # recognised all the same
+    assert reader._by_formula == {3: False}
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_nothing_kept_over_the_budget_and_reads_agree(monkeypatch, closed_form):
+    model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
+    adapter = get_adapter(model)
+    sites = parse_sites(MODADD_SITES)
+    batches = list(modadd.tokens_for(modadd.all_pairs()[::13]).split(300))
+    with prepared(model, None):
+        want = [adapter.read_sites(b, sites) for b in batches]
+        monkeypatch.setattr(memory, "MEMORY_BUDGET", 4 * 2**10)
+        reader = _reader(adapter, batches, sites, closed_form=closed_form)
+        for i in range(len(batches)):
+            for k in range(len(sites)):
+                assert _rel(reader.read(i, k), want[i][k]) < 1e-13
+                assert reader.kept(i, k) is None
+    assert "not kept" in repr(reader)
+    formulas = closed_form and adapter.pattern_before_output
+    assert reader._by_formula == {3: formulas}
+
+
+def test_plans_must_match_the_sites():
+    model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
+    adapter = get_adapter(model)
+    sites = parse_sites(MODADD_SITES)
+    with pytest.raises(ValueError, match="4 sites need 3 plans, got 1"):
+        BatchReader(adapter, [], sites, _reader(adapter, [], sites[:2]).plans)
+
+
+@pytest.mark.parametrize("pair, no_norm, with_norm", [
+    (("resid_pre.0", "resid_mid.0"), True, True),        # attention (norm_attention)
+    (("resid_pre.0", "resid_mid.0:last"), True, True),
+    (("resid_pre.0", "resid_mid.1"), False, False),      # across layers
+    (("resid_mid.1", "resid_post.1:last"), True, False),  # MLP
+    (("resid_mid.1", "mlp_post.1"), True, False),
+    (("mlp_post.1", "resid_post.1"), True, False),
+    (("resid_mid.0", "resid_post.1"), False, False),
+    (("resid_post.1:last", "logits:last"), True, False),  # unembedding from the last layer
+    (("resid_post.0", "logits"), False, False),
+    (("resid_pre.0", "resid_post.0"), False, False),     # a whole block
+])
+def test_may_have_closed_form(pair, no_norm, with_norm):
+    """The structure alone: the same table as recognise's branches, for a model without and
+    with normalisation (native_relu and native_ln_gelu)."""
+    a, b = (Site.parse(s) for s in pair)
+    for arch, expected in (("native_relu", no_norm), ("native_ln_gelu", with_norm)):
+        adapter = get_adapter(M.build(arch))
+        assert may_have_closed_form(adapter, a, b) is expected, arch
