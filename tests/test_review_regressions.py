@@ -54,6 +54,18 @@ def test_reads_use_eval_mode(tokenizer_dir):
     assert torch.equal(a, b) and model.training and hf.training
 
 
+def test_reads_use_eval_mode_when_only_the_wrapped_model_trains(tokenizer_dir):
+    """A bridge's HF model in training mode on its own (the bridge itself in eval mode):
+    the reads still switch its dropout off."""
+    model = M.build("gpt2", tokenizer_dir)
+    model.original_model.train()
+    assert not model.training and model.original_model.training
+    tokens = M.random_tokens(4, 5)
+    a = tl_degen.site_activations(model, tokens, "resid_post.1")
+    b = tl_degen.site_activations(model, tokens, "resid_post.1")
+    assert torch.equal(a, b)
+
+
 def test_dtypes_restored_tensor_by_tensor(tokenizer_dir):
     model = M.build("llama", tokenizer_dir, dtype=torch.bfloat16)
     for m in model.modules():  # as HF keeps them: rotary tables in float32

@@ -101,14 +101,14 @@ def interaction_graph(
         sites = list(bases.sites)
         if len(sites) < 2:
             raise TLDegenError("an interaction graph needs bases of at least two sites")
-        bases.check_model(model)
+        adapter = get_adapter(model)
+        bases.check_model(adapter)
         alphas, weights = integration_rule(integration, n_alpha)
         if route is not None and route not in EDGE_ROUTES:
             raise TLDegenError(f"unknown route {route!r}; use one of {', '.join(EDGE_ROUTES)} "
                                "or None (the cheapest)")
         if route == "probes" and n_probes is None:
             raise TLDegenError('route="probes" needs n_probes (e.g. n_probes=64)')
-        adapter = get_adapter(model)
         batches = token_batches(tokens, batch_size, adapter,
                                 torch.finfo(dtype or adapter.dtype).bits // 8)
         n_pos = max(b.shape[1] for b in batches)
