@@ -76,6 +76,25 @@ def test_errors():
         GramAccumulator(3).add_rows(torch.full((2, 3), float("inf")))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e200])
+def test_non_finite_rows_in_a_later_chunk_leave_the_accumulator_as_it_was(bad):
+    """The check reads each chunk's sums of squares, not every row: a bad value in the
+    second chunk of rows is found, said as such (1e200 overflows when squared), and nothing
+    of the batch is merged."""
+    acc = MomentAccumulator(3, name="resid_pre.0")
+    good = torch.randn(700, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    acc.update(good)
+    before = (acc.count, acc._mean.clone(), acc._m2.clone(), acc._R.clone())
+    rows = torch.randn(1200, 3, dtype=torch.float64)
+    rows[900, 1] = bad
+    message = "overflow float64 when squared" if bad == 1e200 else "1 NaN/Inf value"
+    with pytest.raises(NonFiniteError, match=message):
+        acc.update(rows)
+    assert acc.count == before[0]
+    for now, then in zip((acc._mean, acc._m2, acc._R), before[1:]):
+        assert torch.equal(now, then)
+
+
 # ---------------------------------------------------------------- square-root factors
 def _known_spectrum(n=4000, d=12, decades=7, seed=0):
     """Rows whose centered scatter has singular values 1 … 10^-decades exactly (per √n):
