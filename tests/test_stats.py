@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tl_degen import DataError, NonFiniteError
-from tl_degen.stats import GramAccumulator, MomentAccumulator
+from tl_degen.stats import GramAccumulator, MomentAccumulator, stack_factors
 
 
 def _data(n=1000, d=9, seed=0):
@@ -161,3 +161,20 @@ def test_gram_accumulator_keeps_rows_as_a_factor_and_blocks_as_a_gram():
     acc.merge(other)
     torch.testing.assert_close(acc.value * 11, rows.T @ rows + rows[:5].T @ rows[:5] + block,
                                rtol=1e-12, atol=1e-10)
+
+
+def test_stack_factors_leaves_out_zero_rows_exactly():
+    """A factor of fewer rows than columns is padded with zero rows; they are left out of
+    the QR (LAPACK was 9x slower over them) and the product RᵀR is the same."""
+    g = torch.Generator().manual_seed(0)
+    d = 40
+    first = torch.randn(7, d, generator=g, dtype=torch.float64)
+    R = stack_factors(torch.zeros(d, d, dtype=torch.float64), first)
+    assert R.shape == (d, d) and not R[7:].any()  # 7 rows seen: the rest is padding
+    more = torch.randn(5, d, generator=g, dtype=torch.float64)
+    R2 = stack_factors(R, more)
+    X = torch.cat([first, more])
+    torch.testing.assert_close(R2.T @ R2, X.T @ X, rtol=1e-13, atol=1e-13)
+    assert torch.equal(stack_factors(torch.zeros(d, d, dtype=torch.float64),
+                                     torch.zeros(3, d, dtype=torch.float64)),
+                       torch.zeros(d, d, dtype=torch.float64))

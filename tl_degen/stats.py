@@ -34,11 +34,19 @@ def stack_factors(*parts: Tensor) -> Float[Tensor, "d d"]:
     Householder QR is backward stable column by column, so ``R`` carries the rows' own
     precision instead of the square of their condition number.
     """
-    parts = [p.to(torch.float64) for p in parts if p.shape[0]]
     d = parts[0].shape[1]
+    device = parts[0].device
+    # rows that are exactly zero add nothing to RᵀR and are left out: a factor of fewer rows
+    # than columns is padded with them, and LAPACK took 9x longer over that padding (2.8
+    # against 0.3 s for 256 rows on a 2561-column factor)
+    parts = [p.to(torch.float64) for p in parts if p.shape[0]]
+    parts = [p if bool(keep.all()) else p[keep]
+             for p, keep in ((p, p.ne(0).any(1)) for p in parts)]
+    n = sum(p.shape[0] for p in parts)
+    if n == 0:
+        return torch.zeros(d, d, dtype=torch.float64, device=device)
     # stacked in column-major order, as LAPACK takes it (no transposed copy inside qr)
-    stacked = torch.empty(d, sum(p.shape[0] for p in parts), dtype=torch.float64,
-                          device=parts[0].device).T
+    stacked = torch.empty(d, n, dtype=torch.float64, device=device).T
     torch.cat(parts, out=stacked)
     r = torch.linalg.qr(stacked, mode="r").R
     if r.shape[0] < d:  # fewer rows than columns: pad with zero rows
