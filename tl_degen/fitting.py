@@ -1,8 +1,10 @@
 """``fit_bases`` and ``site_activations``: model + tokens → statistics → bases.
 
 Data flows one way (DESIGN.md §7): one forward pass per batch accumulates the mean and Gram
-of every site; the bases are then built from the last site backwards, because each LIB basis
-needs the next site's ``C`` (§4 step 6).
+of every site (:class:`~tl_degen.batch_reader.BatchReader`: the sites after the first through
+the sections' formulas where all are closed forms, the activations kept for the Jacobian
+passes while they fit); the bases are then built from the last site backwards, because each
+LIB basis needs the next site's ``C`` (§4 step 6).
 """
 
 from __future__ import annotations
