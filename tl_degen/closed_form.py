@@ -480,6 +480,7 @@ class ClosedFormSection:
         chunk = max(1, min(chunk, 2**20 // max(1, kk * kj), x.shape[0]))
         buf_paths, buf_coef, buf_sq = (torch.empty(chunk * kj * kk, dtype=dt, device=x.device)
                                        for _ in range(3))
+        buf_p = torch.empty(chunk * H * x.shape[1] * kj, dtype=dt, device=x.device)
         for start in range(0, x.shape[0], chunk):
             xb, hb = x[start:start + chunk], h[start:start + chunk].to(dt)
             b, S = hb.shape[:2]
@@ -499,7 +500,9 @@ class ClosedFormSection:
                     wkq = (q[:, :, t].transpose(0, 1) @ wk_jT).transpose(0, 1)  # [b, H, k_in]
                     # key path h[s]·(W̃_K q_t) and query path h[t]·(W̃_Q k_s), both weighted
                     # by β[b,h,s,k]: one [k_in, (h, s)] × [(h, s), k] product per sample
-                    paths = wkq[:, :, None] * hb[:, None] + kwq * hb[:, None, t:t + 1]
+                    paths = torch.mul(wkq[:, :, None], hb[:, None],  # [b, H, s, k_in]
+                                      out=buf_p[:b * H * S * kj].view(b, H, S, kj))
+                    paths.addcmul_(kwq, hb[:, None, t:t + 1])  # in place: no copy for the bmm
                     Ab = torch.bmm(paths.reshape(b, H * S, kj).transpose(1, 2),
                                    beta.reshape(b, H * S, kk),
                                    out=buf_paths[:b * kj * kk].view(b, kj, kk))
@@ -749,9 +752,14 @@ def _attention_params(adapter, in_site, out_site, x, n_pos) -> dict | None:
     wq, wk, wv = (torch.cat([W[f"W_{n}"], W[f"b_{n}"][:, None]], 1) for n in "QKV")  # [H,d+1,e]
     mask = torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool, device=x.device), 1)
 
-    def attention(xt):  # xt: [b, P, d+1] -> q, k, v, pattern [b, H, P, P]
-        q, k, v = (torch.einsum("bpd,hde->bhpe", xt, w) for w in (wq, wk, wv))
-        scores = torch.einsum("bhte,bhse->bhts", q, k) / scale
+    # q | k | v of every head from one matmul: [d+1, (3, H, e)], formed once
+    w_qkv = torch.stack([wq, wk, wv]).permute(2, 0, 1, 3).reshape(d + 1, 3 * H * e)
+
+    def attention(xt):  # xt: [b, P, d+1] -> q, k, v [b, H, P, e] (views), pattern [b, H, P, P]
+        b, n = xt.shape[:2]
+        qkv = (xt.reshape(b * n, d + 1) @ w_qkv).view(b, n, 3, H, e).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        scores = (q @ k.transpose(-1, -2)) / scale
         return q, k, v, scores.masked_fill(mask, float("-inf")).softmax(-1)
 
     out_pos = out_site.resolve_positions(n_pos)
