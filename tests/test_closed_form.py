@@ -8,7 +8,7 @@ import torch
 
 from tests import models as M
 from tl_degen.adapters import get_adapter
-from tl_degen.closed_form import recognise
+from tl_degen.closed_form import _count_gram, recognise
 from tl_degen.model_state import prepared
 from tl_degen.section_plan import accumulate_jacobian_gram
 from tl_degen.sections import integration_rule
@@ -199,3 +199,19 @@ def test_mlp_factor_with_dead_and_duplicated_units_equals_autograd(units, monkey
     assert (results[0] - results[1]).abs().max() <= 1e-12 * results[1].abs().max()
     m, k = adapter.d_mlp, out_C.shape[1]
     assert eighs == ([] if units == "as trained" else [(m - 1 + k, m - 1 + k)])
+
+
+@pytest.mark.parametrize("n", [1, 700, 5000])
+def test_relu_counts_gram_is_exact(n):
+    """ReLU's derivative is 0 or 1, so ``σ′ᵀσ′`` holds counts, which the float32 products
+    give exactly: equal, bit for bit, to the float64 product and to a brute-force count."""
+    g = torch.Generator().manual_seed(n)
+    rows = (torch.rand(n, 37, generator=g, dtype=torch.float64) > 0.3).double()
+    rows[:, 5] = 1.0  # a unit that always fires: its count is n
+    counts = _count_gram(rows)
+    assert counts.dtype == torch.float64
+    assert torch.equal(counts, rows.T @ rows)
+    brute = torch.tensor([[sum(int(a) & int(b) for a, b in zip(rows[:, i], rows[:, j]))
+                           for j in (0, 5)] for i in (0, 5)], dtype=torch.float64)
+    assert torch.equal(counts[[0, 5]][:, [0, 5]], brute)
+    assert counts[5, 5] == n
