@@ -144,3 +144,40 @@ def test_may_have_closed_form(pair, no_norm, with_norm):
     for arch, expected in (("native_relu", no_norm), ("native_ln_gelu", with_norm)):
         adapter = get_adapter(M.build(arch))
         assert may_have_closed_form(adapter, a, b) is expected, arch
+
+
+def test_the_section_after_the_last_site_is_recognised_in_the_check_pass(monkeypatch):
+    """``after``: the unembedding after ``resid_post.0:last`` is read with the checked sites
+    and recognised there, so its recognition later reads nothing; it equals the section
+    recognised on its own, and takes no part in the reader's decision."""
+    model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
+    adapter = get_adapter(model)
+    if not adapter.pattern_before_output:
+        pytest.skip("a TransformerLens 3.x bridge has no attention closed form")
+    sites = parse_sites(MODADD_SITES)
+    tokens = modadd.tokens_for(modadd.all_pairs()[::7])
+    reads = []
+    original = type(adapter).read_sites
+
+    def counted(self, b, s):
+        reads.append((b.shape[0], [x.name for x in s]))
+        return original(self, b, s)
+
+    def plan(a, b):
+        return SectionPlan(adapter, a, b, alphas=[1.0], weights=[1.0])
+
+    with prepared(model, None):
+        alone = plan(sites[2], sites[3]).closed(tokens, adapter.read_sites(tokens, sites[2:3])[0])
+        monkeypatch.setattr(type(adapter), "read_sites", counted)
+        after = plan(sites[2], sites[3])
+        reader = BatchReader(adapter, [tokens], sites[:3],
+                             [plan(a, b) for a, b in zip(sites[:2], sites[1:3])], after=after)
+        reader.all(0)
+        n_reads = len(reads)
+        section = after.closed(tokens, reader.read(0, 2))  # cached: no read of its own
+    assert reads[0] == (256, MODADD_SITES) and len(reads) == n_reads == 2
+    assert section is not None and section.kind == alone.kind == "unembed"
+    assert torch.equal(section.params["J"], alone.params["J"])
+    # an `after` that cannot have a closed form (logits → logits) is dropped: nothing read
+    no_form = plan(sites[3], Site("logits", None, sites[3].positions))
+    assert BatchReader(adapter, [tokens], sites, plans=None, after=no_form).after is None

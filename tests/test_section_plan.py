@@ -47,24 +47,24 @@ def test_one_recognition_per_section_and_length_and_one_forward_per_batch(monkey
     # a TransformerLens 3.x bridge cannot pattern-weight b_O through hooks: no closed form
     # for attention, so every site comes from the model's pass
     formulas = get_adapter(model).pattern_before_output
-    # the model probe (one sequence); per length, every site on the checked rows, then pass 1:
-    # the first site of each batch from the model and the others by formula (or every site
-    # from the model's pass); and the closed-form check of the section into the logits,
-    # which are not among the sites (once per length): the Jacobian passes read nothing again
+    # the model probe (one sequence); per length, every site and the logits after the last
+    # on the checked rows (the section into the logits is recognised in that pass), then
+    # pass 1: the first site of each batch from the model and the others by formula (or
+    # every site from the model's pass); the Jacobian passes read nothing again
     per_batch = 1 if formulas else 3
-    assert [len(a[2]) for a in reads] == ([1] + [3] + [per_batch] * n_long + [3]
-                                         + [per_batch] * n_short + [1, 1])
+    assert [len(a[2]) for a in reads] == ([1] + [4] + [per_batch] * n_long + [4]
+                                         + [per_batch] * n_short)
     assert reads[1][1].shape[0] == min(60, CHECK_ROWS)  # the check reads the checked rows
     recognised.clear()
     reads.clear()
     graph = tl_degen.interaction_graph(model, prompts, bases, batch_size=60, progress=False)
     assert len(recognised) == 2 * 2
-    # the model check; per length, both input sites on the checked rows, then the first site
-    # of each batch (both from the model without the attention formula); and the check of
-    # the section into resid_post.0:last (not read with the inputs, which stop at resid_mid.0)
+    # the model check; per length, both input sites and resid_post.0:last after them on the
+    # checked rows (the section into it is recognised in that pass), then the first site of
+    # each batch (both from the model without the attention formula)
     per_batch = 1 if formulas else 2
-    assert [len(a[2]) for a in reads] == ([1] + [2] + [per_batch] * n_long + [2]
-                                         + [per_batch] * n_short + [1, 1])
+    assert [len(a[2]) for a in reads] == ([1] + [3] + [per_batch] * n_long + [3]
+                                         + [per_batch] * n_short)
     routes = graph.config["edge_routes"]
     assert routes["resid_mid.0:last->resid_post.0:last"] == "closed form"
     attention = "closed form" if formulas else "backward"

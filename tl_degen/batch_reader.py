@@ -51,6 +51,10 @@ class BatchReader:
         sites: the sites to read, in forward order.
         plans: ``len(sites) - 1`` plans, ``plans[k]`` for ``sites[k] → sites[k + 1]``;
             ``None``: every read from the model.
+        after: the plan of the section after the last site, if any. Where it may have a
+            closed form, its output site is read in the same check pass and the plan is
+            recognised there, so that its recognition runs no model pass of its own. It takes
+            no part in the decision, and its output is never read again.
 
     Examples:
         >>> reader = BatchReader(adapter, batches, sites, plans)
@@ -59,10 +63,12 @@ class BatchReader:
     """
 
     def __init__(self, adapter: Adapter, batches: list[Tensor], sites: list[Site],
-                 plans: list[SectionPlan] | None = None):
+                 plans: list[SectionPlan] | None = None, after: SectionPlan | None = None):
         if plans is not None and len(plans) != len(sites) - 1:
             raise ValueError(f"{len(sites)} sites need {len(sites) - 1} plans, got {len(plans)}")
         self.adapter, self.batches, self.sites, self.plans = adapter, batches, sites, plans
+        self.after = (after if after is not None and after.closed_form
+                      and may_have_closed_form(adapter, after.in_site, after.out_site) else None)
         itemsize = torch.finfo(adapter.dtype).bits // 8
         total = sum(b.shape[0] * len(s.resolve_positions(b.shape[1]))
                     * (adapter.site_dim(s) + 1) * itemsize for b in batches for s in sites)
@@ -129,8 +135,12 @@ class BatchReader:
                    for p in self.plans):
             return False  # known without reading anything
         rows = b[:CHECK_ROWS]
+        extra = [self.after.out_site] if self.after is not None else []
         with torch.no_grad():
-            model = self.adapter.read_sites(rows, self.sites)
+            model = self.adapter.read_sites(rows, self.sites + extra)
+        if extra:
+            with torch.enable_grad():
+                self.after.closed(rows, model[-2], model.pop())  # recognised, kept by the plan
         for plan, x, y in zip(self.plans, model, model[1:]):
             with torch.enable_grad():  # recognition checks one vector-Jacobian product
                 section = plan.closed(rows, x, y)

@@ -374,7 +374,8 @@ def fit_bases(
                              alphas=alphas, weights=weights, closed_form=closed_form,
                              n_probes=n_probes, n_groups=probe_groups, generator=run.generator)
                  for idx, site in enumerate(site_list)] if method == "lib" else None
-        reader = BatchReader(adapter, batches, site_list, plans and plans[:-1])
+        reader = BatchReader(adapter, batches, site_list, plans and plans[:-1],
+                             after=plans and plans[-1])
         # ---- pass 1: means and Grams of every site (local rows, then merged over ranks)
         accs = run.moment_accumulators(adapter)
         with shards.step("fit_bases (activation statistics)"), torch.no_grad():

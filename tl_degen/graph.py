@@ -132,7 +132,7 @@ def interaction_graph(
                              n_groups=probe_groups, generator=generator, route=route)
                  for in_site, out_site in zip(sites, sites[1:])]
         # the input sites (not past the last), the sections between them by formula if they can
-        inputs = BatchReader(adapter, batches, sites[:-1], plans[:-1])
+        inputs = BatchReader(adapter, batches, sites[:-1], plans[:-1], after=plans[-1])
         for k, (in_site, out_site) in enumerate(zip(sites, sites[1:])):
             b_in, b_out = bases[in_site], bases[out_site]
             C_in, C_pinv = b_in.C.to(adapter.device), b_in.C_pinv.to(adapter.device)
