@@ -328,7 +328,8 @@ class ClosedFormSection:
         if self.kind in ("unembed", "linear"):
             return xr @ P["J"]  # the last column of a linear J carries the constant
         pre = xr @ P["w_in"]
-        hidden = P["act"](pre)
+        # ReLU in place on the fresh product (a new [b, n, m] tensor cost its page faults)
+        hidden = pre.clamp_min_(0.0) if P["act"] is F.relu else P["act"](pre)
         if self.out_site.kind == "mlp_post":
             return torch.cat([hidden, xr], dim=-1)
         out = xr[..., :-1] + hidden @ P["w_out_t"][:, :-1] + xr[..., -1:] * P["j0"][-1, :-1]
