@@ -245,8 +245,8 @@ class ClosedFormSection:
             for t in P["out_pos"]:
                 At = A[:, :, t].transpose(0, 1).contiguous()  # [H, b, s]
                 w = vo + ca[None, :, :, None] * bU
-                mean_w = torch.einsum("hbs,hbsk->hbk", At, w)
-                beta = At[..., None] * (w - mean_w[:, :, None])  # [H, b, s, k]
+                Aw = At[..., None] * w  # β = A (w - Σ_s A w), without a batched product of S
+                beta = Aw - At[..., None] * Aw.sum(2, keepdim=True)  # [H, b, s, k]
                 kappa = q[:, :, t].transpose(0, 1) @ wk_s.transpose(1, 2)  # [H, b, D]
                 kapB = kappa.transpose(0, 1).contiguous()  # [b, H, D]
                 kap2 = kapB.view(b * H, D)
@@ -507,7 +507,8 @@ class ClosedFormSection:
                 for wgt, ca, q, A, vo, kwq in fwd:
                     At = A[:, :, t]  # [b, H, s]
                     w = vo + ca[:, None, :, None] * bU
-                    beta = At[..., None] * (w - torch.einsum("bhs,bhsk->bhk", At, w)[:, :, None])
+                    Aw = At[..., None] * w  # β = A (w - Σ_s A w), as in the Gram
+                    beta = Aw - At[..., None] * Aw.sum(2, keepdim=True)
                     ah = torch.bmm(At, hb)  # [b, H, k_in]: Σ_s A_hts h_sj
                     wkq = (q[:, :, t].transpose(0, 1) @ wk_jT).transpose(0, 1)  # [b, H, k_in]
                     # key path h[s]·(W̃_K q_t) and query path h[t]·(W̃_Q k_s), both weighted
