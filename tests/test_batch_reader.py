@@ -25,6 +25,29 @@ def _reader(adapter, batches, sites, closed_form=True):
     return BatchReader(adapter, batches, sites, plans)
 
 
+def _modadd_float64():
+    """The reference model in float64, its adapter, the reference sites and every 7th pair
+    (skipped where the bridge has no attention closed form)."""
+    model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
+    adapter = get_adapter(model)
+    if not adapter.pattern_before_output:
+        pytest.skip("a TransformerLens 3.x bridge has no attention closed form")
+    return model, adapter, parse_sites(MODADD_SITES), modadd.tokens_for(modadd.all_pairs()[::7])
+
+
+def _count_reads(monkeypatch, adapter) -> list:
+    """From now on, every ``read_sites`` call as ``(batch size, site names)``."""
+    reads = []
+    original = type(adapter).read_sites
+
+    def counted(self, b, s):
+        reads.append((b.shape[0], [x.name for x in s]))
+        return original(self, b, s)
+
+    monkeypatch.setattr(type(adapter), "read_sites", counted)
+    return reads
+
+
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -50,23 +73,11 @@ def test_by_formula_equals_the_model_on_every_architecture(arch, model):
 
 
 def test_modadd_reference_model_by_formula_reads_the_model_once_per_batch(monkeypatch):
-    model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
-    adapter = get_adapter(model)
-    if not adapter.pattern_before_output:
-        pytest.skip("a TransformerLens 3.x bridge has no attention closed form")
-    sites = parse_sites(MODADD_SITES)
-    tokens = modadd.tokens_for(modadd.all_pairs()[::7])
+    model, adapter, sites, tokens = _modadd_float64()
     batches = list(tokens.split(600))
-    reads = []
-    original = type(adapter).read_sites
-
-    def counted(self, b, s):
-        reads.append((b.shape[0], [x.name for x in s]))
-        return original(self, b, s)
-
     with prepared(model, None):
         want = [adapter.read_sites(b, sites) for b in batches]
-        monkeypatch.setattr(type(adapter), "read_sites", counted)
+        reads = _count_reads(monkeypatch, adapter)
         reader = _reader(adapter, batches, sites)
         got = [reader.all(i) for i in range(len(batches))]
         assert reader.all(1) is got[1]  # kept, not computed again
@@ -150,25 +161,14 @@ def test_the_section_after_the_last_site_is_recognised_in_the_check_pass(monkeyp
     """``after``: the unembedding after ``resid_post.0:last`` is read with the checked sites
     and recognised there, so its recognition later reads nothing; it equals the section
     recognised on its own, and takes no part in the reader's decision."""
-    model = modadd.load_bridge(modadd.load_state_dict(), dtype=torch.float64)
-    adapter = get_adapter(model)
-    if not adapter.pattern_before_output:
-        pytest.skip("a TransformerLens 3.x bridge has no attention closed form")
-    sites = parse_sites(MODADD_SITES)
-    tokens = modadd.tokens_for(modadd.all_pairs()[::7])
-    reads = []
-    original = type(adapter).read_sites
-
-    def counted(self, b, s):
-        reads.append((b.shape[0], [x.name for x in s]))
-        return original(self, b, s)
+    model, adapter, sites, tokens = _modadd_float64()
 
     def plan(a, b):
         return SectionPlan(adapter, a, b, alphas=[1.0], weights=[1.0])
 
     with prepared(model, None):
         alone = plan(sites[2], sites[3]).closed(tokens, adapter.read_sites(tokens, sites[2:3])[0])
-        monkeypatch.setattr(type(adapter), "read_sites", counted)
+        reads = _count_reads(monkeypatch, adapter)
         after = plan(sites[2], sites[3])
         reader = BatchReader(adapter, [tokens], sites[:3],
                              [plan(a, b) for a, b in zip(sites[:2], sites[1:3])], after=after)
