@@ -11,7 +11,7 @@ import tl_degen
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import Threshold, lib_rotation, whiten
 from tl_degen.model_state import prepared
-from tl_degen.section_plan import accumulate_jacobian_gram
+from tl_degen.sections.plan import accumulate_jacobian_gram
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator, MomentAccumulator
 

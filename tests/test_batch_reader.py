@@ -1,4 +1,4 @@
-"""tl_degen.batch_reader: every site of a batch, from the model's pass or through the sections'
+"""tl_degen.sections.reader: every site of a batch, from the model's pass or through the sections'
 formulas, equal to the model's own activations."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import torch
 from tests import models as M
 from tl_degen import memory
 from tl_degen.adapters import get_adapter
-from tl_degen.batch_reader import BatchReader
-from tl_degen.closed_form import ClosedFormSection, may_have_closed_form
 from tl_degen.model_state import prepared
-from tl_degen.section_plan import SectionPlan
+from tl_degen.sections.closed_form import ClosedFormSection, may_have_closed_form
+from tl_degen.sections.plan import SectionPlan
+from tl_degen.sections.reader import BatchReader
 from tl_degen.sites import Site, parse_sites
 from tl_degen.toy import modadd
 

@@ -8,10 +8,10 @@ import torch
 
 from tests import models as M
 from tl_degen.adapters import get_adapter
-from tl_degen.closed_form import _count_gram, recognise
 from tl_degen.model_state import prepared
-from tl_degen.section_plan import accumulate_jacobian_gram
-from tl_degen.sections import integration_rule
+from tl_degen.sections.autograd import integration_rule
+from tl_degen.sections.closed_form import _count_gram, recognise
+from tl_degen.sections.plan import accumulate_jacobian_gram
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 from tl_degen.toy import modadd

@@ -16,7 +16,7 @@ from tests.gram_route import gram_factor
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import Threshold, lib_rotation, whiten
 from tl_degen.model_state import prepared
-from tl_degen.section_plan import accumulate_jacobian_gram
+from tl_degen.sections.plan import accumulate_jacobian_gram
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 from tl_degen.toy import modadd

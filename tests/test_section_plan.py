@@ -1,4 +1,4 @@
-"""A section planned once (tl_degen.section_plan): its closed form recognised once per prompt
+"""A section planned once (tl_degen.sections.plan): its closed form recognised once per prompt
 length, every site read in one forward pass per batch, and its implementations agreeing."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import tl_degen
-from tl_degen import closed_form, section_plan
 from tl_degen.adapters import get_adapter
-from tl_degen.closed_form import CHECK_ROWS
-from tl_degen.section_plan import SectionPlan
+from tl_degen.sections import closed_form
+from tl_degen.sections import plan as section_plan
+from tl_degen.sections.closed_form import CHECK_ROWS
+from tl_degen.sections.plan import SectionPlan
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 from tl_degen.toy import modadd

@@ -9,7 +9,7 @@ import torch
 
 import tl_degen
 from tests import models as M
-from tl_degen.sections import edge_route
+from tl_degen.sections.autograd import edge_route
 
 # rotary embeddings are computed in float32 inside the Hugging Face Llama/NeoX models,
 # whatever the model's dtype, so their Jacobians agree to float32 rounding only
@@ -59,7 +59,7 @@ def test_routes_agree_with_the_closed_forms_and_integration():
 def test_forward_route_in_chunks_and_batches(tokenizer_dir):
     """Chunks of input directions per pass and batches of sequences add up to the same."""
     from tl_degen.adapters import get_adapter
-    from tl_degen.sections import forward_edge_squares
+    from tl_degen.sections.autograd import forward_edge_squares
 
     model = M.build("gpt2", tokenizer_dir)
     tokens = M.random_tokens(10, 6)
@@ -110,7 +110,7 @@ def test_pullbacks_in_passes_spanning_positions_equal_one_at_a_time(tokenizer_di
     one output position to the next: the same pullbacks as one pair per pass."""
     from tl_degen.adapters import get_adapter
     from tl_degen.model_state import prepared
-    from tl_degen.sections import autograd_pullbacks
+    from tl_degen.sections.autograd import autograd_pullbacks
     from tl_degen.sites import Site
 
     model = M.build("native_ln_gelu", tokenizer_dir)
@@ -135,7 +135,7 @@ def test_pullbacks_in_passes_spanning_positions_equal_one_at_a_time(tokenizer_di
 
 
 def test_probes_per_pass_shrink_with_the_tokens():
-    from tl_degen.stochastic import BATCHED_PROBE_TOKENS, probes_per_pass
+    from tl_degen.sections.probes import BATCHED_PROBE_TOKENS, probes_per_pass
 
     assert probes_per_pass(16 * 12) == 8  # small batches: eight probes per pullback
     assert probes_per_pass(16 * 128) == 1  # long prompts: one at a time

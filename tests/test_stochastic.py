@@ -10,10 +10,10 @@ import tl_degen
 from tests import models as M
 from tl_degen.adapters import get_adapter
 from tl_degen.fitting import prepared
-from tl_degen.section_plan import accumulate_jacobian_gram
+from tl_degen.sections.plan import accumulate_jacobian_gram
+from tl_degen.sections.probes import estimate_jacobian_gram
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
-from tl_degen.stochastic import estimate_jacobian_gram
 from tl_degen.toy import modadd
 
 

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
 from tl_degen.basis_set import BasisSet
-from tl_degen.closed_form import recognise
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
 from tl_degen.model_state import prepared
+from tl_degen.sections.closed_form import recognise
 from tl_degen.sites import Site
 
 __all__ = ["ablation_curve", "AblationCurve", "edge_ablation", "EdgeAblationResult", "make_metric"]
@@ -258,8 +258,8 @@ def edge_ablation(
 
     Nothing is computed twice: the in-site is read once per pair; an output direction's
     coordinates depend only on how many of its edges are kept, so they are cached across
-    probes; sections with a closed form (:mod:`tl_degen.closed_form`) are evaluated alone, at
-    the positions read, and other sections run the model with many masks stacked along the
+    probes; sections with a closed form (:mod:`tl_degen.sections`) are evaluated alone,
+    at the positions read, and other sections run the model with many masks stacked along the
     batch (:data:`STACK_BUDGET` bytes at a time).
 
     Args:
@@ -403,8 +403,8 @@ class _MaskedPair:
     probe keeping ``k`` edges row ``i`` keeps its first ``n_i(k)`` edges in the global order,
     so coordinates are cached by ``(i, n_i)``: a bisection recomputes only the rows whose count
     changed. The input site is read once per batch; the section is evaluated in closed form
-    when it has one (:meth:`~tl_degen.closed_form.ClosedFormSection.forward`: only the section,
-    only the positions read), else by the model with many masks stacked along the batch.
+    when it has one (its ``forward``: only the section, only the positions read), else by
+    the model with many masks stacked along the batch.
     """
 
     def __init__(self, adapter, batches, bases, in_site: Site, out_site: Site, fn):

@@ -1,7 +1,7 @@
 """``fit_bases`` and ``site_activations``: model + tokens → statistics → bases.
 
 Data flows one way (DESIGN.md §7): one forward pass per batch accumulates the mean and Gram
-of every site (:class:`~tl_degen.batch_reader.BatchReader`: the sites after the first through
+of every site (:class:`~tl_degen.sections.reader.BatchReader`: the sites after the first through
 the sections' formulas where all are closed forms, the activations kept for the Jacobian
 passes while they fit); the bases are then built from the last site backwards, because each
 LIB basis needs the next site's ``C`` (§4 step 6).
@@ -29,17 +29,17 @@ from tl_degen.basis import (
     whiten,
 )
 from tl_degen.basis_set import BasisSet, model_probe
-from tl_degen.batch_reader import BatchReader
 from tl_degen.checkpoint import FitCheckpoint
 from tl_degen.distributed import Shards, tokens_digest, weights_digest
 from tl_degen.errors import AmbiguousRankWarning, DataError, ProbeErrorWarning, TLDegenError
 from tl_degen.memory import auto_batch_size, check_fits, statistics_bytes
 from tl_degen.model_state import prepared
-from tl_degen.section_plan import SectionPlan
-from tl_degen.sections import integration_rule
+from tl_degen.sections.autograd import integration_rule
+from tl_degen.sections.plan import SectionPlan
+from tl_degen.sections.probes import StochasticEstimate
+from tl_degen.sections.reader import BatchReader
 from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import GramAccumulator, MomentAccumulator
-from tl_degen.stochastic import StochasticEstimate
 
 __all__ = ["fit_bases", "site_activations", "token_batches", "check_positions"]
 
@@ -291,7 +291,7 @@ def fit_bases(
         max_probes: the most probes per batch ``target_error`` may spend (default
             ``16·n_probes``).
         seed: seed of the probes.
-        closed_form: use the closed forms of :mod:`tl_degen.closed_form` where they apply
+        closed_form: use the closed forms of :mod:`tl_degen.sections.closed_form` where they apply
             (``False``: autograd everywhere; the results agree to rounding).
         distributed: inside an initialised ``torch.distributed`` process group each rank
             passes its own shard of ``tokens``; the statistics are summed over ranks and every

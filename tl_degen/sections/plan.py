@@ -10,17 +10,17 @@ same two things from it, batch by batch:
 :class:`SectionPlan` is that interface. It picks, once per section (and once per prompt
 length), among three implementations:
 
-* **closed form** (:mod:`tl_degen.closed_form`): MLP, attention, linear and unembedding
+* **closed form** (:mod:`tl_degen.sections.closed_form`): MLP, attention, linear and unembedding
   sections without normalisation, checked against the model's own forward pass and one
   vector-Jacobian product on the first batch of each length. Attention after a LayerNorm or
   RMSNorm has its formula only: the autograd routes below then differentiate that formula
   (one layer's attention in a few matmuls) instead of the model (route names end in
   "(section formula)");
-* **batched autograd** (:mod:`tl_degen.sections`): exact, by the cheapest of forward-mode
+* **batched autograd** (:mod:`tl_degen.sections.autograd`): exact, by the cheapest of forward-mode
   (one Jacobian-vector product per input direction) and backward-mode (one vector-Jacobian
   product per output position and direction), :func:`~tl_degen.sections.edge_route` and
   :func:`~tl_degen.sections.gram_route`;
-* **stochastic** (:mod:`tl_degen.stochastic`): random-sign probes with their standard error,
+* **stochastic** (:mod:`tl_degen.sections.probes`): random-sign probes with their standard error,
   when ``n_probes`` is given and probing costs less than half the exact route.
 
 Examples:
@@ -36,17 +36,21 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_degen.adapters.base import Adapter
-from tl_degen.closed_form import ClosedFormSection, recognise
-from tl_degen.sections import (
+from tl_degen.sections.autograd import (
     autograd_pullbacks,
     backward_edge_squares,
     edge_route,
     forward_edge_squares,
     gram_route,
 )
+from tl_degen.sections.closed_form import ClosedFormSection, recognise
+from tl_degen.sections.probes import (
+    StochasticEstimate,
+    estimate_edge_squares,
+    estimate_jacobian_gram,
+)
 from tl_degen.sites import Site
 from tl_degen.stats import CHUNK_ROWS, GramAccumulator
-from tl_degen.stochastic import StochasticEstimate, estimate_edge_squares, estimate_jacobian_gram
 
 __all__ = ["SectionPlan", "accumulate_jacobian_gram"]
 
@@ -209,7 +213,7 @@ def accumulate_jacobian_gram(
             the model runs in.
         out_basis: ``C`` of the output site (``[d_out (+1), k]``); ``None`` for raw outputs
             (unrotated logits).
-        closed_form: use :mod:`tl_degen.closed_form` where the section allows it.
+        closed_form: use :mod:`tl_degen.sections.closed_form` where the section allows it.
     """
     SectionPlan(adapter, in_site, out_site, alphas=alphas, weights=weights,
                 closed_form=closed_form).add_jacobian_gram(tokens, x, out_basis, acc)

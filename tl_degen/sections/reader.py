@@ -14,9 +14,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_degen.adapters.base import Adapter
-from tl_degen.closed_form import CHECK_ROWS, may_have_closed_form
 from tl_degen.memory import memory_budget
-from tl_degen.section_plan import SectionPlan
+from tl_degen.sections.closed_form import CHECK_ROWS, may_have_closed_form
+from tl_degen.sections.plan import SectionPlan
 from tl_degen.sites import Site
 
 __all__ = ["BatchReader"]
@@ -33,10 +33,10 @@ class BatchReader:
     * **Through the sections' formulas.** With ``plans`` (the :class:`SectionPlan` of each
       pair of consecutive ``sites``): when every section has a closed form, recognised on
       the first batch of each prompt length and checked against one model pass that reads
-      every site on :data:`~tl_degen.closed_form.CHECK_ROWS` sequences, only the first site
+      every site on :data:`~tl_degen.sections.closed_form.CHECK_ROWS` sequences, only the first site
       is read from the model, its forward pass stopping there. Each later site is then the
       previous one through its section's formula
-      (:meth:`~tl_degen.closed_form.ClosedFormSection.forward`).
+      (:meth:`~tl_degen.sections.closed_form.ClosedFormSection.forward`).
 
       The formulas must match the model's pass to ``10⁴·eps`` of the largest entry, against
       the ``1e-7`` of recognition alone. On modadd they agree to 4e-16.

@@ -36,7 +36,7 @@ These section shapes have Jacobians that need no backward passes:
 
 Both act per position, so only positions in both sites contribute. Before use, each form is
 checked against the model's own forward pass and one vector-Jacobian product (:func:`recognise`,
-on the first batch of each prompt length when :class:`tl_degen.section_plan.SectionPlan`
+on the first batch of each prompt length when :class:`tl_degen.sections.plan.SectionPlan`
 asks); otherwise the plan falls back to autograd.
 """
 
@@ -51,7 +51,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_degen.adapters.base import Adapter
-from tl_degen.sections import Pullback, autograd_pullbacks, forward_edge_squares
+from tl_degen.sections.autograd import Pullback, autograd_pullbacks, forward_edge_squares
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 

@@ -23,7 +23,7 @@ Where no closed form applies there are three autograd routes, chosen per section
   pass): ``k_in`` products, exact;
 * ``"backward"``: one vector-Jacobian product per output position and direction:
   ``P_out·k_out`` products, exact;
-* ``"probes"``: random signs over the output positions (:mod:`tl_degen.stochastic`):
+* ``"probes"``: random signs over the output positions (:mod:`tl_degen.sections.probes`):
   ``n_probes·k_out`` products, an estimate with its standard error.
 """
 
@@ -117,7 +117,7 @@ def autograd_pullbacks(
     the (output position, direction) pairs are then pulled back ``chunk`` at a time
     (``is_grads_batched`` above 1), each call batched over all samples. ``forward``, when
     given, replaces the model: the section's own formula (e.g.
-    :meth:`tl_degen.closed_form.ClosedFormSection.forward`), input site vectors to output
+    :meth:`tl_degen.sections.closed_form.ClosedFormSection.forward`), input site vectors to output
     site vectors (``tokens`` is then unused). Yields :class:`Pullback`.
     """
     n, n_in, _ = x.shape

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from tl_degen.adapters.base import Adapter
 from tl_degen.errors import TLDegenError
-from tl_degen.sections import section_forward
+from tl_degen.sections.autograd import section_forward
 from tl_degen.sites import Site
 
 __all__ = ["StochasticEstimate", "estimate_jacobian_gram", "estimate_edge_squares"]
