@@ -21,6 +21,7 @@ from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
+from tl_degen.io import Serialisable
 from tl_degen.model_state import prepared
 from tl_degen.sections.closed_form import recognise
 from tl_degen.sites import Site
@@ -74,8 +75,13 @@ def make_metric(metric: str | Metric, labels: Tensor | None = None, position: in
 
 
 @dataclass
-class AblationCurve:
+class AblationCurve(Serialisable):
     """The metric with only the top-``n`` directions of ``site`` kept, for each ``n``.
+
+    ``to_dict()`` gives the constructor's arguments, ``{"site": name, "method", "n_kept":
+    [...], "values": [...], "baseline", "config": {...}}``; ``from_dict`` / ``save`` / ``load``
+    round-trip it (:class:`tl_degen.io.Serialisable`). :meth:`as_dict` is the curve itself,
+    ``{n: value}``.
 
     Examples:
         >>> labels = modadd.labels_for(modadd.train_test_split()[0])  # [batch]
@@ -91,7 +97,19 @@ class AblationCurve:
     baseline: float  # the unablated model
     config: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """The constructor's arguments (class docstring)."""
+        return {"site": self.site.name, "method": self.method, "n_kept": list(self.n_kept),
+                "values": list(self.values), "baseline": self.baseline,
+                "config": dict(self.config)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AblationCurve:
+        return cls(Site.parse(d["site"]), d["method"], list(d["n_kept"]), list(d["values"]),
+                   d["baseline"], dict(d.get("config") or {}))
+
     def as_dict(self) -> dict[int, float]:
+        """The curve: ``{n_kept: value}``."""
         return dict(zip(self.n_kept, self.values))
 
     def __repr__(self) -> str:
@@ -203,7 +221,7 @@ def ablation_curve(
 
 
 @dataclass
-class EdgeAblationResult:
+class EdgeAblationResult(Serialisable):
     """Metric with only the strongest ``k`` edges of each layer pair kept.
 
     Attributes:
@@ -211,6 +229,12 @@ class EdgeAblationResult:
         results: ``"in->out"`` → {number of edges kept (not counting the constant node's): metric}.
         n_edges_required: ``"in->out"`` → the fewest edges whose metric stays within
             ``tolerance`` of the baseline (bisection; only when a tolerance was given).
+        tolerance: the tolerance of the bisection (``None``: no bisection).
+
+    ``to_dict()`` gives the constructor's arguments, ``{"baseline", "results": {"in->out":
+    {n_edges: value}}, "n_edges_required": {"in->out": n}, "tolerance"}``; ``from_dict`` /
+    ``save`` / ``load`` round-trip it (:class:`tl_degen.io.Serialisable`; the numbers of
+    edges, strings in JSON, come back as integers).
 
     Examples:
         >>> labels = modadd.labels_for(modadd.train_test_split()[0])
@@ -223,6 +247,18 @@ class EdgeAblationResult:
     results: dict[str, dict[int, float]]
     n_edges_required: dict[str, int]
     tolerance: float | None
+
+    def to_dict(self) -> dict:
+        """The constructor's arguments (class docstring)."""
+        return {"baseline": self.baseline,
+                "results": {k: dict(v) for k, v in self.results.items()},
+                "n_edges_required": dict(self.n_edges_required), "tolerance": self.tolerance}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EdgeAblationResult:
+        return cls(d["baseline"],
+                   {k: {int(n): v for n, v in r.items()} for k, r in d["results"].items()},
+                   dict(d["n_edges_required"]), d.get("tolerance"))
 
     def __repr__(self) -> str:
         req = ", ".join(f"{k}: {v}" for k, v in self.n_edges_required.items())

@@ -11,13 +11,14 @@ Conventions (pinned here, relied on everywhere):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tl_degen.errors import BasisMismatchError, SiteError, TLDegenError
+from tl_degen.io import Serialisable, as_tensor
 from tl_degen.sites import Site
 
 __all__ = ["Threshold", "Dropped", "InteractionBasis", "whiten", "lib_rotation", "METHODS",
@@ -283,7 +284,7 @@ def lib_rotation(wh: Whitening, jacobian_factor: Tensor, jacobian_gram: Tensor |
 
 
 @dataclass
-class InteractionBasis:
+class InteractionBasis(Serialisable):
     """A basis for one site.
 
     Attributes:
@@ -305,6 +306,11 @@ class InteractionBasis:
         jacobian_gram_error: for stochastic fits, the relative standard error of the
             estimated Jacobian Gram (``‖SE‖_F / ‖M′‖_F``); ``0.0`` when it was exact.
 
+    ``to_dict()`` / ``from_dict(d)`` / ``save(path)`` / ``load(path)`` round-trip it
+    (:class:`tl_degen.io.Serialisable`); the dict holds the attributes above with ``site``
+    as its name, ``dropped`` as a dict of :class:`Dropped`'s fields and the tensors as they are
+    (``lambda_all`` may be ``None``).
+
     Examples:
         >>> basis = bases["resid_mid.0:last"]
         >>> acts = tl_degen.site_activations(model, tokens, basis.site)  # [batch, 1, d_site]
@@ -325,6 +331,26 @@ class InteractionBasis:
     n_samples: int = 0
     lambda_all: Tensor | None = None
     jacobian_gram_error: float | None = None
+
+    def to_dict(self) -> dict:
+        """The constructor's arguments: plain Python and tensors (class docstring)."""
+        return {"site": self.site.name, "method": self.method, "C": self.C,
+                "C_pinv": self.C_pinv, "eigenvalues": self.eigenvalues, "mean": self.mean,
+                "gram": self.gram, "gram_eigenvalues": self.gram_eigenvalues,
+                "dropped": asdict(self.dropped), "center": self.center,
+                "n_samples": self.n_samples, "lambda_all": self.lambda_all,
+                "jacobian_gram_error": self.jacobian_gram_error}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InteractionBasis:
+        """Rebuild from :meth:`to_dict` (tensors may also be nested lists)."""
+        d = dict(d)
+        tensors = ("C", "C_pinv", "eigenvalues", "mean", "gram", "gram_eigenvalues")
+        for f in tensors:
+            d[f] = as_tensor(d[f])
+        if d.get("lambda_all") is not None:
+            d["lambda_all"] = as_tensor(d["lambda_all"])
+        return cls(**{**d, "site": Site.parse(d["site"]), "dropped": Dropped(**d["dropped"])})
 
     @property
     def d_site(self) -> int:

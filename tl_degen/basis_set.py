@@ -2,10 +2,11 @@
 
 File format (version 1): one ``.safetensors`` file. Tensors are named ``<site>/<field>``
 (``C``, ``C_pinv``, ``eigenvalues``, ``mean``, ``gram``, ``gram_eigenvalues`` and, for LIB,
-``lambda_all``), all float64. The header metadata key ``tl_degen`` holds JSON: format name
-and version, the fit configuration, the model's architecture signature and a probe (its
-logits on a fixed input), and per site the method, centering, sample count and what was
-dropped. Files are written to a temporary name and renamed, so a failed save leaves nothing.
+``lambda_all``), float64 as fitted (a tensor of another dtype keeps its dtype). The header
+metadata key ``tl_degen`` holds JSON: format name and version, the fit configuration, the
+model's architecture signature and a probe (its logits on a fixed input), and per site the
+method, centering, sample count and what was dropped. Files are written to a temporary
+name and renamed, so a failed save leaves nothing.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class BasisSet(Mapping):
         config: the settings of the fit (method, centering, threshold, integration, ...).
         model_signature: architecture facts of the model it was fitted on.
         model_probe: the model's logits on a fixed input (see :func:`model_probe`).
+
+    ``to_dict()`` gives the constructor's arguments, ``{"bases": [InteractionBasis.to_dict()
+    per site, in order], "config": {...}, "model_signature": {...}, "model_probe": [[...]] or
+    None}``, and ``from_dict(d)`` rebuilds the set; :meth:`save` / :meth:`load` write the file
+    format of the module docstring.
 
     Examples:
         >>> bases["resid_mid.0:last"].C.shape  # [d_site, k]
@@ -144,15 +150,26 @@ class BasisSet(Mapping):
                     "on a fixed probe input differ); fit new bases with fit_bases(model, ...)")
 
     # ---------------------------------------------------------------- save / load
+    def to_dict(self) -> dict:
+        """The constructor's arguments: plain Python and tensors (class docstring)."""
+        return {"bases": [b.to_dict() for b in self._bases.values()],
+                "config": dict(self.config), "model_signature": dict(self.model_signature),
+                "model_probe": self.model_probe}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BasisSet:
+        """Rebuild from :meth:`to_dict`."""
+        return cls([InteractionBasis.from_dict(b) for b in d["bases"]], config=d.get("config"),
+                   model_signature=d.get("model_signature"), model_probe=d.get("model_probe"))
+
     def _tensors_and_meta(self) -> tuple[dict[str, Tensor], dict]:
         tensors: dict[str, Tensor] = {}
         sites_meta = []
         for s, b in self._bases.items():
             for f in _FIELDS:
-                value = getattr(b, f).detach().to(torch.float64).cpu()
-                tensors[f"{s.name}/{f}"] = value.contiguous()
+                tensors[f"{s.name}/{f}"] = getattr(b, f).detach().cpu().contiguous()
             if b.lambda_all is not None:
-                tensors[f"{s.name}/lambda_all"] = b.lambda_all.detach().double().cpu().contiguous()
+                tensors[f"{s.name}/lambda_all"] = b.lambda_all.detach().cpu().contiguous()
             sites_meta.append({"site": s.name, "method": b.method, "center": b.center,
                                "n_samples": b.n_samples, "dropped": asdict(b.dropped),
                                "jacobian_gram_error": b.jacobian_gram_error})

@@ -37,6 +37,7 @@ from tl_degen.distributed import Shards
 from tl_degen.effective import EffectiveParameters, effective_parameters
 from tl_degen.errors import BasisMismatchError, DataError, DistributedError, TLDegenError
 from tl_degen.fitting import fit_bases, site_activations, token_batches
+from tl_degen.io import Serialisable
 from tl_degen.model_state import prepared
 from tl_degen.patching import patch_directions
 from tl_degen.reparam import get_reparameterisation
@@ -48,8 +49,13 @@ __all__ = ["degeneracy_report", "DegeneracyReport", "SiteDegeneracy", "LayerDege
 
 # ---------------------------------------------------------------------------- report data
 @dataclass
-class SiteDegeneracy:
-    """Types 1 and 2 at one site (dimensions include the constant coordinate)."""
+class SiteDegeneracy(Serialisable):
+    """Types 1 and 2 at one site (dimensions include the constant coordinate).
+
+    ``to_dict()`` is the constructor's arguments, ``{"site": name, "dim", "activation_rank",
+    "jacobian_rank", "free_read", "free_write", "gap"}``; ``from_dict`` / ``save`` / ``load``
+    round-trip it (:class:`tl_degen.io.Serialisable`).
+    """
 
     site: str
     dim: int
@@ -59,6 +65,14 @@ class SiteDegeneracy:
     free_write: int | None
     #: the narrower spectral gap at the site's two cuts (:attr:`tl_degen.basis.Dropped.gap`)
     gap: float = float("inf")
+
+    def to_dict(self) -> dict:
+        """The constructor's arguments (class docstring)."""
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SiteDegeneracy:
+        return cls(**d)
 
     @property
     def ambiguous(self) -> bool:
@@ -77,8 +91,13 @@ class SiteDegeneracy:
 
 
 @dataclass
-class LayerDegeneracy:
-    """Type 3 in one layer: dead and co-firing MLP neurons, heads with identical patterns."""
+class LayerDegeneracy(Serialisable):
+    """Type 3 in one layer: dead and co-firing MLP neurons, heads with identical patterns.
+
+    ``to_dict()`` is the constructor's arguments, ``{"layer", "d_mlp", "dead_neurons": [...],
+    "cofiring_groups": [[...]], "n_heads", "identical_head_groups": [[...]]}``;
+    ``from_dict`` / ``save`` / ``load`` round-trip it (:class:`tl_degen.io.Serialisable`).
+    """
 
     layer: int
     d_mlp: int | None
@@ -86,6 +105,18 @@ class LayerDegeneracy:
     cofiring_groups: list[list[int]] = field(default_factory=list)
     n_heads: int = 0
     identical_head_groups: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The constructor's arguments (class docstring)."""
+        return {"layer": self.layer, "d_mlp": self.d_mlp,
+                "dead_neurons": list(self.dead_neurons),
+                "cofiring_groups": [list(g) for g in self.cofiring_groups],
+                "n_heads": self.n_heads,
+                "identical_head_groups": [list(g) for g in self.identical_head_groups]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerDegeneracy:
+        return cls(**d)
 
     @property
     def n_cofiring(self) -> int:
@@ -98,13 +129,19 @@ class LayerDegeneracy:
 
 
 @dataclass
-class DegeneracyReport:
+class DegeneracyReport(Serialisable):
     """Per-site types 1–2 and per-layer type 3; ``print(report)`` shows the tables.
 
     With ``effective`` (from ``degeneracy_report(..., effective=True)``) a third table puts,
     per block and for the whole model: the raw parameter count, the effective parameter count
     ``N_eff = 2λ`` of the behavioural loss (:func:`~tl_degen.effective_parameters`) and the
     interaction-basis size (kept LIB directions) of each of the block's sites.
+
+    ``to_dict()`` gives the constructor's arguments, ``{"sites": [SiteDegeneracy.to_dict()],
+    "layers": [LayerDegeneracy.to_dict()], "config": {...}, "effective":
+    EffectiveParameters.to_dict() or None, "lib_sizes": {site: k}}``; ``from_dict`` /
+    ``save`` / ``load`` round-trip it (:class:`tl_degen.io.Serialisable`). :meth:`as_dict` is a
+    JSON summary with the derived counts (``type1``, ``n_cofiring``, ...) added.
 
     Examples:
         >>> report = tl_degen.degeneracy_report(model, tokens, bases.sites, bases=bases)
@@ -132,7 +169,26 @@ class DegeneracyReport:
                 return x
         raise KeyError(f"no layer {L} in this report")
 
+    def to_dict(self) -> dict:
+        """The constructor's arguments: plain Python and tensors (class docstring)."""
+        return {"sites": [s.to_dict() for s in self.sites],
+                "layers": [x.to_dict() for x in self.layers], "config": dict(self.config),
+                "effective": None if self.effective is None else self.effective.to_dict(),
+                "lib_sizes": dict(self.lib_sizes)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DegeneracyReport:
+        """Rebuild from :meth:`to_dict`."""
+        effective = d.get("effective")
+        if effective is not None:
+            effective = EffectiveParameters.from_dict(effective)
+        return cls([SiteDegeneracy.from_dict(s) for s in d["sites"]],
+                   [LayerDegeneracy.from_dict(x) for x in d["layers"]],
+                   dict(d.get("config") or {}), effective=effective,
+                   lib_sizes=dict(d.get("lib_sizes") or {}))
+
     def as_dict(self) -> dict:
+        """A JSON summary: :meth:`to_dict` with the derived counts added."""
         return {
             "sites": [{**vars(s), "type1": s.type1, "type2": s.type2,
                        "ambiguous": s.ambiguous} for s in self.sites],
@@ -426,7 +482,7 @@ LEADING, SMALL = 1e-8, 1e-12
 
 
 @dataclass
-class InvarianceReport:
+class InvarianceReport(Serialisable):
     """How bases, graphs and patching results change under a function-preserving
     reparameterisation.
 
@@ -442,6 +498,10 @@ class InvarianceReport:
     spectral gap at the two fits' cuts, :attr:`tl_degen.basis.Dropped.gap`). ``inf`` marks a
     comparison the two fits cannot make (fewer kept directions than the band needs).
 
+    ``to_dict()`` gives the constructor's arguments, ``{"transform": name,
+    "function_change": float, "rows": [row dicts as above]}``; ``from_dict`` / ``save`` /
+    ``load`` round-trip it (:class:`tl_degen.io.Serialisable`).
+
     Examples:
         >>> rep = tl_degen.check_invariance(model, tokens, bases.sites, "change_residual_basis")
         >>> print(rep)  # the table, with LIB's targets
@@ -451,6 +511,15 @@ class InvarianceReport:
     transform: str
     function_change: float
     rows: list[dict]
+
+    def to_dict(self) -> dict:
+        """The constructor's arguments (class docstring)."""
+        return {"transform": self.transform, "function_change": self.function_change,
+                "rows": [dict(r) for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InvarianceReport:
+        return cls(d["transform"], d["function_change"], [dict(r) for r in d["rows"]])
 
     def worst(self, method: str, key: str = "patching_change") -> float:
         """Largest ``key`` over the method's sites (NaN entries ignored; NaN if none)."""

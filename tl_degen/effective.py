@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from tl_degen.adapters import get_adapter
 from tl_degen.errors import DataError, TLDegenError
 from tl_degen.fitting import token_batches
+from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
 
 __all__ = ["effective_parameters", "EffectiveParameters", "LLCEstimate", "parameter_groups"]
@@ -46,7 +47,7 @@ DIVERGENCES = ("kl", "mse")
 
 
 @dataclass
-class LLCEstimate:
+class LLCEstimate(Serialisable):
     """λ of the behavioural loss for one parameter group, with the sampler's diagnostics.
 
     Attributes:
@@ -60,6 +61,11 @@ class LLCEstimate:
             have settled, above 1.1 when they have not. The traces are minibatch losses, whose
             noise makes R̂ less sensitive to slow drifts: look at ``loss_trace`` too.
         warnings: what the diagnostics found wrong, in words (empty when nothing did).
+
+    ``to_dict()`` gives the constructor's arguments, the attributes above:
+    ``{"group", "n_params", "llc", "llc_se", "llc_per_chain": [...], "loss_trace": tensor,
+    "r_hat", "warnings": [...]}``; ``from_dict`` / ``save`` / ``load`` round-trip it
+    (:class:`tl_degen.io.Serialisable`).
     """
 
     group: str
@@ -70,6 +76,20 @@ class LLCEstimate:
     loss_trace: Float[Tensor, "chains draws"]
     r_hat: float
     warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The constructor's arguments: plain Python and tensors (class docstring)."""
+        return {"group": self.group, "n_params": self.n_params, "llc": self.llc,
+                "llc_se": self.llc_se, "llc_per_chain": list(self.llc_per_chain),
+                "loss_trace": self.loss_trace, "r_hat": self.r_hat,
+                "warnings": list(self.warnings)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LLCEstimate:
+        """Rebuild from :meth:`to_dict` (the loss trace may also be nested lists)."""
+        return cls(**{**d, "llc_per_chain": list(d["llc_per_chain"]),
+                      "loss_trace": as_tensor(d["loss_trace"]),
+                      "warnings": list(d.get("warnings", []))})
 
     @property
     def n_eff(self) -> float:
@@ -90,8 +110,13 @@ class LLCEstimate:
 
 
 @dataclass
-class EffectiveParameters:
+class EffectiveParameters(Serialisable):
     """Effective parameter counts per group: ``report["blocks.0"].n_eff``, ``print(report)``.
+
+    ``to_dict()`` gives the constructor's arguments, ``{"estimates": {group:
+    LLCEstimate.to_dict()}, "config": {...}}``; ``from_dict`` / ``save`` / ``load`` round-trip
+    it (:class:`tl_degen.io.Serialisable`). :meth:`as_dict` is a JSON summary (estimates as a
+    list, with ``n_eff``; loss traces as lists).
 
     Examples:
         >>> neff = tl_degen.effective_parameters(model, tokens, params=["model", "blocks.0"])
@@ -109,6 +134,17 @@ class EffectiveParameters:
 
     def __iter__(self):
         return iter(self.estimates.values())
+
+    def to_dict(self) -> dict:
+        """The constructor's arguments: plain Python and tensors (class docstring)."""
+        return {"estimates": {k: e.to_dict() for k, e in self.estimates.items()},
+                "config": dict(self.config)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EffectiveParameters:
+        """Rebuild from :meth:`to_dict`."""
+        return cls({k: LLCEstimate.from_dict(e) for k, e in d["estimates"].items()},
+                   dict(d.get("config") or {}))
 
     def as_dict(self) -> dict:
         """Plain lists and numbers (JSON-serialisable), loss traces included."""

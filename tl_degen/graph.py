@@ -32,7 +32,7 @@ from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
-from tl_degen.io import save_safetensors_atomic
+from tl_degen.io import Serialisable, save_safetensors_atomic
 from tl_degen.model_state import prepared
 from tl_degen.sections.autograd import EDGE_ROUTES, integration_rule
 from tl_degen.sections.plan import SectionPlan
@@ -173,19 +173,20 @@ def interaction_graph(
     config = {"integration": integration, "n_alpha": len(alphas),
               "n_samples": n_samples, "n_pos": n_pos,
               "n_probes": n_probes, "seed": seed, "edge_routes": edge_routes}
-    graph = InteractionGraph(bases, edges, config=config)
-    graph.errors = errors
-    return graph
+    return InteractionGraph(bases, edges, config=config, errors=errors)
 
 
 @dataclass
-class Modules:
+class Modules(Serialisable):
     """Leiden communities of an interaction graph.
 
     Attributes:
         membership: node name (``"site/j"``) → module id.
         modularity: the modularity ``Q`` of the partition on the undirected weighted graph.
         resolution: the resolution parameter used.
+
+    ``to_dict()`` is ``{"membership": {...}, "modularity": Q, "resolution": r}``;
+    ``from_dict`` / ``save`` / ``load`` round-trip it (:class:`tl_degen.io.Serialisable`).
 
     Examples:
         >>> modules = graph.modules(resolution=1.0)
@@ -196,6 +197,15 @@ class Modules:
     membership: dict[str, int]
     modularity: float
     resolution: float
+
+    def to_dict(self) -> dict:
+        """The constructor's arguments (class docstring)."""
+        return {"membership": dict(self.membership), "modularity": self.modularity,
+                "resolution": self.resolution}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Modules:
+        return cls(dict(d["membership"]), d["modularity"], d["resolution"])
 
     @property
     def clusters(self) -> list[list[str]]:
@@ -216,6 +226,14 @@ class InteractionGraph:
 
     See the module docstring for the conventions: nodes in basis-column order (constant
     first), ``edges[(in_site, out_site)]`` is ``[n_out, n_in]`` (rows = targets).
+    ``errors[(in_site, out_site)]`` is the relative standard error of a pair's edges when
+    they were estimated with random probes (empty otherwise); ``config`` holds the settings,
+    the routes taken among them (``config["edge_routes"]``).
+
+    ``to_dict()`` gives the constructor's arguments, pairs keyed ``"<in>-><out>"``:
+    ``{"bases": BasisSet.to_dict(), "edges": {"<in>-><out>": [n_out, n_in] tensor},
+    "config": {...}, "errors": {"<in>-><out>": float}}``; ``from_dict(d)`` rebuilds the graph.
+    :meth:`save` / :meth:`load` keep all of it.
 
     Examples:
         >>> graph = tl_degen.interaction_graph(model, tokens, bases)
@@ -225,13 +243,14 @@ class InteractionGraph:
     """
 
     def __init__(self, bases: BasisSet, edges: dict[tuple[Site, Site], Tensor], *,
-                 config: dict | None = None):
+                 config: dict | None = None,
+                 errors: dict[tuple[Site, Site], float] | None = None):
         self.bases = bases
         self.sites = list(bases.sites)
         self.edges = dict(edges)
         self.config = dict(config or {})
         #: relative standard error of each pair's edges when estimated stochastically
-        self.errors: dict[tuple[Site, Site], float] = {}
+        self.errors: dict[tuple[Site, Site], float] = dict(errors or {})
         for (a, b), E in self.edges.items():
             if E.shape != (bases[b].k, bases[a].k):
                 raise BasisMismatchError(f"edges {a.name}->{b.name} have shape "
@@ -303,7 +322,7 @@ class InteractionGraph:
             if keep_constant and self._has_constant_node(a):
                 keep[:, 0] = True
             new[(a, b)] = torch.where(keep, E, torch.zeros_like(E))
-        return InteractionGraph(self.bases, new, config=self.config)
+        return InteractionGraph(self.bases, new, config=self.config, errors=self.errors)
 
     def n_edges(self) -> dict[str, int]:
         return {f"{a.name}->{b.name}": int((E > 0).sum()) for (a, b), E in self.edges.items()}
@@ -384,18 +403,41 @@ class InteractionGraph:
                        resolution)
 
     # ------------------------------------------------------------------ save / load
+    def to_dict(self) -> dict:
+        """The constructor's arguments: plain Python and tensors (class docstring)."""
+        return {"bases": self.bases.to_dict(),
+                "edges": {f"{a.name}->{b.name}": E for (a, b), E in self.edges.items()},
+                "config": dict(self.config),
+                "errors": {f"{a.name}->{b.name}": e for (a, b), e in self.errors.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InteractionGraph:
+        """Rebuild from :meth:`to_dict`."""
+        bases = BasisSet.from_dict(d["bases"])
+
+        def pair(key: str) -> tuple[Site, Site]:
+            a, b = key.split("->")
+            return bases._key(a), bases._key(b)
+
+        return cls(bases, {pair(k): E for k, E in d["edges"].items()}, config=d.get("config"),
+                   errors={pair(k): e for k, e in (d.get("errors") or {}).items()})
+
     def save(self, path: str | os.PathLike) -> Path:
         """One ``.safetensors`` file: the bases (as :meth:`BasisSet.save`) and the edges
-        (``edges/<in>-><out>``); written atomically."""
+        (``edges/<in>-><out>``, dtype kept); the header key ``tl_degen_graph`` holds JSON with
+        the pairs, ``config`` and ``errors`` (``[{"in", "out", "error"}]``); written
+        atomically."""
         path = Path(path)
         tensors, meta = self.bases._tensors_and_meta()
         edge_meta = []
         for (a, b), E in self.edges.items():
             key = f"edges/{a.name}->{b.name}"
-            tensors[key] = E.detach().double().cpu().contiguous()
+            tensors[key] = E.detach().cpu().contiguous()
             edge_meta.append({"in": a.name, "out": b.name, "tensor": key})
         graph_meta = {"format": GRAPH_FORMAT, "version": GRAPH_VERSION, "edges": edge_meta,
-                      "config": self.config}
+                      "config": self.config,
+                      "errors": [{"in": a.name, "out": b.name, "error": e}
+                                 for (a, b), e in self.errors.items()]}
         return save_safetensors_atomic(path, tensors, {"tl_degen": json.dumps(meta),
                                                        "tl_degen_graph": json.dumps(graph_meta)})
 
@@ -410,7 +452,9 @@ class InteractionGraph:
             meta = json.loads(header["tl_degen_graph"])
             edges = {(bases._key(e["in"]), bases._key(e["out"])): f.get_tensor(e["tensor"])
                      for e in meta["edges"]}
-        return cls(bases, edges, config=meta.get("config"))
+        errors = {(bases._key(e["in"]), bases._key(e["out"])): e["error"]
+                  for e in meta.get("errors", [])}  # files of before errors were saved: none
+        return cls(bases, edges, config=meta.get("config"), errors=errors)
 
     # ------------------------------------------------------------------ display
     def summary(self) -> str:

@@ -1,16 +1,19 @@
-"""Atomic safetensors writes: a temporary file in the target folder, renamed on success, so a
-failed save never leaves a half-written file behind."""
+"""Saving: atomic safetensors writes (a temporary file in the target folder, renamed on
+success, so a failed save never leaves a half-written file behind), and the one file format
+of every result object (:func:`save_result`, :class:`Serialisable`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["save_safetensors_atomic"]
+__all__ = ["save_safetensors_atomic", "save_result", "load_result", "Serialisable", "as_tensor"]
 
 
 def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor],
@@ -27,3 +30,123 @@ def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor],
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------- results
+#: Header key, format name and version of a saved result (:func:`save_result`).
+RESULT_KEY = "tl_degen_result"
+RESULT_FORMAT = "tl_degen.result"
+RESULT_VERSION = 1
+_TENSOR = "__tensor__"
+
+
+def _split_tensors(value, path: str, tensors: dict[str, Tensor]):
+    """``value`` with every tensor replaced by ``{"__tensor__": key}`` (the tensor, a fresh
+    contiguous CPU copy, stored under ``key`` in ``tensors``)."""
+    if isinstance(value, Tensor):
+        key, n = path or "tensor", 1
+        while key in tensors:
+            key, n = f"{path}#{n}", n + 1
+        tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+        return {_TENSOR: key}
+    if isinstance(value, dict):
+        return {k: _split_tensors(v, f"{path}/{k}" if path else str(k), tensors)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split_tensors(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _join_tensors(value, tensors: dict[str, Tensor]):
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            return tensors[value[_TENSOR]]
+        return {k: _join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_tensors(v, tensors) for v in value]
+    return value
+
+
+def save_result(path: str | os.PathLike, result) -> Path:
+    """Write ``result.to_dict()`` to one ``.safetensors`` file, atomically; return the path.
+
+    Layout: every tensor of the dict is a safetensors tensor (dtype and values exactly as
+    they were), named by its place in the dict (``"values"``, ``"estimates/model/loss_trace"``);
+    the header key ``tl_degen_result`` holds JSON ``{"format": "tl_degen.result",
+    "version": 1, "type": <class name>, "data": <the dict, each tensor replaced by
+    {"__tensor__": <name>}>}``. Results without tensors are the same file with no tensors.
+    Floats are written exactly (NaN and ±inf included); tuples become lists and integer
+    dict keys strings, which each class's ``from_dict`` turns back.
+    """
+    tensors: dict[str, Tensor] = {}
+    data = _split_tensors(result.to_dict(), "", tensors)
+    meta = {"format": RESULT_FORMAT, "version": RESULT_VERSION, "type": type(result).__name__,
+            "data": data}
+    return save_safetensors_atomic(path, tensors, {RESULT_KEY: json.dumps(meta)})
+
+
+def load_result(path: str | os.PathLike, cls):
+    """Read a file written by :func:`save_result` back into ``cls`` (``cls.from_dict``)."""
+    from safetensors import safe_open
+
+    from tl_degen.errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"no file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise DataError(f"{path} is not a readable safetensors file ({err})") from err
+    if RESULT_KEY not in header:
+        what = ("an interaction graph (InteractionGraph.load)" if "tl_degen_graph" in header
+                else "bases (BasisSet.load)" if "tl_degen" in header else "no tl_degen result")
+        raise DataError(f"{path} holds {what}, not a saved {cls.__name__}")
+    try:
+        meta = json.loads(header[RESULT_KEY])
+        assert meta["format"] == RESULT_FORMAT
+        kind, version, data = meta["type"], meta["version"], meta["data"]
+    except (KeyError, ValueError, TypeError, AssertionError):
+        raise DataError(f"{path} has a damaged tl_degen result header") from None
+    if version > RESULT_VERSION:
+        raise DataError(f"{path} has result format version {version}; this tl_degen reads up "
+                        f"to {RESULT_VERSION}: upgrade tl_degen")
+    if kind != cls.__name__:
+        raise DataError(f"{path} holds a {kind}, not a {cls.__name__}; load it with "
+                        f"tl_degen.{kind}.load")
+    return cls.from_dict(_join_tensors(data, tensors))
+
+
+def as_tensor(value, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A tensor given as itself (returned unchanged: bit for bit) or as nested lists (the
+    JSON form of ``as_dict``; made a ``dtype`` tensor)."""
+    return value if isinstance(value, Tensor) else torch.tensor(value, dtype=dtype)
+
+
+class Serialisable:
+    """Mixin of the result classes: :meth:`save` / :meth:`load` through the class's
+    ``to_dict()`` / ``from_dict(d)`` (one ``.safetensors`` file, :func:`save_result`).
+
+    ``to_dict()`` returns the constructor's arguments as plain Python and tensors (sites as
+    their names, nested results as their own dicts); ``from_dict(d)`` decodes them and calls
+    the constructor, so ``cls.from_dict(r.to_dict())`` and ``cls.load(r.save(path))`` equal
+    ``r`` field by field, tensors bit for bit.
+    """
+
+    def to_dict(self) -> dict:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, d: dict):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` (``.safetensors``; tensors + JSON header), atomically."""
+        return save_result(path, self)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Read a file written by :meth:`save`."""
+        return load_result(path, cls)

@@ -16,6 +16,7 @@ from tl_degen.basis import InteractionBasis
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import SiteError, TLDegenError
+from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
 from tl_degen.patching.common import (
     Metric,
@@ -32,7 +33,7 @@ from tl_degen.sites import Site
 
 # ---------------------------------------------------------------------------- attribution
 @dataclass
-class AttributionResult:
+class AttributionResult(Serialisable):
     """Per-direction attribution at each site (DESIGN.md §3 conventions; module docstring).
 
     Attributes:
@@ -43,6 +44,13 @@ class AttributionResult:
             (``Δx ⊙ g``; the constant coordinate last, always 0).
         delta: site name → the exact effect of patching the whole site (for comparison).
         method, mode, n_alpha: how it was computed.
+        basis_method: the basis (``"lib"``, ``"pca"``, ``"neuron"``).
+
+    ``to_dict()`` gives the constructor's arguments: ``{"attributions": {site: tensor},
+    "dropped": {site: float}, "neuron": {site: tensor}, "delta": {site: float}, "method",
+    "mode", "n_alpha", "basis_method"}``; ``from_dict`` / ``save`` / ``load`` round-trip it
+    (:class:`tl_degen.io.Serialisable`). :meth:`as_dict` is the same with the tensors as
+    lists (JSON), which ``from_dict`` reads too.
 
     Examples:
         >>> attr = tl_degen.attribution_patch(model, clean, corrupted, bases,
@@ -60,6 +68,12 @@ class AttributionResult:
     n_alpha: int
     basis_method: str | None = None
 
+    def to_dict(self) -> dict:
+        """The constructor's arguments: plain Python and tensors (class docstring)."""
+        return {"attributions": dict(self.attributions), "dropped": dict(self.dropped),
+                "neuron": dict(self.neuron), "delta": dict(self.delta), "method": self.method,
+                "mode": self.mode, "n_alpha": self.n_alpha, "basis_method": self.basis_method}
+
     def as_dict(self) -> dict:
         """Plain Python (JSON-serialisable); :meth:`from_dict` rebuilds the result."""
         return {"attributions": {k: v.tolist() for k, v in self.attributions.items()},
@@ -70,10 +84,10 @@ class AttributionResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> AttributionResult:
-        t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-        return cls({k: t(v) for k, v in d["attributions"].items()}, dict(d["dropped"]),
-                   {k: t(v) for k, v in d["neuron"].items()}, dict(d["delta"]), d["method"],
-                   d["mode"], d["n_alpha"], d["basis_method"])
+        """Rebuild from :meth:`to_dict` (or :meth:`as_dict`)."""
+        return cls({k: as_tensor(v) for k, v in d["attributions"].items()}, dict(d["dropped"]),
+                   {k: as_tensor(v) for k, v in d["neuron"].items()}, dict(d["delta"]),
+                   d["method"], d["mode"], d["n_alpha"], d.get("basis_method"))
 
     def per_direction(self, site: str) -> Float[Tensor, " k"]:
         """Attribution per direction, summed over positions."""

@@ -14,6 +14,7 @@ from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
 from tl_degen.basis_set import BasisSet
 from tl_degen.errors import DataError, SiteError, TLDegenError
+from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
 from tl_degen.patching.common import (
     Directions,
@@ -31,7 +32,7 @@ from tl_degen.sites import Site
 
 # ---------------------------------------------------------------------------- patching
 @dataclass
-class PatchResult:
+class PatchResult(Serialisable):
     """The metric after patching basis directions of one site.
 
     Attributes:
@@ -44,6 +45,12 @@ class PatchResult:
         site_value: the whole site patched (TransformerLens-style component patch).
         all_value: every kept direction patched together.
         positions: the token positions patched.
+
+    ``to_dict()`` gives the constructor's arguments: ``{"site": name, "method", "mode",
+    "groups", "labels", "values": tensor, "per_example": tensor, "clean", "corrupted",
+    "site_value", "all_value", "positions"}``; ``from_dict`` / ``save`` / ``load`` round-trip
+    it (:class:`tl_degen.io.Serialisable`). :meth:`as_dict` is the same with the tensors as
+    lists (JSON), which ``from_dict`` reads too.
 
     Examples:
         >>> clean, corrupted, logit_diff = modadd.patching_pairs(500)
@@ -83,6 +90,14 @@ class PatchResult:
             raise DataError("clean and corrupted runs have the same metric; nothing to recover")
         return (self.values - self.corrupted) / gap
 
+    def to_dict(self) -> dict:
+        """The constructor's arguments: plain Python and tensors (class docstring)."""
+        return {"site": self.site.name, "method": self.method, "mode": self.mode,
+                "groups": [list(g) for g in self.groups], "labels": list(self.labels),
+                "values": self.values, "per_example": self.per_example, "clean": self.clean,
+                "corrupted": self.corrupted, "site_value": self.site_value,
+                "all_value": self.all_value, "positions": list(self.positions)}
+
     def as_dict(self) -> dict:
         """Plain Python (JSON-serialisable); :meth:`from_dict` rebuilds the result."""
         return {"site": self.site.name, "method": self.method, "mode": self.mode,
@@ -93,10 +108,11 @@ class PatchResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> PatchResult:
-        return cls(Site.parse(d["site"]), d["method"], d["mode"], d["groups"], d["labels"],
-                   torch.tensor(d["values"], dtype=torch.float64),
-                   torch.tensor(d["per_example"], dtype=torch.float64), d["clean"],
-                   d["corrupted"], d["site_value"], d["all_value"], d["positions"])
+        """Rebuild from :meth:`to_dict` (or :meth:`as_dict`)."""
+        return cls(Site.parse(d["site"]), d["method"], d["mode"],
+                   [list(g) for g in d["groups"]], list(d["labels"]), as_tensor(d["values"]),
+                   as_tensor(d["per_example"]), d["clean"], d["corrupted"], d["site_value"],
+                   d["all_value"], list(d.get("positions", [])))
 
     def top(self, n: int = 10) -> list[tuple[str, float]]:
         """The ``n`` groups with the largest absolute effect, as ``(label, effect)``."""

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
 from tl_degen.errors import DataError, SiteError
+from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
 from tl_degen.patching.common import (
     Metric,
@@ -26,7 +27,7 @@ from tl_degen.sites import Site
 
 # ---------------------------------------------------------------------------- path patching
 @dataclass
-class PathPatchResult:
+class PathPatchResult(Serialisable):
     """The metric after patching single edges of the interaction graph.
 
     Attributes:
@@ -37,11 +38,17 @@ class PathPatchResult:
         base, clean, corrupted: unpatched metrics (``base`` is the run patched into).
         strengths: ``[n_edges]`` the graph's edge strengths ``E[i, j]`` (NaN for ``i = None``).
 
+    ``to_dict()`` gives the constructor's arguments: ``{"in_site": name, "out_site": name,
+    "mode", "edges": [[j, i or None], ...], "values": tensor, "base", "clean", "corrupted",
+    "strengths": tensor}``; ``from_dict`` / ``save`` / ``load`` round-trip it
+    (:class:`tl_degen.io.Serialisable`). :meth:`as_dict` is the same with the tensors as lists
+    (JSON; NaN strengths as null), which ``from_dict`` reads too.
+
     Examples:
         >>> res = tl_degen.path_patch(model, clean, corrupted, graph, "resid_pre.0",
         ...                           "resid_mid.0:last", logit_diff, edges=[(1, 1), (2, None)])
         >>> res.effects, res.strengths  # both [n_edges]
-        >>> res.as_dict()["values"]
+        >>> res.save("paths.safetensors"); tl_degen.PathPatchResult.load("paths.safetensors")
     """
 
     in_site: Site
@@ -57,6 +64,24 @@ class PathPatchResult:
     @property
     def effects(self) -> Float[Tensor, " n_edges"]:
         return self.values - self.base
+
+    def to_dict(self) -> dict:
+        """The constructor's arguments: plain Python and tensors (class docstring)."""
+        return {"in_site": self.in_site.name, "out_site": self.out_site.name, "mode": self.mode,
+                "edges": [list(e) for e in self.edges], "values": self.values,
+                "base": self.base, "clean": self.clean, "corrupted": self.corrupted,
+                "strengths": self.strengths}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PathPatchResult:
+        """Rebuild from :meth:`to_dict` (or :meth:`as_dict`)."""
+        strengths = d["strengths"]
+        if not isinstance(strengths, Tensor):
+            strengths = [float("nan") if v is None else v for v in strengths]
+        return cls(Site.parse(d["in_site"]), Site.parse(d["out_site"]), d["mode"],
+                   [(int(j), None if i is None else int(i)) for j, i in d["edges"]],
+                   as_tensor(d["values"]), d["base"], d["clean"], d["corrupted"],
+                   as_tensor(strengths))
 
     def as_dict(self) -> dict:
         """Plain Python (JSON-serialisable; NaN strengths become null)."""
