@@ -189,21 +189,9 @@ class Shards:
     def merge_moments(self, acc):
         """A :class:`~tl_degen.stats.MomentAccumulator` holding every rank's rows: each rank's
         (count, mean, centered sum) merged pairwise in rank order (Chan et al.), as exact as
-        one accumulator fed all rows. ``acc`` itself is left as it is (the local state)."""
-        from tl_degen.stats import MomentAccumulator
-
-        if not self.active:
-            return acc
-        counts = self.sum_ints_each(acc.count)
-        means = self.gather(acc._mean)
-        m2s = self.gather(acc._m2)
-        rs = self.gather(acc._R)
-        out = MomentAccumulator(acc.d, has_constant=acc.has_constant, name=acc.name,
-                                device=acc._mean.device)
-        for n, mean, m2, r in zip(counts, means, m2s, rs):
-            if n:
-                out._merge_moments(n, mean, m2, r)
-        return out
+        one accumulator fed all rows. ``acc`` itself is left as it is (the local state);
+        :meth:`~tl_degen.stats.MomentAccumulator.reduced`."""
+        return acc.reduced(self)
 
     def sum_ints_each(self, value: int) -> list[int]:
         """Every rank's ``value``, in rank order."""

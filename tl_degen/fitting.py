@@ -36,10 +36,9 @@ from tl_degen.memory import auto_batch_size, check_fits, statistics_bytes
 from tl_degen.model_state import prepared
 from tl_degen.sections.autograd import integration_rule
 from tl_degen.sections.plan import SectionPlan
-from tl_degen.sections.probes import StochasticEstimate
 from tl_degen.sections.reader import BatchReader
 from tl_degen.sites import Site, check_forward_order, parse_sites
-from tl_degen.stats import GramAccumulator, MomentAccumulator
+from tl_degen.stats import EstimateAccumulator, GramAccumulator, MomentAccumulator
 
 __all__ = ["fit_bases", "site_activations", "token_batches", "check_positions"]
 
@@ -413,8 +412,8 @@ def fit_bases(
             plan = plans[idx]
             out_site = plan.out_site
             out_C = None if next_C is None else next_C.to(work_dtype)
-            jac, estimate = run.jacobian_accumulators(idx, acc.d, adapter.device,
-                                                      probe_groups if n_probes else 0)
+            jac = run.jacobian_accumulator(idx, acc.d, adapter.device,
+                                           probe_groups if n_probes else 0)
             rounds = 0
             while True:  # one pass over the batches; more while the probes miss target_error
                 rounds += 1
@@ -427,25 +426,15 @@ def fit_bases(
                         y = reader.kept(i, idx + 1) if idx + 1 < len(site_list) else None
                         # later rounds probe again; exact batches are in after the first
                         if rounds == 1 or plan.gram_is_probed(b, x, out_C, y):
-                            est = plan.add_jacobian_gram(b, x, out_C, jac, y)
+                            est = plan.add_jacobian_gram(b, x, out_C, jac.exact, y)
                             if est is not None:
-                                for g_sum, g in zip(estimate, est.groups):
-                                    g_sum += g
+                                jac.add_estimate(est)
                                 if rounds == 1:
                                     jac.add_count(x.shape[0] * x.shape[1])
                         run.advance(stage)
-                total = GramAccumulator(acc.d, name=site.name, device=adapter.device)
-                total._sum = shards.sum(jac._sum)
-                (total.count,) = shards.sum_ints([jac.count])
-                total._R.copy_(shards.stack(jac._R))
-                error = None if n_probes is None else 0.0
-                est = (StochasticEstimate([shards.sum(g) / rounds for g in estimate])
-                       if estimate else None)
-                probed = est is not None and any(g.any() for g in est.groups)
-                if probed:
-                    error = float(est.standard_error.norm()
-                                  / (total.value * total.count + est.value).norm()
-                                  .clamp_min(1e-300))
+                total = jac.merged(shards, rounds)
+                probed = total.probed
+                error = None if n_probes is None else total.relative_error()
                 if not probed or target_error is None or error <= target_error:
                     break
                 if rounds * n_probes >= max_probes:
@@ -460,10 +449,9 @@ def fit_bases(
                             ProbeErrorWarning, stacklevel=2)
                     break
             if probed:
-                total.add_matrix(est.value)
                 probes_spent[site.name] = rounds * n_probes
             C, C_pinv, lam, lam_all, n_drop, cut, gap = lib_rotation(
-                wh, *total.parts(), constant_first=constant_first, threshold=threshold)
+                wh, *total.total().parts(), constant_first=constant_first, threshold=threshold)
             dropped.jacobian, dropped.jacobian_cutoff, dropped.jacobian_gap = n_drop, cut, gap
             bases[site] = InteractionBasis(
                 site=site, method="lib", C=C, C_pinv=C_pinv, eigenvalues=lam, mean=mean,
@@ -509,43 +497,33 @@ class _FitRun:
         self.saved: dict[str, Tensor] = {}
         if saved is not None:
             self.progress, self.saved = saved
-        self.tensors: dict[str, Tensor] = {}  # live views of every accumulator, by name
+        self.accumulators: dict = {}  # every accumulator of the run, by checkpoint prefix
         self.generator = torch.Generator().manual_seed(seed)
         if "generator" in self.saved:
             self.generator.set_state(self.saved["generator"])
         self.resumed = saved is not None
 
-    def _restore(self, name: str, like: Tensor) -> Tensor:
-        if name in self.saved:
-            like.copy_(self.saved[name].to(like))
-        self.tensors[name] = like
-        return like
+    def _restore(self, prefix: str, acc):
+        """Keep ``acc`` in the checkpoint as ``<prefix>.<name>`` for each tensor of its
+        ``state()``, loading the saved ones first."""
+        saved = {k[len(prefix) + 1:]: t for k, t in self.saved.items()
+                 if k.startswith(prefix + ".")}
+        if saved:
+            acc.load_state(saved)
+        self.accumulators[prefix] = acc
+        return acc
 
     def moment_accumulators(self, adapter) -> list[MomentAccumulator]:
-        accs = []
-        for i, s in enumerate(self.sites):
-            acc = MomentAccumulator(adapter.site_dim(s) + int(s.has_constant), name=s.name,
-                                    has_constant=s.has_constant, device=adapter.device)
-            self._restore(f"moments.{i}.mean", acc._mean)
-            self._restore(f"moments.{i}.m2", acc._m2)
-            self._restore(f"moments.{i}.R", acc._R)
-            count = self._restore(f"moments.{i}.count", torch.zeros(1, dtype=torch.int64))
-            acc.count = int(count)
-            accs.append(acc)
-        self._moments = accs
-        return accs
+        return [self._restore(f"moments.{i}", MomentAccumulator(
+                    adapter.site_dim(s) + int(s.has_constant), name=s.name,
+                    has_constant=s.has_constant, device=adapter.device))
+                for i, s in enumerate(self.sites)]
 
-    def jacobian_accumulators(self, idx: int, d: int, device, n_groups: int
-                              ) -> tuple[GramAccumulator, list[Tensor]]:
-        jac = GramAccumulator(d, name=self.sites[idx].name, device=device)
-        self._restore(f"jacobian.{idx}.sum", jac._sum)
-        self._restore(f"jacobian.{idx}.R", jac._R)
-        jac.count = int(self._restore(f"jacobian.{idx}.count", torch.zeros(1, dtype=torch.int64)))
-        groups = [self._restore(f"jacobian.{idx}.probes.{g}",
-                                torch.zeros(d, d, dtype=torch.float64, device=device))
-                  for g in range(n_groups)]
-        self._jac = (idx, jac)
-        return jac, groups
+    def jacobian_accumulator(self, idx: int, d: int, device, n_groups: int
+                             ) -> EstimateAccumulator:
+        """Site ``idx``'s Jacobian Gram: exact rows and blocks, and ``n_groups`` probe sums."""
+        return self._restore(f"jacobian.{idx}", EstimateAccumulator(
+            GramAccumulator(d, name=self.sites[idx].name, device=device), n_groups))
 
     def pending(self, stage: str, *, desc: str, progress: bool) -> Iterator[tuple[int, Tensor]]:
         """``(index, batch)`` of the batches of ``stage`` not yet done (all of them without a
@@ -569,13 +547,9 @@ class _FitRun:
             self._write()
 
     def _write(self) -> None:
-        for i, acc in enumerate(self._moments):
-            self.tensors[f"moments.{i}.count"] = torch.tensor([acc.count])
-        if getattr(self, "_jac", None) is not None:
-            idx, jac = self._jac
-            self.tensors[f"jacobian.{idx}.count"] = torch.tensor([jac.count])
-        self.ckpt.save(dict(self.progress), {**self.tensors,
-                                             "generator": self.generator.get_state()})
+        tensors = {f"{prefix}.{name}": t for prefix, acc in self.accumulators.items()
+                   for name, t in acc.state().items()}
+        self.ckpt.save(dict(self.progress), {**tensors, "generator": self.generator.get_state()})
 
     def finish(self) -> None:
         """The fit is complete: its checkpoint has served and is removed."""

@@ -16,13 +16,16 @@ singular values of ``R`` give the same eigenvalue to about ``1e-9``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_degen.errors import DataError, NonFiniteError
+from tl_degen.errors import DataError, NonFiniteError, TLDegenError
 
-__all__ = ["MomentAccumulator", "GramAccumulator", "CHUNK_ROWS", "stack_factors"]
+__all__ = ["MomentAccumulator", "GramAccumulator", "EstimateAccumulator", "CHUNK_ROWS",
+           "stack_factors"]
 
 #: Rows per matmul when forming sums of outer products (precision, not memory).
 CHUNK_ROWS = 512
@@ -114,6 +117,37 @@ class MomentAccumulator:
             self._merge_moments(other.count, other._mean.to(self._mean.device),
                                 other._m2.to(self._m2.device), other._R.to(self._R.device))
         return self
+
+    def reduced(self, shards) -> MomentAccumulator:
+        """An accumulator holding every rank's rows: each rank's (count, mean, centered sum,
+        factor) merged pairwise in rank order (Chan et al.), as exact as one accumulator fed
+        all rows. ``shards`` is a :class:`~tl_degen.distributed.Shards` (``gather``,
+        ``sum_ints_each``, ``active``); without a process group this accumulator itself is
+        returned, and it is never changed."""
+        if not shards.active:
+            return self
+        counts = shards.sum_ints_each(self.count)
+        means, m2s, rs = (shards.gather(t) for t in (self._mean, self._m2, self._R))
+        out = MomentAccumulator(self.d, has_constant=self.has_constant, name=self.name,
+                                device=self._mean.device)
+        for n, mean, m2, r in zip(counts, means, m2s, rs):
+            if n:
+                out._merge_moments(n, mean, m2, r)
+        return out
+
+    def state(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint keeps: ``mean``, ``m2``, ``R`` (this accumulator's own,
+        not copies) and ``count`` (``[1]``, int64)."""
+        return {"mean": self._mean, "m2": self._m2, "R": self._R,
+                "count": torch.tensor([self.count])}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Take the entries of :meth:`state` that ``state`` holds (copied in place)."""
+        for key, t in (("mean", self._mean), ("m2", self._m2), ("R", self._R)):
+            if key in state:
+                t.copy_(state[key].to(t))
+        if "count" in state:
+            self.count = int(state["count"])
 
     def _merge_moments(self, n_b: int, mean_b: Tensor, m2_b: Tensor, r_b: Tensor,
                        factor: bool = True) -> list[Tensor]:
@@ -214,12 +248,50 @@ class GramAccumulator:
         self.count += n
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
+        """Fold ``other`` into this accumulator (in place) and return it."""
         if other.d != self.d:
             raise DataError(f"cannot merge accumulators of size {self.d} and {other.d}")
         self._sum += other._sum.to(self._sum.device)
         self._R.copy_(stack_factors(self._R, other._R.to(self._R.device)))
         self.count += other.count
         return self
+
+    def reduced(self, shards) -> GramAccumulator:
+        """A new accumulator holding every rank's sums (formed blocks added, factors stacked,
+        both in rank order, so every rank holds the same bits); ``shards`` is a
+        :class:`~tl_degen.distributed.Shards` (``sum``, ``stack``, ``sum_ints``). This
+        accumulator is left as it is, and the result shares no tensor with it."""
+        total, r = shards.sum(self._sum), shards.stack(self._R)
+        (count,) = shards.sum_ints([self.count])
+        return GramAccumulator._of(self.name, total.clone() if total is self._sum else total,
+                                   r.clone() if r is self._R else r, count)
+
+    def state(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint keeps: ``sum`` (the formed blocks), ``R`` (the rows'
+        factor), both this accumulator's own and updated in place, and ``count`` (``[1]``,
+        int64)."""
+        return {"sum": self._sum, "R": self._R, "count": torch.tensor([self.count])}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Take the entries of :meth:`state` that ``state`` holds (copied in place)."""
+        for key, t in (("sum", self._sum), ("R", self._R)):
+            if key in state:
+                t.copy_(state[key].to(t))
+        if "count" in state:
+            self.count = int(state["count"])
+
+    def plus(self, m: Float[Tensor, "d d"]) -> GramAccumulator:
+        """A new accumulator holding these sums and the formed block ``m`` (this one is left
+        as it is; the factor is shared, not copied)."""
+        _check_finite(m, f"Jacobian Gram at {self.name}")
+        return GramAccumulator._of(self.name, self._sum + m.to(torch.float64), self._R,
+                                   self.count)
+
+    @staticmethod
+    def _of(name: str, total: Tensor, r: Tensor, count: int) -> GramAccumulator:
+        out = GramAccumulator.__new__(GramAccumulator)
+        out.d, out.name, out.count, out._sum, out._R = r.shape[0], name, count, total, r
+        return out
 
     def _require_data(self) -> None:
         if self.count == 0:
@@ -240,3 +312,140 @@ class GramAccumulator:
 
     def __repr__(self) -> str:
         return f"GramAccumulator({self.name}, d={self.d}, count={self.count})"
+
+
+class EstimateAccumulator:
+    """A sum over batches known partly exactly and partly by random probes (DESIGN.md §4
+    step 9): ``exact + estimate``, and the estimate's error relative to that total.
+
+    The exact part is a :class:`GramAccumulator` (the Jacobian Gram ``M′``, whose count of data
+    rows it keeps) or a matrix of sums (an edge matrix, counted here). The estimate is kept as
+    one sum per probe group (each a full estimate,
+    :attr:`tl_degen.sections.probes.StochasticEstimate.groups`): their mean is the estimate and
+    their spread its standard error.
+
+    Everything is summed over this process's batches: :meth:`merged` adds every rank's into a
+    new accumulator, and :meth:`state` / :meth:`load_state` are the tensors a checkpoint keeps
+    (``sum``, ``R`` for a Gram, ``count``, ``probes.<g>``).
+
+    Args:
+        exact: the exact part: a :class:`GramAccumulator`, or the shape of a matrix of sums.
+        n_groups: probe groups (0: everything is exact).
+        device: where a matrix of sums and the groups live (a Gram's own device otherwise).
+
+    Examples:
+        >>> acc = EstimateAccumulator((k_out, k_in), n_groups=4)
+        >>> acc.add_exact(edges_of_batch); acc.add_estimate(plan_estimate); acc.add_count(n)
+        >>> total = acc.merged(Shards())
+        >>> edges, error = total.total() / total.count, total.relative_error()
+    """
+
+    def __init__(self, exact: GramAccumulator | tuple[int, int], n_groups: int = 0, *,
+                 device: torch.device | str | None = None):
+        if isinstance(exact, GramAccumulator):
+            self.exact: GramAccumulator | Tensor = exact
+            shape, device = (exact.d, exact.d), exact._R.device
+        else:
+            shape = tuple(exact)
+            self.exact = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._count = 0
+        self.groups = [torch.zeros(shape, dtype=torch.float64, device=device)
+                       for _ in range(n_groups)]
+
+    @property
+    def _gram(self) -> bool:
+        return isinstance(self.exact, GramAccumulator)
+
+    @property
+    def count(self) -> int:
+        """Data rows the sums run over (the normaliser)."""
+        return self.exact.count if self._gram else self._count
+
+    def add_count(self, n: int) -> None:
+        if self._gram:
+            self.exact.add_count(n)
+        else:
+            self._count += n
+
+    def add_exact(self, m: Tensor) -> None:
+        """Add an exactly computed block (a Gram's rows go to :attr:`exact` directly)."""
+        if self._gram:
+            self.exact.add_matrix(m)
+        else:
+            self.exact += m
+
+    def add_estimate(self, estimate) -> None:
+        """Add a batch's :class:`~tl_degen.sections.probes.StochasticEstimate` (group by group)."""
+        if len(estimate.groups) != len(self.groups):
+            raise TLDegenError(f"an estimate of {len(estimate.groups)} probe groups does not fit "
+                               f"an accumulator of {len(self.groups)}")
+        for total, g in zip(self.groups, estimate.groups):
+            total += g
+
+    def merged(self, shards, rounds: int = 1) -> EstimateAccumulator:
+        """A new accumulator holding every rank's sums (added in rank order through
+        ``shards``, a :class:`~tl_degen.distributed.Shards`), the probe groups averaged over
+        ``rounds`` passes that each added a full estimate. This one is left as it is."""
+        out = EstimateAccumulator.__new__(EstimateAccumulator)
+        if self._gram:
+            out.exact, out._count = self.exact.reduced(shards), 0
+        else:
+            total = shards.sum(self.exact)
+            out.exact = total.clone() if total is self.exact else total
+            (out._count,) = shards.sum_ints([self._count])
+        out.groups = [shards.sum(g) / rounds for g in self.groups]
+        return out
+
+    @property
+    def probed(self) -> bool:
+        """Whether any batch was probed (some group is not zero)."""
+        return any(bool(g.any()) for g in self.groups)
+
+    def estimate(self):
+        """The probed part as a :class:`~tl_degen.sections.probes.StochasticEstimate`, or
+        ``None`` when no batch was probed."""
+        from tl_degen.sections.probes import StochasticEstimate
+
+        return StochasticEstimate(list(self.groups)) if self.probed else None
+
+    def relative_error(self) -> float:
+        """``‖standard error‖_F / ‖exact + estimate‖_F`` (``0.0`` when nothing was probed)."""
+        est = self.estimate()
+        if est is None:
+            return 0.0
+        exact = self.exact.value * self.exact.count if self._gram else self.exact
+        return float(est.standard_error.norm() / (exact + est.value).norm().clamp_min(1e-300))
+
+    def total(self) -> GramAccumulator | Tensor:
+        """``exact + estimate`` as a sum (not normalised), of the exact part's type: a new
+        :class:`GramAccumulator` (the estimate as a formed block) or a new matrix; the exact
+        part itself when nothing was probed."""
+        est = self.estimate()
+        if est is None:
+            return self.exact
+        return self.exact.plus(est.value) if self._gram else self.exact + est.value
+
+    def state(self) -> dict[str, Tensor]:
+        """The tensors a checkpoint keeps: the exact part's (:meth:`GramAccumulator.state`, or
+        ``sum`` and ``count``) and ``probes.<g>`` per group; all but ``count`` are this
+        accumulator's own, updated in place."""
+        exact = self.exact.state() if self._gram else {
+            "sum": self.exact, "count": torch.tensor([self._count])}
+        return {**exact, **{f"probes.{g}": t for g, t in enumerate(self.groups)}}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Take the entries of :meth:`state` that ``state`` holds (copied in place)."""
+        if self._gram:
+            self.exact.load_state(state)
+        else:
+            if "sum" in state:
+                self.exact.copy_(state["sum"].to(self.exact))
+            if "count" in state:
+                self._count = int(state["count"])
+        for g, t in enumerate(self.groups):
+            if f"probes.{g}" in state:
+                t.copy_(state[f"probes.{g}"].to(t))
+
+    def __repr__(self) -> str:
+        kind = self.exact.name if self._gram else f"{tuple(self.exact.shape)} sums"
+        return (f"EstimateAccumulator({kind}, groups={len(self.groups)}, count={self.count})")
