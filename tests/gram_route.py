@@ -45,8 +45,8 @@ def gram_route_lambdas(model, tokens, sites: list[str], threshold: Threshold
             wh = whiten(acc.mean, gram_factor(acc.gram()), center=True, has_constant=True,
                         threshold=threshold)
             formed = jac.value  # the Jacobian Gram formed, as the reference forms it
-            C, _, _, lam_all, *_ = lib_rotation(wh, torch.zeros_like(formed[:1]), formed,
-                                                constant_first=True, threshold=threshold)
-            out[site.name] = lam_all
-            next_C = C
+            rot = lib_rotation(wh, torch.zeros_like(formed[:1]), formed, constant_first=True,
+                               threshold=threshold)
+            out[site.name] = rot.all_eigenvalues
+            next_C = rot.C
     return out

@@ -136,8 +136,8 @@ def test_lib_resid_pre_exact_given_reference_downstream_basis(setting, lib):
     b = bases["resid_pre.0"]
     wh = whiten(b.mean, gram_factor(b.gram), center=True, has_constant=True,
                 threshold=REFERENCE_THRESHOLD)
-    C, _, lam_ours, *_ = lib_rotation(wh, *jac.parts(), constant_first=True,
-                                      threshold=REFERENCE_THRESHOLD)
+    rot = lib_rotation(wh, *jac.parts(), constant_first=True, threshold=REFERENCE_THRESHOLD)
+    C, lam_ours = rot.C, rot.eigenvalues
     lam = ref_lambda(ref, "ln1.0")
     n = int((lam > 1e-8 * lam.max()).sum())
     assert ((lam_ours[:n] - lam[:n]).abs() / lam[:n]).max() < 1e-8

@@ -12,6 +12,7 @@ Conventions (pinned here, relied on everywhere):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -21,8 +22,8 @@ from tl_degen.errors import BasisMismatchError, SiteError, TLDegenError
 from tl_degen.io import Serialisable, as_tensor
 from tl_degen.sites import Site
 
-__all__ = ["Threshold", "Dropped", "InteractionBasis", "whiten", "lib_rotation", "METHODS",
-           "numerical_null_cutoff", "cut_gap", "AMBIGUOUS_GAP"]
+__all__ = ["Threshold", "Dropped", "InteractionBasis", "whiten", "lib_rotation", "Rotation",
+           "METHODS", "numerical_null_cutoff", "cut_gap", "AMBIGUOUS_GAP"]
 
 METHODS = ("lib", "pca", "neuron")
 
@@ -229,9 +230,20 @@ def whiten(mean: Tensor, factor: Tensor, *, center: bool, has_constant: bool,
                      cutoff=cutoff, gap=gap)
 
 
+class Rotation(NamedTuple):
+    """Output of :func:`lib_rotation` (DESIGN.md §4 steps 5-6); a tuple in this order."""
+
+    C: Tensor  # [d, k] = R V_k Λ_k^(1/2)
+    C_pinv: Tensor  # [k, d] = Λ_k^(-1/2) V_kᵀ R⁺
+    eigenvalues: Tensor  # [k] kept Λ (constant first when it is kept apart)
+    all_eigenvalues: Tensor  # [k1] every Λ before truncation
+    n_dropped: int
+    cutoff: float
+    gap: float  # smallest kept / largest dropped Λ (:func:`cut_gap`)
+
+
 def lib_rotation(wh: Whitening, jacobian_factor: Tensor, jacobian_gram: Tensor | None = None,
-                 *, constant_first: bool, threshold: Threshold
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, float, float]:
+                 *, constant_first: bool, threshold: Threshold) -> Rotation:
     """LIB rotation and scaling (§4 steps 5-6).
 
     ``M = R⁺ M′ R⁺ᵀ`` with ``M′ = FᵀF + G`` (``jacobian_factor`` ``F``, ``[r, d]``, and the
@@ -242,8 +254,8 @@ def lib_rotation(wh: Whitening, jacobian_factor: Tensor, jacobian_gram: Tensor |
     formed and eigendecomposed. The constant direction (first, when ``constant_first``) stays
     unrotated with ``Λ_0 = M[0, 0]``; the rest is decomposed, descending.
 
-    Returns ``C, C⁺, Λ`` (kept), all ``Λ`` before truncation, the number dropped, the cutoff
-    and the gap at the cut (:func:`cut_gap`).
+    Returns a :class:`Rotation`: ``C, C⁺, Λ`` (kept), all ``Λ`` before truncation, the
+    number dropped, the cutoff and the gap at the cut (:func:`cut_gap`).
     """
     B = jacobian_factor @ wh.R_pinv.T  # [r, k1]
     k1 = B.shape[1]
@@ -279,8 +291,9 @@ def lib_rotation(wh: Whitening, jacobian_factor: Tensor, jacobian_gram: Tensor |
     V_k, lam_k = V[:, keep], lam[keep]
     C = wh.R @ V_k * lam_k.sqrt()
     C_pinv = (V_k.T @ wh.R_pinv) / lam_k.sqrt()[:, None]
-    return (C, C_pinv, lam_k, lam, int((~keep).sum()), cutoff,
-            cut_gap(lam[first:], keep[first:], cutoff))
+    return Rotation(C=C, C_pinv=C_pinv, eigenvalues=lam_k, all_eigenvalues=lam,
+                    n_dropped=int((~keep).sum()), cutoff=cutoff,
+                    gap=cut_gap(lam[first:], keep[first:], cutoff))
 
 
 @dataclass

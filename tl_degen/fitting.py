@@ -450,14 +450,16 @@ def fit_bases(
                     break
             if probed:
                 probes_spent[site.name] = rounds * n_probes
-            C, C_pinv, lam, lam_all, n_drop, cut, gap = lib_rotation(
-                wh, *total.total().parts(), constant_first=constant_first, threshold=threshold)
-            dropped.jacobian, dropped.jacobian_cutoff, dropped.jacobian_gap = n_drop, cut, gap
+            rot = lib_rotation(wh, *total.total().parts(), constant_first=constant_first,
+                               threshold=threshold)
+            dropped.jacobian, dropped.jacobian_cutoff, dropped.jacobian_gap = (
+                rot.n_dropped, rot.cutoff, rot.gap)
             bases[site] = InteractionBasis(
-                site=site, method="lib", C=C, C_pinv=C_pinv, eigenvalues=lam, mean=mean,
-                gram=gram, gram_eigenvalues=wh.all_eigenvalues, dropped=dropped, center=center,
-                n_samples=n_samples, lambda_all=lam_all, jacobian_gram_error=error)
-            next_C = C
+                site=site, method="lib", C=rot.C, C_pinv=rot.C_pinv, eigenvalues=rot.eigenvalues,
+                mean=mean, gram=gram, gram_eigenvalues=wh.all_eigenvalues, dropped=dropped,
+                center=center, n_samples=n_samples, lambda_all=rot.all_eigenvalues,
+                jacobian_gram_error=error)
+            next_C = rot.C
     run.finish()
     ambiguous = [f"{s.name} ({bases[s].dropped.gap:.2g}×)" for s in site_list
                  if bases[s].dropped.ambiguous]
