@@ -10,9 +10,11 @@ from tests import models as M
 from tl_degen import memory
 from tl_degen.adapters import get_adapter
 from tl_degen.model_state import prepared
-from tl_degen.sections.closed_form import ClosedFormSection, may_have_closed_form
+from tl_degen.sections.attention import AttentionFormula
+from tl_degen.sections.mlp import LinearSection, PositionwiseSection
 from tl_degen.sections.plan import SectionPlan
 from tl_degen.sections.reader import BatchReader
+from tl_degen.sections.recognise import may_have_closed_form
 from tl_degen.sites import Site, parse_sites
 from tl_degen.toy import modadd
 
@@ -95,10 +97,10 @@ def test_a_formula_off_by_more_than_rounding_is_not_used(monkeypatch):
     adapter = get_adapter(model)
     sites = parse_sites(MODADD_SITES)
     tokens = modadd.tokens_for(modadd.all_pairs()[::17])
-    forward = ClosedFormSection.forward
-    monkeypatch.setattr(ClosedFormSection, "forward",
-                        lambda self, x: None if (y := forward(self, x)) is None
-                        else y * (1 + 1e-10))
+    for cls in (AttentionFormula, PositionwiseSection):
+        monkeypatch.setattr(cls, "forward",
+                            lambda self, x, tokens=None, forward=cls.forward:
+                            None if (y := forward(self, x)) is None else y * (1 + 1e-10))
     with prepared(model, None):
         reader = _reader(adapter, [tokens], sites)
         got, want = reader.all(0), adapter.read_sites(tokens, sites)
@@ -176,8 +178,8 @@ def test_the_section_after_the_last_site_is_recognised_in_the_check_pass(monkeyp
         n_reads = len(reads)
         section = after.closed(tokens, reader.read(0, 2))  # cached: no read of its own
     assert reads[0] == (256, MODADD_SITES) and len(reads) == n_reads == 2
-    assert section is not None and section.kind == alone.kind == "unembed"
-    assert torch.equal(section.params["J"], alone.params["J"])
+    assert isinstance(section, LinearSection) and isinstance(alone, LinearSection)
+    assert torch.equal(section.J, alone.J)
     # an `after` that cannot have a closed form (logits → logits) is dropped: nothing read
     no_form = plan(sites[3], Site("logits", None, sites[3].positions))
     assert BatchReader(adapter, [tokens], sites, plans=None, after=no_form).after is None

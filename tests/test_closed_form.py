@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tl_degen
 from tests import models as M
 from tl_degen.adapters import get_adapter
 from tl_degen.model_state import prepared
-from tl_degen.sections.autograd import integration_rule
-from tl_degen.sections.closed_form import _count_gram, recognise
+from tl_degen.sections.attention import NormAttentionSection
+from tl_degen.sections.mlp import _count_gram
 from tl_degen.sections.plan import accumulate_jacobian_gram
+from tl_degen.sections.recognise import recognise
+from tl_degen.sections.rules import integration_rule
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 from tl_degen.toy import modadd
@@ -81,7 +84,7 @@ def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
                 (x,) = adapter.read_sites(tokens, [in_site])
                 section = recognise(adapter, tokens, in_site, out_site, x)
             if arch == "gpt2" and sites[0] == "resid_pre.1":
-                assert section.kind == "norm_attention" and section.formula_only
+                assert isinstance(section, NormAttentionSection) and not section.closed_form
             else:
                 assert section is None, (arch, sites)
 
@@ -108,7 +111,7 @@ def test_attention_after_a_norm_by_its_formula_equals_the_model(arch, tokenizer_
         with prepared(model, torch.float64):
             x, y = adapter.read_sites(tokens, [in_site, out_site])
             section = recognise(adapter, tokens, in_site, out_site, x)
-            assert section.kind == "norm_attention"
+            assert isinstance(section, NormAttentionSection)
             torch.testing.assert_close(section.forward(x), y, rtol=0, atol=1e-12)
             out_C = torch.randn(y.shape[-1], 5, generator=torch.Generator().manual_seed(0),
                                 dtype=torch.float64)
@@ -215,3 +218,21 @@ def test_relu_counts_gram_is_exact(n):
                            for j in (0, 5)] for i in (0, 5)], dtype=torch.float64)
     assert torch.equal(counts[[0, 5]][:, [0, 5]], brute)
     assert counts[5, 5] == n
+
+
+def test_closed_form_refuses_a_wrong_derivative():
+    """A model whose attention scale differs from what the closed form assumes must fall
+    back to autograd (the VJP check), and both paths must then agree."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(d_model=16, n_heads=2, d_head=8, d_mlp=24, n_layers=1,
+                                  d_vocab=M.VOCAB, n_ctx=M.N_CTX, act_fn="relu",
+                                  normalization_type=None, use_attn_scale=False)
+    model = M.randomise(TransformerBridge.boot_native(cfg), scale=1.0).double().eval()
+    tokens = M.random_tokens(8, 5)
+    sites = ["resid_pre.0", "resid_mid.0:last", "logits:last"]
+    a = tl_degen.fit_bases(model, tokens, sites, progress=False)
+    b = tl_degen.fit_bases(model, tokens, sites, progress=False, closed_form=False)
+    lam_a, lam_b = a["resid_pre.0"].eigenvalues, b["resid_pre.0"].eigenvalues
+    assert torch.allclose(lam_a, lam_b, rtol=1e-8, atol=1e-10 * lam_b.max())

@@ -8,10 +8,11 @@ import torch
 
 import tl_degen
 from tl_degen.adapters import get_adapter
-from tl_degen.sections import closed_form
 from tl_degen.sections import plan as section_plan
-from tl_degen.sections.closed_form import CHECK_ROWS
+from tl_degen.sections import recognise as recognition
+from tl_degen.sections.mlp import MLPSection
 from tl_degen.sections.plan import SectionPlan
+from tl_degen.sections.recognise import CHECK_ROWS
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 from tl_degen.toy import modadd
@@ -110,7 +111,7 @@ def test_recognise_with_the_output_given_equals_reading_it():
     for p in model.parameters():
         p.requires_grad_(False)
     x, y = adapter.read_sites(tokens, [a, b])
-    assert closed_form.recognise(adapter, tokens, a, b, x, y).kind == "mlp"
-    assert closed_form.recognise(adapter, tokens, a, b, x).kind == "mlp"
+    assert isinstance(recognition.recognise(adapter, tokens, a, b, x, y), MLPSection)
+    assert isinstance(recognition.recognise(adapter, tokens, a, b, x), MLPSection)
     # an output that is not the section's: not recognised
-    assert closed_form.recognise(adapter, tokens, a, b, x, y + 1e-3) is None
+    assert recognition.recognise(adapter, tokens, a, b, x, y + 1e-3) is None

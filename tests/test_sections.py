@@ -59,7 +59,8 @@ def test_routes_agree_with_the_closed_forms_and_integration():
 def test_forward_route_in_chunks_and_batches(tokenizer_dir):
     """Chunks of input directions per pass and batches of sequences add up to the same."""
     from tl_degen.adapters import get_adapter
-    from tl_degen.sections.autograd import forward_edge_squares
+    from tl_degen.sections import ModelSection
+    from tl_degen.sections.autograd import forward_chunk, forward_edge_squares
 
     model = M.build("gpt2", tokenizer_dir)
     tokens = M.random_tokens(10, 6)
@@ -68,18 +69,18 @@ def test_forward_route_in_chunks_and_batches(tokenizer_dir):
     adapter = get_adapter(model)
     (x,) = adapter.read_sites(tokens, [a])
     h = x @ bases[a].C
-    args = (adapter, tokens, a, b, h @ bases[a].C_pinv, h, bases[a].C_pinv, bases[b].C)
+    section = ModelSection(adapter, a, b, tokens.shape[1])
+    args = (section.run(tokens), h @ bases[a].C_pinv, h, bases[a].C_pinv, bases[b].C)
     whole = forward_edge_squares(*args, alphas=[1.0], weights=[1.0], chunk=bases[a].k)
     for chunk in (1, 5):
         torch.testing.assert_close(
             forward_edge_squares(*args, alphas=[1.0], weights=[1.0], chunk=chunk), whole,
             rtol=1e-12, atol=0)
-    # a tiny memory budget means one direction per pass, same result
-    torch.testing.assert_close(
-        forward_edge_squares(*args, alphas=[1.0], weights=[1.0], budget=1), whole,
-        rtol=1e-12, atol=0)
-    halves = sum(forward_edge_squares(adapter, t, a, b, (hh @ bases[a].C_pinv), hh,
-                                      bases[a].C_pinv, bases[b].C, alphas=[1.0], weights=[1.0])
+    # a tiny memory budget means one direction per pass
+    assert forward_chunk(10, 6, 1000, bases[a].k, x.device, budget=1) == 1
+    # the section's own edges (the cheapest route, its chunk) in two batches add up
+    halves = sum(section.edge_squares((hh @ bases[a].C_pinv), hh, bases[a].C_pinv, bases[b].C,
+                                      [1.0], [1.0], t, route="forward")
                  for t, hh in ((tokens[:4], h[:4]), (tokens[4:], h[4:])))
     torch.testing.assert_close(halves, whole, rtol=1e-12, atol=1e-300)
 
@@ -110,6 +111,7 @@ def test_pullbacks_in_passes_spanning_positions_equal_one_at_a_time(tokenizer_di
     one output position to the next: the same pullbacks as one pair per pass."""
     from tl_degen.adapters import get_adapter
     from tl_degen.model_state import prepared
+    from tl_degen.sections import ModelSection
     from tl_degen.sections.autograd import autograd_pullbacks
     from tl_degen.sites import Site
 
@@ -123,8 +125,8 @@ def test_pullbacks_in_passes_spanning_positions_equal_one_at_a_time(tokenizer_di
         results = {}
         for chunk in (1, 5):  # 4 positions × 6 directions: passes of 5 straddle positions
             got = {}
-            for pb in autograd_pullbacks(adapter, tokens, a, b, x, C, alphas=[1.0],
-                                         weights=[1.0], chunk=chunk):
+            run = ModelSection(adapter, a, b, tokens.shape[1]).run(tokens)
+            for pb in autograd_pullbacks(run, x, C, alphas=[1.0], weights=[1.0], chunk=chunk):
                 for m, d in enumerate(pb.dirs.tolist()):
                     got[(pb.t, d)] = pb.g[..., m]
             results[chunk] = got

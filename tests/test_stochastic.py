@@ -10,6 +10,7 @@ import tl_degen
 from tests import models as M
 from tl_degen.adapters import get_adapter
 from tl_degen.fitting import prepared
+from tl_degen.sections import ModelSection
 from tl_degen.sections.plan import accumulate_jacobian_gram
 from tl_degen.sections.probes import estimate_jacobian_gram
 from tl_degen.sites import Site
@@ -36,9 +37,11 @@ def test_jacobian_gram_estimate_converges_and_error_covers(setting):
         exact_sum = exact.value * exact.count
         errors = []
         for n_probes in (8, 64, 512):
-            est = estimate_jacobian_gram(adapter, tokens, pre, mid, x, C, alphas=[1.0],
-                                         weights=[1.0], n_probes=n_probes, n_groups=8,
-                                         generator=torch.Generator().manual_seed(n_probes))
+            run = ModelSection(adapter, pre, mid, tokens.shape[1]).run(tokens)
+            est = estimate_jacobian_gram(run, x, C, alphas=[1.0], weights=[1.0],
+                                         n_probes=n_probes, n_groups=8,
+                                         generator=torch.Generator().manual_seed(n_probes),
+                                         n_tokens=tokens.numel())
             actual = float((est.value - exact_sum).norm() / exact_sum.norm())
             assert actual <= 4 * est.relative_error, (n_probes, actual, est.relative_error)
             errors.append(actual)

@@ -23,7 +23,10 @@ from tl_degen.errors import DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
 from tl_degen.io import Serialisable
 from tl_degen.model_state import prepared
-from tl_degen.sections.closed_form import recognise
+from tl_degen.sections.attention import AttentionFormula
+from tl_degen.sections.base import Section
+from tl_degen.sections.mlp import LinearSection
+from tl_degen.sections.plan import SectionPlan
 from tl_degen.sites import Site
 
 __all__ = ["ablation_curve", "AblationCurve", "edge_ablation", "EdgeAblationResult", "make_metric"]
@@ -428,7 +431,7 @@ class _Batch:
     tokens: Tensor
     h: Tensor  # [b, n_in, k_in] input-site coordinates, float64
     dtype: torch.dtype
-    section: object | None  # ClosedFormSection with a forward, or None (run the model)
+    section: Section | None  # a closed form with a forward, or None (run the model)
     logits: Tensor | None  # unablated logits, kept when the out-site is the logits
 
 
@@ -454,6 +457,8 @@ class _MaskedPair:
         self.cache_bytes = 0
         self.batches: list[_Batch] = []
         kept_logits = 0
+        # recognised once per prompt length, checked against the model there
+        plan = SectionPlan(adapter, in_site, out_site, alphas=[1.0], weights=[1.0])
         for tokens in batches:
             sites = [in_site] + ([Site("logits")] if out_site.kind == "logits" else [])
             x, *rest = adapter.read_sites(tokens, sites)
@@ -462,7 +467,7 @@ class _MaskedPair:
                 logits = rest[0]
                 kept_logits += logits.numel() * logits.element_size()
             with torch.enable_grad():  # the closed form is checked against autograd
-                section = recognise(adapter, tokens, in_site, out_site, x)
+                section = plan.closed(tokens, x)
             if section is not None and section.forward(x[:1]) is None:
                 section = None
             self.batches.append(_Batch(tokens, x.double() @ self.C_in, x.dtype, section, logits))
@@ -472,7 +477,7 @@ class _MaskedPair:
         a = self.adapter
         b, n_pos = item.tokens.shape
         width = max(a.d_model, a.d_mlp or 0, self.C_in.shape[0], self.C_out.shape[0])
-        if item.section is not None and item.section.kind != "attention":
+        if item.section is not None and not isinstance(item.section, AttentionFormula):
             n_pos = len(self.out_site.resolve_positions(n_pos))
         per_mask = b * n_pos * width * max(item.h.element_size(), 4) * 6
         return max(1, STACK_BUDGET // per_mask)
@@ -499,16 +504,16 @@ class _MaskedPair:
         ``out[b,t,i] = Σ_j h[b,t,j] m[i,j] A[j,i] + c[i]`` with ``A = C⁺ J C_out`` (the
         constant coordinate of the masked input reset to 1, as in the model runs)."""
         section = item.section
-        if section is None or section.kind not in ("unembed", "linear"):
+        if not isinstance(section, LinearSection):
             return None
-        J = section.params["J"].double()
+        J = section.J.double()
         Cp = self.Cp_in.double().clone()
         c = torch.zeros(self.C_out.shape[1], dtype=torch.float64, device=Cp.device)
         if self.in_site.has_constant:
             Cp[:, -1] = 0.0
             c = J[-1] @ self.C_out
         A = Cp @ J @ self.C_out  # [k_in, k_out]
-        h = item.h[:, section.params["rows_in_list"]]  # [b, n_out, k_in]
+        h = item.h[:, section.in_rows]  # [b, n_out, k_in]
         return h @ (mask.T.to(A) * A) + c
 
     def evaluate(self, mask: Tensor, counts: Tensor) -> float:

@@ -34,9 +34,9 @@ from tl_degen.distributed import Shards, tokens_digest, weights_digest
 from tl_degen.errors import AmbiguousRankWarning, DataError, ProbeErrorWarning, TLDegenError
 from tl_degen.memory import auto_batch_size, check_fits, statistics_bytes
 from tl_degen.model_state import prepared
-from tl_degen.sections.autograd import integration_rule
 from tl_degen.sections.plan import SectionPlan
 from tl_degen.sections.reader import BatchReader
+from tl_degen.sections.rules import integration_rule
 from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import EstimateAccumulator, GramAccumulator, MomentAccumulator
 
@@ -290,7 +290,7 @@ def fit_bases(
         max_probes: the most probes per batch ``target_error`` may spend (default
             ``16·n_probes``).
         seed: seed of the probes.
-        closed_form: use the closed forms of :mod:`tl_degen.sections.closed_form` where they apply
+        closed_form: use the closed forms of :mod:`tl_degen.sections` where they apply
             (``False``: autograd everywhere; the results agree to rounding).
         distributed: inside an initialised ``torch.distributed`` process group each rank
             passes its own shard of ``tokens``; the statistics are summed over ranks and every

@@ -34,10 +34,11 @@ from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
 from tl_degen.io import Serialisable, save_safetensors_atomic
 from tl_degen.model_state import prepared
-from tl_degen.sections.autograd import EDGE_ROUTES, integration_rule
+from tl_degen.sections.autograd import EDGE_ROUTES
 from tl_degen.sections.plan import SectionPlan
 from tl_degen.sections.probes import StochasticEstimate
 from tl_degen.sections.reader import BatchReader
+from tl_degen.sections.rules import integration_rule
 from tl_degen.sites import Site
 
 __all__ = ["interaction_graph", "InteractionGraph", "Modules", "GRAPH_FORMAT", "GRAPH_VERSION"]
@@ -74,7 +75,7 @@ def interaction_graph(
         batch_size: sequences per forward pass (default: as many as fit the memory budget,
             :mod:`tl_degen.memory`).
         dtype: dtype the model runs in (restored afterwards); accumulation is float64.
-        closed_form: use the closed forms of :mod:`tl_degen.sections.closed_form` where they apply
+        closed_form: use the closed forms of :mod:`tl_degen.sections` where they apply
             (``False``: autograd everywhere; the results agree to rounding).
         n_probes, probe_groups, seed: estimate the sum over output positions with random ±1
             probes (DESIGN.md §4 step 9) where no closed form applies; the relative standard

@@ -27,7 +27,7 @@ from tl_degen.patching.common import (
     _run_metric,
     lookup_basis,
 )
-from tl_degen.sections.autograd import integration_rule
+from tl_degen.sections.rules import integration_rule
 from tl_degen.sites import Site
 
 

@@ -1,16 +1,25 @@
-"""Sections: the computation between two consecutive sites, its Jacobian Gram and its edges."""
+"""Sections: the computation between two consecutive sites, its Jacobian Gram and its edges.
 
-from tl_degen.sections.autograd import (
-    EDGE_ROUTES,
-    INTEGRATION_RULES,
-    Pullback,
-    edge_route,
-    gram_route,
-    integration_rule,
-)
+=====================  =============================================================
+``base``               :class:`Section`, the interface; :class:`ModelSection` (the model)
+``autograd``           the autograd routes (pullbacks, forward/backward edges, costs)
+``probes``             :class:`ProbedSection`: Hutchinson estimates with their errors
+``mlp``                MLP, MLP-hidden and linear (unembedding) closed forms
+``attention``          attention closed form; attention after a norm (formula)
+``recognise``          building and checking a closed form from the model
+``plan``               :class:`SectionPlan`: which implementation, once per prompt length
+``reader``             :class:`BatchReader`: every site of a batch, through the formulas
+``rules``              integration rules
+=====================  =============================================================
+"""
+
+from tl_degen.sections.autograd import EDGE_ROUTES, Pullback, edge_route, gram_route
+from tl_degen.sections.base import ModelSection, Section
 from tl_degen.sections.plan import SectionPlan
-from tl_degen.sections.probes import StochasticEstimate
+from tl_degen.sections.probes import ProbedSection, StochasticEstimate
 from tl_degen.sections.reader import BatchReader
+from tl_degen.sections.rules import INTEGRATION_RULES, Rule, integration_rule
 
-__all__ = ["EDGE_ROUTES", "INTEGRATION_RULES", "Pullback", "edge_route", "gram_route",
-           "integration_rule", "SectionPlan", "StochasticEstimate", "BatchReader"]
+__all__ = ["EDGE_ROUTES", "INTEGRATION_RULES", "Pullback", "Rule", "Section", "ModelSection",
+           "ProbedSection", "edge_route", "gram_route", "integration_rule", "SectionPlan",
+           "StochasticEstimate", "BatchReader"]

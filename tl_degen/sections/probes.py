@@ -13,18 +13,18 @@ an independent estimate, and the reported error is the standard error of their m
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from tl_degen.adapters.base import Adapter
 from tl_degen.errors import TLDegenError
-from tl_degen.sections.autograd import section_forward
-from tl_degen.sites import Site
+from tl_degen.sections.autograd import Run
+from tl_degen.sections.base import Section
+from tl_degen.stats import GramAccumulator
 
-__all__ = ["StochasticEstimate", "estimate_jacobian_gram", "estimate_edge_squares"]
+__all__ = ["StochasticEstimate", "ProbedSection", "estimate_jacobian_gram",
+           "estimate_edge_squares"]
 
 
 @dataclass
@@ -63,8 +63,7 @@ def _check(n_probes: int, n_groups: int) -> int:
     return n_probes // n_groups
 
 
-def _graphs(adapter, tokens, in_site, out_site, x, alphas, forward=None):
-    run = forward or section_forward(adapter, tokens, in_site, out_site)
+def _graphs(run: Run, x: Tensor, alphas: list[float]):
     graphs = []
     for alpha in alphas:
         leaf = (alpha * x).detach().requires_grad_(True)
@@ -73,10 +72,9 @@ def _graphs(adapter, tokens, in_site, out_site, x, alphas, forward=None):
 
 
 #: Tokens (batch × positions, over all probes of a pass) up to which probes are pulled back
-#: together, in one batched vector-Jacobian product (``is_grads_batched``): on 2 CPU cores,
-#: GPT-2-small-shaped layers 3-11 and the unembedding took 197 ms a probe one at a time at
-#: 16 × 12 tokens and 160 ms eight at a time, but at 16 × 128 tokens 1.7 s one at a time and
-#: 4.2 s eight at a time (the batched pass no longer fits the caches).
+#: together, in one batched vector-Jacobian product (``is_grads_batched``): batching saves
+#: the per-pass overhead on short batches, but a batched pass over long prompts no longer
+#: fits the caches and runs slower than one probe at a time.
 BATCHED_PROBE_TOKENS = 1536
 
 
@@ -102,23 +100,22 @@ def _pullback(graphs, weights, grad_out: Tensor, batched: bool = False) -> Tenso
 
 
 def estimate_jacobian_gram(
-    adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site, x: Tensor,
-    out_basis: Tensor | None, *, alphas: list[float], weights: list[float], n_probes: int,
-    n_groups: int = 4, generator: torch.Generator | None = None,
-    forward: Callable[[Tensor], Tensor] | None = None,
+    run: Run, x: Tensor, out_basis: Tensor | None, *, alphas: list[float],
+    weights: list[float], n_probes: int, n_groups: int = 4,
+    generator: torch.Generator | None = None, n_tokens: int | None = None,
 ) -> StochasticEstimate:
-    """Hutchinson estimate of this batch's ``Σ J Jᵀ`` (§4 step 4), probing output positions
-    and output directions jointly with ``n_probes`` probes in ``n_groups`` groups
-    (``forward``: the section's own formula instead of the model, as in
-    :func:`tl_degen.sections.autograd_pullbacks`)."""
+    """Hutchinson estimate of this batch's ``Σ J Jᵀ`` (§4 step 4) through ``run`` (the
+    section as a function of its input), probing output positions and output directions
+    jointly with ``n_probes`` probes in ``n_groups`` groups. ``n_tokens``: the batch's
+    tokens, which set the probes per pass (default: the input's positions)."""
     per_group = _check(n_probes, n_groups)
-    graphs = _graphs(adapter, tokens, in_site, out_site, x, alphas, forward)
+    graphs = _graphs(run, x, alphas)
     y = graphs[0][1]
     # raw outputs (the logits, d_out up to a vocabulary) are probed directly: never a
     # [d_out, d_out] identity
     C = None if out_basis is None else out_basis.to(x.dtype)
     k = y.shape[-1] if C is None else C.shape[1]
-    step = probes_per_pass(tokens.numel() if tokens is not None else x.shape[:2].numel())
+    step = probes_per_pass(n_tokens if n_tokens is not None else x.shape[:2].numel())
     groups = []
     for _ in range(n_groups):
         acc = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
@@ -134,17 +131,15 @@ def estimate_jacobian_gram(
 
 
 def estimate_edge_squares(
-    adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site, x_eval: Tensor,
-    h: Tensor, C_pinv: Tensor, out_basis: Tensor | None, *, alphas: list[float],
-    weights: list[float], n_probes: int, n_groups: int = 4,
+    run: Run, x_eval: Tensor, h: Tensor, C_pinv: Tensor, out_basis: Tensor | None, *,
+    alphas: list[float], weights: list[float], n_probes: int, n_groups: int = 4,
     generator: torch.Generator | None = None,
-    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> StochasticEstimate:
-    """Hutchinson estimate of this batch's ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8), probing the
-    output positions; every output direction ``i`` is still pulled back exactly
-    (``forward`` as in :func:`estimate_jacobian_gram`)."""
+    """Hutchinson estimate of this batch's ``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8) through
+    ``run``, probing the output positions; every output direction ``i`` is still pulled back
+    exactly."""
     per_group = _check(n_probes, n_groups)
-    graphs = _graphs(adapter, tokens, in_site, out_site, x_eval, alphas, forward)
+    graphs = _graphs(run, x_eval, alphas)
     y = graphs[0][1]
     C = None if out_basis is None else out_basis.to(x_eval.dtype)
     k = y.shape[-1] if C is None else C.shape[1]
@@ -165,3 +160,41 @@ def estimate_edge_squares(
                 acc[i] += (A * A).sum(0)
         groups.append(acc / per_group)
     return StochasticEstimate(groups)
+
+
+class ProbedSection(Section):
+    """Another section's Jacobian Gram and edges estimated with random probes, each with
+    its standard error (the module docstring): ``n_probes`` probes in ``n_groups`` groups.
+
+    :meth:`add_jacobian_gram` leaves the accumulator alone and returns the estimate (its
+    groups are sums over the batch, added to the accumulator once complete);
+    :meth:`edge_squares` returns the estimate too."""
+
+    def __init__(self, inner: Section, n_probes: int, n_groups: int = 4,
+                 generator: torch.Generator | None = None):
+        super().__init__(inner.adapter, inner.in_site, inner.out_site, inner.n_pos)
+        self.inner, self.n_probes, self.n_groups, self.generator = (inner, n_probes, n_groups,
+                                                                    generator)
+        self.route_suffix = inner.route_suffix
+
+    def __repr__(self) -> str:
+        return f"ProbedSection({self.inner!r}, n_probes={self.n_probes})"
+
+    def forward(self, x: Tensor, tokens: Tensor | None = None) -> Tensor | None:
+        return self.inner.forward(x, tokens)
+
+    def add_jacobian_gram(self, x: Tensor, out_basis: Tensor | None, acc: GramAccumulator,
+                          alphas: list[float], weights: list[float],
+                          tokens: Tensor | None = None) -> StochasticEstimate:
+        return estimate_jacobian_gram(
+            self.run(tokens), x, out_basis, alphas=alphas, weights=weights,
+            n_probes=self.n_probes, n_groups=self.n_groups, generator=self.generator,
+            n_tokens=None if tokens is None else tokens.numel())
+
+    def edge_squares(self, x_eval: Tensor, h: Tensor, C_pinv: Tensor,
+                     out_basis: Tensor | None, alphas: list[float], weights: list[float],
+                     tokens: Tensor | None = None, route: str | None = None
+                     ) -> StochasticEstimate:
+        return estimate_edge_squares(self.run(tokens), x_eval, h, C_pinv, out_basis,
+                                     alphas=alphas, weights=weights, n_probes=self.n_probes,
+                                     n_groups=self.n_groups, generator=self.generator)

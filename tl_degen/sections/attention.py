@@ -1,0 +1,408 @@
+"""Attention sections: ``resid_pre.L:all → resid_mid.L`` (DESIGN.md §8).
+
+**Attention** in a block without a normalisation, with standard (non-rotary) positions and
+one key/value head per query head. For an output direction ``u = [u_d, u_c]`` at query
+position ``t``, with ``o_h = W_O^h u_d``, ``w_hs = v_hs·o_h + c_s (b_O·u_d)/H`` and
+``β_hs = A_hts (w_hs − Σ_s′ A_hts′ w_hs′)``, the vector-Jacobian product is::
+
+    g_s = Σ_h A_hts W̃_V^h o_h + Σ_h (β_hs/√d_head) W̃_K^h q_ht + e_c Σ_h A_hts (b_O·u_d)/H
+    g_t += u + Σ_h W̃_Q^h (Σ_s β_hs k_hs)/√d_head
+
+(``W̃ = [W; b]`` acting on ``x̃ = [x, c]``; ``b_O`` enters through the pattern-weighted
+constant, as in :mod:`tl_degen.adapters.base`). Everything sample-independent
+(``W̃_V^h W_O^h U``) is formed once, and all output directions are handled in one batched
+computation (:class:`AttentionSection`).
+
+**Attention after a LayerNorm or RMSNorm** (:class:`NormAttentionSection`): the same formula
+reading the normalised residual. Only its forward pass is written out; its Jacobian Gram,
+edges and pullbacks come from autograd through that formula (one layer's attention in a few
+matmuls) instead of through the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_degen.adapters.base import Adapter
+from tl_degen.sections.autograd import Pullback
+from tl_degen.sections.base import Section
+from tl_degen.sites import Site
+from tl_degen.stats import GramAccumulator
+
+__all__ = ["AttentionWeights", "Norm", "AttentionFormula", "AttentionSection",
+           "NormAttentionSection"]
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """One layer's attention, every bias appended as a last input row (``W̃ = [W; b]``).
+
+    Attributes:
+        wq, wk, wv: ``[H, d + 1, e]``.
+        W_O: ``[H, e, d]``; b_O: ``[d]``.
+        scale: the divisor of the attention scores (``√d_head`` unless the model says
+            otherwise).
+    """
+
+    wq: Tensor
+    wk: Tensor
+    wv: Tensor
+    W_O: Tensor
+    b_O: Tensor
+    scale: float
+
+    @property
+    def H(self) -> int:
+        return self.wq.shape[0]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """The attention input's normalisation: RMSNorm (``rms``) or LayerNorm, with its weight
+    ``w`` and bias ``b`` where it has them (``[d]`` or ``None``) and its ``eps``."""
+
+    rms: bool
+    eps: float
+    w: Tensor | None
+    b: Tensor | None
+
+
+class AttentionFormula(Section):
+    """The attention formula of one layer: keys and values at every position, queries only
+    at the positions the output site reads, causal pattern. Subclasses choose what the
+    projections read (:meth:`_inputs`)."""
+
+    route_suffix = " (section formula)"
+
+    def __init__(self, adapter: Adapter, in_site: Site, out_site: Site, n_pos: int,
+                 weights: AttentionWeights):
+        super().__init__(adapter, in_site, out_site, n_pos)
+        W = weights
+        self.weights = W
+        self.H, self.scale = W.H, W.scale
+        self.wq, self.wk, self.wv, self.W_O, self.b_O = W.wq, W.wk, W.wv, W.W_O, W.b_O
+        self.out_pos = out_site.resolve_positions(n_pos)
+        H, D, e = W.wq.shape
+        dev = W.wq.device
+        self._mask = torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool, device=dev), 1)
+        # fused weights, formed once: q | k | v of every head from one matmul
+        # ([D, (3, H, e)]), and for the forward pass k | v ([D, (h, k|v, e)]), the scaled
+        # queries ([D, (h, e)]) and the output projection
+        self._w_qkv = torch.stack([W.wq, W.wk, W.wv]).permute(2, 0, 1, 3).reshape(D, 3 * H * e)
+        self._w_kv = torch.cat([W.wk, W.wv], -1).permute(1, 0, 2).reshape(D, -1)
+        self._w_q = W.wq.permute(1, 0, 2).reshape(D, -1) / W.scale
+        self._w_o = W.W_O.reshape(-1, W.W_O.shape[-1])
+        idx = torch.arange(n_pos, device=dev)
+        self._future = idx[None, :] > torch.tensor(self.out_pos, device=dev)[:, None]  # [t, s]
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        """What the projections read: ``x`` itself."""
+        return x
+
+    def _qkv_pattern(self, xt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``q, k, v`` ``[b, H, P, e]`` (views) and the pattern ``[b, H, P, P]`` at every
+        position of ``xt`` (``[b, P, d + 1]``)."""
+        b, n = xt.shape[:2]
+        H, e = self.H, self.wq.shape[-1]
+        qkv = (xt.reshape(b * n, -1) @ self._w_qkv).view(b, n, 3, H, e).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        scores = (q @ k.transpose(-1, -2)) / self.scale
+        return q, k, v, scores.masked_fill(self._mask, float("-inf")).softmax(-1)
+
+    def forward(self, x: Float[Tensor, "batch n_pos d_in"], tokens: Tensor | None = None
+                ) -> Float[Tensor, "batch n_out d_in"]:
+        """Keys and values at every position, queries only at the positions read; three
+        matmuls over the whole batch, heads in the batch dimensions of the pattern products
+        (no permuted copies under ``vmap``), the scale folded into ``W_Q``."""
+        H, pos = self.H, self.out_pos
+        xn = self._inputs(x)
+        b, S, D = x.shape
+        e = self.wq.shape[-1]
+        kv = (xn.reshape(b * S, D) @ self._w_kv).view(b, S, H, 2 * e).transpose(1, 2)
+        k, v = kv[..., :e], kv[..., e:]  # [b, H, S, e]
+        T = len(pos)
+        q = (xn[:, pos].reshape(b * T, D) @ self._w_q).view(b, T, H, e).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2)  # [b, H, T, S]
+        A = scores.masked_fill(self._future, float("-inf")).softmax(-1)  # [b, H, t, s]
+        z = (A @ v).transpose(1, 2).reshape(b * T, H * e)
+        resid = (x[:, pos, :-1] + (z @ self._w_o).view(b, T, -1)
+                 + (A.sum(1) @ x[..., -1:]) * self.b_O / H)
+        return torch.cat([resid, x[:, pos, -1:]], dim=-1)
+
+
+class NormAttentionSection(AttentionFormula):
+    """Attention after a LayerNorm or RMSNorm (``ln1``): the projections read
+    ``[norm(x), c]``, the residual ``x``. Its Gram, edges and pullbacks come from autograd
+    through :meth:`forward`."""
+
+    def __init__(self, adapter: Adapter, in_site: Site, out_site: Site, n_pos: int,
+                 weights: AttentionWeights, norm: Norm):
+        super().__init__(adapter, in_site, out_site, n_pos, weights)
+        self.norm = norm
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        """``[norm(x), c]``: LayerNorm (or RMSNorm) of the residual stream with its bias
+        scaled by the constant coordinate ``c``, as the adapter runs it (every bias inside a
+        section is multiplied by ``c``)."""
+        N = self.norm
+        xs, c = x[..., :-1], x[..., -1:]
+        d = (xs.shape[-1],)
+        y = (torch.nn.functional.rms_norm(xs, d, N.w, N.eps) if N.rms else
+             torch.nn.functional.layer_norm(xs, d, N.w, None, N.eps))
+        if N.b is not None:
+            y = y + c * N.b
+        return torch.cat([y, c], dim=-1)
+
+
+class AttentionSection(AttentionFormula):
+    """Attention without a normalisation: closed-form Jacobian Gram, edges and pullbacks
+    (the module docstring)."""
+
+    closed_form = True
+
+    def add_jacobian_gram(self, x: Tensor, out_basis: Tensor | None, acc: GramAccumulator,
+                          alphas: list[float], weights: list[float],
+                          tokens: Tensor | None = None) -> None:
+        if len(alphas) == 1:  # summed in factored form
+            acc.add_matrix(weights[0] ** 2 * self._jacobian_gram(alphas[0] * x, out_basis))
+        else:
+            for pb in self.pullbacks(x, out_basis, alphas, weights):
+                acc.add_rows(pb.g.transpose(-1, -2))
+        acc.add_count(x.shape[0] * x.shape[1])
+
+    def _jacobian_gram(self, x: Tensor, out_basis: Tensor | None) -> Tensor:
+        """``Σ_b Σ_t Σ_s g_s(u) g_s(u)ᵀ`` summed over the output directions ``u`` (columns of
+        ``C``), without forming the pullbacks ``g`` (``[b, s, d+1, k]``).
+
+        With the notation of the module docstring, ``g_s = P1_s + P2_s + P3_s + δ_st P4``:
+        ``P1_s = Σ_h A_hts V_h`` (``V_h = W̃_V^h W_O^h U``, sample-independent),
+        ``P2_s = Σ_h κ_h β_hsᵀ`` (``κ_h = W̃_K^h q_ht/√d_head``), ``P3_s = e_c a_s bUᵀ``
+        (``a_s = Σ_h A_hts``) and ``P4 = C + W̃_Q KB`` (``KB_h = Σ_s k_hs β_hsᵀ``, ``W̃_Q``
+        scaled by ``1/√d_head``).
+        Every product of two terms is summed over samples before it meets the
+        ``[d+1, k]`` matrices, so the cost is that of the attention itself plus
+        ``O(H² (d+1)² k)``, not ``O(N·P·(d+1)²·k)``. Equal to the sum of the pullbacks'
+        outer products (tests/test_closed_form.py) to float64 rounding.
+        """
+        dt, dev = x.dtype, x.device
+        H, scale = self.H, self.scale
+        D = x.shape[-1]
+        d_out = self.d_out
+        C = torch.eye(d_out, dtype=dt, device=dev) if out_basis is None else out_basis.to(dt)
+        kk = C.shape[1]
+        U_d = C[:-1]
+        O = torch.einsum("hed,dk->hek", self.W_O, U_d)  # [H, e, k]
+        bU = self.b_O @ U_d / H  # [k]
+        V = torch.einsum("hde,hek->hdk", self.wv, O)  # [H, D, k]
+        wq_s, wk_s = self.wq / scale, self.wk / scale  # [H, D, e]
+        e = wq_s.shape[2]
+        f64 = dict(dtype=torch.float64, device=dev)
+        He = H * e
+        S_hg = torch.zeros(H, H, **f64)
+        T22 = torch.zeros(D, D, **f64)
+        T12 = torch.zeros(D, D, **f64)
+        Vhk = V.permute(0, 2, 1).reshape(H * kk, D)  # [(h, k), D]
+        c13 = torch.zeros(H, **f64)
+        v23 = torch.zeros(D, **f64)
+        s33 = torch.zeros((), **f64)
+        n = 0
+        sum_kb = torch.zeros(He, kk, **f64)
+        KK = torch.zeros(He, He, **f64)
+        a_t_tot = torch.zeros(H, **f64)
+        p2_sum = torch.zeros(D, kk, **f64)
+        a_t_sum = torch.zeros((), **f64)
+        Z = torch.zeros(H, H, e, kk, **f64)  # [h, g, e, k]
+        W2 = torch.zeros(He, D, **f64)
+        w3 = torch.zeros(He, **f64)
+        S = x.shape[1]
+        # at most 256 samples a chunk: larger chunks fall out of the caches
+        chunk = max(1, min(256, 2**23 // max(1, H * S * max(kk, H * S, He))))
+        gam_buf = torch.empty(chunk * H * H * kk, dtype=dt, device=dev)
+        lhs_buf = torch.empty(H * He * chunk * S, dtype=dt, device=dev)
+        for start in range(0, x.shape[0], chunk):
+            xb = x[start:start + chunk]
+            b = xb.shape[0]
+            ca = xb[..., -1]
+            q, k, v, A = self._qkv_pattern(xb)  # [b, H, s, e], pattern [b, H, t, s]
+            kH = k.transpose(0, 1).contiguous()  # [H, b, s, e]
+            vo = (v.transpose(0, 1).reshape(H, b * S, e) @ O).view(H, b, S, kk)
+            # block-diagonal keys, rows (b, h, s), columns (h, e)
+            Kblk = torch.zeros(b, H, S, H, e, dtype=dt, device=dev)
+            for h in range(H):
+                Kblk[:, h, :, h] = k[:, h]
+            Kblk = Kblk.view(b * H * S, He)
+            for t in self.out_pos:
+                At = A[:, :, t].transpose(0, 1).contiguous()  # [H, b, s]
+                w = vo + ca[None, :, :, None] * bU
+                Aw = At[..., None] * w  # β = A (w - Σ_s A w), without a batched product of S
+                beta = Aw - At[..., None] * Aw.sum(2, keepdim=True)  # [H, b, s, k]
+                kappa = q[:, :, t].transpose(0, 1) @ wk_s.transpose(1, 2)  # [H, b, D]
+                kapB = kappa.transpose(0, 1).contiguous()  # [b, H, D]
+                kap2 = kapB.view(b * H, D)
+                a = At.sum(0)  # [b, s]
+                betaB = beta.permute(1, 0, 2, 3).reshape(b, H * S, kk)  # [b, (h, s), k]
+                # Σ_s (P1 + P2 + P3)(P1 + P2 + P3)ᵀ
+                At2 = At.view(H, b * S)
+                S_hg += (At2 @ At2.T).double()
+                betaS = betaB.view(b, H, S * kk)
+                Bm = torch.bmm(betaS, betaS.transpose(1, 2))  # [b, H, H]
+                T22 += (kap2.T @ torch.bmm(Bm, kapB).view(b * H, D)).double()
+                # γ[b, g, h, k] = Σ_s A_bhs β_bgsk as S multiply-adds into a buffer (a
+                # batched product with an inner size of S runs far below the matmul rate), then
+                # U[(b, g), :] = Σ_{h,k} γ V[h, :, k] and T12 = Σ_{b,g} U κᵀ
+                bS, AB = beta.permute(1, 2, 0, 3), At.transpose(0, 1)  # [b, s, g, k], [b, h, s]
+                gam = torch.mul(bS[:, 0, :, None], AB[:, None, :, 0, None],
+                                out=gam_buf[:b * H * H * kk].view(b, H, H, kk))
+                for s in range(1, S):
+                    gam.addcmul_(bS[:, s, :, None], AB[:, None, :, s, None])
+                T12 += ((gam.view(b * H, H * kk) @ Vhk).T @ kap2).double()
+                c13 += (At * a[None]).sum((1, 2)).double()
+                r = beta @ bU  # [H, b, s]
+                v23 += (kappa.reshape(H * b, D).T @ (r * a[None]).sum(2).reshape(H * b)).double()
+                s33 += (a * a).sum().double()
+                # the s = t row: P4 = C + W̃_Q KB, KB_h = Σ_s k_hs β_hsᵀ (never formed)
+                n += b
+                sum_kb += (Kblk.T @ betaB.view(b * H * S, kk)).double()
+                MB = torch.bmm(betaB, betaB.transpose(1, 2))  # [b, (h, s), (g, t')]
+                KK += (Kblk.T @ torch.bmm(MB, Kblk.view(b, H * S, He)).view(-1, He)).double()
+                At_t = At[:, :, t]  # [H, b]
+                a_t_tot += At_t.sum(1).double()
+                beta_t = beta[:, :, t]  # [H, b, k]
+                p2_sum += (kappa.reshape(H * b, D).T @ beta_t.reshape(H * b, kk)).double()
+                a_t_sum += a[:, t].sum().double()
+                lhs = torch.mul(At_t[None, :, None, :, None], kH.permute(0, 3, 1, 2)[:, None],
+                                out=lhs_buf[:H * He * b * S].view(H, H, e, b, S))
+                Z += (lhs.reshape(H, He, b * S) @ beta.reshape(H, b * S, kk)).view(
+                    H, H, e, kk).double()
+                Bt = torch.bmm(betaB, beta_t.permute(1, 2, 0))  # [b, (h, s), g]
+                W2 += (Kblk.T @ torch.bmm(Bt, kapB).view(-1, D)).double()
+                rv = (r * a[:, t][None, :, None]).permute(1, 0, 2).reshape(-1)
+                w3 += (Kblk.T @ rv).double()
+        V, C, bU = V.double(), C.double(), bU.double()
+        WQ = wq_s.double().permute(1, 0, 2).reshape(D, He)  # [D, (h, e)]
+        ec = torch.zeros(D, **f64)
+        ec[-1] = 1.0
+        VV = torch.einsum("hdk,gfk->hgdf", V, V)
+        M = torch.einsum("hg,hgdf->df", S_hg, VV) + T22
+        T13 = torch.outer(torch.einsum("h,hdk,k->d", c13, V, bU), ec)
+        T23 = torch.outer(v23, ec)
+        M += T12 + T12.T + T13 + T13.T + T23 + T23.T + s33 * (bU @ bU) * torch.outer(ec, ec)
+        CKB = C @ sum_kb.T @ WQ.T
+        M += n * (C @ C.T) + CKB + CKB.T + WQ @ KK @ WQ.T
+        Q_sum = torch.einsum("h,hdk->dk", a_t_tot, V) + p2_sum + torch.outer(ec, a_t_sum * bU)
+        X = torch.einsum("hgek,gdk->hed", Z, V).reshape(He, D) + W2 + torch.outer(w3, ec)
+        cross = C @ Q_sum.T + WQ @ X
+        return M + cross + cross.T
+
+    def edge_squares(self, x_eval: Tensor, h: Tensor, C_pinv: Tensor, out_basis: Tensor | None,
+                     alphas: list[float], weights: list[float], tokens: Tensor | None = None,
+                     route: str | None = None, chunk: int = 256) -> Tensor:
+        """``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8), ``[k_out, k_in]``: the pullback's terms
+        contracted with ``h`` one by one, without forming the pullback."""
+        x = x_eval
+        dt = x.dtype
+        H, scale = self.H, self.scale
+        d_out = self.d_out
+        C = (torch.eye(d_out, dtype=dt, device=x.device) if out_basis is None
+             else out_basis.to(dt))
+        Cp = C_pinv.to(dt)  # [j, d+1]
+        U_d = C[:-1]
+        O = torch.einsum("hed,dk->hek", self.W_O, U_d)
+        bU = self.b_O @ U_d / H
+        PVj = torch.einsum("jd,hde,hek->hjk", Cp, self.wv, O)  # [H, k_in, k]
+        wk_j = torch.einsum("jd,hde->hje", Cp, self.wk) / scale
+        wq_j = torch.einsum("jd,hde->hje", Cp, self.wq) / scale
+        cp_const = Cp[:, -1]  # [k_in]
+        CpC = Cp @ C  # [k_in, k]
+        kk, kj = C.shape[1], Cp.shape[0]
+        wk_jT, wq_jT = wk_j.transpose(1, 2), wq_j.transpose(1, 2)  # [H, e, k_in]
+        Q = torch.cat([PVj, (cp_const[:, None] * bU)[None], CpC[None]]).transpose(
+            0, 1).contiguous()  # [k_in, H + 2, k]
+        E = torch.zeros(kj, kk, dtype=torch.float64, device=x.device)  # transposed at the end
+        # [b, k_in, k] per chunk of about 2²⁰ floats, written into three buffers allocated
+        # once (fresh tensors per chunk cost their page faults)
+        chunk = max(1, min(chunk, 2**20 // max(1, kk * kj), x.shape[0]))
+        buf_paths, buf_coef, buf_sq = (torch.empty(chunk * kj * kk, dtype=dt, device=x.device)
+                                       for _ in range(3))
+        buf_p = torch.empty(chunk * H * x.shape[1] * kj, dtype=dt, device=x.device)
+        for start in range(0, x.shape[0], chunk):
+            xb, hb = x[start:start + chunk], h[start:start + chunk].to(dt)
+            b, S = hb.shape[:2]
+            fwd = []
+            for alpha, wgt in zip(alphas, weights):
+                q, k, v, A = self._qkv_pattern(alpha * xb)  # [b, H, s, e], [b, H, t, s]
+                vo = torch.einsum("bhse,hek->bhsk", v, O)
+                kwq = (k.transpose(0, 1).reshape(H, b * S, -1) @ wq_jT).view(H, b, S, kj)
+                fwd.append((wgt, alpha * xb[..., -1], q, A, vo, kwq.transpose(0, 1)))
+            for t in self.out_pos:
+                A_total = None
+                for wgt, ca, q, A, vo, kwq in fwd:
+                    At = A[:, :, t]  # [b, H, s]
+                    w = vo + ca[:, None, :, None] * bU
+                    Aw = At[..., None] * w  # β = A (w - Σ_s A w), as in the Gram
+                    beta = Aw - At[..., None] * Aw.sum(2, keepdim=True)
+                    ah = torch.bmm(At, hb)  # [b, H, k_in]: Σ_s A_hts h_sj
+                    wkq = (q[:, :, t].transpose(0, 1) @ wk_jT).transpose(0, 1)  # [b, H, k_in]
+                    # key path h[s]·(W̃_K q_t) and query path h[t]·(W̃_Q k_s), both weighted
+                    # by β[b,h,s,k]: one [k_in, (h, s)] × [(h, s), k] product per sample
+                    paths = torch.mul(wkq[:, :, None], hb[:, None],  # [b, H, s, k_in]
+                                      out=buf_p[:b * H * S * kj].view(b, H, S, kj))
+                    paths.addcmul_(kwq, hb[:, None, t:t + 1])  # in place: no copy for the bmm
+                    Ab = torch.bmm(paths.reshape(b, H * S, kj).transpose(1, 2),
+                                   beta.reshape(b, H * S, kk),
+                                   out=buf_paths[:b * kj * kk].view(b, kj, kk))
+                    # the value path Σ_h (Σ_s A h)[j] PVj[h,j,:], the bias term and the
+                    # residual h[t,j] (C⁺C)[j,:]: coefficients [j, b, H + 2] times matrices
+                    # [j, H + 2, k], one product batched over j (one pass over [b, j, k]
+                    # instead of one per term)
+                    coef = torch.cat([ah, ah.sum(1, keepdim=True), hb[:, t, None]], 1)
+                    Ab += torch.bmm(coef.permute(2, 0, 1).contiguous(), Q,
+                                    out=buf_coef[:b * kj * kk].view(kj, b, kk)).transpose(0, 1)
+                    A_total = Ab if len(fwd) == 1 else (
+                        wgt * Ab if A_total is None else A_total + wgt * Ab)
+                A_total = A_total.double()
+                sq = buf_sq[:A_total.numel()].view(A_total.shape) if dt == torch.float64 else None
+                E += torch.mul(A_total, A_total, out=sq).sum(0)
+        return E.T
+
+
+    def pullbacks(self, x: Tensor, out_basis: Tensor | None, alphas: list[float],
+                  weights: list[float], tokens: Tensor | None = None,
+                  chunk: int = 256) -> Iterator[Pullback]:
+        dt = x.dtype
+        C = (torch.eye(self.d_out, dtype=dt, device=x.device) if out_basis is None
+             else out_basis.to(dt))
+        dirs = torch.arange(C.shape[1], device=x.device)
+        H, scale = self.H, self.scale
+        wq, wk, wv, W_O, b_O = self.wq, self.wk, self.wv, self.W_O, self.b_O
+        U_d = C[:-1]  # the output constant (last row of C) only enters through g_t
+        O = torch.einsum("hed,dk->hek", W_O, U_d)  # [H, e, k]
+        bU = b_O @ U_d / H  # [k]
+        PV = torch.einsum("hde,hek->hdk", wv, O)  # [H, d+1, k], sample independent
+        wq_s, wk_s = wq / scale, wk / scale
+        all_rows = list(range(self.n_pos))
+        for start in range(0, x.shape[0], chunk):
+            xb = x[start:start + chunk]
+            fwd = [(wgt, alpha * xb[..., -1], *self._qkv_pattern(alpha * xb))
+                   for alpha, wgt in zip(alphas, weights)]
+            for j, t in enumerate(self.out_pos):
+                g_total = None
+                for wgt, ca, q, k, v, A in fwd:
+                    At = A[:, :, t]  # [b, H, s]
+                    w = torch.einsum("bhse,hek->bhsk", v, O) + ca[:, None, :, None] * bU
+                    beta = At[..., None] * (w - (At[..., None] * w).sum(2, keepdim=True))
+                    g = torch.einsum("bhs,hdk->bsdk", At, PV)
+                    g += torch.einsum("bhsk,bhd->bsdk", beta,
+                                      torch.einsum("hde,bhe->bhd", wk_s, q[:, :, t]))
+                    g[:, :, -1] += torch.einsum("bhs,k->bsk", At, bU)
+                    kq = torch.einsum("bhsk,bhse->bhek", beta, k)
+                    g[:, t] += C + torch.einsum("hde,bhek->bdk", wq_s, kq)
+                    g_total = g if len(fwd) == 1 else (
+                        wgt * g if g_total is None else g_total + wgt * g)
+                yield Pullback(slice(start, start + xb.shape[0]), all_rows, j, dirs, g_total)
+

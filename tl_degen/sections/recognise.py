@@ -1,0 +1,211 @@
+"""Recognition: the closed form of a section, built from the model's weights and checked
+against the model (DESIGN.md §8).
+
+A section has a closed form when its shape (the pair of site kinds and layers) and the
+model's architecture (:class:`tl_degen.adapters.Architecture`) allow one:
+
+======================================  ==================================================
+``resid_pre.L → resid_mid.L``           :class:`~tl_degen.sections.attention.AttentionSection`
+                                        (no norm) or :class:`~tl_degen.sections.attention.
+                                        NormAttentionSection` (LayerNorm/RMSNorm, formula)
+``resid_mid.L → resid_post.L``          :class:`~tl_degen.sections.mlp.MLPSection`
+``resid_mid.L → mlp_post.L``            :class:`~tl_degen.sections.mlp.MLPHiddenSection`
+``mlp_post.L → resid_post.L``           :class:`~tl_degen.sections.mlp.LinearSection`
+``resid_post.(last) → logits``          :class:`~tl_degen.sections.mlp.LinearSection`
+======================================  ==================================================
+
+MLP, linear and unembedding sections need a model without normalisation. Before use, the
+section's own forward pass — the one the pipeline runs — must reproduce the model's on the
+first :data:`CHECK_ROWS` sequences of a batch, and one vector-Jacobian product must agree
+with autograd through the model. Only :class:`~tl_degen.sections.plan.SectionPlan` calls
+:func:`recognise`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tl_degen.adapters.base import Adapter
+from tl_degen.sections.attention import (
+    AttentionFormula,
+    AttentionSection,
+    AttentionWeights,
+    Norm,
+    NormAttentionSection,
+)
+from tl_degen.sections.base import ModelSection, Section
+from tl_degen.sections.mlp import ACTIVATIONS, LinearSection, MLPHiddenSection, MLPSection
+from tl_degen.sites import Site
+
+__all__ = ["CHECK_ROWS", "may_have_closed_form", "recognise"]
+
+#: Sequences of a batch on which a closed form is checked against the model.
+CHECK_ROWS = 256
+
+
+def may_have_closed_form(adapter: Adapter, in_site: Site, out_site: Site) -> bool:
+    """Whether the section's kind and the model's normalisation allow a closed form (its
+    weights and positions are checked by :func:`recognise`). Reads no activations."""
+    if in_site.kind == "logits" or in_site.layer is None:
+        return False
+    L = in_site.layer
+    if (in_site.kind, out_site.kind) == ("resid_pre", "resid_mid") and out_site.layer == L:
+        return True  # attention, with or without a LayerNorm/RMSNorm before it
+    if not adapter.arch.no_norm:
+        return False
+    if out_site.kind == "logits":
+        return in_site.kind == "resid_post" and L == adapter.n_layers - 1
+    return out_site.layer == L and (in_site.kind, out_site.kind) in (
+        ("resid_mid", "resid_post"), ("resid_mid", "mlp_post"), ("mlp_post", "resid_post"))
+
+
+def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
+              x: Tensor, y: Tensor | None = None) -> Section | None:
+    """The closed form of the section, if it has one and its forward pass reproduces the
+    model's and one vector-Jacobian product agrees with autograd on this batch (``x``: the
+    input site's vectors on ``tokens``; ``y``: the output site's, read here when not given;
+    the first :data:`CHECK_ROWS` sequences are checked)."""
+    if not may_have_closed_form(adapter, in_site, out_site):
+        return None
+    tokens, x = tokens[:CHECK_ROWS], x[:CHECK_ROWS]
+    section = _build(adapter, in_site, out_site, tokens.shape[1], x.dtype, x.device)
+    if section is None:
+        return None
+    if y is None:
+        with torch.no_grad():
+            y = adapter.read_sites(tokens, [out_site])[0]
+    y = y[:CHECK_ROWS]
+    if isinstance(section, AttentionFormula):
+        out, want = section.forward(x), y
+    else:
+        out, want = section.forward_rows(x), y[:, section.out_rows]
+    if not _close(out, want):
+        return None
+    return section if _vjp_agrees(section, tokens, x) else None
+
+
+def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torch.dtype,
+           device: torch.device) -> Section | None:
+    """The section's closed form from the model's weights, unchecked; ``None`` where the
+    architecture or the positions rule one out."""
+    pair, L = (in_site.kind, out_site.kind), in_site.layer
+    if pair == ("resid_pre", "resid_mid"):
+        weights = _attention_weights(adapter, in_site, n_pos, dt)
+        if weights is None:
+            return None
+        if adapter.arch.no_norm:
+            return AttentionSection(adapter, in_site, out_site, n_pos, weights)
+        norm = _norm(adapter, L, dt)
+        return None if norm is None else NormAttentionSection(adapter, in_site, out_site,
+                                                              n_pos, weights, norm)
+    in_pos, out_pos = in_site.resolve_positions(n_pos), out_site.resolve_positions(n_pos)
+    if not any(p in in_pos for p in out_pos):
+        return None
+    if out_site.kind == "logits":
+        if adapter.arch.output_logits_soft_cap is not None:
+            return None
+        unembed = adapter.model.unembed
+        J = torch.cat([unembed.W_U, unembed.b_U[None]]).detach().to(dt)  # [d+1, V]
+        return LinearSection(adapter, in_site, out_site, n_pos, J)
+    mlp = _mlp_weights(adapter, L, dt)
+    if mlp is None:
+        return None
+    act, w_in, w_out, b_out = mlp
+    m, d = w_out.shape
+    if pair == ("resid_mid", "resid_post"):
+        j0 = torch.eye(d + 1, dtype=dt, device=device)
+        j0[-1, :-1] = b_out
+        return MLPSection(adapter, in_site, out_site, n_pos, act=act, w_in=w_in, j0=j0,
+                          w_out_t=torch.cat([w_out, torch.zeros_like(w_out[:, :1])], 1))
+    if pair == ("resid_mid", "mlp_post"):
+        j0 = torch.zeros(d + 1, m + d + 1, dtype=dt, device=device)
+        j0[:, m:] = torch.eye(d + 1, dtype=dt, device=device)
+        w_out_t = torch.zeros(m, m + d + 1, dtype=dt, device=device)
+        w_out_t[:, :m] = torch.eye(m, dtype=dt, device=device)
+        return MLPHiddenSection(adapter, in_site, out_site, n_pos, act=act, w_in=w_in, j0=j0,
+                                w_out_t=w_out_t)
+    # ("mlp_post", "resid_post"): y = [h, x, c] ↦ [x + h W_out + c b_out, c]
+    J = torch.zeros(m + d + 1, d + 1, dtype=dt, device=device)
+    J[:m, :d] = w_out
+    J[m:, :] = torch.eye(d + 1, dtype=dt, device=device)
+    J[-1, :d] = b_out
+    return LinearSection(adapter, in_site, out_site, n_pos, J)
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    tol = 1e-7 if a.dtype == torch.float64 else 1e-3
+    return a.shape == b.shape and bool(
+        (a - b).abs().max() <= tol * b.abs().max().clamp_min(1e-12))
+
+
+def _vjp_agrees(section: Section, tokens: Tensor, x: Tensor, n: int = 4) -> bool:
+    """One random output direction pulled back on a few samples, the section against
+    autograd through the model: the forward check alone cannot see a wrong derivative
+    (e.g. another attention scale)."""
+    n = min(n, x.shape[0])
+    u = torch.randn(section.d_out, 1, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64).to(x.device, x.dtype)
+    model = ModelSection(section.adapter, section.in_site, section.out_site, section.n_pos)
+    totals = []
+    for source in (section, model):
+        total = torch.zeros_like(x[:n])
+        for pb in source.pullbacks(x[:n], u, [1.0], [1.0], tokens[:n]):
+            total[pb.samples][:, pb.in_rows] += pb.g[..., 0]
+        totals.append(total)
+    return _close(totals[0], totals[1])
+
+
+def _attention_weights(adapter: Adapter, in_site: Site, n_pos: int,
+                       dt: torch.dtype) -> AttentionWeights | None:
+    arch = adapter.arch
+    if (arch.parallel or not adapter.pattern_before_output
+            or arch.positional_embedding != "standard" or not arch.causal
+            or arch.attn_scores_soft_cap is not None or arch.grouped_query
+            or in_site.resolve_positions(n_pos) != list(range(n_pos))):
+        return None
+    attn = adapter.model.blocks[in_site.layer].attn
+    try:
+        W = {k: getattr(attn, k).detach().to(dt) for k in
+             ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")}
+    except AttributeError:
+        return None
+    wq, wk, wv = (torch.cat([W[f"W_{n}"], W[f"b_{n}"][:, None]], 1) for n in "QKV")  # [H,d+1,e]
+    return AttentionWeights(wq=wq, wk=wk, wv=wv, W_O=W["W_O"], b_O=W["b_O"],
+                            scale=arch.attn_scale)
+
+
+def _norm(adapter: Adapter, L: int, dt: torch.dtype) -> Norm | None:
+    """The attention input's normalisation of layer ``L`` (``ln1``): LayerNorm or RMSNorm,
+    with or without its weight and bias, else None."""
+    kind = adapter.arch.normalization
+    if kind not in ("LN", "LNPre", "RMS", "RMSPre"):
+        return None
+    try:
+        ln = adapter.model.blocks[L].ln1
+    except (AttributeError, IndexError, TypeError):
+        return None
+    eps = getattr(ln, "eps", None)
+    eps = adapter.arch.eps if eps is None else eps
+    if not isinstance(eps, (int, float)):
+        return None
+    w = getattr(ln, "w", None) if not kind.endswith("Pre") else None
+    b = getattr(ln, "b", None) if kind == "LN" else None
+    return Norm(rms=kind.startswith("RMS"), eps=float(eps),
+                w=None if w is None else w.detach().to(dt),
+                b=None if b is None else b.detach().to(dt))
+
+
+def _mlp_weights(adapter: Adapter, L: int, dt: torch.dtype):
+    """``(act, [W_in; b_in], W_out, b_out)`` of an ungated, normalisation-free MLP, else
+    None."""
+    arch = adapter.arch
+    act = ACTIVATIONS.get(arch.act_fn or "")
+    if act is None or arch.gated_mlp or arch.parallel:
+        return None
+    try:
+        mlp = adapter.model.blocks[L].mlp
+        w_in = torch.cat([mlp.W_in, mlp.b_in[None]]).detach().to(dt)  # [d+1, m]
+        return act, w_in, mlp.W_out.detach().to(dt), mlp.b_out.detach().to(dt)
+    except (AttributeError, TypeError):
+        return None
