@@ -11,6 +11,7 @@ from torch.func import functional_call, jacrev
 
 import tl_degen
 from tests import models as M
+from tl_degen import SiteError
 from tl_degen.adapters import get_adapter
 from tl_degen.model_state import prepared
 from tl_degen.sites import Site
@@ -215,3 +216,18 @@ def test_logits_read_at_some_positions_equal_the_full_unembedding(arch, model, m
     full = adapter.run(tokens, read=read, write=(write, x))
     assert cut.shape == full.shape == (5, 1, adapter.d_vocab_out)
     torch.testing.assert_close(cut, full, rtol=1e-12, atol=1e-12)
+
+
+def test_no_hooks_left_after_an_error():
+    model = M.build("native_ln_gelu")
+    adapter = get_adapter(model)
+
+    def n_hooks():
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    before = n_hooks()
+    x = torch.ones(2, 1, 17, dtype=torch.float64)
+    with pytest.raises(SiteError):
+        adapter.run(M.random_tokens(2, 5), Site.parse("logits"),
+                    (Site.parse("resid_pre.1:9"), x))
+    assert n_hooks() == before

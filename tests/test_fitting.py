@@ -4,6 +4,7 @@ run alone — padding never enters them and ``:last`` is each prompt's last real
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,3 +138,12 @@ def test_float32_passes_stay_within_the_documented_tolerance():
     g32 = tl_degen.interaction_graph(model, tokens, b64, dtype=torch.float32, progress=False)
     for pair, E in g64.edges.items():
         assert float((g32.edges[pair] - E).abs().max() / E.abs().max()) < 1e-6, pair
+
+
+def test_numpy_and_nested_list_tokens():
+    model = M.build("native_relu")
+    tokens = M.random_tokens(4, 5)
+    ref = tl_degen.site_activations(model, tokens, "resid_pre.1")
+    assert torch.equal(tl_degen.site_activations(model, tokens.numpy(), "resid_pre.1"), ref)
+    assert torch.equal(tl_degen.site_activations(model, tokens.tolist(), "resid_pre.1"), ref)
+    assert torch.equal(tl_degen.site_activations(model, np.asarray(tokens), "resid_pre.1"), ref)

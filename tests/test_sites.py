@@ -61,3 +61,12 @@ def test_forward_order():
         check_forward_order(parse_sites(["resid_pre.0", "resid_pre.0:last"]))
     with pytest.raises(SiteError, match="no sites"):
         parse_sites([])
+
+
+def test_site_fields_are_validated():
+    assert Site("resid_pre", 0, [0, 2]).positions == (0, 2)
+    assert hash(Site("resid_pre", 0, [0, 2])) == hash(Site.parse("resid_pre.0:0,2"))
+    with pytest.raises(SiteError, match="layer must be an int"):
+        Site("resid_pre", "1")
+    with pytest.raises(SiteError, match="positions must be integers"):
+        Site("resid_pre", 0, (1.5,))

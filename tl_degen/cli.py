@@ -100,7 +100,7 @@ def demo(args: argparse.Namespace) -> int:
 
     step("ablation curves")
     curves = {}
-    held_out = test[:3000]  # enough for a curve; the full 8939 take 3x longer
+    held_out = test[:3000]  # enough for a curve; all 8939 would only take longer
     labels_test, test_tokens = modadd.labels_for(held_out), modadd.tokens_for(held_out)
     for site in ("resid_mid.0:last", "mlp_post.0:last"):
         for method, bset in bases.items():

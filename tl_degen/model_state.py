@@ -17,9 +17,9 @@ def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None
     dtype of every floating-point parameter and buffer, one by one, and ``model.cfg.dtype``
     (a HookedTransformer casts its embeddings to it)."""
     was_training = model.training
-    # model.eval() recurses through every module with setattr calls (0.7 ms on modadd's
-    # bridge, each way): skipped when nothing is in training mode, a bridge's wrapped model
-    # (outside the module tree) included
+    # model.eval() recurses through every module with setattr calls, and back again
+    # afterwards, on every pass: skipped when nothing is in training mode, a bridge's
+    # wrapped model (outside the module tree) included
     wrapped = getattr(model, "original_model", None)
     trees = [model] + ([wrapped] if isinstance(wrapped, torch.nn.Module) else [])
     to_eval = any(m.training for tree in trees for m in tree.modules())
@@ -34,7 +34,7 @@ def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None
             model.eval()
         if cast:
             # what TransformerLens's ``to(dtype)`` does (cfg.dtype, then every parameter and
-            # buffer), without its two state_dict() calls per tensor (40 ms on modadd)
+            # buffer), without its two state_dict() calls per tensor
             if cfg is not None and hasattr(cfg, "dtype"):
                 cfg.dtype = dtype
             torch.nn.Module.to(model, dtype)

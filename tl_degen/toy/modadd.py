@@ -178,7 +178,8 @@ def forward(
 def forward_last(
     state_dict: dict[str, Tensor], tokens: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, "batch d_vocab"]:
-    """Logits at the last position only (same function as :func:`forward`, 3x cheaper).
+    """Logits at the last position only (same function as :func:`forward`, cheaper:
+    the queries, attention output and MLP of the other positions are never computed).
 
     The last query position attends to every position, so no mask is needed there.
     """

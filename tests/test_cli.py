@@ -1,0 +1,386 @@
+"""tl_degen.cli: the ``tl-degen`` command: help, fit and graph on the shipped modadd model
+(their outputs checked against DESIGN.md §4 identities and the model's unembedding), a
+state dict and a Hugging Face folder, and the exit codes and one-line messages of bad
+arguments."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tl_degen
+from tests import models as M
+from tl_degen import cli
+from tl_degen.toy import modadd
+
+pytestmark = pytest.mark.filterwarnings("ignore::tl_degen.AmbiguousRankWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = "resid_post.0:last,logits:last"
+
+
+def _run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m tl_degen.cli ARGV`` in a fresh process, this checkout first on the path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return subprocess.run([sys.executable, "-m", "tl_degen.cli", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def modadd_data(tmp_path_factory):
+    """150 training pairs of the shipped modadd model as a token file, the same model in
+    float64 to read the sites with, and its unembedding with the bias as the constant's row
+    (the section resid_post.0:last → logits is linear: its Jacobian for every sample)."""
+    folder = tmp_path_factory.mktemp("cli_modadd")
+    tokens = modadd.tokens_for(modadd.train_test_split()[0][:150])
+    torch.save(tokens, folder / "tokens.pt")
+    np.save(folder / "tokens.npy", tokens.numpy())
+    sd = modadd.load_state_dict()
+    unembed = torch.cat([sd["unembed.W_U"], sd["unembed.b_U"][None]]).double()
+    return folder, tokens, modadd.load_bridge(dtype=torch.float64), unembed
+
+
+def test_help_lists_every_command(tmp_path):
+    done = _run_cli("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: tl-degen")
+    assert "{demo,fit,graph,show}" in done.stdout
+    for line in ("tl-degen fit   --model M --tokens T --sites S",
+                 "tl-degen graph --model M --tokens T --sites S",
+                 "tl-degen show  graph.safetensors"):
+        assert line in done.stdout  # the module docstring is the description
+
+
+def test_fit_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--tokens", "--sites", "--method {lib,pca,neuron}", "--out",
+                   "--checkpoint-every"):
+        assert option in out
+
+
+def test_fit_on_modadd_writes_bases_that_satisfy_the_identities(modadd_data, capsys):
+    """LIB through the command: the saved bases give x̂ = x C second moment diag(Λ) on the
+    token file's data and unit Jacobian norms through the unembedding (§4 step 6)."""
+    folder, tokens, model64, unembed = modadd_data
+    out = folder / "lib.safetensors"
+    code = cli.main(["fit", "--model", "modadd", "--tokens", str(folder / "tokens.pt"),
+                     "--sites", SITES, "--quiet", "--out", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert f"saved to {out}" in stdout and "BasisSet(method='lib', n_samples=150" in stdout
+    bases = tl_degen.BasisSet.load(out, model=modadd.load_bridge())
+    assert [s.name for s in bases.sites] == SITES.split(",")
+    b = bases["resid_post.0:last"]
+    x = tl_degen.site_activations(model64, tokens, b.site)[:, 0]
+    xh = b.to_coords(x)
+    root = b.eigenvalues.sqrt()
+    torch.testing.assert_close(xh.T @ xh / len(x) / root[:, None] / root[None],
+                               torch.eye(b.k, dtype=torch.float64), rtol=0, atol=1e-8)
+    J = b.C_pinv @ unembed @ unembed.T @ b.C_pinv.T
+    torch.testing.assert_close(J.diag(), torch.ones(b.k, dtype=torch.float64), rtol=0,
+                               atol=1e-8)
+
+
+def test_fit_pca_from_npy_tokens_gives_the_covariance_spectrum(modadd_data, capsys):
+    folder, tokens, model64, _ = modadd_data
+    out = folder / "pca.safetensors"
+    assert cli.main(["fit", "--model", "modadd", "--tokens", str(folder / "tokens.npy"),
+                     "--sites", SITES, "--method", "pca", "--quiet", "--out", str(out)]) == 0
+    b = tl_degen.BasisSet.load(out)["resid_post.0:last"]
+    assert b.method == "pca" and b.n_samples == len(tokens)
+    x = tl_degen.site_activations(model64, tokens, b.site)[:, 0, :-1]
+    cov = np.cov(x.numpy().T, bias=True)
+    expected = np.sort(np.linalg.eigvalsh(cov))[::-1][: b.k - 1]
+    np.testing.assert_allclose(b.eigenvalues[1:].numpy(), expected, rtol=0,
+                               atol=1e-9 * expected[0])
+    capsys.readouterr()
+
+
+def test_graph_on_modadd_has_the_edges_of_the_unembedding(modadd_data, capsys):
+    """The last section is linear: F(h) = h C⁺ W̃, so §4 step 8 gives
+    E[i, j] = (C⁺ W̃)[j, i]² · mean(h_j²) = (C⁺ W̃)[j, i]² Λ_j."""
+    folder, _, _, unembed = modadd_data
+    out = folder / "graph.safetensors"
+    assert cli.main(["graph", "--model", "modadd", "--tokens", str(folder / "tokens.pt"),
+                     "--sites", SITES, "--quiet", "--top", "3", "--out", str(out)]) == 0
+    assert f"saved to {out}; page {folder / 'graph.html'}" in capsys.readouterr().out
+    graph = tl_degen.InteractionGraph.load(out)
+    b = graph.bases["resid_post.0:last"]
+    E = graph.edges[(b.site, graph.bases["logits:last"].site)]
+    expected = ((b.C_pinv @ unembed) ** 2 * b.eigenvalues[:, None]).T
+    assert E.shape == (114, b.k)
+    torch.testing.assert_close(E.double(), expected, rtol=1e-6,
+                               atol=1e-9 * float(expected.max()))
+    page = (folder / "graph.html").read_text()
+    assert page.count('<circle class="node') >= 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fit", "--model", "modadd", "--tokens", "{tmp}/tok.pt", "--sites", "logits",
+          "--checkpoint-every", "0", "--out", "{tmp}/x.safetensors"], "must be at least 1"),
+        (["fit", "--model", "modadd", "--tokens", "{tmp}/tok.pt", "--sites",
+          "resid_side.0,logits", "--out", "{tmp}/x.safetensors"], "unknown site kind"),
+        (["fit", "--model", "modadd", "--tokens", "{tmp}/flat.pt", "--sites", "logits",
+          "--out", "{tmp}/x.safetensors"], "must hold one [batch, pos] integer tensor"),
+        (["fit", "--model", "modadd", "--tokens", "{tmp}/empty.txt", "--sites", "logits",
+          "--out", "{tmp}/x.safetensors"], "has no prompts"),
+        (["fit", "--model", "{tmp}/weights.json", "--tokens", "{tmp}/tok.pt", "--sites",
+          "logits", "--out", "{tmp}/x.safetensors"], "cannot read a model from"),
+        (["graph", "--model", "modadd", "--tokens", "{tmp}/tok.pt", "--sites", "logits",
+          "--dtype", "double64", "--out", "{tmp}/x.safetensors"], "is not a torch dtype"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    torch.save(torch.zeros(4, 3, dtype=torch.long), tmp_path / "tok.pt")
+    torch.save(torch.zeros(5, dtype=torch.long), tmp_path / "flat.pt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "weights.json").write_text("{}")
+    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("tl-degen: error: ") and err.count("\n") == 0, err
+    assert message in err, err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: command"),
+    (["fit", "--model", "modadd", "--tokens", "t.pt", "--out", "x.safetensors"],
+     "the following arguments are required: --sites"),
+    (["fit", "--model", "modadd", "--tokens", "t.pt", "--sites", "logits", "--method", "svd",
+      "--out", "x.safetensors"], "invalid choice: 'svd'"),
+    (["show"], "the following arguments are required: file"),
+])
+def test_usage_errors_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_failing_command_exits_2_from_the_shell(tmp_path):
+    done = _run_cli("fit", "--model", "modadd", "--tokens", "t.pt", "--sites", "logits",
+                    "--checkpoint-every", "0", "--out", "x.safetensors", cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "tl-degen: error: --checkpoint-every must be at least 1, got 0\n"
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow  # two models, each fitted and graphed
+def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, tokenizer_dir):
+    sd = modadd.load_state_dict()
+    torch.save(sd, tmp_path / "model.pt")
+    cfg = {
+        "d_model": 128,
+        "n_heads": 4,
+        "d_head": 32,
+        "d_mlp": 512,
+        "n_layers": 1,
+        "n_ctx": 3,
+        "d_vocab": 114,
+        "act_fn": "relu",
+        "normalization_type": None,
+    }
+    if not M.HAS_HOOKED_TRANSFORMER:
+        pytest.importorskip("transformer_lens.utilities.tl_checkpoint_conversion")
+    (tmp_path / "cfg.json").write_text(__import__("json").dumps(cfg))
+    torch.save(modadd.tokens_for(modadd.train_test_split()[0][:300]), tmp_path / "tok.pt")
+    common = [
+        "--model",
+        str(tmp_path / "model.pt"),
+        "--config",
+        str(tmp_path / "cfg.json"),
+        "--tokens",
+        str(tmp_path / "tok.pt"),
+        "--sites",
+        "resid_mid.0:last,resid_post.0:last,logits:last",
+        "--quiet",
+    ]
+    assert cli.main(["fit", *common, "--out", str(tmp_path / "b.safetensors")]) == 0
+    bases = tl_degen.BasisSet.load(tmp_path / "b.safetensors")
+    assert [s.name for s in bases.sites] == ["resid_mid.0:last", "resid_post.0:last", "logits:last"]
+    assert cli.main(["graph", *common, "--out", str(tmp_path / "g.safetensors")]) == 0
+    assert (tmp_path / "g.html").stat().st_size > 1000
+    assert (
+        cli.main(
+            [
+                "show",
+                str(tmp_path / "g.safetensors"),
+                "--no-open",
+                "--out",
+                str(tmp_path / "shown.html"),
+            ]
+        )
+        == 0
+    )
+    assert '<circle class="node' in (tmp_path / "shown.html").read_text()
+    # a local Hugging Face folder and a text file of prompts
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=M.VOCAB, n_positions=M.N_CTX, n_embd=16, n_layer=2, n_head=2, n_inner=24
+        )
+    ).save_pretrained(str(hf_dir))
+    shutil.copytree(tokenizer_dir, hf_dir, dirs_exist_ok=True)
+    (tmp_path / "prompts.txt").write_text(
+        # prompts of 4 to 6 words: each keeps its own length (no cutting, no padding)
+        "\n".join(" ".join(f"t{(i * 7 + j) % 10}" for j in range(4 + i % 3)) for i in range(20))
+    )
+    assert (
+        cli.main(
+            [
+                "fit",
+                "--model",
+                str(hf_dir),
+                "--tokens",
+                str(tmp_path / "prompts.txt"),
+                "--sites",
+                "resid_pre.1,resid_post.1:last,logits:last",
+                "--quiet",
+                "--out",
+                str(tmp_path / "hf.safetensors"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "graph",
+                "--model",
+                str(hf_dir),
+                "--tokens",
+                str(tmp_path / "prompts.txt"),
+                "--sites",
+                "resid_post.1:last,logits:last",
+                "--quiet",
+                "--top",
+                "4",
+                "--out",
+                str(tmp_path / "hfg.safetensors"),
+            ]
+        )
+        == 0
+    )
+    page = (tmp_path / "hfg.html").read_text()
+    circuit = page[page.index('<div class="tld-circuit"') : page.index("<details")]
+    token_labels = re.findall(r'<text class="clabel"[^>]*>#\d+ ↑ ([^<]+)<', circuit)
+    assert len(token_labels) == 4 and all("t" in t for t in token_labels)  # words t0…t39
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [
+                "fit",
+                "--model",
+                "{tmp}/model.pt",
+                "--tokens",
+                "{tmp}/tok.pt",
+                "--sites",
+                "logits",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "also give --config",
+        ),
+        (
+            [
+                "fit",
+                "--model",
+                "modadd",
+                "--tokens",
+                "{tmp}/nope.pt",
+                "--sites",
+                "logits",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "no such tokens file",
+        ),
+        (
+            [
+                "fit",
+                "--model",
+                "modadd",
+                "--tokens",
+                "{tmp}/tok.csv",
+                "--sites",
+                "logits",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "must be .pt, .safetensors, .npy or .txt",
+        ),
+        (
+            [
+                "fit",
+                "--model",
+                "modadd",
+                "--tokens",
+                "{tmp}/tok.pt",
+                "--sites",
+                "resid_post.0,resid_pre.0",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "out of forward order",
+        ),
+        (
+            [
+                "fit",
+                "--model",
+                "{tmp}",
+                "--tokens",
+                "{tmp}/tok.pt",
+                "--sites",
+                "logits",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "has no config.json",
+        ),
+        (["show", "{tmp}/missing.safetensors", "--no-open"], "no such file"),
+        (
+            [
+                "fit",
+                "--model",
+                "modadd",
+                "--tokens",
+                "{tmp}/tok.pt",
+                "--sites",
+                "logits",
+                "--dtype",
+                "float13",
+                "--out",
+                "{tmp}/x.safetensors",
+            ],
+            "is not a torch dtype",
+        ),
+    ],
+)
+def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, argv, message):
+    torch.save(torch.zeros(4, 3, dtype=torch.long), tmp_path / "tok.pt")
+    (tmp_path / "tok.csv").write_text("1,2,3")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "model.pt")
+    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "x.safetensors").exists()
