@@ -11,7 +11,6 @@ from tests import models as M
 from tl_degen.adapters import get_adapter
 from tl_degen.model_state import prepared
 from tl_degen.sections.attention import NormAttentionSection
-from tl_degen.sections.mlp import _count_gram
 from tl_degen.sections.plan import accumulate_jacobian_gram
 from tl_degen.sections.recognise import recognise
 from tl_degen.sections.rules import integration_rule
@@ -169,55 +168,6 @@ def test_closed_form_edges_equal_autograd_edges(modadd_model, case):
         F = graphs[1].edges[pair]
         assert E.shape == F.shape
         assert (E - F).abs().max() <= 1e-8 * F.abs().max(), pair
-
-
-@pytest.mark.parametrize("units", ["as trained", "dead and duplicated"])
-def test_mlp_factor_with_dead_and_duplicated_units_equals_autograd(units, monkeypatch):
-    """The MLP Gram's small matrix ``G`` is factored by Cholesky when positive definite; a
-    unit that never fires (a zero row) is left out, and a duplicated unit (two equal rows:
-    ``G`` singular) takes the eigendecomposition. Every case equals autograd."""
-    sd = modadd.load_state_dict()
-    if units != "as trained":
-        sd = {k: v.clone() for k, v in sd.items()}
-        w_in, b_in, w_out = (sd[f"blocks.0.mlp.{n}"] for n in ("W_in", "b_in", "W_out"))
-        w_in[:, 0], b_in[0] = 0.0, -1.0  # unit 0 never fires
-        w_in[:, 2], b_in[2], w_out[2] = w_in[:, 1], b_in[1], w_out[1]  # unit 2 = unit 1
-    model = modadd.load_bridge(sd, dtype=torch.float64)
-    adapter = get_adapter(model)
-    eighs = []
-    eigh = torch.linalg.eigh
-    monkeypatch.setattr(torch.linalg, "eigh", lambda A: eighs.append(A.shape) or eigh(A))
-    in_site, out_site = Site.parse("resid_mid.0:last"), Site.parse("resid_post.0:last")
-    tokens = modadd.tokens_for(modadd.all_pairs()[::37])
-    out_C = torch.randn(adapter.d_model + 1, 9, generator=torch.Generator().manual_seed(0),
-                        dtype=torch.float64)
-    results = []
-    with prepared(model, torch.float64):
-        (x,) = adapter.read_sites(tokens, [in_site])
-        for closed in (True, False):
-            acc = GramAccumulator(x.shape[-1])
-            accumulate_jacobian_gram(adapter, tokens, in_site, out_site, x, out_C, acc,
-                                     alphas=[1.0], weights=[1.0], closed_form=closed)
-            results.append(acc.value)
-    assert (results[0] - results[1]).abs().max() <= 1e-12 * results[1].abs().max()
-    m, k = adapter.d_mlp, out_C.shape[1]
-    assert eighs == ([] if units == "as trained" else [(m - 1 + k, m - 1 + k)])
-
-
-@pytest.mark.parametrize("n", [1, 700, 5000])
-def test_relu_counts_gram_is_exact(n):
-    """ReLU's derivative is 0 or 1, so ``σ′ᵀσ′`` holds counts, which the float32 products
-    give exactly: equal, bit for bit, to the float64 product and to a brute-force count."""
-    g = torch.Generator().manual_seed(n)
-    rows = (torch.rand(n, 37, generator=g, dtype=torch.float64) > 0.3).double()
-    rows[:, 5] = 1.0  # a unit that always fires: its count is n
-    counts = _count_gram(rows)
-    assert counts.dtype == torch.float64
-    assert torch.equal(counts, rows.T @ rows)
-    brute = torch.tensor([[sum(int(a) & int(b) for a, b in zip(rows[:, i], rows[:, j]))
-                           for j in (0, 5)] for i in (0, 5)], dtype=torch.float64)
-    assert torch.equal(counts[[0, 5]][:, [0, 5]], brute)
-    assert counts[5, 5] == n
 
 
 def test_closed_form_refuses_a_wrong_derivative():

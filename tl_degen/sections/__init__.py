@@ -1,16 +1,14 @@
 """Sections: the computation between two consecutive sites, its Jacobian Gram and its edges.
 
-=====================  =============================================================
-``base``               :class:`Section`, the interface; :class:`ModelSection` (the model)
-``autograd``           the autograd routes (pullbacks, forward/backward edges, costs)
-``probes``             :class:`ProbedSection`: Hutchinson estimates with their errors
-``mlp``                MLP, MLP-hidden and linear (unembedding) closed forms
-``attention``          attention closed form; attention after a norm (formula)
-``recognise``          building and checking a closed form from the model
-``plan``               :class:`SectionPlan`: which implementation, once per prompt length
-``reader``             :class:`BatchReader`: every site of a batch, through the formulas
-``rules``              integration rules
-=====================  =============================================================
+* ``base``: :class:`Section`, the interface; :class:`ModelSection` (the model by autograd);
+* ``autograd``: the autograd routes (pullbacks, forward/backward edges, their costs);
+* ``probes``: :class:`ProbedSection`, Hutchinson estimates with their errors;
+* ``mlp``: MLP, MLP-hidden and linear (unembedding) closed forms;
+* ``attention``: the attention closed form; attention after a norm (formula);
+* ``recognise``: a closed form built from the model's weights and checked against it;
+* ``plan``: :class:`SectionPlan`, which implementation, once per prompt length;
+* ``reader``: :class:`BatchReader`, every site of a batch, through the formulas;
+* ``rules``: integration rules.
 """
 
 from tl_degen.sections.autograd import EDGE_ROUTES, Pullback, edge_route, gram_route

@@ -187,7 +187,7 @@ class AttentionSection(AttentionFormula):
         Every product of two terms is summed over samples before it meets the
         ``[d+1, k]`` matrices, so the cost is that of the attention itself plus
         ``O(H² (d+1)² k)``, not ``O(N·P·(d+1)²·k)``. Equal to the sum of the pullbacks'
-        outer products (tests/test_closed_form.py) to float64 rounding.
+        outer products (tests/sections/test_recognise.py) to float64 rounding.
         """
         dt, dev = x.dtype, x.device
         H, scale = self.H, self.scale

@@ -38,8 +38,9 @@ from torch.func import jvp, vmap
 from tl_degen.memory import memory_budget
 from tl_degen.stats import CHUNK_ROWS, GramAccumulator
 
-__all__ = ["EDGE_ROUTES", "Pullback", "autograd_pullbacks", "backward_gram", "edge_route",
-           "gram_route", "forward_edge_squares", "backward_edge_squares"]
+__all__ = ["EDGE_ROUTES", "Pullback", "graphs_at", "pull_back", "autograd_pullbacks",
+           "backward_gram", "edge_route", "gram_route", "forward_chunk", "forward_edge_squares",
+           "backward_edge_squares"]
 
 EDGE_ROUTES = ("forward", "backward", "probes")
 
@@ -65,6 +66,31 @@ class Pullback:
     g: Tensor  # [b, len(in_rows), d_in, m]
 
 
+def graphs_at(run: Run, x: Tensor, alphas: list[float]) -> list[tuple[Tensor, Tensor]]:
+    """``(leaf, run(leaf))`` with ``leaf = α·x`` requiring grad, one per quadrature point."""
+    graphs = []
+    for alpha in alphas:
+        leaf = (alpha * x).detach().requires_grad_(True)
+        graphs.append((leaf, run(leaf)))
+    return graphs
+
+
+def pull_back(graphs: list[tuple[Tensor, Tensor]], weights: list[float], grad_out: Tensor,
+              batched: bool = False) -> Tensor:
+    """``Σ_α w_α J(α x)ᵀ grad_out``; with ``batched`` the leading dimension of ``grad_out``
+    holds several output vectors, pulled back in one pass (``is_grads_batched``)."""
+    total = None
+    for (leaf, y), w in zip(graphs, weights):
+        if batched and grad_out.shape[0] == 1:
+            (g,) = torch.autograd.grad(y, leaf, grad_out[0], retain_graph=True)
+            g = g[None]
+        else:
+            (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
+                                       is_grads_batched=batched)
+        total = w * g if total is None else total + w * g
+    return total
+
+
 def autograd_pullbacks(
     run: Run,
     x: Float[Tensor, "batch n_in d_in"],
@@ -82,10 +108,7 @@ def autograd_pullbacks(
     (one-hot rows, never a ``[d_out, d_out]`` identity). Yields :class:`Pullback`.
     """
     n, n_in, _ = x.shape
-    graphs = []
-    for alpha in alphas:
-        leaf = (alpha * x).detach().requires_grad_(True)
-        graphs.append((leaf, run(leaf)))
+    graphs = graphs_at(run, x, alphas)
     _, n_out, d_out = graphs[0][1].shape
     basis = None if out_basis is None else out_basis.to(x.dtype)
     k = d_out if basis is None else basis.shape[1]
@@ -102,15 +125,7 @@ def autograd_pullbacks(
             grad_out[probe, :, ts, dirs] = 1.0
         else:
             grad_out[probe, :, ts, :] = basis[:, dirs].T[:, None, :]
-        total = None
-        for (leaf, y), w in zip(graphs, weights):
-            if m == 1:
-                (g,) = torch.autograd.grad(y, leaf, grad_out[0], retain_graph=True)
-                g = g[None]
-            else:
-                (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
-                                           is_grads_batched=True)
-            total = w * g if total is None else total + w * g
+        total = pull_back(graphs, weights, grad_out, batched=True)
         for t in range(int(ts[0]), int(ts[-1]) + 1):
             sel = ts == t
             yield Pullback(slice(0, n), rows, t, dirs[sel], total[sel].permute(1, 2, 3, 0))

@@ -37,7 +37,7 @@ from tl_degen.sections.base import Section
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 
-__all__ = ["ACTIVATIONS", "PositionwiseSection", "MLPSection", "MLPHiddenSection",
+__all__ = ["ACTIVATIONS", "gram_factor", "PositionwiseSection", "MLPSection", "MLPHiddenSection",
            "LinearSection", "mean_derivative"]
 
 #: Activation functions by TransformerLens ``act_fn`` name.
@@ -85,6 +85,18 @@ def _chunked_gram(rows: Tensor, chunk: int = 512) -> Tensor:
     for c in rows.split(chunk):
         out += c.T @ c
     return out
+
+
+def gram_factor(G: Float[Tensor, "n n"]) -> Float[Tensor, "n n"]:
+    """``L`` with ``LᵀL = G`` for a positive semi-definite ``G``: its upper Cholesky factor
+    where ``G`` is positive definite (much cheaper than an eigendecomposition), else
+    ``diag(√λ) Vᵀ`` from ``G = V diag(λ) Vᵀ`` (a singular ``G``: e.g. units that always fire
+    together), negative rounding in ``λ`` clamped to 0."""
+    L, info = torch.linalg.cholesky_ex(G, upper=True)
+    if int(info) != 0:
+        evals, vecs = torch.linalg.eigh(G)
+        L = vecs.T * evals.clamp_min(0.0).sqrt()[:, None]
+    return L
 
 
 class PositionwiseSection(Section):
@@ -234,13 +246,7 @@ class MLPSection(PositionwiseSection):
                           torch.ones(k, dtype=torch.bool, device=x.device)])
         if not bool(live.all()):
             G, T = G[live][:, live], T[:, live]
-        # Cholesky where G is positive definite (much cheaper than eigh), else the
-        # eigendecomposition (a singular G: units that fire together)
-        L, info = torch.linalg.cholesky_ex(G, upper=True)
-        if int(info) != 0:
-            evals, vecs = torch.linalg.eigh(G)
-            L = vecs.T * evals.clamp_min(0.0).sqrt()[:, None]
-        return L @ T.T
+        return gram_factor(G) @ T.T
 
     # ------------------------------------------------------------------ edges
     def edge_squares(self, x_eval: Tensor, h: Tensor, C_pinv: Tensor, out_basis: Tensor | None,

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tl_degen.errors import TLDegenError
-from tl_degen.sections.autograd import Run
+from tl_degen.sections.autograd import Run, graphs_at, pull_back
 from tl_degen.sections.base import Section
 from tl_degen.stats import GramAccumulator
 
@@ -63,14 +63,6 @@ def _check(n_probes: int, n_groups: int) -> int:
     return n_probes // n_groups
 
 
-def _graphs(run: Run, x: Tensor, alphas: list[float]):
-    graphs = []
-    for alpha in alphas:
-        leaf = (alpha * x).detach().requires_grad_(True)
-        graphs.append((leaf, run(leaf)))
-    return graphs
-
-
 #: Tokens (batch × positions, over all probes of a pass) up to which probes are pulled back
 #: together, in one batched vector-Jacobian product (``is_grads_batched``): batching saves
 #: the per-pass overhead on short batches, but a batched pass over long prompts no longer
@@ -84,21 +76,6 @@ def probes_per_pass(n_tokens: int) -> int:
     return max(1, min(8, BATCHED_PROBE_TOKENS // max(1, n_tokens)))
 
 
-def _pullback(graphs, weights, grad_out: Tensor, batched: bool = False) -> Tensor:
-    """``Σ_α w_α J(α x)ᵀ grad_out``; with ``batched`` the leading dimension of ``grad_out``
-    holds several probes, pulled back in one pass."""
-    total = None
-    for (leaf, y), w in zip(graphs, weights):
-        if batched and grad_out.shape[0] == 1:
-            (g,) = torch.autograd.grad(y, leaf, grad_out[0], retain_graph=True)
-            g = g[None]
-        else:
-            (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
-                                       is_grads_batched=batched)
-        total = w * g if total is None else total + w * g
-    return total
-
-
 def estimate_jacobian_gram(
     run: Run, x: Tensor, out_basis: Tensor | None, *, alphas: list[float],
     weights: list[float], n_probes: int, n_groups: int = 4,
@@ -109,7 +86,7 @@ def estimate_jacobian_gram(
     jointly with ``n_probes`` probes in ``n_groups`` groups. ``n_tokens``: the batch's
     tokens, which set the probes per pass (default: the input's positions)."""
     per_group = _check(n_probes, n_groups)
-    graphs = _graphs(run, x, alphas)
+    graphs = graphs_at(run, x, alphas)
     y = graphs[0][1]
     # raw outputs (the logits, d_out up to a vocabulary) are probed directly: never a
     # [d_out, d_out] identity
@@ -123,7 +100,7 @@ def estimate_jacobian_gram(
             m = min(step, per_group - start)
             r = torch.randint(0, 2, (m, *y.shape[:2], k), generator=generator,
                               device="cpu").to(x.device, x.dtype) * 2 - 1
-            g = _pullback(graphs, weights, r if C is None else r @ C.T, batched=True).reshape(
+            g = pull_back(graphs, weights, r if C is None else r @ C.T, batched=True).reshape(
                 -1, x.shape[-1]).double()
             acc += g.T @ g
         groups.append(acc / per_group)
@@ -139,7 +116,7 @@ def estimate_edge_squares(
     ``run``, probing the output positions; every output direction ``i`` is still pulled back
     exactly."""
     per_group = _check(n_probes, n_groups)
-    graphs = _graphs(run, x_eval, alphas)
+    graphs = graphs_at(run, x_eval, alphas)
     y = graphs[0][1]
     C = None if out_basis is None else out_basis.to(x_eval.dtype)
     k = y.shape[-1] if C is None else C.shape[1]
@@ -155,7 +132,7 @@ def estimate_edge_squares(
                     grad_out[..., i] = r
                 else:
                     grad_out = r[..., None] * C[:, i]
-                g = _pullback(graphs, weights, grad_out).double()  # [b, P_in, d]
+                g = pull_back(graphs, weights, grad_out).double()  # [b, P_in, d]
                 A = torch.einsum("bsd,jd,bsj->bj", g, C_pinv, h)
                 acc[i] += (A * A).sum(0)
         groups.append(acc / per_group)

@@ -16,6 +16,7 @@ from torch import Tensor
 from tl_degen.adapters.base import Adapter
 from tl_degen.memory import memory_budget
 from tl_degen.sections.plan import SectionPlan
+from tl_degen.sections.recognise import CHECK_ROWS
 from tl_degen.sites import Site
 
 __all__ = ["BatchReader"]

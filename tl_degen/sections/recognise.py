@@ -4,15 +4,13 @@ against the model (DESIGN.md §8).
 A section has a closed form when its shape (the pair of site kinds and layers) and the
 model's architecture (:class:`tl_degen.adapters.Architecture`) allow one:
 
-======================================  ==================================================
-``resid_pre.L → resid_mid.L``           :class:`~tl_degen.sections.attention.AttentionSection`
-                                        (no norm) or :class:`~tl_degen.sections.attention.
-                                        NormAttentionSection` (LayerNorm/RMSNorm, formula)
-``resid_mid.L → resid_post.L``          :class:`~tl_degen.sections.mlp.MLPSection`
-``resid_mid.L → mlp_post.L``            :class:`~tl_degen.sections.mlp.MLPHiddenSection`
-``mlp_post.L → resid_post.L``           :class:`~tl_degen.sections.mlp.LinearSection`
-``resid_post.(last) → logits``          :class:`~tl_degen.sections.mlp.LinearSection`
-======================================  ==================================================
+* ``resid_pre.L → resid_mid.L``: :class:`~tl_degen.sections.attention.AttentionSection`
+  (no normalisation) or :class:`~tl_degen.sections.attention.NormAttentionSection`
+  (LayerNorm/RMSNorm; its formula);
+* ``resid_mid.L → resid_post.L``: :class:`~tl_degen.sections.mlp.MLPSection`;
+* ``resid_mid.L → mlp_post.L``: :class:`~tl_degen.sections.mlp.MLPHiddenSection`;
+* ``mlp_post.L → resid_post.L`` and ``resid_post.(last) → logits``:
+  :class:`~tl_degen.sections.mlp.LinearSection`.
 
 MLP, linear and unembedding sections need a model without normalisation. Before use, the
 section's own forward pass — the one the pipeline runs — must reproduce the model's on the
