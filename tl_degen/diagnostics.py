@@ -321,7 +321,7 @@ def degeneracy_report(
     else:
         bases.check_model(model)
     adapter = get_adapter(model)
-    ln = getattr(model.cfg, "normalization_type", None) is not None
+    ln = not adapter.arch.no_norm
     rows = []
     for s in parse_sites(sites):
         if s.kind == "logits":
@@ -375,9 +375,7 @@ def _widths(adapter, site: Site, ln: bool) -> tuple[int | None, int | None]:
     """Widths (incl. bias) of the linear maps reading and writing ``site``; None if not linear."""
     if ln or adapter.parallel:
         return None, None
-    cfg = adapter.model.cfg
-    d_head = int(getattr(cfg, "d_head", adapter.d_model // adapter.n_heads))
-    n_kv = int(getattr(cfg, "n_key_value_heads", None) or adapter.n_heads)
+    d_head, n_kv = adapter.arch.d_head, adapter.arch.n_key_value_heads
     qkv = (adapter.n_heads + 2 * n_kv) * d_head
     L = site.layer
     last = L == adapter.n_layers - 1

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
+from tl_degen.adapters.architecture import config_dtype, set_config_dtype
+
 __all__ = ["prepared"]
 
 
@@ -27,16 +29,14 @@ def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None
     buffers = [(m, name, b.dtype) for m in model.modules()
                for name, b in m._buffers.items() if b is not None and b.is_floating_point()]
     cast = dtype is not None and any(p.dtype != dtype for p, _, _ in params)
-    cfg = getattr(model, "cfg", None)
-    cfg_dtype = getattr(cfg, "dtype", None)  # HookedTransformer casts its inputs to cfg.dtype
+    cfg_dtype = config_dtype(model)  # HookedTransformer casts its inputs to cfg.dtype
     try:
         if to_eval:
             model.eval()
         if cast:
             # what TransformerLens's ``to(dtype)`` does (cfg.dtype, then every parameter and
             # buffer), without its two state_dict() calls per tensor
-            if cfg is not None and hasattr(cfg, "dtype"):
-                cfg.dtype = dtype
+            set_config_dtype(model, dtype)
             torch.nn.Module.to(model, dtype)
         for p, _, _ in params:
             p.requires_grad_(False)
@@ -51,8 +51,8 @@ def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None
                 for m, name, dt in buffers:
                     if m._buffers[name].dtype != dt:
                         m._buffers[name] = m._buffers[name].to(dt)
-            if cfg_dtype is not None and getattr(cfg, "dtype", None) != cfg_dtype:
-                cfg.dtype = cfg_dtype
+            if cfg_dtype is not None and config_dtype(model) != cfg_dtype:
+                set_config_dtype(model, cfg_dtype)
         for p, flag, _ in params:
             p.requires_grad_(flag)
         if to_eval:

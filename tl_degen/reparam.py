@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tl_degen.adapters import get_adapter
+from tl_degen.adapters import Architecture, get_adapter
 from tl_degen.errors import BackendError, TLDegenError
 
 __all__ = [
@@ -49,8 +49,7 @@ def _params(model) -> tuple[Params, object]:
     adapter = get_adapter(model)
     if adapter.backend == "hooked_transformer":
         return dict(model.state_dict()), model.cfg
-    if getattr(model.cfg, "architecture", None) not in (None, "TransformerLensNative") or \
-            not hasattr(model, "get_params"):
+    if not adapter.arch.native or not hasattr(model, "get_params"):
         raise BackendError(
             f"built-in reparameterisations support HookedTransformer and native "
             f"TransformerBridge models (boot_native), not a {model.cfg.architecture!r} bridge; "
@@ -106,8 +105,8 @@ def _mlp_keys(params: Params, L: int) -> dict[str, str]:
     return keys
 
 
-def _act_fn(cfg) -> str:
-    return str(getattr(cfg, "act_fn", "") or "").lower()
+def _act_fn(model) -> str:
+    return Architecture.from_model(model).act_fn or ""
 
 
 # ---------------------------------------------------------------------------- built-ins
@@ -147,9 +146,9 @@ def rescale_neurons(model, seed: int = 0, spread: float = 0.7):
     """
     params, cfg = _params(model)
     gated = any(k.endswith("mlp.W_gate") for k in params)
-    if not gated and _act_fn(cfg) != "relu":
+    if not gated and _act_fn(model) != "relu":
         raise TLDegenError(f"rescaling neurons preserves the function only for ReLU (positively "
-                           f"homogeneous) or gated MLPs; this model uses act_fn={_act_fn(cfg)!r}")
+                           f"homogeneous) or gated MLPs; this model uses act_fn={_act_fn(model)!r}")
     g = torch.Generator().manual_seed(seed)
     for L in _layers(params):
         keys = _mlp_keys(params, L)
@@ -215,7 +214,7 @@ def add_dead_neurons(model, n: int = 3, seed: int = 0):
     """
     params, cfg = _params(model)
     gated = any(k.endswith("mlp.W_gate") for k in params)
-    act = _act_fn(cfg)
+    act = _act_fn(model)
     if not gated and act not in ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh",
                                  "silu"):
         raise TLDegenError(f"dead neurons need an activation that is 0 far below zero; "
@@ -261,10 +260,10 @@ def change_residual_basis(model, seed: int = 0, condition: float = 4.0):
         >>> rep.holds("lib"), rep.worst("pca", "eigenvalue_change")
     """
     params, cfg = _params(model)
-    if getattr(cfg, "normalization_type", None) is not None:
+    normalization = Architecture.from_model(model).normalization
+    if normalization is not None:
         raise TLDegenError(f"a change of residual basis preserves the function only without "
-                           f"LayerNorm; this model has normalization_type="
-                           f"{cfg.normalization_type!r}")
+                           f"LayerNorm; this model has normalization_type={normalization!r}")
     if not condition >= 1:
         raise TLDegenError(f"condition must be at least 1, got {condition}")
     d = params["embed.W_E"].shape[1]

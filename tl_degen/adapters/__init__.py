@@ -6,12 +6,13 @@ module forward hooks on a ``TransformerBridge``, hook points on a ``HookedTransf
 :func:`get_adapter` picks the backend; the backends import only the base, never this face.
 """
 
+from tl_degen.adapters.architecture import Architecture
 from tl_degen.adapters.base import Adapter
 from tl_degen.adapters.bridge import BridgeAdapter
 from tl_degen.adapters.hooked_transformer import HookedTransformerAdapter
 from tl_degen.errors import BackendError
 
-__all__ = ["Adapter", "BridgeAdapter", "HookedTransformerAdapter", "get_adapter"]
+__all__ = ["Adapter", "Architecture", "BridgeAdapter", "HookedTransformerAdapter", "get_adapter"]
 
 
 def get_adapter(model) -> Adapter:

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_degen.adapters.architecture import Architecture
 from tl_degen.errors import BackendError, SiteError
 from tl_degen.sites import Site
 
@@ -57,19 +58,9 @@ class Adapter:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        cfg = model.cfg
-        self.n_layers: int = int(cfg.n_layers)
-        self.d_model: int = int(cfg.d_model)
-        self.d_mlp: int | None = None if getattr(cfg, "attn_only", False) else int(cfg.d_mlp)
-        self.n_heads: int = int(cfg.n_heads)
-        self.n_ctx: int = int(cfg.n_ctx)
-        d_vocab_out = int(getattr(cfg, "d_vocab_out", -1) or -1)
-        self.d_vocab: int = int(cfg.d_vocab)
-        self.d_vocab_out: int = d_vocab_out if d_vocab_out > 0 else self.d_vocab
         self._hook_names = set(model.hook_dict.keys())
-        self.parallel: bool = bool(getattr(cfg, "parallel_attn_mlp", False)) or (
-            self.n_layers > 0 and "blocks.0.hook_resid_mid" not in self._hook_names
-        )
+        #: the model's architecture facts, read from its config once (DESIGN.md §6)
+        self.arch: Architecture = Architecture.from_model(model, hook_names=self._hook_names)
         self.pattern_before_output: bool = self._probe_pattern_order()
         self._warned_pattern = False
 
@@ -87,6 +78,39 @@ class Adapter:
         return bool(order) and order[0] == names[0]
 
     # ------------------------------------------------------------------ model facts
+    # (read from ``arch``; kept as attributes of the adapter for the code that uses them)
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.arch.d_model
+
+    @property
+    def d_mlp(self) -> int | None:
+        return self.arch.d_mlp
+
+    @property
+    def n_heads(self) -> int:
+        return self.arch.n_heads
+
+    @property
+    def n_ctx(self) -> int:
+        return self.arch.n_ctx
+
+    @property
+    def d_vocab(self) -> int:
+        return self.arch.d_vocab
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.arch.d_vocab_out
+
+    @property
+    def parallel(self) -> bool:
+        return self.arch.parallel
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -48,7 +48,7 @@ class HookedTransformerAdapter(Adapter):
                 if self.d_mlp is None:
                     continue
                 mlp, b_ln2 = block.mlp, _ln_bias(block.ln2)
-                if getattr(model.cfg, "gated_mlp", False):
+                if self.arch.gated_mlp:
                     if mlp.b_in.abs().max() > 0:
                         raise BackendError("gated MLPs with a nonzero b_in are not supported "
                                            "on HookedTransformer; use a TransformerBridge")
