@@ -70,6 +70,23 @@ def test_a_fit_stopped_anywhere_resumes_to_the_same_bases(setup, tmp_path, monke
     assert not ckpt.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_a_probed_fit_stopped_after_a_finished_stage_resumes_to_the_same_bases(
+        setup, tmp_path, monkeypatch):
+    """With random probes, a stage's estimate joins its Gram only in the merged total, never
+    in the checkpointed sums: resuming after the stage does not count the estimate twice."""
+    model, tokens, _ = setup
+    kwargs = dict(batch_size=40, progress=False, n_probes=8, closed_form=False)
+    whole = tl_degen.fit_bases(model, tokens, SITES, **kwargs)
+    ckpt = tmp_path / "fit.ckpt.safetensors"
+    stop_after(monkeypatch, 12)  # two batches into the second Jacobian stage
+    with pytest.raises(Stop):
+        tl_degen.fit_bases(model, tokens, SITES, checkpoint=ckpt, checkpoint_every=1, **kwargs)
+    monkeypatch.undo()
+    resumed = tl_degen.fit_bases(model, tokens, SITES, checkpoint=ckpt, checkpoint_every=1,
+                                 **kwargs)
+    assert_same(resumed, whole)
+
+
 @pytest.fixture
 def stale(setup, tmp_path, monkeypatch):
     """A checkpoint left by a fit stopped after 7 batches, and its bytes."""

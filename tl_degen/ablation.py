@@ -335,12 +335,7 @@ def edge_ablation(
         graph.bases.check_model(model)
         adapter, batches, n_local, fn = _batched_metric(model, tokens, batch_size, labels,
                                                         metric, position)
-        chosen = graph.pairs() if pairs is None else [
-            (graph.bases._key(a), graph.bases._key(b)) for a, b in pairs]
-        for p in chosen:
-            if p not in graph.edges:
-                raise TLDegenError(f"{p[0].name} -> {p[1].name} is not a layer pair of this "
-                                   "graph")
+        chosen = _layer_pairs(graph, pairs)
         fingerprint = {"pairs": [f"{a.name}->{b.name}" for a, b in chosen],
                        "n_edges": None if n_edges is None else [int(k) for k in n_edges],
                        "tolerance": tolerance, "upper": upper, "position": position,
@@ -355,68 +350,111 @@ def edge_ablation(
     (n_total,) = shards.sum_ints([n_local])
 
     with prepared(model, dtype), torch.no_grad():
-        baseline = 0.0
-        offset = 0
-        with shards.step("edge_ablation (unablated metric)"):
-            for b in batches:
-                (logits,) = adapter.read_sites(b, [Site("logits")])
-                baseline += float(fn(logits, slice(offset, offset + b.shape[0])).sum())
-                offset += b.shape[0]
-        (baseline,) = shards.sum_floats([baseline])
-        baseline /= n_total
+        baseline = _unablated_metric(adapter, batches, fn, shards) / n_total
         results: dict[str, dict[int, float]] = {}
         required: dict[str, int] = {}
         for in_site, out_site in chosen:
             key = f"{in_site.name}->{out_site.name}"
-            E = graph.edges[(in_site, out_site)]
-            const = graph.constant_node(in_site)  # 0 (LIB, PCA), last (neuron) or None
-            cols = torch.tensor([j for j in range(E.shape[1]) if j != const], dtype=torch.long)
-            order = E[:, cols].flatten().argsort(descending=True)
-            total = order.numel()
-            cache: dict[int, float] = {}
             with shards.step(f"edge_ablation (reading {key})"):
                 pair = _MaskedPair(adapter, batches, graph.bases, in_site, out_site, fn)
-
-            def evaluate(k: int) -> float:
-                k = min(k, total)
-                if k not in cache:
-                    mask = torch.zeros(E.shape, dtype=torch.bool)
-                    width = len(cols)
-                    idx = order[:k]
-                    mask[idx // width, cols[idx % width]] = True
-                    counts = mask[:, cols].sum(1)
-                    if const is not None:
-                        mask[:, const] = True
-                    with shards.step(f"edge_ablation ({key}, {k} edges)"):
-                        local = pair.evaluate(mask, counts)
-                    cache[k] = shards.sum_floats([local])[0] / n_total
-                return cache[k]
-
+            kept = _KeptEdges(graph, in_site, out_site, pair, shards, n_total)
             for k in tqdm(list(n_edges or []), desc=f"edge ablation {key}",
                           disable=not progress):
-                evaluate(min(int(k), total))
+                kept(min(int(k), kept.total))
             probed: dict[int, float] = {}
             if tolerance is not None:
-                top = upper.get(key, total) if isinstance(upper, dict) else (upper or total)
-                lo, hi = 0, int(top)
-                steps = tqdm(total=1 + max(0, hi - 1).bit_length(), desc=f"bisecting {key}",
-                             disable=not progress)
-                probed[hi] = evaluate(hi)
-                steps.update()
-                while hi - lo > 1:
-                    mid = (lo + hi + 1) // 2
-                    probed[mid] = evaluate(mid)
-                    steps.update()
-                    if abs(probed[mid] - baseline) <= tolerance:
-                        hi = mid
-                    else:
-                        lo = mid
-                steps.close()
-                required[key] = hi
+                top = upper.get(key, kept.total) if isinstance(upper, dict) else (
+                    upper or kept.total)
+                required[key], probed = _bisect(kept, int(top), baseline, tolerance,
+                                                desc=f"bisecting {key}", progress=progress)
             for k in n_edges or []:
-                probed[int(k)] = evaluate(int(k))
+                probed[int(k)] = kept(int(k))
             results[key] = dict(sorted(probed.items()))
     return EdgeAblationResult(baseline, results, required, tolerance)
+
+
+def _layer_pairs(graph, pairs: Sequence[tuple[str | Site, str | Site]] | None
+                 ) -> list[tuple[Site, Site]]:
+    """The layer pairs to ablate (all of the graph's by default); raises on a pair that is
+    not one of the graph's."""
+    chosen = graph.pairs() if pairs is None else [
+        (graph.bases._key(a), graph.bases._key(b)) for a, b in pairs]
+    for p in chosen:
+        if p not in graph.edges:
+            raise TLDegenError(f"{p[0].name} -> {p[1].name} is not a layer pair of this graph")
+    return chosen
+
+
+def _unablated_metric(adapter, batches, fn, shards: Shards) -> float:
+    """The metric of the unablated model, summed over every rank's data."""
+    baseline, offset = 0.0, 0
+    with shards.step("edge_ablation (unablated metric)"):
+        for b in batches:
+            (logits,) = adapter.read_sites(b, [Site("logits")])
+            baseline += float(fn(logits, slice(offset, offset + b.shape[0])).sum())
+            offset += b.shape[0]
+    (baseline,) = shards.sum_floats([baseline])
+    return baseline
+
+
+class _KeptEdges:
+    """The metric of one layer pair with only its ``k`` strongest edges kept (besides every
+    edge out of the constant node), as a mean over every rank's data; each ``k`` evaluated
+    once (``total``: the number of edges that can be cut)."""
+
+    def __init__(self, graph, in_site: Site, out_site: Site, pair: _MaskedPair, shards: Shards,
+                 n_total: int):
+        E = graph.edges[(in_site, out_site)]
+        self.shape, self.pair, self.shards, self.n_total = E.shape, pair, shards, n_total
+        self.key = f"{in_site.name}->{out_site.name}"
+        self.const = graph.constant_node(in_site)  # 0 (LIB, PCA), last (neuron) or None
+        self.cols = torch.tensor([j for j in range(E.shape[1]) if j != self.const],
+                                 dtype=torch.long)
+        self.order = E[:, self.cols].flatten().argsort(descending=True)
+        self.total = self.order.numel()
+        self.cache: dict[int, float] = {}
+
+    def mask(self, k: int) -> tuple[Tensor, Tensor]:
+        """The ``[n_out, n_in]`` edge mask keeping the ``k`` strongest edges, and the number
+        kept in each row besides the constant node's."""
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        width = len(self.cols)
+        idx = self.order[:k]
+        mask[idx // width, self.cols[idx % width]] = True
+        counts = mask[:, self.cols].sum(1)
+        if self.const is not None:
+            mask[:, self.const] = True
+        return mask, counts
+
+    def __call__(self, k: int) -> float:
+        k = min(k, self.total)
+        if k not in self.cache:
+            mask, counts = self.mask(k)
+            with self.shards.step(f"edge_ablation ({self.key}, {k} edges)"):
+                local = self.pair.evaluate(mask, counts)
+            self.cache[k] = self.shards.sum_floats([local])[0] / self.n_total
+        return self.cache[k]
+
+
+def _bisect(metric_at: Callable[[int], float], top: int, baseline: float, tolerance: float, *,
+            desc: str, progress: bool) -> tuple[int, dict[int, float]]:
+    """The fewest edges whose metric lies within ``tolerance`` of ``baseline``, by bisection
+    (``lo = 0``, ``hi = top``, probe ``ceil((lo + hi) / 2)`` until ``hi − lo = 1``: the
+    reference implementation's schedule), and the metric at every probe."""
+    lo, hi = 0, top
+    steps = tqdm(total=1 + max(0, hi - 1).bit_length(), desc=desc, disable=not progress)
+    probed = {hi: metric_at(hi)}
+    steps.update()
+    while hi - lo > 1:
+        mid = (lo + hi + 1) // 2
+        probed[mid] = metric_at(mid)
+        steps.update()
+        if abs(probed[mid] - baseline) <= tolerance:
+            hi = mid
+        else:
+            lo = mid
+    steps.close()
+    return hi, probed
 
 
 #: Bytes the stacked masked copies of one batch may take (edge ablation runs several masks

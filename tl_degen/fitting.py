@@ -10,8 +10,10 @@ LIB basis needs the next site's ``C`` (§4 step 6).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -318,6 +320,80 @@ def fit_bases(
     """
     shards = Shards(distributed)
     with shards.step("fit_bases (checking the arguments)"):
+        fit = _FitArguments.check(
+            model, tokens, sites, method=method, batch_size=batch_size, center=center,
+            threshold=threshold, integration=integration, n_alpha=n_alpha, dtype=dtype,
+            progress=progress, n_probes=n_probes, probe_groups=probe_groups,
+            target_error=target_error, max_probes=max_probes, seed=seed,
+            closed_form=closed_form)
+        fingerprint = fit.fingerprint(model, weights=shards.active or checkpoint is not None)
+        ckpt = saved = None
+        if checkpoint is not None:
+            ckpt = _open_checkpoint(checkpoint, checkpoint_every, fit, fingerprint, shards)
+            saved = ckpt.load()
+    shards.agree("fit_bases", fingerprint)
+    (n_samples,) = shards.sum_ints([sum(b.shape[0] for b in fit.batches)])
+    with prepared(model, None):
+        probe = model_probe(fit.adapter)  # in the model's own dtype, as check_model will see it
+
+    run = _FitRun(fit.sites, fit.batches, ckpt, saved, shards.seed(seed))
+    with prepared(model, dtype):
+        work = _BasisFit(fit, run, shards, n_samples)
+        accs = work.activation_statistics()  # pass 1: every site's mean and Gram
+        bases: dict[Site, InteractionBasis] = {}
+        next_C: Tensor | None = None  # None = raw outputs (identity)
+        # from the last site backwards: each LIB basis needs the next site's C (§4 step 6)
+        for idx in range(len(fit.sites) - 1, -1, -1):
+            site = fit.sites[idx]
+            bases[site] = work.basis(idx, accs[idx], next_C)
+            next_C = None if site.kind == "logits" else bases[site].C
+    run.finish()
+    if shards.rank == 0:
+        _warn_ambiguous([bases[s] for s in fit.sites], fit.threshold)
+    return BasisSet([bases[s] for s in fit.sites], config=work.config(),
+                    model_signature=fit.adapter.signature(), model_probe=probe)
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` at the line that called into this module (``fit_bases``'s caller),
+    however deep in the fit the helper that warns."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+@dataclass
+class _FitArguments:
+    """The arguments of one :func:`fit_bases` call, checked, and what follows from them."""
+
+    adapter: Adapter
+    batches: Batches
+    sites: list[Site]
+    method: str
+    center: bool
+    threshold: Threshold
+    integration: str
+    alphas: list[float]
+    weights: list[float]
+    dtype: torch.dtype | None
+    progress: bool
+    n_probes: int | None
+    probe_groups: int
+    target_error: float | None
+    max_probes: int
+    seed: int
+    closed_form: bool
+
+    @classmethod
+    def check(cls, model, tokens, sites, *, method: str, batch_size: int | None, center: bool,
+              threshold: float | Threshold, integration: str, n_alpha: int | None,
+              dtype: torch.dtype | None, progress: bool, n_probes: int | None,
+              probe_groups: int, target_error: float | None, max_probes: int | None,
+              seed: int, closed_form: bool) -> _FitArguments:
+        """Raise on a bad argument (:class:`~tl_degen.errors.TLDegenError` and subclasses),
+        and, without a ``batch_size``, when not even one sequence fits the memory budget
+        beside the statistics of every site."""
         if method not in METHODS:
             raise TLDegenError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         threshold = Threshold.coerce(threshold)
@@ -331,160 +407,202 @@ def fit_bases(
         adapter = get_adapter(model)
         itemsize = torch.finfo(dtype or adapter.dtype).bits // 8
         batches = token_batches(tokens, batch_size, adapter, itemsize)
-        n_pos = max(b.shape[1] for b in batches)
         site_list = _resolve_sites(adapter, sites, batches)
         if batch_size is None:
             dims = [adapter.site_dim(s) + int(s.has_constant) for s in site_list]
-            check_fits(adapter, n_pos, itemsize=itemsize, reserved=statistics_bytes(
-                dims, probe_groups if n_probes else 0), reserved_for=(
-                f"the statistics of {len(site_list)} sites (the largest of dimension "
-                f"{max(dims)})"))
-        settings = {"method": method, "center": center, "threshold": str(threshold),
-                    "integration": integration, "n_alpha": len(alphas),
-                    "dtype": str(dtype), "n_probes": n_probes, "probe_groups": probe_groups,
-                    "seed": seed, "closed_form": closed_form, "statistics": "qr",
-                    "target_error": target_error, "max_probes": max_probes}
-        fingerprint = {"sites": [s.name for s in site_list], "backend": adapter.backend,
-                       "settings": settings}
-        if shards.active or checkpoint is not None:
-            fingerprint["weights"] = weights_digest(model)
-        ckpt = None
-        if checkpoint is not None:
-            ckpt = FitCheckpoint(
-                FitCheckpoint.for_rank(checkpoint, shards.rank, shards.world),
-                {**fingerprint, "n_pos": n_pos, "model": adapter.signature(),
-                 "rank": shards.rank,
-                 "world": shards.world, "tokens": tokens_digest(batches),
-                 "n_batches": len(batches)}, checkpoint_every)
-            saved = ckpt.load()
-    shards.agree("fit_bases", fingerprint)
-    n_local = sum(b.shape[0] for b in batches)
-    (n_samples,) = shards.sum_ints([n_local])
-    with prepared(model, None):
-        probe = model_probe(adapter)  # in the model's own dtype, as check_model will see it
+            check_fits(adapter, max(b.shape[1] for b in batches), itemsize=itemsize,
+                       reserved=statistics_bytes(dims, probe_groups if n_probes else 0),
+                       reserved_for=f"the statistics of {len(site_list)} sites (the largest "
+                                    f"of dimension {max(dims)})")
+        return cls(adapter, batches, site_list, method, center, threshold, integration, alphas,
+                   weights, dtype, progress, n_probes, probe_groups, target_error, max_probes,
+                   seed, closed_form)
 
-    run = _FitRun(site_list, batches, ckpt, saved if ckpt is not None else None,
-                  shards.seed(seed))
-    with prepared(model, dtype):
-        work_dtype = adapter.dtype
-        # the section after each site (into the raw logits after the last), planned once
-        plans = [SectionPlan(adapter, site, site_list[idx + 1] if idx + 1 < len(site_list)
-                             else Site("logits", None, site.positions),
-                             alphas=alphas, weights=weights, closed_form=closed_form,
-                             n_probes=n_probes, n_groups=probe_groups, generator=run.generator)
-                 for idx, site in enumerate(site_list)] if method == "lib" else None
-        reader = BatchReader(adapter, batches, site_list, plans and plans[:-1],
-                             after=plans and plans[-1])
-        # ---- pass 1: means and Grams of every site (local rows, then merged over ranks)
-        accs = run.moment_accumulators(adapter)
-        with shards.step("fit_bases (activation statistics)"), torch.no_grad():
-            for i, _ in run.pending("moments", desc="activation statistics",
-                                    progress=progress):
-                for acc, x in zip(accs, reader.all(i)):
+    @property
+    def n_pos(self) -> int:
+        """The longest sequence."""
+        return max(b.shape[1] for b in self.batches)
+
+    @property
+    def n_groups(self) -> int:
+        """Probe groups of the Jacobian Grams (0 without probes)."""
+        return self.probe_groups if self.n_probes else 0
+
+    def fingerprint(self, model, *, weights: bool) -> dict:
+        """What every rank, and a checkpoint, must share with this call: sites, backend,
+        settings and (with ``weights``) a digest of the model's weights."""
+        settings = {"method": self.method, "center": self.center,
+                    "threshold": str(self.threshold), "integration": self.integration,
+                    "n_alpha": len(self.alphas), "dtype": str(self.dtype),
+                    "n_probes": self.n_probes, "probe_groups": self.probe_groups,
+                    "seed": self.seed, "closed_form": self.closed_form, "statistics": "qr",
+                    "target_error": self.target_error, "max_probes": self.max_probes}
+        out = {"sites": [s.name for s in self.sites], "backend": self.adapter.backend,
+               "settings": settings}
+        if weights:
+            out["weights"] = weights_digest(model)
+        return out
+
+
+def _open_checkpoint(path: str | os.PathLike, every: int, fit: _FitArguments,
+                     fingerprint: dict, shards: Shards) -> FitCheckpoint:
+    """This rank's checkpoint file, fingerprinted with the call, the model, this rank's
+    tokens and how they are batched."""
+    return FitCheckpoint(
+        FitCheckpoint.for_rank(path, shards.rank, shards.world),
+        {**fingerprint, "n_pos": fit.n_pos, "model": fit.adapter.signature(),
+         "rank": shards.rank, "world": shards.world, "tokens": tokens_digest(fit.batches),
+         "n_batches": len(fit.batches)}, every)
+
+
+class _BasisFit:
+    """The work of one fit in the model's working dtype: the section after each site planned
+    once (into the raw logits after the last; LIB only), the batches read through one
+    :class:`~tl_degen.sections.reader.BatchReader`, and the bases built site by site."""
+
+    def __init__(self, fit: _FitArguments, run: _FitRun, shards: Shards, n_samples: int):
+        self.fit, self.run, self.shards, self.n_samples = fit, run, shards, n_samples
+        self.dtype = fit.adapter.dtype
+        sites = fit.sites
+        self.plans = [SectionPlan(fit.adapter, site, sites[idx + 1] if idx + 1 < len(sites)
+                                  else Site("logits", None, site.positions),
+                                  alphas=fit.alphas, weights=fit.weights,
+                                  closed_form=fit.closed_form, n_probes=fit.n_probes,
+                                  n_groups=fit.probe_groups, generator=run.generator)
+                      for idx, site in enumerate(sites)] if fit.method == "lib" else None
+        self.reader = BatchReader(fit.adapter, fit.batches, sites, self.plans and self.plans[:-1],
+                                  after=self.plans and self.plans[-1])
+        self.probes_spent: dict[str, int] = {}  # probes per batch, by site (target_error)
+
+    def activation_statistics(self) -> list[MomentAccumulator]:
+        """Every site's mean and Gram (§4 steps 1-2): this rank's rows, then merged over
+        ranks."""
+        accs = self.run.moment_accumulators(self.fit.adapter)
+        with self.shards.step("fit_bases (activation statistics)"), torch.no_grad():
+            for i, _ in self.run.pending("moments", desc="activation statistics",
+                                         progress=self.fit.progress):
+                for acc, x in zip(accs, self.reader.all(i)):
                     acc.update(x)
-                run.advance("moments")
-        accs = [shards.merge_moments(a) for a in accs]
+                self.run.advance("moments")
+        return [self.shards.merge_moments(a) for a in accs]
 
-        bases: dict[Site, InteractionBasis] = {}
-        probes_spent: dict[str, int] = {}  # probes per batch, by site (target_error)
-        next_C: Tensor | None = None  # None = raw outputs (identity)
-        for idx in range(len(site_list) - 1, -1, -1):
-            site, acc = site_list[idx], accs[idx]
-            mean, gram = acc.mean, acc.gram(center)
-            if site.kind == "logits" or method == "neuron":
-                bases[site] = _identity_basis(site, method, mean, acc.gram(False),
-                                              acc.gram(False) if method == "neuron" else gram,
-                                              center, n_samples)
-                next_C = None if site.kind == "logits" else bases[site].C
-                continue
-            constant_first = center and site.has_constant
-            wh = whiten(mean, acc.factor(center), center=center, has_constant=site.has_constant,
-                        threshold=threshold, invariant_cut=method == "lib",
-                        eps=torch.finfo(work_dtype).eps)
-            dropped = Dropped(activation=wh.n_dropped, activation_cutoff=wh.cutoff,
-                              activation_gap=wh.gap)
-            if method == "pca":
-                bases[site] = InteractionBasis(
-                    site=site, method="pca", C=wh.W, C_pinv=wh.W_pinv, eigenvalues=wh.eigenvalues,
-                    mean=mean, gram=gram, gram_eigenvalues=wh.all_eigenvalues, dropped=dropped,
-                    center=center, n_samples=n_samples)
-                continue
-            plan = plans[idx]
-            out_site = plan.out_site
-            out_C = None if next_C is None else next_C.to(work_dtype)
-            jac = run.jacobian_accumulator(idx, acc.d, adapter.device,
-                                           probe_groups if n_probes else 0)
-            rounds = 0
-            while True:  # one pass over the batches; more while the probes miss target_error
-                rounds += 1
-                stage = f"jacobian:{idx}" + (f":round{rounds}" if rounds > 1 else "")
-                with shards.step(f"fit_bases (LIB {site.name})"):
-                    desc = f"LIB {site.name} → {out_site.name}" + (
-                        f" (probes, round {rounds})" if rounds > 1 else "")
-                    for i, b in run.pending(stage, desc=desc, progress=progress):
-                        x = reader.read(i, idx)
-                        y = reader.kept(i, idx + 1) if idx + 1 < len(site_list) else None
-                        # later rounds probe again; exact batches are in after the first
-                        if rounds == 1 or plan.gram_is_probed(b, x, out_C, y):
-                            est = plan.add_jacobian_gram(b, x, out_C, jac.exact, y)
-                            if est is not None:
-                                jac.add_estimate(est)
-                                if rounds == 1:
-                                    jac.add_count(x.shape[0] * x.shape[1])
-                        run.advance(stage)
-                total = jac.merged(shards, rounds)
-                probed = total.probed
-                error = None if n_probes is None else total.relative_error()
-                if not probed or target_error is None or error <= target_error:
-                    break
-                if rounds * n_probes >= max_probes:
-                    if shards.rank == 0:
-                        need = rounds * n_probes * (error / target_error) ** 2
-                        warnings.warn(
-                            f"{site.name}: the relative standard error of M′ is {error:.1%} "
-                            f"after {rounds * n_probes} probes, above target_error="
-                            f"{target_error:g}; about {need:.0f} probes would meet it, "
-                            f"{need / (rounds * n_probes):.1f}× this site's probing so far "
-                            f"(raise max_probes to {int(need) + 1} to spend that)",
-                            ProbeErrorWarning, stacklevel=2)
-                    break
-            if probed:
-                probes_spent[site.name] = rounds * n_probes
-            rot = lib_rotation(wh, *total.total().parts(), constant_first=constant_first,
-                               threshold=threshold)
-            dropped.jacobian, dropped.jacobian_cutoff, dropped.jacobian_gap = (
-                rot.n_dropped, rot.cutoff, rot.gap)
-            bases[site] = InteractionBasis(
-                site=site, method="lib", C=rot.C, C_pinv=rot.C_pinv, eigenvalues=rot.eigenvalues,
-                mean=mean, gram=gram, gram_eigenvalues=wh.all_eigenvalues, dropped=dropped,
-                center=center, n_samples=n_samples, lambda_all=rot.all_eigenvalues,
-                jacobian_gram_error=error)
-            next_C = rot.C
-    run.finish()
-    ambiguous = [f"{s.name} ({bases[s].dropped.gap:.2g}×)" for s in site_list
-                 if bases[s].dropped.ambiguous]
-    if ambiguous and shards.rank == 0:
-        warnings.warn(
-            f"no spectral gap at the cut of {', '.join(ambiguous)}: the eigenvalues on the two "
-            f"sides of the threshold ({threshold}) lie within a factor {AMBIGUOUS_GAP:g} of "
-            "each other, so the number of kept directions there depends on the threshold, not "
-            "only on the model and the data, and so do the Λ of the sites before it "
-            "(bases[site].dropped.gap). A threshold in a gap of bases[site].lambda_all makes "
-            "the rank a property of the model and the data", AmbiguousRankWarning, stacklevel=2)
+    def basis(self, idx: int, acc: MomentAccumulator, next_C: Tensor | None
+              ) -> InteractionBasis:
+        """Site ``idx``'s basis from its statistics ``acc`` and, for LIB, the next site's
+        ``C`` (``None``: the raw outputs)."""
+        fit, site = self.fit, self.fit.sites[idx]
+        mean, gram = acc.mean, acc.gram(fit.center)
+        if site.kind == "logits" or fit.method == "neuron":
+            return _identity_basis(site, fit.method, mean, acc.gram(False),
+                                   acc.gram(False) if fit.method == "neuron" else gram,
+                                   fit.center, self.n_samples)
+        wh = whiten(mean, acc.factor(fit.center), center=fit.center,
+                    has_constant=site.has_constant, threshold=fit.threshold,
+                    invariant_cut=fit.method == "lib", eps=torch.finfo(self.dtype).eps)
+        dropped = Dropped(activation=wh.n_dropped, activation_cutoff=wh.cutoff,
+                          activation_gap=wh.gap)
+        common = dict(site=site, mean=mean, gram=gram, gram_eigenvalues=wh.all_eigenvalues,
+                      dropped=dropped, center=fit.center, n_samples=self.n_samples)
+        if fit.method == "pca":
+            return InteractionBasis(method="pca", C=wh.W, C_pinv=wh.W_pinv,
+                                    eigenvalues=wh.eigenvalues, **common)
+        jacobian, error = self.jacobian_gram(idx, acc.d, next_C)
+        rot = lib_rotation(wh, *jacobian.parts(), constant_first=fit.center and site.has_constant,
+                           threshold=fit.threshold)
+        dropped.jacobian, dropped.jacobian_cutoff, dropped.jacobian_gap = (
+            rot.n_dropped, rot.cutoff, rot.gap)
+        return InteractionBasis(method="lib", C=rot.C, C_pinv=rot.C_pinv,
+                                eigenvalues=rot.eigenvalues, lambda_all=rot.all_eigenvalues,
+                                jacobian_gram_error=error, **common)
 
-    config = {"method": method, "center": center, "threshold": str(threshold),
-              "threshold_value": threshold.value, "threshold_mode": threshold.mode,
-              "integration": integration, "n_alpha": len(alphas),
-              "dtype": str(work_dtype).replace("torch.", ""), "n_samples": n_samples,
-              "n_pos": n_pos, "backend": adapter.backend, "n_probes": n_probes,
-              "probe_groups": probe_groups if n_probes else None, "seed": seed}
-    if target_error is not None:
-        config["target_error"] = target_error
-        config["probes_per_batch"] = probes_spent
-    if shards.active:
-        config["world_size"] = shards.world
-    return BasisSet([bases[s] for s in site_list], config=config,
-                    model_signature=adapter.signature(), model_probe=probe)
+    def jacobian_gram(self, idx: int, d: int, next_C: Tensor | None
+                      ) -> tuple[GramAccumulator, float | None]:
+        """Site ``idx``'s Jacobian Gram ``M′`` over every rank's batches (§4 step 4), and the
+        relative standard error of its probed part (§4 step 9; ``None`` without probes): one
+        pass over the batches, more while the probes miss ``target_error``."""
+        fit, site = self.fit, self.fit.sites[idx]
+        out_C = None if next_C is None else next_C.to(self.dtype)
+        local = self.run.jacobian_accumulator(idx, d, fit.adapter.device, fit.n_groups)
+        rounds = 0
+        while True:
+            rounds += 1
+            self._jacobian_pass(idx, local, out_C, rounds)
+            total = local.merged(self.shards, rounds)
+            error = None if fit.n_probes is None else total.relative_error()
+            if self._probes_done(site, total, error, rounds):
+                break
+        if total.probed:
+            self.probes_spent[site.name] = rounds * fit.n_probes
+        return total.total(), error
+
+    def _jacobian_pass(self, idx: int, jac: EstimateAccumulator, out_C: Tensor | None,
+                       rounds: int) -> None:
+        """One pass over this rank's batches into ``jac``: every batch in the first round;
+        later rounds probe again the batches whose Gram is probed (the exact ones are in)."""
+        site, plan = self.fit.sites[idx], self.plans[idx]
+        last = idx + 1 == len(self.fit.sites)
+        stage = f"jacobian:{idx}" + (f":round{rounds}" if rounds > 1 else "")
+        desc = f"LIB {site.name} → {plan.out_site.name}" + (
+            f" (probes, round {rounds})" if rounds > 1 else "")
+        with self.shards.step(f"fit_bases (LIB {site.name})"):
+            for i, b in self.run.pending(stage, desc=desc, progress=self.fit.progress):
+                x = self.reader.read(i, idx)
+                y = None if last else self.reader.kept(i, idx + 1)
+                if rounds == 1 or plan.gram_is_probed(b, x, out_C, y):
+                    est = plan.add_jacobian_gram(b, x, out_C, jac.exact, y)
+                    if est is not None:
+                        jac.add_estimate(est)
+                        if rounds == 1:
+                            jac.add_count(x.shape[0] * x.shape[1])
+                self.run.advance(stage)
+
+    def _probes_done(self, site: Site, total: EstimateAccumulator, error: float | None,
+                     rounds: int) -> bool:
+        """Whether the Jacobian Gram is final: exact, within ``target_error``, or out of
+        probes (then a :class:`~tl_degen.errors.ProbeErrorWarning` says how many would do)."""
+        target = self.fit.target_error
+        if not total.probed or target is None or error <= target:
+            return True
+        spent = rounds * self.fit.n_probes
+        if spent < self.fit.max_probes:
+            return False
+        if self.shards.rank == 0:
+            need = spent * (error / target) ** 2
+            _warn(f"{site.name}: the relative standard error of M′ is {error:.1%} after "
+                  f"{spent} probes, above target_error={target:g}; about {need:.0f} probes "
+                  f"would meet it, {need / spent:.1f}× this site's probing so far (raise "
+                  f"max_probes to {int(need) + 1} to spend that)", ProbeErrorWarning)
+        return True
+
+    def config(self) -> dict:
+        """The :attr:`~tl_degen.basis_set.BasisSet.config` of the fitted bases."""
+        fit = self.fit
+        config = {"method": fit.method, "center": fit.center, "threshold": str(fit.threshold),
+                  "threshold_value": fit.threshold.value, "threshold_mode": fit.threshold.mode,
+                  "integration": fit.integration, "n_alpha": len(fit.alphas),
+                  "dtype": str(self.dtype).replace("torch.", ""), "n_samples": self.n_samples,
+                  "n_pos": fit.n_pos, "backend": fit.adapter.backend, "n_probes": fit.n_probes,
+                  "probe_groups": fit.probe_groups if fit.n_probes else None, "seed": fit.seed}
+        if fit.target_error is not None:
+            config["target_error"] = fit.target_error
+            config["probes_per_batch"] = self.probes_spent
+        if self.shards.active:
+            config["world_size"] = self.shards.world
+        return config
+
+
+def _warn_ambiguous(bases: list[InteractionBasis], threshold: Threshold) -> None:
+    """Warn when a site's cut falls where its spectrum has no gap
+    (:attr:`~tl_degen.basis.Dropped.ambiguous`); ``bases`` in site order."""
+    ambiguous = [f"{b.site.name} ({b.dropped.gap:.2g}×)" for b in bases if b.dropped.ambiguous]
+    if ambiguous:
+        _warn(f"no spectral gap at the cut of {', '.join(ambiguous)}: the eigenvalues on the "
+              f"two sides of the threshold ({threshold}) lie within a factor {AMBIGUOUS_GAP:g} "
+              "of each other, so the number of kept directions there depends on the "
+              "threshold, not only on the model and the data, and so do the Λ of the sites "
+              "before it (bases[site].dropped.gap). A threshold in a gap of "
+              "bases[site].lambda_all makes the rank a property of the model and the data",
+              AmbiguousRankWarning)
 
 
 class _FitRun:

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_degen.adapters import get_adapter
+from tl_degen.adapters import Adapter, get_adapter
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
@@ -40,6 +40,7 @@ from tl_degen.sections.probes import StochasticEstimate
 from tl_degen.sections.reader import BatchReader
 from tl_degen.sections.rules import integration_rule
 from tl_degen.sites import Site
+from tl_degen.stats import EstimateAccumulator
 
 __all__ = ["interaction_graph", "InteractionGraph", "Modules", "GRAPH_FORMAT", "GRAPH_VERSION"]
 
@@ -99,82 +100,96 @@ def interaction_graph(
     """
     shards = Shards(distributed)
     with shards.step("interaction_graph (checking the arguments)"):
-        sites = list(bases.sites)
-        if len(sites) < 2:
-            raise TLDegenError("an interaction graph needs bases of at least two sites")
-        adapter = get_adapter(model)
-        bases.check_model(adapter)
-        alphas, weights = integration_rule(integration, n_alpha)
-        if route is not None and route not in EDGE_ROUTES:
-            raise TLDegenError(f"unknown route {route!r}; use one of {', '.join(EDGE_ROUTES)} "
-                               "or None (the cheapest)")
-        if route == "probes" and n_probes is None:
-            raise TLDegenError('route="probes" needs n_probes (e.g. n_probes=64)')
-        batches = token_batches(tokens, batch_size, adapter,
-                                torch.finfo(dtype or adapter.dtype).bits // 8)
-        n_pos = max(b.shape[1] for b in batches)
-        for s in sites:
-            check_positions(s, batches)
-        fingerprint = {"sites": [s.name for s in sites],
+        adapter, batches, alphas, weights = _check_graph_arguments(
+            model, tokens, bases, integration=integration, n_alpha=n_alpha, route=route,
+            n_probes=n_probes, batch_size=batch_size, dtype=dtype)
+        fingerprint = {"sites": [s.name for s in bases.sites],
                        "settings": [integration, len(alphas), str(dtype), closed_form,
                                     n_probes, probe_groups, seed, route]}
         if shards.active:
             fingerprint["weights"] = weights_digest(model)
             fingerprint["bases"] = _bases_digest(bases)
     shards.agree("interaction_graph", fingerprint)
+    sites = list(bases.sites)
     edges: dict[tuple[Site, Site], Tensor] = {}
     errors: dict[tuple[Site, Site], float] = {}
     edge_routes: dict[str, str] = {}
     generator = torch.Generator().manual_seed(shards.seed(seed))
     with prepared(model, dtype):
-        dt = adapter.dtype
         plans = [SectionPlan(adapter, in_site, out_site, alphas=alphas, weights=weights,
                              closed_form=closed_form, n_probes=n_probes,
                              n_groups=probe_groups, generator=generator, route=route)
                  for in_site, out_site in zip(sites, sites[1:])]
         # the input sites (not past the last), the sections between them by formula if they can
         inputs = BatchReader(adapter, batches, sites[:-1], plans[:-1], after=plans[-1])
-        for k, (in_site, out_site) in enumerate(zip(sites, sites[1:])):
-            b_in, b_out = bases[in_site], bases[out_site]
-            C_in, C_pinv = b_in.C.to(adapter.device), b_in.C_pinv.to(adapter.device)
-            out_C = None if out_site.kind == "logits" else b_out.C.to(adapter.device, dt)
-            E = torch.zeros(b_out.k, b_in.k, dtype=torch.float64, device=adapter.device)
-            count = 0
-            groups = [torch.zeros_like(E) for _ in range(probe_groups if n_probes else 0)]
-            plan = plans[k]
-            with shards.step(f"interaction_graph ({in_site.name} → {out_site.name})"):
-                for i, batch in enumerate(tqdm(batches,
-                                               desc=f"edges {in_site.name} → {out_site.name}",
-                                               disable=not progress)):
-                    x = inputs.read(i, k)
-                    y = inputs.kept(i, k + 1) if k + 2 < len(sites) else None
-                    h = x.double() @ C_in  # [b, P_in, k_in]
-                    x_proj = (h @ C_pinv).to(dt)
-                    count += x.shape[0] * x.shape[1]
-                    out = plan.edge_squares(batch, x, x_proj, h, C_pinv, out_C, y)
-                    if isinstance(out, StochasticEstimate):
-                        for g_sum, g in zip(groups, out.groups):
-                            g_sum += g
-                    else:
-                        E += out
-            E = shards.sum(E)
-            (count,) = shards.sum_ints([count])
+        for k, pair in enumerate(zip(sites, sites[1:])):
+            with shards.step(f"interaction_graph ({pair[0].name} → {pair[1].name})"):
+                local = _edge_sums(adapter, batches, inputs, bases, plans, k,
+                                   n_groups=probe_groups if n_probes else 0, progress=progress)
+            total = local.merged(shards)
+            E = total.total()
             if n_probes is not None:
-                estimate = StochasticEstimate([shards.sum(g) for g in groups])
-                error = 0.0
-                if any(g.any() for g in estimate.groups):  # some batch was probed
-                    E += estimate.value
-                    error = float(estimate.standard_error.norm() / E.norm().clamp_min(1e-300))
-                errors[(in_site, out_site)] = error
+                errors[pair] = total.relative_error()
             if not torch.isfinite(E).all():
-                raise DataError(f"NaN/Inf edges between {in_site.name} and {out_site.name}")
-            edges[(in_site, out_site)] = (E / count).cpu()
-            edge_routes[f"{in_site.name}->{out_site.name}"] = "+".join(sorted(plan.routes))
+                raise DataError(f"NaN/Inf edges between {pair[0].name} and {pair[1].name}")
+            edges[pair] = (E / total.count).cpu()
+            edge_routes[f"{pair[0].name}->{pair[1].name}"] = "+".join(sorted(plans[k].routes))
     (n_samples,) = shards.sum_ints([sum(b.shape[0] for b in batches)])
     config = {"integration": integration, "n_alpha": len(alphas),
-              "n_samples": n_samples, "n_pos": n_pos,
+              "n_samples": n_samples, "n_pos": max(b.shape[1] for b in batches),
               "n_probes": n_probes, "seed": seed, "edge_routes": edge_routes}
     return InteractionGraph(bases, edges, config=config, errors=errors)
+
+
+def _check_graph_arguments(model, tokens, bases: BasisSet, *, integration: str,
+                           n_alpha: int | None, route: str | None, n_probes: int | None,
+                           batch_size: int | None, dtype: torch.dtype | None
+                           ) -> tuple[Adapter, list[Tensor], list[float], list[float]]:
+    """``(adapter, batches, alphas, weights)`` of an :func:`interaction_graph` call; raises
+    :class:`~tl_degen.errors.TLDegenError` (or a subclass) on a bad argument."""
+    sites = list(bases.sites)
+    if len(sites) < 2:
+        raise TLDegenError("an interaction graph needs bases of at least two sites")
+    adapter = get_adapter(model)
+    bases.check_model(adapter)
+    alphas, weights = integration_rule(integration, n_alpha)
+    if route is not None and route not in EDGE_ROUTES:
+        raise TLDegenError(f"unknown route {route!r}; use one of {', '.join(EDGE_ROUTES)} "
+                           "or None (the cheapest)")
+    if route == "probes" and n_probes is None:
+        raise TLDegenError('route="probes" needs n_probes (e.g. n_probes=64)')
+    batches = token_batches(tokens, batch_size, adapter,
+                            torch.finfo(dtype or adapter.dtype).bits // 8)
+    for s in sites:
+        check_positions(s, batches)
+    return adapter, batches, alphas, weights
+
+
+def _edge_sums(adapter: Adapter, batches: list[Tensor], inputs: BatchReader, bases: BasisSet,
+               plans: list[SectionPlan], k: int, *, n_groups: int, progress: bool
+               ) -> EstimateAccumulator:
+    """This rank's sums of squared attributions ``Σ_b Σ_t A²`` between site ``k`` and site
+    ``k + 1`` (exact where the section allows, else in ``n_groups`` probe groups) and the
+    number of input rows they run over."""
+    in_site, out_site = bases.sites[k], bases.sites[k + 1]
+    b_in, b_out = bases[in_site], bases[out_site]
+    dt = adapter.dtype
+    C_in, C_pinv = b_in.C.to(adapter.device), b_in.C_pinv.to(adapter.device)
+    out_C = None if out_site.kind == "logits" else b_out.C.to(adapter.device, dt)
+    acc = EstimateAccumulator((b_out.k, b_in.k), n_groups, device=adapter.device)
+    for i, batch in enumerate(tqdm(batches, desc=f"edges {in_site.name} → {out_site.name}",
+                                   disable=not progress)):
+        x = inputs.read(i, k)
+        y = inputs.kept(i, k + 1) if k + 1 < len(plans) else None
+        h = x.double() @ C_in  # [b, P_in, k_in]
+        x_proj = (h @ C_pinv).to(dt)
+        acc.add_count(x.shape[0] * x.shape[1])
+        out = plans[k].edge_squares(batch, x, x_proj, h, C_pinv, out_C, y)
+        if isinstance(out, StochasticEstimate):
+            acc.add_estimate(out)
+        else:
+            acc.add_exact(out)
+    return acc
 
 
 @dataclass
