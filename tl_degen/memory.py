@@ -3,7 +3,8 @@
 Every function that takes ``batch_size`` accepts ``None`` (the default): the batch size is
 then the number of sequences whose forward and backward state fits :func:`memory_budget`,
 estimated per sequence by :func:`bytes_per_sequence`. On the modular-addition model the
-whole training set (3830 pairs) fits one batch, which is about 5× faster than batches of 256.
+whole training set (3830 pairs) fits one batch: fewer, larger batches spend less of the time
+on each forward pass's fixed costs (hooks, Python, kernel launches) for the same work.
 
 Before any work, :func:`check_fits` raises :class:`~tl_degen.errors.MemoryBudgetError` when
 even one sequence (with the fit's statistics of every site, :func:`statistics_bytes`) would

@@ -40,8 +40,8 @@ def stack_factors(*parts: Tensor) -> Float[Tensor, "d d"]:
     d = parts[0].shape[1]
     device = parts[0].device
     # rows that are exactly zero add nothing to RᵀR and are left out: a factor of fewer rows
-    # than columns is padded with them, and LAPACK took 9x longer over that padding (2.8
-    # against 0.3 s for 256 rows on a 2561-column factor)
+    # than columns is padded with them, and the QR's work grows with its rows, so a few real
+    # rows on a wide factor would otherwise cost as much as a full square one
     parts = [p.to(torch.float64) for p in parts if p.shape[0]]
     parts = [p if bool(keep.all()) else p[keep]
              for p, keep in ((p, p.ne(0).any(1)) for p in parts)]
@@ -91,15 +91,15 @@ class MomentAccumulator:
         rows = x.detach().reshape(-1, self.d).to(torch.float64)
         # Chunks of CHUNK_ROWS rows merged pairwise: one long float64 matmul accumulates
         # ~20x more rounding error (it lifts the Gram's noise floor from ~3e-16 to ~7e-15).
-        # The factor takes every chunk's rows and Chan terms in one QR (one per chunk took
-        # 55 against 45 ms for 11490 × 129 rows; the same R to rounding).
+        # The factor takes every chunk's rows and Chan terms in one QR: one QR per chunk gives
+        # the same R to rounding, with a factorisation and a copy of R for every chunk.
         chunks = []
         for chunk in rows.split(max(CHUNK_ROWS, self.d)):
             mean_b = chunk.mean(0)
             centered = chunk - mean_b
             chunks.append((chunk.shape[0], mean_b, centered.T @ centered, centered))
         # a NaN/Inf anywhere reaches its column's sum of squares: d numbers a chunk checked
-        # instead of every row (5 ms for 11490 × 129 rows), before anything is merged
+        # instead of another pass over every row, before anything is merged
         if not all(bool(torch.isfinite(m2_b.diagonal()).all()) for _, _, m2_b, _ in chunks):
             _check_finite(rows, f"activations at {self.name}")
             raise NonFiniteError(f"activations at {self.name} overflow float64 when squared "
