@@ -226,6 +226,24 @@ def test_lib_rotation_drops_jacobian_null_directions():
                      threshold=Threshold.relative(1e-10))
 
 
+def test_lib_rotation_with_fewer_jacobian_rows_than_directions():
+    """A factor of 2 rows for 5 non-constant directions (a batch with few outputs): the
+    missing eigenvalues are zeros and are cut, the rest equal the formed-Gram path; an
+    all-zero short factor is the "every Λ is zero" error, not a shape error."""
+    x, mean, factor = _synthetic(d=5, rank=5, seed=7)
+    wh = whiten(mean, factor, center=True, has_constant=True, threshold=Threshold.relative(1e-12))
+    F = torch.randn(2, 6, generator=torch.Generator().manual_seed(8), dtype=F64)
+    r = lib_rotation(wh, F, None, constant_first=True, threshold=Threshold.relative(1e-10))
+    formed = lib_rotation(wh, F[:0], F.T @ F, constant_first=True,
+                          threshold=Threshold.relative(1e-10))
+    assert r[2].shape == formed[2].shape == (3,)  # the constant and two directions
+    torch.testing.assert_close(r[2], formed[2], rtol=1e-10, atol=0)
+    assert r[3].shape == (6,) and bool((r[3][3:] == 0).all())
+    with pytest.raises(SiteError, match="every Λ is zero"):
+        lib_rotation(wh, torch.zeros(2, 6, dtype=F64), None, constant_first=True,
+                     threshold=Threshold.relative(1e-10))
+
+
 # ---------------------------------------------------------------------------- InteractionBasis
 def test_interaction_basis_properties_coordinates_and_repr(modadd_lib):
     model, tokens, bases = modadd_lib

@@ -261,8 +261,11 @@ def lib_rotation(wh: Whitening, jacobian_factor: Tensor, jacobian_gram: Tensor |
     k1 = B.shape[1]
     first = int(constant_first)
     if jacobian_gram is None:
-        _, sv, vh = torch.linalg.svd(B[:, first:], full_matrices=False)
-        evals, evecs = sv**2, vh.T
+        rest = B[:, first:]
+        short = rest.shape[0] < rest.shape[1]  # fewer rows than directions: M has zeros
+        _, sv, vh = torch.linalg.svd(rest, full_matrices=short)
+        evals = torch.cat([sv**2, sv.new_zeros(vh.shape[0] - sv.shape[0])])
+        evecs = vh.T
         lam0 = (B[:, :1] ** 2).sum(0) if constant_first else None
     else:
         M = wh.R_pinv @ jacobian_gram @ wh.R_pinv.T + B.T @ B
