@@ -91,9 +91,9 @@ def compare_with(rev: str, threads: int, rounds: int = 3) -> None:
             theirs += timed_in_subprocess(tmp, threads, 2)
     ours.sort()
     theirs.sort()
-    print(f"this tree   (square-root statistics): median {ours[len(ours) // 2]:.2f} s, "
+    print(f"this tree:   median {ours[len(ours) // 2]:.2f} s, "
           f"best {ours[0]:.2f} s over {len(ours)} fits")
-    print(f"{rev:<11} (formed Grams):          median {theirs[len(theirs) // 2]:.2f} s, "
+    print(f"{rev:<11}: median {theirs[len(theirs) // 2]:.2f} s, "
           f"best {theirs[0]:.2f} s over {len(theirs)} fits")
     print(f"ratio this/{rev}: {ours[len(ours) // 2] / theirs[len(theirs) // 2]:.2f}x (median), "
           f"{ours[0] / theirs[0]:.2f}x (best)")
