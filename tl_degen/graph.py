@@ -36,11 +36,10 @@ from tl_degen.io import Serialisable, save_safetensors_atomic
 from tl_degen.model_state import prepared
 from tl_degen.sections.autograd import EDGE_ROUTES
 from tl_degen.sections.plan import SectionPlan
-from tl_degen.sections.probes import StochasticEstimate
 from tl_degen.sections.reader import BatchReader
 from tl_degen.sections.rules import integration_rule
 from tl_degen.sites import Site
-from tl_degen.stats import EstimateAccumulator
+from tl_degen.stats import EstimateAccumulator, StochasticEstimate
 
 __all__ = ["interaction_graph", "InteractionGraph", "Modules", "GRAPH_FORMAT", "GRAPH_VERSION"]
 

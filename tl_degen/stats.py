@@ -17,6 +17,7 @@ singular values of ``R`` give the same eigenvalue to about ``1e-9``
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -24,8 +25,8 @@ from torch import Tensor
 
 from tl_degen.errors import DataError, NonFiniteError, TLDegenError
 
-__all__ = ["MomentAccumulator", "GramAccumulator", "EstimateAccumulator", "CHUNK_ROWS",
-           "stack_factors"]
+__all__ = ["MomentAccumulator", "GramAccumulator", "StochasticEstimate", "EstimateAccumulator",
+           "CHUNK_ROWS", "stack_factors"]
 
 #: Rows per matmul when forming sums of outer products (precision, not memory).
 CHUNK_ROWS = 512
@@ -314,6 +315,35 @@ class GramAccumulator:
         return f"GramAccumulator({self.name}, d={self.d}, count={self.count})"
 
 
+@dataclass
+class StochasticEstimate:
+    """An estimated matrix (sum over the batch, not yet normalised) and its error.
+
+    ``groups`` holds one estimate per probe group (each already scaled as a full estimate);
+    ``value`` is their mean and ``standard_error`` the per-entry standard error of the mean.
+    """
+
+    groups: list[Tensor]
+
+    @property
+    def value(self) -> Tensor:
+        return torch.stack(self.groups).mean(0)
+
+    @property
+    def standard_error(self) -> Tensor:
+        g = torch.stack(self.groups)
+        return g.std(0, unbiased=True) / len(self.groups) ** 0.5
+
+    @property
+    def relative_error(self) -> float:
+        """``‖standard error‖_F / ‖value‖_F``."""
+        v = self.value.norm()
+        return float(self.standard_error.norm() / v) if v > 0 else 0.0
+
+    def __add__(self, other: StochasticEstimate) -> StochasticEstimate:
+        return StochasticEstimate([a + b for a, b in zip(self.groups, other.groups)])
+
+
 class EstimateAccumulator:
     """A sum over batches known partly exactly and partly by random probes (DESIGN.md §4
     step 9): ``exact + estimate``, and the estimate's error relative to that total.
@@ -321,7 +351,7 @@ class EstimateAccumulator:
     The exact part is a :class:`GramAccumulator` (the Jacobian Gram ``M′``, whose count of data
     rows it keeps) or a matrix of sums (an edge matrix, counted here). The estimate is kept as
     one sum per probe group (each a full estimate,
-    :attr:`tl_degen.sections.probes.StochasticEstimate.groups`): their mean is the estimate and
+    :attr:`StochasticEstimate.groups`): their mean is the estimate and
     their spread its standard error.
 
     Everything is summed over this process's batches: :meth:`merged` adds every rank's into a
@@ -375,7 +405,7 @@ class EstimateAccumulator:
             self.exact += m
 
     def add_estimate(self, estimate) -> None:
-        """Add a batch's :class:`~tl_degen.sections.probes.StochasticEstimate` (group by group)."""
+        """Add a batch's :class:`StochasticEstimate` (group by group)."""
         if len(estimate.groups) != len(self.groups):
             raise TLDegenError(f"an estimate of {len(estimate.groups)} probe groups does not fit "
                                f"an accumulator of {len(self.groups)}")
@@ -402,10 +432,8 @@ class EstimateAccumulator:
         return any(bool(g.any()) for g in self.groups)
 
     def estimate(self):
-        """The probed part as a :class:`~tl_degen.sections.probes.StochasticEstimate`, or
+        """The probed part as a :class:`StochasticEstimate`, or
         ``None`` when no batch was probed."""
-        from tl_degen.sections.probes import StochasticEstimate
-
         return StochasticEstimate(list(self.groups)) if self.probed else None
 
     def relative_error(self) -> float:

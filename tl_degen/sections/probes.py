@@ -13,47 +13,16 @@ an independent estimate, and the reported error is the standard error of their m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from tl_degen.errors import TLDegenError
 from tl_degen.sections.autograd import Run, graphs_at, pull_back
 from tl_degen.sections.base import Section
-from tl_degen.stats import GramAccumulator
+from tl_degen.stats import GramAccumulator, StochasticEstimate
 
 __all__ = ["StochasticEstimate", "ProbedSection", "estimate_jacobian_gram",
            "estimate_edge_squares"]
-
-
-@dataclass
-class StochasticEstimate:
-    """An estimated matrix (sum over the batch, not yet normalised) and its error.
-
-    ``groups`` holds one estimate per probe group (each already scaled as a full estimate);
-    ``value`` is their mean and ``standard_error`` the per-entry standard error of the mean.
-    """
-
-    groups: list[Tensor]
-
-    @property
-    def value(self) -> Tensor:
-        return torch.stack(self.groups).mean(0)
-
-    @property
-    def standard_error(self) -> Tensor:
-        g = torch.stack(self.groups)
-        return g.std(0, unbiased=True) / len(self.groups) ** 0.5
-
-    @property
-    def relative_error(self) -> float:
-        """``‖standard error‖_F / ‖value‖_F``."""
-        v = self.value.norm()
-        return float(self.standard_error.norm() / v) if v > 0 else 0.0
-
-    def __add__(self, other: StochasticEstimate) -> StochasticEstimate:
-        return StochasticEstimate([a + b for a, b in zip(self.groups, other.groups)])
 
 
 def _check(n_probes: int, n_groups: int) -> int:
