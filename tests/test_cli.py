@@ -149,7 +149,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
     torch.save(torch.zeros(5, dtype=torch.long), tmp_path / "flat.pt")
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "weights.json").write_text("{}")
-    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv.split()])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("tl-degen: error: ") and err.count("\n") == 0, err
     assert message in err, err
@@ -284,103 +284,29 @@ def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, to
     capsys.readouterr()
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (
-            [
-                "fit",
-                "--model",
-                "{tmp}/model.pt",
-                "--tokens",
-                "{tmp}/tok.pt",
-                "--sites",
-                "logits",
-                "--out",
-                "{tmp}/x.safetensors",
-            ],
-            "also give --config",
-        ),
-        (
-            [
-                "fit",
-                "--model",
-                "modadd",
-                "--tokens",
-                "{tmp}/nope.pt",
-                "--sites",
-                "logits",
-                "--out",
-                "{tmp}/x.safetensors",
-            ],
-            "no such tokens file",
-        ),
-        (
-            [
-                "fit",
-                "--model",
-                "modadd",
-                "--tokens",
-                "{tmp}/tok.csv",
-                "--sites",
-                "logits",
-                "--out",
-                "{tmp}/x.safetensors",
-            ],
-            "must be .pt, .safetensors, .npy or .txt",
-        ),
-        (
-            [
-                "fit",
-                "--model",
-                "modadd",
-                "--tokens",
-                "{tmp}/tok.pt",
-                "--sites",
-                "resid_post.0,resid_pre.0",
-                "--out",
-                "{tmp}/x.safetensors",
-            ],
-            "out of forward order",
-        ),
-        (
-            [
-                "fit",
-                "--model",
-                "{tmp}",
-                "--tokens",
-                "{tmp}/tok.pt",
-                "--sites",
-                "logits",
-                "--out",
-                "{tmp}/x.safetensors",
-            ],
-            "has no config.json",
-        ),
-        (["show", "{tmp}/missing.safetensors", "--no-open"], "no such file"),
-        (
-            [
-                "fit",
-                "--model",
-                "modadd",
-                "--tokens",
-                "{tmp}/tok.pt",
-                "--sites",
-                "logits",
-                "--dtype",
-                "float13",
-                "--out",
-                "{tmp}/x.safetensors",
-            ],
-            "is not a torch dtype",
-        ),
-    ],
-)
+# one row a case: the command line (split at spaces) and a phrase of its one-line error
+@pytest.mark.parametrize("argv, message", [
+    ("fit --model {tmp}/model.pt --tokens {tmp}/tok.pt --sites logits --out {tmp}/x.safetensors",
+     "also give --config"),
+    ("fit --model modadd --tokens {tmp}/nope.pt --sites logits --out {tmp}/x.safetensors",
+     "no such tokens file"),
+    ("fit --model modadd --tokens {tmp}/tok.csv --sites logits --out {tmp}/x.safetensors",
+     "must be .pt, .safetensors, .npy or .txt"),
+    ("fit --model modadd --tokens {tmp}/tok.pt --sites resid_post.0,resid_pre.0 "
+     "--out {tmp}/x.safetensors",
+     "out of forward order"),
+    ("fit --model {tmp} --tokens {tmp}/tok.pt --sites logits --out {tmp}/x.safetensors",
+     "has no config.json"),
+    ("show {tmp}/missing.safetensors --no-open", "no such file"),
+    ("fit --model modadd --tokens {tmp}/tok.pt --sites logits --dtype float13 "
+     "--out {tmp}/x.safetensors",
+     "is not a torch dtype"),
+])
 def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, argv, message):
     torch.save(torch.zeros(4, 3, dtype=torch.long), tmp_path / "tok.pt")
     (tmp_path / "tok.csv").write_text("1,2,3")
     torch.save({"x": torch.zeros(1)}, tmp_path / "model.pt")
-    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv.split()])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "x.safetensors").exists()

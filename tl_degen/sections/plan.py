@@ -114,9 +114,6 @@ class SectionPlan:
             self._model[n_pos] = ModelSection(self.adapter, self.in_site, self.out_site, n_pos)
         return self._model[n_pos]
 
-    def _k_out(self, out_basis: Tensor | None) -> int:
-        return self.adapter.site_dim(self.out_site) if out_basis is None else out_basis.shape[1]
-
     def gram_section(self, tokens: Int[Tensor, "batch pos"], x: Tensor,
                      out_basis: Tensor | None, y: Tensor | None = None) -> Section:
         """The section that computes this batch's Jacobian Gram."""
@@ -124,7 +121,7 @@ class SectionPlan:
         if exact is not None:
             return exact
         section = self._autograd(tokens, x, y)
-        if gram_route(self._k_out(out_basis), section.n_out_pos, self.n_probes) == "probes":
+        if gram_route(section.k_out(out_basis), section.n_out_pos, self.n_probes) == "probes":
             return ProbedSection(section, self.n_probes, self.n_groups, self.generator)
         return section
 
@@ -161,7 +158,7 @@ class SectionPlan:
         route = None
         if section is None:
             section = self._autograd(tokens, x, y)
-            route = self.route or section.edge_route(h.shape[-1], self._k_out(out_basis),
+            route = self.route or section.edge_route(h.shape[-1], section.k_out(out_basis),
                                                      self.n_probes)
             if route == "probes":
                 section = ProbedSection(section, self.n_probes, self.n_groups, self.generator)
