@@ -149,7 +149,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
     torch.save(torch.zeros(5, dtype=torch.long), tmp_path / "flat.pt")
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "weights.json").write_text("{}")
-    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv.split()])
+    code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("tl-degen: error: ") and err.count("\n") == 0, err
     assert message in err, err
