@@ -23,7 +23,7 @@ from tl_degen.io import Serialisable, as_tensor
 from tl_degen.sites import Site
 
 __all__ = ["Threshold", "Dropped", "InteractionBasis", "whiten", "lib_rotation", "Rotation",
-           "METHODS", "numerical_null_cutoff", "cut_gap", "AMBIGUOUS_GAP"]
+           "METHODS", "numerical_null_cutoff", "cut_gap", "AMBIGUOUS_GAP", "output_basis"]
 
 METHODS = ("lib", "pca", "neuron")
 
@@ -312,9 +312,12 @@ class InteractionBasis(Serialisable):
             Jacobian-weighted importance), Gram eigenvalues for PCA, raw second moments for
             neuron; column order of ``C``.
         mean: ``[d_site]`` data mean (constant entry 1).
-        gram: ``[d_site, d_site]`` the (centered if ``center``) activation Gram.
+        gram: ``[d_site, d_site]`` the (centered if ``center``) activation Gram. For the
+            logits of a large vocabulary (``C = Q``, their factor space,
+            :mod:`tl_degen.sections.unembed`) it stays in coordinates, ``[k, k]``: the
+            vocabulary Gram is ``C gram C⁺``, never formed.
         gram_eigenvalues: ``[d_site]`` every Gram eigenvalue before truncation, descending
-            (constant first when centering).
+            (constant first when centering); ``[k]`` with a coordinate ``gram``.
         lambda_all: LIB only: every Λ before truncation.
         dropped: what was cut and why (:class:`Dropped`).
         center: whether the data was centered.
@@ -409,3 +412,12 @@ class InteractionBasis(Serialisable):
         top = ", ".join(f"{v:.4g}" for v in self.eigenvalues[:3].tolist())
         return (f"InteractionBasis({self.site.name!r}, method={self.method!r}, "
                 f"d_site={self.d_site}, kept={self.k}, top=[{top}], dropped: {self.dropped})")
+
+
+def output_basis(basis: InteractionBasis) -> Float[Tensor, "d_site k"] | None:
+    """What a section into this site differentiates into: ``None`` for the raw outputs (the
+    logits of a small vocabulary, identity basis), else ``C`` (for the logits of a large
+    vocabulary, their factor space ``Q``: :mod:`tl_degen.sections.unembed`)."""
+    if basis.site.kind == "logits" and basis.k == basis.d_site:
+        return None
+    return basis.C

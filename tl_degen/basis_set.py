@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from tl_degen.basis import Dropped, InteractionBasis
+from tl_degen.basis import Dropped, InteractionBasis, output_basis
 from tl_degen.errors import BasisMismatchError, DataError
 from tl_degen.io import save_safetensors_atomic
 from tl_degen.model_state import prepared
@@ -216,7 +216,8 @@ class BasisSet(Mapping):
                     n_samples=sm["n_samples"], lambda_all=tensors.get(f"{name}/lambda_all"),
                     jacobian_gram_error=sm.get("jacobian_gram_error"))
                 d, k = b.C.shape
-                shapes = {"C_pinv": (k, d), "eigenvalues": (k,), "mean": (d,), "gram": (d, d)}
+                g = k if output_basis(b) is not None and b.site.kind == "logits" else d
+                shapes = {"C_pinv": (k, d), "eigenvalues": (k,), "mean": (d,), "gram": (g, g)}
                 for f, shape in shapes.items():
                     if tuple(getattr(b, f).shape) != shape:
                         raise DataError(f"{path}: {name}/{f} has shape "

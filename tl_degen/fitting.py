@@ -28,6 +28,7 @@ from tl_degen.basis import (
     InteractionBasis,
     Threshold,
     lib_rotation,
+    output_basis,
     whiten,
 )
 from tl_degen.basis_set import BasisSet, model_probe
@@ -39,6 +40,7 @@ from tl_degen.model_state import prepared
 from tl_degen.sections.plan import SectionPlan
 from tl_degen.sections.reader import BatchReader
 from tl_degen.sections.rules import integration_rule
+from tl_degen.sections.unembed import LogitFactor, logit_factor, statistics_dim
 from tl_degen.sites import Site, check_forward_order, parse_sites
 from tl_degen.stats import EstimateAccumulator, GramAccumulator, MomentAccumulator
 
@@ -346,7 +348,7 @@ def fit_bases(
         for idx in range(len(fit.sites) - 1, -1, -1):
             site = fit.sites[idx]
             bases[site] = work.basis(idx, accs[idx], next_C)
-            next_C = None if site.kind == "logits" else bases[site].C
+            next_C = output_basis(bases[site])
     run.finish()
     if shards.rank == 0:
         _warn_ambiguous([bases[s] for s in fit.sites], fit.threshold)
@@ -384,6 +386,7 @@ class _FitArguments:
     max_probes: int
     seed: int
     closed_form: bool
+    logit_factor: LogitFactor | None = None  # a vocabulary-scale logits site's factor space
 
     @classmethod
     def check(cls, model, tokens, sites, *, method: str, batch_size: int | None, center: bool,
@@ -408,15 +411,16 @@ class _FitArguments:
         itemsize = torch.finfo(dtype or adapter.dtype).bits // 8
         batches = token_batches(tokens, batch_size, adapter, itemsize)
         site_list = _resolve_sites(adapter, sites, batches)
+        factor = logit_factor(adapter) if site_list[-1].kind == "logits" else None
         if batch_size is None:
-            dims = [adapter.site_dim(s) + int(s.has_constant) for s in site_list]
+            dims = [statistics_dim(adapter, s, factor) for s in site_list]
             check_fits(adapter, max(b.shape[1] for b in batches), itemsize=itemsize,
                        reserved=statistics_bytes(dims, probe_groups if n_probes else 0),
                        reserved_for=f"the statistics of {len(site_list)} sites (the largest "
                                     f"of dimension {max(dims)})")
         return cls(adapter, batches, site_list, method, center, threshold, integration, alphas,
                    weights, dtype, progress, n_probes, probe_groups, target_error, max_probes,
-                   seed, closed_form)
+                   seed, closed_form, factor)
 
     @property
     def n_pos(self) -> int:
@@ -477,11 +481,14 @@ class _BasisFit:
     def activation_statistics(self) -> list[MomentAccumulator]:
         """Every site's mean and Gram (§4 steps 1-2): this rank's rows, then merged over
         ranks."""
-        accs = self.run.moment_accumulators(self.fit.adapter)
+        fit = self.fit
+        accs = self.run.moment_accumulators(fit.adapter, fit.logit_factor)
         with self.shards.step("fit_bases (activation statistics)"), torch.no_grad():
             for i, _ in self.run.pending("moments", desc="activation statistics",
                                          progress=self.fit.progress):
-                for acc, x in zip(accs, self.reader.all(i)):
+                for acc, site, x in zip(accs, fit.sites, self.reader.all(i)):
+                    if site.kind == "logits" and fit.logit_factor is not None:
+                        x = fit.logit_factor.coordinates(x)  # [batch, pos, r]
                     acc.update(x)
                 self.run.advance("moments")
         return [self.shards.merge_moments(a) for a in accs]
@@ -492,6 +499,9 @@ class _BasisFit:
         ``C`` (``None``: the raw outputs)."""
         fit, site = self.fit, self.fit.sites[idx]
         mean, gram = acc.mean, acc.gram(fit.center)
+        if site.kind == "logits" and fit.logit_factor is not None:
+            return _factor_basis(site, fit.method, fit.logit_factor, mean, acc.gram(False),
+                                 gram, fit.center, self.n_samples)
         if site.kind == "logits" or fit.method == "neuron":
             return _identity_basis(site, fit.method, mean, acc.gram(False),
                                    acc.gram(False) if fit.method == "neuron" else gram,
@@ -633,9 +643,10 @@ class _FitRun:
         self.accumulators[prefix] = acc
         return acc
 
-    def moment_accumulators(self, adapter) -> list[MomentAccumulator]:
+    def moment_accumulators(self, adapter, factor: LogitFactor | None = None
+                            ) -> list[MomentAccumulator]:
         return [self._restore(f"moments.{i}", MomentAccumulator(
-                    adapter.site_dim(s) + int(s.has_constant), name=s.name,
+                    statistics_dim(adapter, s, factor), name=s.name,
                     has_constant=s.has_constant, device=adapter.device))
                 for i, s in enumerate(self.sites)]
 
@@ -675,6 +686,21 @@ class _FitRun:
         """The fit is complete: its checkpoint has served and is removed."""
         if self.ckpt is not None:
             self.ckpt.remove()
+
+
+def _factor_basis(site: Site, method: str, factor: LogitFactor, mean: Tensor, raw_gram: Tensor,
+                  gram: Tensor, center: bool, n_samples: int) -> InteractionBasis:
+    """The logits of a large vocabulary, unrotated: ``C = Q`` (``[V, r]``), ``C⁺ = Qᵀ``, the
+    statistics (``mean`` and Grams, ``[r]`` and ``[r, r]``) of their factor-space
+    coordinates ``y Q`` (:mod:`tl_degen.sections.unembed`). The basis' ``mean`` is the
+    logits' own (``[V]``); its ``gram`` stays in coordinates (:class:`InteractionBasis`)."""
+    Q = factor.Q.to(mean.device)
+    return InteractionBasis(site=site, method=method, C=Q, C_pinv=Q.T,
+                            eigenvalues=raw_gram.diagonal().clone(), mean=mean @ Q.T,
+                            gram=gram, gram_eigenvalues=torch.linalg.eigvalsh(gram).abs().sort(
+                                descending=True).values,
+                            dropped=Dropped(), center=center and method != "neuron",
+                            n_samples=n_samples)
 
 
 def _identity_basis(site: Site, method: str, mean: Tensor, raw_gram: Tensor, gram: Tensor,

@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_degen.adapters import Adapter, get_adapter
+from tl_degen.basis import output_basis
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
@@ -174,7 +175,8 @@ def _edge_sums(adapter: Adapter, batches: list[Tensor], inputs: BatchReader, bas
     b_in, b_out = bases[in_site], bases[out_site]
     dt = adapter.dtype
     C_in, C_pinv = b_in.C.to(adapter.device), b_in.C_pinv.to(adapter.device)
-    out_C = None if out_site.kind == "logits" else b_out.C.to(adapter.device, dt)
+    out_C = output_basis(b_out)
+    out_C = None if out_C is None else out_C.to(adapter.device, dt)
     acc = EstimateAccumulator((b_out.k, b_in.k), n_groups, device=adapter.device)
     for i, batch in enumerate(tqdm(batches, desc=f"edges {in_site.name} → {out_site.name}",
                                    disable=not progress)):

@@ -19,7 +19,8 @@ from tl_degen.sections import ModelSection, ProbedSection, SectionPlan, integrat
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 
-# rotary embeddings run in float32 inside the Hugging Face Llama/NeoX models
+# rotary embeddings (and Llama's RMSNorm) run in float32 inside the Hugging Face Llama/NeoX
+# models
 TOL = {"llama": 1e-6, "neox": 1e-6}
 RULES = [("gradient", None), ("trapezoid", 3)]
 
@@ -72,8 +73,8 @@ def test_every_route_computes_the_same_section(arch, model, rule_name, n_alpha):
                 continue
             checked_closed += 1
             out = closed.forward(x, tokens)
-            if out is not None:
-                torch.testing.assert_close(out, y, rtol=0, atol=1e-10)
+            if out is not None:  # (Llama's norms round to float32: its tolerance)
+                assert _rel(out, y) < tol, (a, b, closed)
             assert _rel(_gram(closed, x, C_out, rule, tokens), gram) < tol, (a, b, closed)
             got = closed.edge_squares(x_proj, h, C_pinv, C_out, rule.alphas, rule.weights,
                                       tokens)

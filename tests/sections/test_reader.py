@@ -146,7 +146,7 @@ def test_plans_must_match_the_sites():
     (("resid_mid.1", "mlp_post.1"), True, False),
     (("mlp_post.1", "resid_post.1"), True, False),
     (("resid_mid.0", "resid_post.1"), False, False),
-    (("resid_post.1:last", "logits:last"), True, False),  # unembedding from the last layer
+    (("resid_post.1:last", "logits:last"), True, True),  # unembedding (after the final norm)
     (("resid_post.0", "logits"), False, False),
     (("resid_pre.0", "resid_post.0"), False, False),     # a whole block
 ])

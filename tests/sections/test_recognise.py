@@ -14,6 +14,7 @@ from tl_degen.sections.attention import NormAttentionSection
 from tl_degen.sections.plan import accumulate_jacobian_gram
 from tl_degen.sections.recognise import recognise
 from tl_degen.sections.rules import integration_rule
+from tl_degen.sections.unembed import UnembedSection
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 from tl_degen.toy import modadd
@@ -70,7 +71,8 @@ def test_closed_form_equals_autograd(modadd_model, sites, rule, rotated_output):
 
 def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
     """LayerNorm (GPT-2) and rotary/RMSNorm (Llama) sections fall back to autograd; GPT-2's
-    attention after its LayerNorm is known by its formula only."""
+    attention after its LayerNorm is known by its formula only; the final norm and
+    unembedding of both have their closed form."""
     for arch in ("gpt2", "llama"):
         model = M.build(arch, tokenizer_dir)
         adapter = get_adapter(model)
@@ -84,6 +86,8 @@ def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
                 section = recognise(adapter, tokens, in_site, out_site, x)
             if arch == "gpt2" and sites[0] == "resid_pre.1":
                 assert isinstance(section, NormAttentionSection) and not section.closed_form
+            elif sites[1] == "logits":
+                assert isinstance(section, UnembedSection), (arch, section)
             else:
                 assert section is None, (arch, sites)
 

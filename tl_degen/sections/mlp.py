@@ -158,10 +158,9 @@ class LinearSection(PositionwiseSection):
                      alphas: list[float], weights: list[float], tokens: Tensor | None = None,
                      route: str | None = None) -> Tensor:
         # constant Jacobian: A[b,t,i,j] = M[j,i] h[b,t,j]
-        J = self.J.double()
-        C = (torch.eye(J.shape[1], dtype=torch.float64, device=h.device)
-             if out_basis is None else out_basis.double())
-        M = C_pinv.double() @ J @ C  # [k_in, k_out]
+        M = C_pinv.double() @ self.J.double()  # [k_in, k_out]
+        if out_basis is not None:
+            M = M @ out_basis.double()
         h2 = (h[:, self.in_rows].double() ** 2).sum((0, 1))  # [k_in]
         return (M.T ** 2) * h2[None, :]
 

@@ -34,10 +34,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_degen.adapters.base import Adapter
+from tl_degen.errors import SiteError
 from tl_degen.sections.autograd import gram_route
 from tl_degen.sections.base import ModelSection, Section
 from tl_degen.sections.probes import ProbedSection, StochasticEstimate
 from tl_degen.sections.recognise import may_have_closed_form, recognise
+from tl_degen.sections.unembed import logit_factor
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 
@@ -72,6 +74,7 @@ class SectionPlan:
         self.routes: set[str] = set()
         self._closed: dict[int, Section | None] = {}
         self._model: dict[int, ModelSection] = {}
+        self._logit_Q: Tensor | None | bool = None  # False: the raw logits stay raw
 
     def __repr__(self) -> str:
         used = ", ".join(sorted(self.routes)) or "nothing yet"
@@ -121,9 +124,24 @@ class SectionPlan:
         if exact is not None:
             return exact
         section = self._autograd(tokens, x, y)
-        if gram_route(section.k_out(out_basis), section.n_out_pos, self.n_probes) == "probes":
+        k_out = section.k_out(self._raw_logits(out_basis, x))
+        if gram_route(k_out, section.n_out_pos, self.n_probes) == "probes":
             return ProbedSection(section, self.n_probes, self.n_groups, self.generator)
         return section
+
+    def _raw_logits(self, out_basis: Tensor | None, x: Tensor) -> Tensor | None:
+        """The output basis autograd differentiates into: for the raw logits of a large
+        vocabulary, their factor space ``Q`` (``r`` directions instead of ``V``; the same
+        Jacobian Gram, :mod:`tl_degen.sections.unembed`), else ``out_basis`` itself."""
+        if out_basis is not None or self.out_site.kind != "logits":
+            return out_basis
+        if self._logit_Q is None:
+            try:
+                factor = logit_factor(self.adapter)
+            except SiteError:  # soft-capped logits: no factor space, the raw logits
+                factor = None
+            self._logit_Q = False if factor is None else factor.Q.to(x.device, x.dtype)
+        return None if self._logit_Q is False else self._logit_Q
 
     def gram_is_probed(self, tokens: Int[Tensor, "batch pos"], x: Tensor,
                        out_basis: Tensor | None, y: Tensor | None = None) -> bool:
@@ -141,6 +159,8 @@ class SectionPlan:
         the batch, to be added to ``acc`` once complete)."""
         section = self.gram_section(tokens, x, out_basis, y)
         self._record(section, "probes" if isinstance(section, ProbedSection) else "backward")
+        if not section.closed_form:
+            out_basis = self._raw_logits(out_basis, x)
         return section.add_jacobian_gram(x, out_basis, acc, self.alphas, self.weights, tokens)
 
     def edge_squares(

@@ -9,10 +9,11 @@ model's architecture (:class:`tl_degen.adapters.Architecture`) allow one:
   (LayerNorm/RMSNorm; its formula);
 * ``resid_mid.L → resid_post.L``: :class:`~tl_degen.sections.mlp.MLPSection`;
 * ``resid_mid.L → mlp_post.L``: :class:`~tl_degen.sections.mlp.MLPHiddenSection`;
-* ``mlp_post.L → resid_post.L`` and ``resid_post.(last) → logits``:
-  :class:`~tl_degen.sections.mlp.LinearSection`.
+* ``mlp_post.L → resid_post.L`` and ``resid_post.(last) → logits`` without a final norm:
+  :class:`~tl_degen.sections.mlp.LinearSection`; with a final LayerNorm/RMSNorm:
+  :class:`~tl_degen.sections.unembed.UnembedSection`.
 
-MLP, linear and unembedding sections need a model without normalisation. Before use, the
+MLP and linear sections need a model without normalisation. Before use, the
 section's own forward pass — the one the pipeline runs — must reproduce the model's on the
 first :data:`CHECK_ROWS` sequences of a batch, and one vector-Jacobian product must agree
 with autograd through the model. Only :class:`~tl_degen.sections.plan.SectionPlan` calls
@@ -34,6 +35,7 @@ from tl_degen.sections.attention import (
 )
 from tl_degen.sections.base import ModelSection, Section
 from tl_degen.sections.mlp import ACTIVATIONS, LinearSection, MLPHiddenSection, MLPSection
+from tl_degen.sections.unembed import UnembedSection, unembedding
 from tl_degen.sites import Site
 
 __all__ = ["CHECK_ROWS", "may_have_closed_form", "recognise"]
@@ -50,10 +52,11 @@ def may_have_closed_form(adapter: Adapter, in_site: Site, out_site: Site) -> boo
     L = in_site.layer
     if (in_site.kind, out_site.kind) == ("resid_pre", "resid_mid") and out_site.layer == L:
         return True  # attention, with or without a LayerNorm/RMSNorm before it
+    if out_site.kind == "logits":  # the unembedding, with or without a final norm
+        return (in_site.kind == "resid_post" and L == adapter.n_layers - 1
+                and adapter.arch.output_logits_soft_cap is None)
     if not adapter.arch.no_norm:
         return False
-    if out_site.kind == "logits":
-        return in_site.kind == "resid_post" and L == adapter.n_layers - 1
     return out_site.layer == L and (in_site.kind, out_site.kind) in (
         ("resid_mid", "resid_post"), ("resid_mid", "mlp_post"), ("mlp_post", "resid_post"))
 
@@ -78,9 +81,10 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
         out, want = section.forward(x), y
     else:
         out, want = section.forward_rows(x), y[:, section.out_rows]
-    if not _close(out, want):
+    tol = _tolerance(section, x.dtype)
+    if not _close(out, want, tol):
         return None
-    return section if _vjp_agrees(section, tokens, x) else None
+    return section if _vjp_agrees(section, tokens, x, tol) else None
 
 
 def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torch.dtype,
@@ -94,18 +98,21 @@ def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torc
             return None
         if adapter.arch.no_norm:
             return AttentionSection(adapter, in_site, out_site, n_pos, weights)
-        norm = _norm(adapter, L, dt)
+        norm = _norm(adapter, _module(adapter.model, "blocks", L, "ln1"), dt)
         return None if norm is None else NormAttentionSection(adapter, in_site, out_site,
                                                               n_pos, weights, norm)
     in_pos, out_pos = in_site.resolve_positions(n_pos), out_site.resolve_positions(n_pos)
     if not any(p in in_pos for p in out_pos):
         return None
     if out_site.kind == "logits":
-        if adapter.arch.output_logits_soft_cap is not None:
+        B = unembedding(adapter)  # [d+1, V]
+        if B is None:
             return None
-        unembed = adapter.model.unembed
-        J = torch.cat([unembed.W_U, unembed.b_U[None]]).detach().to(dt)  # [d+1, V]
-        return LinearSection(adapter, in_site, out_site, n_pos, J)
+        if adapter.arch.no_norm:
+            return LinearSection(adapter, in_site, out_site, n_pos, B.to(device, dt))
+        norm = _norm(adapter, getattr(adapter.model, "ln_final", None), dt)
+        return None if norm is None else UnembedSection(adapter, in_site, out_site, n_pos,
+                                                        norm, B.to(device, dt))
     mlp = _mlp_weights(adapter, L, dt)
     if mlp is None:
         return None
@@ -131,13 +138,22 @@ def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torc
     return LinearSection(adapter, in_site, out_site, n_pos, J)
 
 
-def _close(a: Tensor, b: Tensor) -> bool:
-    tol = 1e-7 if a.dtype == torch.float64 else 1e-3
+def _tolerance(section: Section, dt: torch.dtype) -> float:
+    """The relative tolerance of the checks. float64: 1e-7, except into the logits through a
+    final norm (1e-6): Hugging Face's Llama-family RMSNorm computes in float32 even in a
+    float64 model, so the model's own logits carry float32 rounding (about 1e-7 of their
+    scale); a wrong eps, weight or bias misses by far more."""
+    if dt != torch.float64:
+        return 1e-3
+    return 1e-6 if isinstance(section, UnembedSection) else 1e-7
+
+
+def _close(a: Tensor, b: Tensor, tol: float) -> bool:
     return a.shape == b.shape and bool(
         (a - b).abs().max() <= tol * b.abs().max().clamp_min(1e-12))
 
 
-def _vjp_agrees(section: Section, tokens: Tensor, x: Tensor, n: int = 4) -> bool:
+def _vjp_agrees(section: Section, tokens: Tensor, x: Tensor, tol: float, n: int = 4) -> bool:
     """One random output direction pulled back on a few samples, the section against
     autograd through the model: the forward check alone cannot see a wrong derivative
     (e.g. another attention scale)."""
@@ -151,7 +167,7 @@ def _vjp_agrees(section: Section, tokens: Tensor, x: Tensor, n: int = 4) -> bool
         for pb in source.pullbacks(x[:n], u, [1.0], [1.0], tokens[:n]):
             total[pb.samples][:, pb.in_rows] += pb.g[..., 0]
         totals.append(total)
-    return _close(totals[0], totals[1])
+    return _close(totals[0], totals[1], tol)
 
 
 def _attention_weights(adapter: Adapter, in_site: Site, n_pos: int,
@@ -173,15 +189,21 @@ def _attention_weights(adapter: Adapter, in_site: Site, n_pos: int,
                             scale=arch.attn_scale)
 
 
-def _norm(adapter: Adapter, L: int, dt: torch.dtype) -> Norm | None:
-    """The attention input's normalisation of layer ``L`` (``ln1``): LayerNorm or RMSNorm,
+def _module(model, *path):
+    """``model.blocks[L].ln1`` for ``path = ("blocks", L, "ln1")``, else None."""
+    try:
+        for p in path:
+            model = model[p] if isinstance(p, int) else getattr(model, p)
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return model
+
+
+def _norm(adapter: Adapter, ln, dt: torch.dtype) -> Norm | None:
+    """A normalisation module (``ln1`` of a block, ``ln_final``) as LayerNorm or RMSNorm,
     with or without its weight and bias, else None."""
     kind = adapter.arch.normalization
-    if kind not in ("LN", "LNPre", "RMS", "RMSPre"):
-        return None
-    try:
-        ln = adapter.model.blocks[L].ln1
-    except (AttributeError, IndexError, TypeError):
+    if ln is None or kind not in ("LN", "LNPre", "RMS", "RMSPre"):
         return None
     eps = getattr(ln, "eps", None)
     eps = adapter.arch.eps if eps is None else eps
