@@ -7,13 +7,15 @@ prompts × ``--tokens`` tokens, sites ``resid_pre.1, resid_mid.1, resid_post.1:l
 resid_post.2:last``, ``n_probes`` random probes, the model in ``--dtype`` (accumulation is
 float64 whatever it is). ``--model pythia``: a Pythia-70m-shaped GPT-NeoX bridge (parallel
 attention and MLP, rotary), sites ``resid_pre.1, mlp_post.1:last, resid_post.1:last,
-resid_post.2:last`` (a parallel block has no ``resid_mid``). Prints, per stage, wall time
-and peak RSS, and in the same run the time of one plain forward + backward pass of the model
-over the same tokens (the baseline the fit is measured against) and the machine's matmul
-rates.
+resid_post.2:last`` (a parallel block has no ``resid_mid``). ``--sites`` replaces them, e.g.
+``--sites resid_pre.11,resid_mid.11,resid_post.11:last,logits:last``: the last block and the
+logits at vocabulary scale (kept in their ``d_model + 1``-dimensional factor space). Prints,
+per stage, wall time and peak RSS, and in the same run the time of one plain forward +
+backward pass of the model over the same tokens (the baseline the fit is measured against)
+and the machine's matmul rates.
 
     python benchmarks/bench_lm.py [--model gpt2|pythia] [--prompts 48] [--tokens 12]
-                                  [--probes 32] [--no-graph]
+                                  [--probes 32] [--no-graph] [--sites a,b,...]
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--no-graph", action="store_true")
+    parser.add_argument("--sites", help="comma-separated sites (default: the setting's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", tl_degen.AmbiguousRankWarning)
@@ -67,6 +70,8 @@ def main() -> None:
         model, sites, name = gpt2_small_shaped().to(dtype), SITES, "GPT-2-small-shaped"
     else:
         model, sites, name = pythia_70m_shaped().to(dtype), PYTHIA_SITES, "Pythia-70m-shaped"
+    if args.sites:
+        sites = args.sites.split(",")
     tokens = word_tokens(args.prompts, args.tokens)
     print(f"{name} bridge, {args.prompts} prompts x {args.tokens} tokens, model in "
           f"{args.dtype}, n_probes={args.probes}, batch size {args.batch_size}, sites {sites}")

