@@ -7,14 +7,17 @@ prompts × ``--tokens`` tokens, sites ``resid_pre.1, resid_mid.1, resid_post.1:l
 resid_post.2:last``, ``n_probes`` random probes, the model in ``--dtype`` (accumulation is
 float64 whatever it is). ``--model pythia``: a Pythia-70m-shaped GPT-NeoX bridge (parallel
 attention and MLP, rotary), sites ``resid_pre.1, mlp_post.1:last, resid_post.1:last,
-resid_post.2:last`` (a parallel block has no ``resid_mid``). ``--sites`` replaces them, e.g.
+resid_post.2:last`` (a parallel block has no ``resid_mid``). ``--model smollm2``: the trained
+SmolLM2-135M-Instruct (:mod:`tl_degen.trained`) on ``--prompts`` indirect-object prompt pairs
+(:func:`tl_degen.tasks.ioi`, 15 tokens), sites ``resid_pre.8, resid_mid.8, resid_post.8:last,
+resid_post.9:last``, and ``attribution_patch`` at the first site. ``--sites`` replaces them, e.g.
 ``--sites resid_pre.11,resid_mid.11,resid_post.11:last,logits:last``: the last block and the
 logits at vocabulary scale (kept in their ``d_model + 1``-dimensional factor space). Prints,
 per stage, wall time and peak RSS, and in the same run the time of one plain forward +
 backward pass of the model over the same tokens (the baseline the fit is measured against)
 and the machine's matmul rates.
 
-    python benchmarks/bench_lm.py [--model gpt2|pythia] [--prompts 48] [--tokens 12]
+    python benchmarks/bench_lm.py [--model gpt2|pythia|smollm2] [--prompts 48] [--tokens 12]
                                   [--probes 32] [--no-graph] [--sites a,b,...]
 """
 
@@ -32,6 +35,7 @@ import tl_degen
 
 SITES = ["resid_pre.1", "resid_mid.1", "resid_post.1:last", "resid_post.2:last"]
 PYTHIA_SITES = ["resid_pre.1", "mlp_post.1:last", "resid_post.1:last", "resid_post.2:last"]
+SMOLLM2_SITES = ["resid_pre.8", "resid_mid.8", "resid_post.8:last", "resid_post.9:last"]
 
 
 def forward_backward_seconds(model, tokens: torch.Tensor, batch_size: int,
@@ -53,7 +57,7 @@ def forward_backward_seconds(model, tokens: torch.Tensor, batch_size: int,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", default="gpt2", choices=["gpt2", "pythia"])
+    parser.add_argument("--model", default="gpt2", choices=["gpt2", "pythia", "smollm2"])
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=12)
     parser.add_argument("--probes", type=int, default=32)
@@ -68,12 +72,18 @@ def main() -> None:
     print(machine_line())
     if args.model == "gpt2":
         model, sites, name = gpt2_small_shaped().to(dtype), SITES, "GPT-2-small-shaped"
-    else:
+    elif args.model == "pythia":
         model, sites, name = pythia_70m_shaped().to(dtype), PYTHIA_SITES, "Pythia-70m-shaped"
+    else:
+        from tl_degen.tasks import ioi
+        from tl_degen.trained import smollm2
+
+        model, sites, name = smollm2(dtype), SMOLLM2_SITES, "SmolLM2-135M-Instruct (trained)"
     if args.sites:
         sites = args.sites.split(",")
-    tokens = word_tokens(args.prompts, args.tokens)
-    print(f"{name} bridge, {args.prompts} prompts x {args.tokens} tokens, model in "
+    task = ioi(model, args.prompts) if args.model == "smollm2" else None
+    tokens = word_tokens(args.prompts, args.tokens) if task is None else task.clean
+    print(f"{name} bridge, {tokens.shape[0]} prompts x {tokens.shape[1]} tokens, model in "
           f"{args.dtype}, n_probes={args.probes}, batch size {args.batch_size}, sites {sites}")
     # the library's stages first, so their peak RSS is theirs; the baseline pass (which
     # keeps every layer's activations and the logits for its backward pass) runs last
@@ -97,6 +107,14 @@ def main() -> None:
         print(f"  edge routes {graph.config['edge_routes']}; relative SE of the edges: "
               + ", ".join(f"{a.name}->{b.name} {e:.1%}" for (a, b), e in graph.errors.items()))
         print(f"bases + graph {fit + seconds:.1f} s")
+    if task is not None:  # the indirect-object task's prompt pairs and logit difference
+        start = time.perf_counter()
+        attribution = tl_degen.attribution_patch(model, task.clean, task.corrupted, bases,
+                                                 sites[0], task.logit_difference,
+                                                 dtype=dtype, progress=False)
+        print(f"attribution_patch at {sites[0]}                      "
+              f"{time.perf_counter() - start:8.2f} s   peak RSS {peak_rss_mib():.0f} MiB")
+        print("  " + repr(attribution).splitlines()[1].strip())
     base = forward_backward_seconds(model, tokens, args.batch_size)
     print(f"baseline: one forward + backward pass over the tokens  {base:8.2f} s   peak RSS "
           f"{peak_rss_mib():.0f} MiB")

@@ -223,7 +223,10 @@ def test_lib_patching_is_invariant_and_neuron_patching_is_not(small, name):
             assert row["eigenvalue_change"] < 1e-6 and row["patching_change"] < 1e-6, row
     touched = "resid_post.0:last" if name == "change_residual_basis" else "mlp_post.0:last"
     (neuron,) = [r for r in rep.rows if r["method"] == "neuron" and r["site"] == touched]
-    if name == "rescale_neurons":
+    if name == "permute_heads":
+        # heads are no site's coordinates: every basis is unchanged
+        assert rep.worst("lib") < 1e-6 and rep.worst("neuron") < 1e-6
+    elif name == "rescale_neurons":
         # patching one whole neuron does not depend on its scale; its coordinates do
         assert neuron["coordinate_change"] > 1e-2 and neuron["eigenvalue_change"] > 1e-2, neuron
         assert rep.worst("lib", "coordinate_change") < 1e-6
@@ -231,3 +234,21 @@ def test_lib_patching_is_invariant_and_neuron_patching_is_not(small, name):
         assert neuron["patching_change"] > 1e-2, neuron
         assert rep.worst("lib") < 1e-6 < rep.worst("neuron")
     assert "patching" in repr(rep) and "LIB targets" in repr(rep)
+
+
+def test_report_and_invariance_take_the_settings_of_a_language_model_fit():
+    """``dtype``, ``n_probes`` and ``target_error`` reach the fit (a LayerNorm model, whose
+    Jacobian Grams are probed): the report's basis sizes are those of ``fit_bases`` with the
+    same settings (the same probes), and a stochastic invariance check still holds for LIB
+    (both models draw the same probes in the same coordinates)."""
+    model = M.build("native_ln_gelu")
+    tokens = M.random_tokens(48, 6)
+    sites = M.mid_sites("native_ln_gelu")
+    kw = dict(dtype=torch.float32, n_probes=8, target_error=0.5)
+    rep = tl_degen.degeneracy_report(model, tokens, sites, progress=False, **kw)
+    bases = tl_degen.fit_bases(model, tokens, sites, threshold=1e-10, progress=False, **kw)
+    assert rep.lib_sizes == {s.name: bases[s].k for s in bases.sites if s.kind != "logits"}
+    assert any(bases[s].jacobian_gram_error for s in bases.sites)  # probed: the setting took
+    inv = tl_degen.check_invariance(model, tokens, sites, "permute_neurons", methods=("lib",),
+                                    n_probes=8, progress=False)
+    assert inv.holds("lib") and inv.worst("lib", "eigenvalue_change") < 1e-10

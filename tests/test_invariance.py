@@ -117,14 +117,43 @@ def test_lib_is_invariant_on_a_gelu_layernorm_model(name):
     assert_invariant(rep)
 
 
-@pytest.mark.parametrize("kind", ["permute", "rescale", "split", "dead"])
+@pytest.mark.parametrize("kind", ["permute_neurons", "rescale_neurons", "split_neuron",
+                                  "add_dead_neurons", "permute_heads"])
 def test_lib_is_invariant_on_a_llama_model(kind, tokenizer_dir):
+    """The built-ins on a Hugging Face Llama bridge (gated SwiGLU MLP, grouped-query
+    attention 4/2, RMSNorm, rotary)."""
     model = M.build("llama", tokenizer_dir)
     tokens = M.random_tokens(48, 6)
-    rep = tl_degen.check_invariance(model, tokens, M.mid_sites("llama"),
-                                    lambda m: M.llama_reparam(m, kind), methods=("lib",),
-                                    progress=False)
+    rep = tl_degen.check_invariance(model, tokens, M.mid_sites("llama"), kind,
+                                    methods=("lib",), progress=False)
     assert_invariant(rep)
+
+
+@pytest.mark.parametrize("kind", ["permute_neurons", "split_neuron", "permute_heads"])
+def test_llama_reparameterisations_change_the_weights_not_the_function(kind, tokenizer_dir):
+    """The new model computes the same logits (float64: 1e-12) with other weights, and
+    leaves the original untouched; heads move only within their key/value group."""
+    model = M.build("llama", tokenizer_dir)
+    before = {k: v.clone() for k, v in model.original_model.state_dict().items()}
+    new = reparam.REPARAMETERISATIONS[kind](model)
+    tokens = M.random_tokens(4, 6)
+    with torch.no_grad():
+        a, b = model(tokens), new(tokens)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-12
+    after = model.original_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    changed = [k for k, v in new.original_model.state_dict().items()
+               if k not in before or v.shape != before[k].shape or not torch.equal(v, before[k])]
+    assert changed
+    if kind == "permute_heads":
+        untouched = ("k_proj", "v_proj", ".k.", ".v.", "mlp")  # keys, values (grouped), MLPs
+        assert not [k for k in changed if any(u in k for u in untouched)]
+        key = next(k for k in before if k.startswith("model.layers.0") and "q_proj" in k)
+        q0 = before[key].reshape(4, 4, -1)
+        q1 = new.original_model.state_dict()[key].reshape(4, 4, -1)
+        for group in (slice(0, 2), slice(2, 4)):  # 2 query heads per key/value head
+            assert sorted(float(h.sum()) for h in q0[group]) == \
+                sorted(float(h.sum()) for h in q1[group])
 
 
 def test_pca_and_neuron_bases_are_not_invariant(shipped):

@@ -267,6 +267,9 @@ def degeneracy_report(
     jaccard_tolerance: float = 0.0,
     pattern_tolerance: float = 1e-6,
     batch_size: int | None = None,
+    dtype: torch.dtype | None = torch.float64,
+    n_probes: int | None = None,
+    target_error: float | None = None,
     progress: bool = True,
     effective: bool | EffectiveParameters = False,
     effective_kwargs: dict | None = None,
@@ -283,6 +286,10 @@ def degeneracy_report(
         jaccard_tolerance: neurons co-fire when their firing sets' Jaccard index is at least
             ``1 − jaccard_tolerance`` (0: identical sets).
         pattern_tolerance: heads coincide when their patterns differ by at most this.
+        batch_size, dtype, n_probes, target_error: as in :func:`~tl_degen.fit_bases`, for
+            the fit when ``bases`` is omitted (a language model: ``dtype=torch.float32,
+            n_probes=32``). The firing-set and attention-pattern passes run in the model's
+            own dtype.
         effective: ``True`` estimates the effective parameter count ``N_eff`` of the whole
             model and of every block that holds a site (:func:`~tl_degen.effective_parameters`,
             outputs compared at the last site's positions); or pass an
@@ -314,7 +321,9 @@ def degeneracy_report(
                 "and pass the result as effective=..., or call with distributed=False")
     if bases is None:
         bases = fit_bases(model, tokens, sites, method="lib", threshold=threshold,
-                          batch_size=batch_size, progress=progress, distributed=distributed)
+                          batch_size=batch_size, dtype=dtype, n_probes=n_probes,
+                          target_error=target_error, progress=progress,
+                          distributed=distributed)
     elif bases.method != "lib":
         raise TLDegenError(f"the degeneracy report needs LIB bases (method='lib'), got "
                            f"{bases.method!r}")
@@ -570,6 +579,9 @@ def check_invariance(
     threshold: float | Threshold = 1e-13,
     edges: bool = True,
     batch_size: int | None = None,
+    dtype: torch.dtype | None = torch.float64,
+    n_probes: int | None = None,
+    target_error: float | None = None,
     progress: bool = True,
 ) -> InvarianceReport:
     """Reparameterise the model without changing its function and compare, side by side,
@@ -586,6 +598,10 @@ def check_invariance(
             ``model -> new model`` computing the same function.
         threshold: as in :func:`~tl_degen.fit_bases`.
         edges: also compare LIB's interaction graphs.
+        batch_size, dtype, n_probes, target_error: as in :func:`~tl_degen.fit_bases`, for the
+            fits and graphs of both models (``n_probes``: the two models draw the same probes;
+            estimated Grams differ by their error, so compare at ``n_probes=None`` where it
+            fits).
         clean_tokens, corrupted_tokens, metric: if given, every direction of every site is
             patched (denoising) in both models and the effects compared.
 
@@ -618,10 +634,12 @@ def check_invariance(
     rows = []
     for method in tqdm(list(methods), desc=f"invariance under {name}", disable=not progress):
         fits = [fit_bases(m, tokens, parsed, method=method, threshold=threshold,
-                          batch_size=batch_size, progress=False) for m in (model, new)]
+                          batch_size=batch_size, dtype=dtype, n_probes=n_probes,
+                          target_error=target_error, progress=False) for m in (model, new)]
         graphs = None
         if method == "lib" and edges:
-            graphs = [interaction_graph(m, tokens, f, batch_size=batch_size, progress=False)
+            graphs = [interaction_graph(m, tokens, f, batch_size=batch_size, dtype=dtype,
+                                        n_probes=n_probes, progress=False)
                       for m, f in zip((model, new), fits)]
         for i, s in enumerate(parsed):
             if s.kind == "logits":
@@ -668,9 +686,9 @@ def check_invariance(
                 row["edge_change"] = float("nan")
             if metric is not None:
                 p0 = patch_directions(model, clean_tokens, corrupted_tokens, fits[0], s,
-                                      metric, progress=False).effects
+                                      metric, dtype=dtype, progress=False).effects
                 p1 = patch_directions(new, clean_tokens, corrupted_tokens, fits[1], s,
-                                      metric, progress=False).effects
+                                      metric, dtype=dtype, progress=False).effects
                 row["patching_change"] = float((p1[lead] - p0[lead]).abs().max() /
                                                p0.abs().max().clamp_min(1e-30))
     return InvarianceReport(name, change, rows)

@@ -11,10 +11,17 @@ untouched) that computes the same function with different weights:
 * :func:`change_residual_basis`: ``x → x T`` in the residual stream for a random invertible
   ``T`` (every writer ``W → W T``, every reader ``W → T⁻¹ W``; LayerNorm-free models only).
 
+* :func:`permute_heads`: permute the attention heads of every layer (within each key/value
+  group where heads share keys and values, as in grouped-query attention).
+
 They edit the TransformerLens-format weights (``HookedTransformer.state_dict()`` or a
 ``TransformerBridge``'s ``get_params()``) and rebuild the model; supported are
 ``HookedTransformer`` and native bridges (``TransformerBridge.boot_native``) on
-TransformerLens 4. For other models pass your own function ``model -> model``.
+TransformerLens 4, and bridges of Hugging Face Llama-family models (gated MLP
+``down(act(gate(x)) · up(x))``, grouped-query attention: SmolLM2, Llama, Mistral, Qwen), whose
+MLP and attention weights are read as ``W_in = upᵀ``, ``W_gate = gateᵀ``, ``W_out = downᵀ``,
+``W_Q``/``W_O`` per head from ``q_proj``/``o_proj``, edited the same way and written into a
+copy of the model. For other models pass your own function ``model -> model``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import copy
 import io
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -38,6 +46,7 @@ __all__ = [
     "split_neuron",
     "add_dead_neurons",
     "change_residual_basis",
+    "permute_heads",
     "get_reparameterisation",
 ]
 
@@ -45,20 +54,105 @@ Params = dict[str, Tensor]
 
 
 # ---------------------------------------------------------------------------- plumbing
+@dataclass
+class _HFGated:
+    """The "config" of a Hugging Face Llama-family bridge's weights (:func:`_hf_params`):
+    its head counts, and ``d_mlp`` when a built-in changes it."""
+
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int | None = None
+
+
+def _unwrap(m):
+    return getattr(m, "_original_component", m)
+
+
+def _hf_layers(model) -> list | None:
+    """``[(attn, mlp)]`` Hugging Face modules of a Llama-family bridge, else None."""
+    try:
+        layers = list(_unwrap(_unwrap(model.original_model).model).layers)
+        out = [(_unwrap(_unwrap(layer).self_attn), _unwrap(_unwrap(layer).mlp))
+               for layer in layers]
+    except (AttributeError, TypeError):
+        return None
+    names = ("gate_proj", "up_proj", "down_proj")
+    if not out or not all(hasattr(m, n) for _, m in out for n in names) or not all(
+            hasattr(a, "q_proj") and hasattr(a, "o_proj") for a, _ in out):
+        return None
+    return out
+
+
+def _hf_params(model, layers) -> tuple[Params, _HFGated]:
+    cfg = model.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    params = {}
+    for L, (attn, mlp) in enumerate(layers):
+        if mlp.gate_proj.bias is not None or attn.o_proj.bias is not None:
+            raise BackendError("built-in reparameterisations of a Hugging Face gated-MLP model "
+                               "need bias-free gate and output projections; pass your own "
+                               "transform= function model -> model")
+        params[f"blocks.{L}.mlp.W_in"] = mlp.up_proj.weight.detach().T.clone()
+        params[f"blocks.{L}.mlp.W_gate"] = mlp.gate_proj.weight.detach().T.clone()
+        params[f"blocks.{L}.mlp.W_out"] = mlp.down_proj.weight.detach().T.clone()
+        if mlp.up_proj.bias is not None:
+            params[f"blocks.{L}.mlp.b_in"] = mlp.up_proj.bias.detach().clone()
+        for name, heads in (("q", cfg.n_heads), ("k", n_kv), ("v", n_kv)):
+            lin = getattr(attn, f"{name}_proj")  # [heads dh, d]
+            params[f"blocks.{L}.attn.W_{name.upper()}"] = lin.weight.detach().reshape(
+                heads, cfg.d_head, -1).transpose(1, 2)
+            if lin.bias is not None:
+                params[f"blocks.{L}.attn.b_{name.upper()}"] = lin.bias.detach().reshape(heads, -1)
+        o = attn.o_proj.weight.detach()  # [d, H dh]
+        params[f"blocks.{L}.attn.W_O"] = o.T.reshape(cfg.n_heads, cfg.d_head, -1).clone()
+    return params, _HFGated(cfg.n_heads, n_kv, cfg.d_head)
+
+
+def _hf_rebuild(model, params: Params, cfg: _HFGated):
+    new = copy.deepcopy(model)
+    for L, (attn, mlp) in enumerate(_hf_layers(new)):
+        a = f"blocks.{L}.attn."
+        weights = {mlp.up_proj: params[f"blocks.{L}.mlp.W_in"].T,
+                   mlp.gate_proj: params[f"blocks.{L}.mlp.W_gate"].T,
+                   mlp.down_proj: params[f"blocks.{L}.mlp.W_out"].T,
+                   attn.o_proj: params[a + "W_O"].flatten(0, 1).T}
+        biases = {mlp.up_proj: params.get(f"blocks.{L}.mlp.b_in")}
+        for name in "QKV":
+            lin = getattr(attn, f"{name.lower()}_proj")
+            weights[lin] = params[a + f"W_{name}"].transpose(1, 2).flatten(0, 1)
+            biases[lin] = None if params.get(a + f"b_{name}") is None else params[
+                a + f"b_{name}"].flatten()
+        for lin, w in weights.items():
+            lin.weight = torch.nn.Parameter(w.contiguous())
+            lin.out_features, lin.in_features = w.shape
+        for lin, b in biases.items():
+            if lin.bias is not None:
+                lin.bias = torch.nn.Parameter(b.contiguous())
+    if cfg.d_mlp is not None:
+        new.cfg.d_mlp = cfg.d_mlp
+    return new.eval()
+
+
 def _params(model) -> tuple[Params, object]:
     adapter = get_adapter(model)
     if adapter.backend == "hooked_transformer":
         return dict(model.state_dict()), model.cfg
+    if not adapter.arch.native and (layers := _hf_layers(model)) is not None:
+        return _hf_params(model, layers)
     if not adapter.arch.native or not hasattr(model, "get_params"):
         raise BackendError(
-            f"built-in reparameterisations support HookedTransformer and native "
-            f"TransformerBridge models (boot_native), not a {model.cfg.architecture!r} bridge; "
+            f"built-in reparameterisations support HookedTransformer, native TransformerBridge "
+            f"models (boot_native) and Hugging Face Llama-family bridges, not a "
+            f"{model.cfg.architecture!r} bridge; "
             "pass your own transform= function model -> model")
     with contextlib.redirect_stdout(io.StringIO()):
         return {k: v.detach().clone() for k, v in model.get_params().items()}, model.cfg
 
 
 def _rebuild(model, params: Params, cfg) -> torch.nn.Module:
+    if isinstance(cfg, _HFGated):
+        return _hf_rebuild(model, params, cfg)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     adapter = get_adapter(model)
@@ -288,12 +382,45 @@ def change_residual_basis(model, seed: int = 0, condition: float = 4.0):
     return _rebuild(model, out, cfg)
 
 
+def permute_heads(model, seed: int = 0):
+    """Permute the attention heads of every layer: each head's query weights and bias and its
+    output weights, and, where every head has its own keys and values, those too. With
+    grouped-query attention (several query heads sharing one key/value head) heads move
+    only within their group, which keeps the function. Rotary embeddings act on every head
+    alike, so they allow it.
+
+    Examples:
+        >>> rep = tl_degen.check_invariance(model, tokens, sites, "permute_heads")
+    """
+    params, cfg = _params(model)
+    g = torch.Generator().manual_seed(seed)
+    for L in _layers(params):
+        keys = {k.rsplit(".", 1)[1]: k for k in params if k.startswith(f"blocks.{L}.attn.")}
+        if "W_Q" not in keys or "W_O" not in keys:
+            continue
+        H = params[keys["W_Q"]].shape[0]
+        n_kv = params[keys.get("_W_K", keys.get("W_K"))].shape[0]
+        if n_kv == H:  # every head its own keys and values: one group, all move together
+            perm = torch.randperm(H, generator=g)
+            per_head = ["W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O"]
+        else:  # grouped-query attention: query heads move within their key/value group
+            size = H // n_kv
+            perm = torch.cat([group * size + torch.randperm(size, generator=g)
+                              for group in range(n_kv)])
+            per_head = ["W_Q", "b_Q", "W_O"]
+        for name in per_head:
+            if name in keys and params[keys[name]].shape[0] == H:
+                params[keys[name]] = params[keys[name]][perm]
+    return _rebuild(model, params, cfg)
+
+
 REPARAMETERISATIONS: dict[str, Callable] = {
     "permute_neurons": permute_neurons,
     "rescale_neurons": rescale_neurons,
     "split_neuron": split_neuron,
     "add_dead_neurons": add_dead_neurons,
     "change_residual_basis": change_residual_basis,
+    "permute_heads": permute_heads,
 }
 
 

@@ -4,8 +4,6 @@ in their factor space against the full ``V × V`` statistics."""
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -24,18 +22,6 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def _exact_rms_norm(model):
-    """Hugging Face's Llama RMSNorm computes in float32 even in a float64 model; for a
-    comparison at 1e-10 the test model's norms compute in their own dtype (the same math)."""
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
-                                              + self.variance_epsilon))
-    for m in model.modules():
-        if type(m).__name__ == "LlamaRMSNorm":
-            m.forward = types.MethodType(forward, m)
-    return model
-
-
 def _gram(section, x, C, rule, tokens):
     acc = GramAccumulator(x.shape[-1])
     section.add_jacobian_gram(x, C, acc, rule.alphas, rule.weights, tokens)
@@ -51,7 +37,7 @@ def test_final_norm_and_unembedding_in_closed_form_equal_autograd(arch, position
     autograd through the model to 1e-10, under the gradient rule and a 3-point rule."""
     model = M.build(arch, tokenizer_dir)
     if arch == "llama":
-        _exact_rms_norm(model)
+        M.exact_rms_norm(model)
     adapter = get_adapter(model)
     tokens = M.random_tokens(6, 5)
     a, b = Site.parse("resid_post.1" + positions), Site.parse("logits" + positions)
