@@ -424,3 +424,30 @@ def test_a_metric_built_for_other_prompts_gets_a_clear_error(toy):
     with pytest.raises(tl_degen.DataError, match="must be built for exactly these prompts"):
         tl_degen.patch_directions(model, clean[:50], corrupted[:50], bases["lib"],
                                   "resid_mid.0:last", ld, directions=[1], progress=False)
+
+
+def test_a_long_default_run_says_what_it_costs_and_the_top_directions_come_from_attribution(
+        toy, monkeypatch):
+    """Every direction alone, above the threshold, warns first with the estimate; explicit
+    directions do not warn. ``AttributionResult.top`` lists the largest |attribution|
+    first, and patching those alone gives the same effects as in the full run."""
+    import warnings
+
+    from tl_degen.patching import directions as D
+
+    model, _, bases, clean, corrupted, ld = toy
+    site = "resid_mid.0:last"
+    monkeypatch.setattr(D, "LONG_RUN_SECONDS", 0.0)
+    with pytest.warns(tl_degen.LongRunWarning, match=r"directions of resid_mid\.0:last alone"):
+        full = tl_degen.patch_directions(model, clean, corrupted, bases["lib"], site, ld,
+                                         progress=False)
+    attribution = tl_degen.attribution_patch(model, clean, corrupted, bases["lib"], site, ld,
+                                             progress=False)
+    top = attribution.top(site, 5)
+    per = attribution.per_direction(site).abs()
+    assert per[top].tolist() == sorted(per.tolist(), reverse=True)[:5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tl_degen.LongRunWarning)
+        some = tl_degen.patch_directions(model, clean, corrupted, bases["lib"], site, ld,
+                                         directions=top, progress=False)
+    torch.testing.assert_close(some.effects, full.effects[top], rtol=1e-9, atol=1e-12)

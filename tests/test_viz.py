@@ -166,22 +166,62 @@ def test_graph_page_opens_on_a_readable_circuit_without_scripts(small_graph, tmp
         viz.graph_html(pruned, importance={"resid_mid.0:last": torch.zeros(3)})
 
 
-def test_top_token_labels_name_the_tokens_where_a_direction_peaks(tokenizer_dir):
+def test_lm_labels_name_output_tokens_and_the_context_where_a_direction_peaks(tokenizer_dir):
+    """Each direction's label: the output tokens its write promotes and suppresses most (the
+    first and last of its :func:`viz.output_effects` row) and the context at the position
+    where its coordinate is highest; the constant direction is "constant"; logits nodes are
+    their tokens; the labels are drawn on the page."""
     model = M.build("gpt2", tokenizer_dir)
     tokens = M.random_tokens(12, 6, seed=3)
     sites = ["resid_mid.1", "resid_post.1:last", "logits:last"]
     bases = tl_degen.fit_bases(model, tokens, sites, progress=False)
-    labels = viz.top_token_labels(model, tokens, bases, top_k=2)
-    assert set(labels) == {f"{s}/{j}" for s in sites[:2] for j in range(bases[s].k)}
+    labels = viz.lm_labels(model, tokens, bases, top_k=2, context=2)
+    assert set(labels) == {f"{s}/{j}" for s in sites for j in range(bases[s].k)}
     assert labels["resid_mid.1/0"] == "constant"  # the constant direction of a centered basis
+    assert labels["logits:last/7"] == repr(model.tokenizer.decode([7]))
     site = "resid_post.1:last"
+    effect = viz.output_effects(model, bases)[site][1]
+    up, down = (model.tokenizer.decode([int(i)]) for i in (effect.argmax(), effect.argmin()))
+    assert labels[f"{site}/1"].startswith(f"+{up!r} ") and f"−{down!r} " in labels[f"{site}/1"]
     vals = viz.direction_values(model, tokens, bases[site], [1])[:, 0, 0]  # last position
-    first = model.tokenizer.decode([int(tokens[int(vals.argmax()), -1])])
-    assert labels[f"{site}/1"].startswith(f"↑ {first!r}")
+    row = tokens[int(vals.argmax())]
+    before = "".join(model.tokenizer.decode([int(t)]) for t in row[-3:-1])
+    peak = model.tokenizer.decode([int(row[-1])])
+    assert labels[f"{site}/1"].endswith(f"· {before!r} [{peak!r}]")
     html_text = viz.graph_html(
         tl_degen.interaction_graph(model, tokens, bases, progress=False), labels=labels, top_nodes=3
     )
     assert html.escape(labels[f"{site}/1"]) in html_text
+    with pytest.raises(tl_degen.TLDegenError, match="top_k"):
+        viz.lm_labels(model, tokens, bases, top_k=True)
+
+
+def test_output_effects_are_the_logit_change_of_a_unit_write_without_a_norm():
+    """On a model without normalisation the direct path is the whole path from
+    ``mlp_post.1`` and ``resid_post.1`` on: moving coordinate ``j`` by one (writing
+    ``x + C⁺_j``, the constant kept at 1) changes the logits by exactly row ``j``."""
+    from tl_degen.adapters import get_adapter
+    from tl_degen.model_state import prepared
+    from tl_degen.sites import Site
+
+    model = M.build("native_relu")
+    tokens = M.random_tokens(24, 5)
+    sites = ["mlp_post.1:last", "resid_post.1:last", "logits:last"]
+    bases = tl_degen.fit_bases(model, tokens, sites, progress=False)
+    effects = viz.output_effects(model, bases)
+    adapter = get_adapter(model)
+    with prepared(model, torch.float64), torch.no_grad():
+        for name in sites[:2]:
+            site, b = Site.parse(name), bases[name]
+            (x,) = adapter.read_sites(tokens[:2], [site])
+            base = adapter.run(tokens[:2], read=Site("logits"), write=(site, x))[:, -1]
+            for j in (1, b.k - 1):
+                moved = x.clone()
+                moved[..., :-1] += b.C_pinv[j, :-1].to(x)
+                logits = adapter.run(tokens[:2], read=Site("logits"), write=(site, moved))
+                change = logits[:, -1] - base
+                torch.testing.assert_close(change, effects[name][j].expand_as(change),
+                                           rtol=1e-9, atol=1e-9 * float(change.abs().max()))
 
 
 def test_circuit_view_defaults_to_top_8_by_lambda_with_widths_growing_with_strength(small_graph):
@@ -349,3 +389,33 @@ def test_plots_have_decade_and_round_ticks_and_hover_titles():
     ]
     with pytest.raises(tl_degen.TLDegenError, match="no data"):
         viz.Plot("empty", "x", "y", logy=True, series=[viz.Series("a", [1], [0.0])]).to_svg()
+
+
+def test_the_circuit_opens_on_the_metric_given_an_attribution_result(small_graph):
+    """``importance=attribution_patch(...)``: the same page as its per-direction sums given
+    as a dict; each site's directions ranked by |attribution|; an edge into an attributed
+    site drawn by its share of its target's |attribution| (the target's edges, normalised,
+    times it)."""
+    import re
+
+    model, bases, graph = small_graph
+    clean, corrupted, ld = modadd.patching_pairs(60, seed=2)
+    sites = ["resid_mid.0:last", "resid_post.0:last"]
+    attr = tl_degen.attribution_patch(model, clean, corrupted, bases, sites, ld, progress=False)
+    per = {s: attr.per_direction(s) for s in sites}
+    page = viz.circuit_svg(graph, importance=attr, top_nodes=4, uid="u")
+    assert page == viz.circuit_svg(graph, importance=per, top_nodes=4, uid="u")
+    for s in sites:
+        ids = re.findall(rf'data-id="{re.escape(s)}/(\d+)"', page)
+        ranked = [j for j in attr.top(s, 6) if j != graph.constant_node(s)][:4]
+        assert [int(j) for j in ids] == ranked, s
+    a, b = graph.sites[1], graph.sites[2]
+    E = graph.edges[(a, b)].double()
+    i, j = ranked[0], [int(x) for x in re.findall(rf'data-id="{re.escape(a.name)}/(\d+)"',
+                                                   page)][0]
+    title = re.search(rf"{re.escape(a.name)}/{j} → {re.escape(b.name)}/{i}: ([0-9.e+-]+) of "
+                      "its target's importance", page)
+    want = float(E[i, j] / E[i].sum() * per[b.name][i].abs())
+    assert title and float(title.group(1)) == pytest.approx(want, rel=1e-3)
+    with pytest.raises(tl_degen.TLDegenError, match="attribution_patch"):
+        viz.circuit_svg(graph, importance=[1, 2])

@@ -401,7 +401,7 @@ def fit(args: argparse.Namespace) -> int:
 
 
 def graph(args: argparse.Namespace) -> int:
-    from tl_degen.viz import modadd_labels, save_graph_page, top_token_labels
+    from tl_degen.viz import lm_labels, modadd_labels, save_graph_page
 
     with _Launch() as launch:
         tl_degen, model, tokens, bases = _fit_common(args, launch)
@@ -411,9 +411,9 @@ def graph(args: argparse.Namespace) -> int:
         if launch.rank == 0:
             path = g.save(args.out)
             html_path = Path(args.html) if args.html else Path(args.out).with_suffix(".html")
-            # node labels: Fourier content on modadd, the tokens a direction peaks on otherwise
+            # node labels: Fourier content on modadd; else output tokens and peak contexts
             labels = (modadd_labels(model, bases) if args.model == "modadd" else
-                      top_token_labels(model, tokens[:512], bases, batch_size=args.batch_size))
+                      lm_labels(model, tokens[:512], bases, batch_size=args.batch_size))
             save_graph_page(g.prune(mass=0.99), html_path, top_nodes=args.top, labels=labels)
             launch.say(g.summary(), f"saved to {path}; page {html_path}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AmbiguousRankWarning",
     "ProbeErrorWarning",
+    "LongRunWarning",
     "TLDegenError",
     "SiteError",
     "DataError",
@@ -70,3 +71,8 @@ class AmbiguousRankWarning(UserWarning):
 class ProbeErrorWarning(UserWarning):
     """A stochastic estimate stopped at ``max_probes`` above the ``target_error`` asked for;
     the message says how many probes would meet it."""
+
+
+class LongRunWarning(UserWarning):
+    """A default run is estimated, before it starts, to take many minutes (patching every
+    direction of a large site alone); the message gives the estimate and the faster way."""

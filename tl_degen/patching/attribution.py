@@ -93,6 +93,14 @@ class AttributionResult(Serialisable):
         """Attribution per direction, summed over positions."""
         return self.attributions[Site.parse(site).name].sum(0)
 
+    def top(self, site: str, n: int) -> list[int]:
+        """The ``n`` directions with the largest |attribution| (summed over positions),
+        largest first: e.g. ``patch_directions(..., directions=result.top(site, 16))``."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise TLDegenError(f"n must be a positive integer, got {n!r}")
+        per = self.per_direction(site)
+        return per.abs().argsort(descending=True)[:n].tolist()
+
     def total(self, site: str) -> float:
         """Sum over directions plus the dropped remainder (= the neuron-basis total)."""
         name = Site.parse(site).name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,7 +15,7 @@ from tqdm.auto import tqdm
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
 from tl_degen.basis_set import BasisSet
-from tl_degen.errors import DataError, SiteError, TLDegenError
+from tl_degen.errors import DataError, LongRunWarning, SiteError, TLDegenError
 from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
 from tl_degen.patching.common import (
@@ -127,6 +129,26 @@ class PatchResult(Serialisable):
                 f"all kept directions={self.all_value:.5g})\n  largest effects:\n{rows}")
 
 
+#: ``patch_directions`` with every direction alone warns, before it starts, when the run is
+#: estimated to take longer than this many seconds.
+LONG_RUN_SECONDS = 60.0
+
+
+def _announce_cost(site: Site, n_groups: int, per_call: int, seconds_for_two: float) -> None:
+    """Warn before a long default run (every direction alone): what it costs, and the fast
+    way (attribution first, then the top directions)."""
+    passes = -(-n_groups // per_call)
+    per_pass = min(per_call, n_groups) * seconds_for_two / 2  # time grows with stacked rows
+    estimate = passes * per_pass
+    if estimate <= LONG_RUN_SECONDS:
+        return
+    warnings.warn(
+        f"patching each of the {n_groups} directions of {site.name} alone takes about "
+        f"{estimate / 60:.0f} min here ({passes} forward passes of ~{per_pass:.1f} s); "
+        f"tl_degen.attribution_patch ranks them all in one pass: patch its top ones with "
+        f"directions=attribution.top({site.name!r}, 16)", LongRunWarning, stacklevel=3)
+
+
 def patch_directions(
     model,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -157,7 +179,10 @@ def patch_directions(
         metric: function of the logits ``[batch, pos, d_vocab]`` → scalar or ``[batch]``.
         directions: ``None`` (each direction alone), a list of indices (each alone), or a list
             of lists (each a group patched together), e.g. ``[list(range(n)) for n in ...]``
-            for cumulative patching.
+            for cumulative patching. ``None`` on a large site (hundreds of directions at
+            every position of a language model) can take many minutes: it warns first
+            (:class:`~tl_degen.errors.LongRunWarning`, above :data:`LONG_RUN_SECONDS`) with the
+            estimate; ``attribution_patch(...).top(site, n)`` picks the directions worth it.
         positions: token positions to patch (default: all of the site's positions).
         mode: ``"denoising"`` (run corrupted, patch in clean) or ``"noising"``.
         dtype: run the model in this dtype (default: its own).
@@ -218,6 +243,10 @@ def patch_directions(
             return out
 
         per_call = max(1, rows_per_pass // max(n * target.shape[1], 1))
+        started = time.perf_counter()
+        site_value, all_value = (float(v.mean()) for v in patched_many([diff, h_diff @ Cp]))
+        if directions is None:
+            _announce_cost(site, len(groups), per_call, time.perf_counter() - started)
         per = []
         bar = tqdm(total=len(groups), desc=f"patching {site.name}", disable=not progress)
         for start in range(0, len(groups), per_call):
@@ -225,7 +254,6 @@ def patch_directions(
             per += patched_many([h_diff[..., g] @ Cp[g] for g in block])
             bar.update(len(block))
         bar.close()
-        site_value, all_value = (float(v.mean()) for v in patched_many([diff, h_diff @ Cp]))
     per_example = torch.stack(per).cpu() if per else torch.zeros(0, clean.shape[0])
     site_pos = site.resolve_positions(clean.shape[1])
     return PatchResult(site, basis.method, mode, groups, labels, per_example.mean(1),

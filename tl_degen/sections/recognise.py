@@ -38,7 +38,7 @@ from tl_degen.sections.mlp import ACTIVATIONS, LinearSection, MLPHiddenSection, 
 from tl_degen.sections.unembed import UnembedSection, unembedding
 from tl_degen.sites import Site
 
-__all__ = ["CHECK_ROWS", "may_have_closed_form", "recognise"]
+__all__ = ["CHECK_ROWS", "may_have_closed_form", "recognise", "final_norm"]
 
 #: Sequences of a batch on which a closed form is checked against the model.
 CHECK_ROWS = 256
@@ -110,7 +110,7 @@ def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torc
             return None
         if adapter.arch.no_norm:
             return LinearSection(adapter, in_site, out_site, n_pos, B.to(device, dt))
-        norm = _norm(adapter, getattr(adapter.model, "ln_final", None), dt)
+        norm = final_norm(adapter, dt)
         return None if norm is None else UnembedSection(adapter, in_site, out_site, n_pos,
                                                         norm, B.to(device, dt))
     mlp = _mlp_weights(adapter, L, dt)
@@ -197,6 +197,11 @@ def _module(model, *path):
     except (AttributeError, IndexError, TypeError):
         return None
     return model
+
+
+def final_norm(adapter: Adapter, dt: torch.dtype) -> Norm | None:
+    """The model's final normalisation (``ln_final``) in ``dt``, else None."""
+    return _norm(adapter, getattr(adapter.model, "ln_final", None), dt)
 
 
 def _norm(adapter: Adapter, ln, dt: torch.dtype) -> Norm | None:

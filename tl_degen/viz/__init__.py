@@ -18,10 +18,11 @@ from tl_degen.viz.tokens import (
     fix_local_src,
     fourier_content,
     fourier_label,
+    lm_labels,
     modadd_labels,
+    output_effects,
     save_token_view,
     token_view_html,
-    top_token_labels,
 )
 
 __all__ = [
@@ -42,5 +43,6 @@ __all__ = [
     "fourier_content",
     "fourier_label",
     "modadd_labels",
-    "top_token_labels",
+    "lm_labels",
+    "output_effects",
 ]

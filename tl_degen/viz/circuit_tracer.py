@@ -47,7 +47,7 @@ import re
 from pathlib import Path
 
 from tl_degen.errors import TLDegenError
-from tl_degen.viz.graph_page import direction_scores, ranked_directions
+from tl_degen.viz.graph_page import direction_scores, importance_scores, ranked_directions
 
 __all__ = ["circuit_tracer_json", "save_circuit_tracer", "CIRCUIT_TRACER_NODE_FIELDS"]
 
@@ -95,7 +95,8 @@ def circuit_tracer_json(
         labels: node id (``"site/j"``) → label, shown as the node's text.
         modules: a :class:`~tl_degen.graph.Modules`; its modules become supernodes.
         top_nodes: directions per site pinned (the subgraph the frontend draws).
-        importance: site name → ``[k]`` scores ranking directions (default Λ).
+        importance: site name → ``[k]`` scores ranking directions (default Λ), or the
+            result of :func:`~tl_degen.attribution_patch`.
         prompt_tokens: text of each position (default ``"pos0"``, ``"pos1"``, …).
         prompt: the prompt shown in the graph list (default the tokens joined).
         scan: the frontend's name for the feature set.
@@ -111,6 +112,7 @@ def circuit_tracer_json(
     if top_nodes < 0:
         raise TLDegenError("top_nodes must be non-negative")
     labels = labels or {}
+    importance = importance_scores(importance)
     sites = graph.sites
     n_pos = int(graph.config.get("n_pos") or 1)
     tokens = list(prompt_tokens) if prompt_tokens is not None else [f"pos{i}" for i in range(n_pos)]

@@ -188,6 +188,17 @@ def _drawn_edges(graph, max_edges: int):
     return out, nonzero
 
 
+def importance_scores(importance) -> dict | None:
+    """``importance`` as site name → ``[k]``: a dict as given, or an attribution result
+    (:class:`~tl_degen.patching.AttributionResult`: its per-direction sums, every site)."""
+    if importance is None or isinstance(importance, dict):
+        return importance
+    if hasattr(importance, "attributions") and hasattr(importance, "per_direction"):
+        return {name: importance.per_direction(name) for name in importance.attributions}
+    raise TLDegenError("importance must be a dict site name → [k] scores or the result of "
+                       f"tl_degen.attribution_patch, got {type(importance).__name__}")
+
+
 def direction_scores(graph, site, importance):
     """How important each direction of ``site`` is: ``|importance[site.name]|`` when given
     (one value per direction), else ``|Λ|``; a float64 ``[k]`` tensor on the CPU."""
@@ -233,6 +244,7 @@ def circuit_svg(
     if top_nodes < 1:
         raise TLDegenError("top_nodes must be at least 1")
     labels = labels or {}
+    importance = importance_scores(importance)
     uid = uid or "tld-" + uuid.uuid4().hex[:10]
     sites = graph.sites
     chosen = {s: _circuit_nodes(graph, s, top_nodes, importance) for s in sites}
@@ -248,7 +260,7 @@ def circuit_svg(
         parts.append(
             f'<text x="{x - 30:.1f}" y="20" font-weight="bold">{html.escape(s.name)}'
             f'</text><text x="{x - 30:.1f}" y="35" fill="#666">top {len(chosen[s])} '
-            f"of {b.k} by {'importance' if importance else 'Λ'}</text>"
+            f"of {b.k} by {'importance' if importance and s.name in importance else 'Λ'}</text>"
         )
         for r, j in enumerate(chosen[s]):
             nid = graph.node_name(s, j)
@@ -270,6 +282,11 @@ def circuit_svg(
     edges = []
     for a, b in graph.pairs():
         E = graph.edges[(a, b)].double().cpu()
+        share = importance is not None and b.name in importance
+        if share:  # each edge's share of its target's |importance| (the target's edges split it)
+            E = E / E.sum(1, keepdim=True).clamp_min(1e-300) * direction_scores(
+                graph, b, importance)[:, None]
+        what = "of its target's importance" if share else "of the edge strength"
         items = [(i, j, float(E[i, j])) for i in chosen[b] for j in chosen[a] if E[i, j] > 0]
         if not items:
             continue
@@ -283,8 +300,8 @@ def circuit_svg(
                 f'y2="{y2:.1f}" stroke-width="{0.5 + 5.5 * rel:.2f}" '
                 f'stroke-opacity="{0.08 + 0.8 * rel:.2f}" data-s="{s_id}" '
                 f'data-t="{t_id}" data-rs="{rank[s_id]}" data-rt="{rank[t_id]}">'
-                f"<title>{s_id} → {t_id}: {w:.4g} ({rel:.0%} of the strongest "
-                "drawn)</title></line>"
+                f"<title>{s_id} → {t_id}: {w:.4g} {what} ({rel:.0%} of the "
+                "strongest drawn)</title></line>"
             )
     return (
         f'<div class="tld-circuit" id="{uid}"><style>{_CSS}</style>'
@@ -325,8 +342,11 @@ def graph_html(
         max_edges: cap on drawn edges (keeps the page small).
         top_nodes: directions per site in the circuit view (``None``: no circuit view).
         importance: site name → ``[k]`` scores ranking that site's directions in the circuit
-            view (e.g. ``attr.per_direction(site)`` of :func:`~tl_degen.attribution_patch`);
-            sites not given are ranked by Λ.
+            view, or the result of :func:`~tl_degen.attribution_patch` itself (its
+            per-direction attributions to your metric: the page opens on the metric's
+            circuit); sites not given are ranked by Λ. An edge into a site with importance
+            is drawn by its share of its target's |importance| (the target's incoming edge
+            strengths, normalised, times it).
 
     Returns:
         HTML text with everything inlined.

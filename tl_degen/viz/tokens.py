@@ -26,7 +26,7 @@ from tl_degen.fitting import site_activations, token_batches
 
 __all__ = ["fix_local_src", "direction_values", "token_view_html", "save_token_view",
            "fourier_content", "top_frequencies",
-           "fourier_label", "modadd_labels"]
+           "fourier_label", "modadd_labels", "lm_labels", "output_effects"]
 
 _SELF_CLOSING_DIV = re.compile(r"<div([^<>]*?)\s*/>")
 
@@ -243,48 +243,128 @@ def modadd_labels(model, bases, p: int = 113) -> dict[str, str]:
     return out
 
 
-def top_token_labels(model, tokens: Int[Tensor, "batch pos"] | list, bases, *, top_k: int = 3,
-                     batch_size: int | None = None) -> dict[str, str]:
-    """Labels for language-model nodes: each direction's ``top_k`` tokens, the (distinct)
-    tokens at the positions where its coordinate rises furthest above its mean over
-    ``tokens`` (node id ``"site/j"`` → e.g. ``"↑ ' the' ' a' ' of'"``). Directions whose
-    coordinate does not vary (the constant direction) are labelled ``"constant"``; the
-    logits are not labelled. ``tokens`` may be prompts of different lengths (as
-    :func:`tl_degen.fit_bases` takes them).
+def output_effects(model, bases) -> dict[str, Float[Tensor, "k vocab"]]:
+    """How each direction's write moves the logits, to first order along the direct path:
+    site name → ``[k, V]`` (float64), row ``j`` the change of every logit per unit of
+    coordinate ``j``. The direction's activation-space vector (its row of ``C⁺``; at an
+    ``mlp_post`` site the neurons' part is written through ``W_out``) is read by the
+    unembedding through the final LayerNorm/RMSNorm with its scale frozen (centred, times the
+    norm's weight, divided by one common scale): the layers in between are skipped, as in
+    direct logit attribution, so a direction that acts through later layers is described
+    only by its direct effect. Only the order of tokens within a row is meaningful (the
+    frozen scale is left at 1). Logits sites: their own basis vectors (one token each, or
+    the factor space's ``Q`` columns). Sites without a direct path readable here (an
+    ``mlp_post`` of a model whose ``W_out`` cannot be read) are left out."""
+    from tl_degen.sections.recognise import final_norm
+    from tl_degen.sections.unembed import unembedding
+
+    adapter = get_adapter(model)
+    B = unembedding(adapter)  # [d + 1, V]
+    if B is None:
+        return {}
+    d = B.shape[0] - 1
+    norm = final_norm(adapter, torch.float64)
+    out: dict[str, Tensor] = {}
+    for site in bases.sites:
+        b = bases[site]
+        Cp = b.C_pinv.double()
+        if site.kind == "logits":
+            out[site.name] = Cp.to(B.device)
+            continue
+        if site.kind == "mlp_post":
+            try:
+                W_out = adapter.model.blocks[site.layer].mlp.W_out.detach().double()  # [m, d]
+            except (AttributeError, TypeError):
+                continue
+            m = W_out.shape[0]
+            v = Cp[:, :m].to(W_out.device) @ W_out + Cp[:, m:m + d].to(W_out.device)
+        else:
+            v = Cp[:, :d]
+        v = v.to(B.device)
+        if norm is not None and not norm.rms:
+            v = v - v.mean(-1, keepdim=True)
+        if norm is not None and norm.w is not None:
+            v = v * norm.w.to(B.device)
+        out[site.name] = v @ B[:d]
+    return out
+
+
+def lm_labels(model, tokens: Int[Tensor, "batch pos"] | list, bases, *, top_k: int = 3,
+              context: int = 3, batch_size: int | None = None) -> dict[str, str]:
+    """Labels for language-model directions (node id ``"site/j"`` → text) saying what a
+    direction does to the output and where it is active::
+
+        "+' Mary' ' Anna' −' the' ' a' · 'went to the' [' store']"
+
+    * ``+`` / ``−``: the ``top_k`` output tokens its write promotes and suppresses most
+      (:func:`output_effects`: the direct path through the frozen final norm and the
+      unembedding; later layers skipped);
+    * ``·``: the context where its coordinate rises furthest above its mean over ``tokens``:
+      the token there in brackets after up to ``context`` tokens before it.
+
+    Directions whose coordinate does not vary (the constant direction) are labelled
+    ``"constant"``; logits are labelled by their token (one node per token) or, in the
+    factor space of a large vocabulary, by the tokens at the two ends of their basis vector.
+    ``tokens`` may be prompts of different lengths (as :func:`tl_degen.fit_bases` takes them).
+    Modular addition keeps its Fourier labels (:func:`modadd_labels`).
 
     Examples:
-        >>> labels = viz.top_token_labels(model, tokens, bases)
-        >>> viz.save_graph_page(graph, "graph.html", labels=labels)  # labels drawn beside nodes
+        >>> labels = viz.lm_labels(model, tokens, bases)
+        >>> viz.save_graph_page(graph, "graph.html", labels=labels)  # drawn beside nodes
     """
-    if top_k < 1:
-        raise TLDegenError("top_k must be at least 1")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise TLDegenError(f"top_k must be a positive integer, got {top_k!r}")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise TLDegenError(f"context must be a non-negative integer, got {context!r}")
     batches = token_batches(tokens, batch_size, get_adapter(model))
     strings = [_token_strings(model, t) for t in batches]
+    effects = output_effects(model, bases)
+
+    def vocab(ids: list[int]) -> str:
+        return " ".join(repr(_decode(model, i)) for i in ids)
+
     out: dict[str, str] = {}
     for site in bases.sites:
-        if site.kind == "logits":
-            continue
         b = bases[site]
-        parts, texts = [], []  # every (sequence, position) read, and the token there
-        for t, strs in zip(batches, strings):
+        effect = effects.get(site.name)
+        if site.kind == "logits":
+            for j in range(b.k):
+                if b.k == b.d_site:  # one node per token
+                    out[f"{site.name}/{j}"] = repr(_decode(model, j))
+                else:
+                    row = effect[j]
+                    out[f"{site.name}/{j}"] = (
+                        f"+{vocab(row.topk(top_k).indices.tolist())} "
+                        f"−{vocab((-row).topk(top_k).indices.tolist())}")
+            continue
+        parts, where = [], []  # every (sequence, position) read, and where it was
+        for bi, t in enumerate(batches):
             positions = site.resolve_positions(t.shape[1])
             coords = b.to_coords(site_activations(model, t, site, batch_size=batch_size))
             parts.append(coords.reshape(-1, b.k))
-            texts += [row[p] for row in strs for p in positions]
+            where += [(bi, r, p) for r in range(t.shape[0]) for p in positions]
         flat = torch.cat(parts).double()
         flat = flat - flat.mean(0, keepdim=True)
         scale = flat.abs().amax().clamp_min(1e-300)
-        order = flat.argsort(0, descending=True)  # [n_read, k]
+        top = flat.argmax(0).tolist()
         for j in range(b.k):
             if float(flat[:, j].abs().max()) <= 1e-9 * float(scale):
                 out[f"{site.name}/{j}"] = "constant"
                 continue
-            seen: list[str] = []
-            for idx in order[:, j].tolist():
-                text = texts[idx]
-                if text not in seen:
-                    seen.append(text)
-                if len(seen) == top_k:
-                    break
-            out[f"{site.name}/{j}"] = "↑ " + " ".join(repr(t) for t in seen)
+            text = []
+            if effect is not None:
+                row = effect[j]
+                text.append(f"+{vocab(row.topk(top_k).indices.tolist())} "
+                            f"−{vocab((-row).topk(top_k).indices.tolist())}")
+            bi, r, p = where[top[j]]
+            row_strings = strings[bi][r]
+            before = "".join(row_strings[max(0, p - context):p])
+            text.append(f"· {before!r} [{row_strings[p]!r}]" if before else
+                        f"· [{row_strings[p]!r}]")
+            out[f"{site.name}/{j}"] = " ".join(text)
     return out
+
+
+def _decode(model, token: int) -> str:
+    tok = getattr(model, "tokenizer", None)
+    return f"<{token}>" if tok is None else tok.decode([token])
