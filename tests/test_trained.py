@@ -76,3 +76,23 @@ def test_a_fit_and_graph_end_at_the_logits(smollm2, task):
     assert edges.shape == (576, bases["resid_post.29:last"].k)
     assert graph.errors[(Site.parse(sites[1]), Site.parse(sites[2]))] == 0.0
     assert "closed form" in str(graph.config["edge_routes"])
+
+
+def test_patching_every_kept_direction_restores_the_clean_metric(smollm2, task):
+    """At the last block's output (the logits depend on nothing else at the last position),
+    bases fitted on the clean and corrupted prompts together: patching all kept directions
+    at once gives the whole-site patch, which is the clean logit difference itself, in LIB
+    and PCA coordinates alike."""
+    site = "resid_post.29:last"
+    data = torch.cat([task.clean, task.corrupted])
+    for method in ("lib", "pca"):
+        bases = tl_degen.fit_bases(smollm2, data, [site, "logits:last"], method=method,
+                                   progress=False)
+        k = bases[site].k
+        result = tl_degen.patch_directions(smollm2, task.clean, task.corrupted, bases, site,
+                                           task.logit_difference, directions=[list(range(k))],
+                                           progress=False)
+        assert float(result.values[0]) == pytest.approx(result.all_value, rel=1e-6), method
+        assert result.all_value == pytest.approx(result.site_value, rel=1e-4), method
+        assert result.site_value == pytest.approx(result.clean, rel=1e-4), method
+        assert float(result.recovered()[0]) == pytest.approx(1.0, abs=1e-3), method

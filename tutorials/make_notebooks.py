@@ -325,10 +325,12 @@ print(f"logit difference: clean {clean.mean():.2f}, corrupted {corrupted.mean():
 layers = range(n_layers - 4, n_layers) if SMALL else range(n_layers)
 sites = [f"resid_post.{L}:last" for L in layers] + ["logits:last"]
 settings = dict(n_probes=32, batch_size=16, dtype=torch.float32)
-bases = tl_degen.fit_bases(model, task.clean, sites, **settings)
+# clean and corrupted prompts together: the directions that separate them are in the data
+data = torch.cat([task.clean, task.corrupted])
+bases = tl_degen.fit_bases(model, data, sites, **settings)
 print(bases)
-print({s.name: f"{bases[s].jacobian_gram_error:.1%}" for s in bases.sites})'''),
-        ("code", '''graph = tl_degen.interaction_graph(model, task.clean, bases, **settings)
+print({s.name: f"{bases[s].jacobian_gram_error:.1%}" for s in bases.sites[:-1]})'''),
+        ("code", '''graph = tl_degen.interaction_graph(model, data, bases, **settings)
 print(graph.config["edge_routes"])'''),
         ("md", "## Which directions carry the logit difference?\n\n"
                "Attribution patching gives every direction of every site its first-order share "
@@ -344,7 +346,7 @@ print(attribution)'''),
                "ordered the same way. Which basis needs fewer directions depends on the model "
                "and the site; the numbers say which."),
         ("code", '''site = residual[len(residual) // 2]
-pca = tl_degen.fit_bases(model, task.clean, residual, method="pca", batch_size=16,
+pca = tl_degen.fit_bases(model, data, residual, method="pca", batch_size=16,
                          dtype=torch.float32)
 pca_attribution = tl_degen.attribution_patch(model, task.clean, task.corrupted, pca, site,
                                              task.logit_difference, dtype=torch.float32)
@@ -361,7 +363,7 @@ for name, b, a in [("LIB", bases, attribution), ("PCA", pca, pca_attribution)]:
                "attribution. Each direction is labelled by the output tokens its write "
                "promotes (+) and suppresses (−), read through the final norm and the "
                "unembedding (the direct path), and by the context where it is most active."),
-        ("code", '''labels = viz.lm_labels(model, task.clean, bases)
+        ("code", '''labels = viz.lm_labels(model, data, bases)
 for s in residual[-2:]:
     for j in attribution.top(s, 2):
         print(f"{s}/{j}: {labels[f'{s}/{j}']}")

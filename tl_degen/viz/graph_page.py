@@ -228,6 +228,13 @@ def _circuit_nodes(graph, site, top_nodes: int, importance) -> list[int]:
     return ranked_directions(graph, site, importance)[:top_nodes]
 
 
+def _fit(text: str, width: float, char_px: float = 6.6) -> str:
+    """``text`` cut to what fits ``width`` pixels beside a node (12 px sans-serif), with an
+    ellipsis; the whole label stays in the node's tooltip."""
+    n = max(8, int((width - 60) / char_px))
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
 def circuit_svg(
     graph,
     *,
@@ -269,7 +276,7 @@ def circuit_svg(
             lj = float(lam[j])
             rad = 4 + 8 * math.sqrt(lj / lmax) if lmax > 0 else 4
             label = labels.get(nid, "")
-            text = f"#{j}" + (f" {label}" if label else "")
+            text = _fit(f"#{j}" + (f" {label}" if label else ""), col_w)
             parts.append(
                 f'<g data-rank="{r}"><circle class="cnode" cx="{x:.1f}" cy="{y:.1f}" '
                 f'r="{rad:.1f}" fill="{_viridis(1 - r / max(n_max, 1))}" '
