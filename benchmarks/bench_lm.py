@@ -10,7 +10,8 @@ attention and MLP, rotary), sites ``resid_pre.1, mlp_post.1:last, resid_post.1:l
 resid_post.2:last`` (a parallel block has no ``resid_mid``). ``--model smollm2``: the trained
 SmolLM2-135M-Instruct (:mod:`tl_degen.trained`) on ``--prompts`` indirect-object prompt pairs
 (:func:`tl_degen.tasks.ioi`, 15 tokens), sites ``resid_pre.8, resid_mid.8, resid_post.8:last,
-resid_post.9:last``, and ``attribution_patch`` at the first site. ``--sites`` replaces them, e.g.
+resid_post.9:last``, and ``attribution_patch`` at the first site, ``patch_directions`` of its
+top 16 directions and ``degeneracy_report`` with the bases given. ``--sites`` replaces them, e.g.
 ``--sites resid_pre.11,resid_mid.11,resid_post.11:last,logits:last``: the last block and the
 logits at vocabulary scale (kept in their ``d_model + 1``-dimensional factor space). Prints,
 per stage, wall time and peak RSS, and in the same run the time of one plain forward +
@@ -116,6 +117,19 @@ def main() -> None:
         print(f"attribution_patch at {sites[0]}                      "
               f"{time.perf_counter() - start:8.2f} s   peak RSS {peak_rss_mib():.0f} MiB")
         print("  " + repr(attribution).splitlines()[1].strip())
+        start = time.perf_counter()
+        patched = tl_degen.patch_directions(model, task.clean, task.corrupted, bases, sites[0],
+                                            task.logit_difference,
+                                            directions=attribution.top(sites[0], 16),
+                                            dtype=dtype, progress=False)
+        print(f"patch_directions, top 16 by attribution               "
+              f"{time.perf_counter() - start:8.2f} s   peak RSS {peak_rss_mib():.0f} MiB")
+        print(f"  recovered {[round(v, 3) for v in patched.recovered().tolist()[:4]]}...; "
+              f"all kept together {patched.all_value:+.3f}, whole site {patched.site_value:+.3f}")
+        start = time.perf_counter()
+        tl_degen.degeneracy_report(model, tokens, sites, bases=bases, progress=False)
+        print(f"degeneracy_report (bases given)                       "
+              f"{time.perf_counter() - start:8.2f} s   peak RSS {peak_rss_mib():.0f} MiB")
     base = forward_backward_seconds(model, tokens, args.batch_size)
     print(f"baseline: one forward + backward pass over the tokens  {base:8.2f} s   peak RSS "
           f"{peak_rss_mib():.0f} MiB")

@@ -12,7 +12,9 @@ untouched) that computes the same function with different weights:
   ``T`` (every writer ``W → W T``, every reader ``W → T⁻¹ W``; LayerNorm-free models only).
 
 * :func:`permute_heads`: permute the attention heads of every layer (within each key/value
-  group where heads share keys and values, as in grouped-query attention).
+  group where heads share keys and values, as in grouped-query attention);
+* :func:`rotate_residual`: ``x → x R`` in the residual stream for a random orthogonal ``R``,
+  the RMSNorm weights folded into their readers (Hugging Face Llama-family bridges).
 
 They edit the TransformerLens-format weights (``HookedTransformer.state_dict()`` or a
 ``TransformerBridge``'s ``get_params()``) and rebuild the model; supported are
@@ -47,6 +49,7 @@ __all__ = [
     "add_dead_neurons",
     "change_residual_basis",
     "permute_heads",
+    "rotate_residual",
     "get_reparameterisation",
 ]
 
@@ -414,6 +417,69 @@ def permute_heads(model, seed: int = 0):
     return _rebuild(model, params, cfg)
 
 
+def rotate_residual(model, seed: int = 0):
+    """Write the residual stream of an RMSNorm model in a random orthogonal basis, ``x → x R``:
+    the norms' weights are first folded into the matrices that read their outputs (the
+    norms become weightless; ``RMS(x R) = RMS(x)``), then every writer (embedding, attention
+    output, MLP output, their biases) becomes ``W R`` and every reader (query, key, value,
+    gate, up, unembedding) ``Rᵀ W``. Tied embeddings stay consistent (``W_E R`` both ways)
+    unless the final norm's weight is folded into the unembedding, which unties them.
+    Hugging Face Llama-family bridges (RMSNorm) only: a LayerNorm's centring does not commute
+    with a general rotation. Load the model in float64 for an exact test.
+
+    Examples:
+        >>> rep = tl_degen.check_invariance(model, tokens, sites, "rotate_residual")
+        >>> rep.holds("lib"), rep.worst("neuron", "coordinate_change")
+    """
+    norm = Architecture.from_model(model).normalization
+    if _hf_layers(model) is None or norm not in ("RMS", "RMSPre"):
+        raise BackendError("rotate_residual supports bridges of Hugging Face Llama-family "
+                           "models (RMSNorm, gated MLP); pass your own transform= function "
+                           "model -> model")
+    new = copy.deepcopy(model)
+    hf = _unwrap(_unwrap(new.original_model).model)
+    lm_head = _unwrap(new.original_model).lm_head
+    embed = _unwrap(hf.embed_tokens)
+    d = embed.weight.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    R = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+
+    def param(w):
+        return torch.nn.Parameter(w.contiguous())
+
+    def fold(norm, readers):
+        norm = _unwrap(norm)
+        w = norm.weight.detach().double()
+        for lin in readers:
+            lin.weight = param((lin.weight.detach().double() * w).to(lin.weight.dtype))
+        norm.weight = param(torch.ones_like(norm.weight))
+
+    def read(lin):  # y = x Wᵀ reads x: x R → W R
+        lin.weight = param((lin.weight.detach().double() @ R).to(lin.weight.dtype))
+
+    def write(lin):  # y = a Wᵀ + b writes the stream: → y R
+        lin.weight = param((R.T @ lin.weight.detach().double()).to(lin.weight.dtype))
+        if lin.bias is not None:
+            lin.bias = param((lin.bias.detach().double() @ R).to(lin.bias.dtype))
+
+    untied = _unwrap(lm_head)
+    untied.weight = param(untied.weight.detach().clone())  # folded and rotated on its own
+    for layer in hf.layers:
+        layer = _unwrap(layer)
+        attn, mlp = _unwrap(layer.self_attn), _unwrap(layer.mlp)
+        fold(layer.input_layernorm, [_unwrap(attn.q_proj), _unwrap(attn.k_proj),
+                                     _unwrap(attn.v_proj)])
+        fold(layer.post_attention_layernorm, [_unwrap(mlp.gate_proj), _unwrap(mlp.up_proj)])
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            read(_unwrap(lin))
+        write(_unwrap(attn.o_proj))
+        write(_unwrap(mlp.down_proj))
+    fold(hf.norm, [untied])
+    read(untied)
+    embed.weight = param((embed.weight.detach().double() @ R).to(embed.weight.dtype))
+    return new.eval()
+
+
 REPARAMETERISATIONS: dict[str, Callable] = {
     "permute_neurons": permute_neurons,
     "rescale_neurons": rescale_neurons,
@@ -421,6 +487,7 @@ REPARAMETERISATIONS: dict[str, Callable] = {
     "add_dead_neurons": add_dead_neurons,
     "change_residual_basis": change_residual_basis,
     "permute_heads": permute_heads,
+    "rotate_residual": rotate_residual,
 }
 
 
