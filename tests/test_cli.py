@@ -53,10 +53,11 @@ def test_help_lists_every_command(tmp_path):
     done = _run_cli("--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: tl-degen")
-    assert "{demo,fit,graph,show}" in done.stdout
+    assert "{demo,fit,graph,show,compare}" in done.stdout
     for line in ("tl-degen fit   --model M --tokens T --sites S",
                  "tl-degen graph --model M --tokens T --sites S",
-                 "tl-degen show  graph.safetensors"):
+                 "tl-degen show  graph.safetensors",
+                 "tl-degen compare --model M --sites S"):
         assert line in done.stdout  # the module docstring is the description
 
 
@@ -279,8 +280,10 @@ def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, to
     )
     page = (tmp_path / "hfg.html").read_text()
     circuit = page[page.index('<div class="tld-circuit"') : page.index("<details")]
-    token_labels = re.findall(r'<text class="clabel"[^>]*>#\d+ ↑ ([^<]+)<', circuit)
-    assert len(token_labels) == 4 and all("t" in t for t in token_labels)  # words t0…t39
+    # directions of the last site are named by the output tokens their write promotes (+)
+    # and suppresses (−); the logits' nodes by their token
+    token_labels = re.findall(r'<text class="clabel"[^>]*>#\d+ \+([^<]+)<', circuit)
+    assert len(token_labels) == 4 and all("&#x27;t" in t and "−" in t for t in token_labels)
     capsys.readouterr()
 
 
@@ -301,6 +304,14 @@ def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, to
     ("fit --model modadd --tokens {tmp}/tok.pt --sites logits --dtype float13 "
      "--out {tmp}/x.safetensors",
      "is not a torch dtype"),
+    ("compare --model modadd --sites mlp_post.0:last --out {tmp}/no/x.safetensors",
+     "does not exist; create it first"),
+    ("compare --model modadd --sites mlp_post.0:last --clean {tmp}/tok.pt "
+     "--out {tmp}/x.safetensors", "give --clean, --corrupted and --answers together"),
+    ("compare --model modadd --sites mlp_post.0:last --clean {tmp}/tok.pt --corrupted "
+     "{tmp}/tok.pt --answers {tmp}/tok.pt --out {tmp}/x.safetensors", "--answers must be"),
+    ("compare --model modadd --sites logits --pairs 20 --out {tmp}/x.safetensors",
+     "logits are the output itself"),
 ])
 def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, argv, message):
     torch.save(torch.zeros(4, 3, dtype=torch.long), tmp_path / "tok.pt")
@@ -310,3 +321,19 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_compare_on_modadd(tmp_path, capsys):
+    """``tl-degen compare``: LIB, PCA and neuron bases fitted on the task's prompts, the table
+    printed, the result saved and drawn."""
+    out, png = tmp_path / "c.safetensors", tmp_path / "c.png"
+    assert cli.main(["compare", "--model", "modadd", "--sites", "mlp_post.0:last", "--pairs",
+                     "200", "--out", str(out), "--png", str(png), "--quiet",
+                     "--no-ablation"]) == 0
+    printed = capsys.readouterr().out
+    cmp = tl_degen.BasisComparison.load(out)
+    assert cmp.sites == ["mlp_post.0:last"] and cmp.bases == ["lib", "pca", "neuron"]
+    assert cmp.config["n_pairs"] == 200 and "mlp_post.0:last  lib" in printed
+    # the neuron basis is complete: its curve ends at the whole-site patch exactly
+    assert float(cmp.curve("mlp_post.0:last", "neuron").fraction()[-1]) == pytest.approx(1.0)
+    assert png.stat().st_size > 10_000

@@ -276,10 +276,14 @@ def test_demo_report_renders_offline(demo_report, tmp_path):
         graph.bases[s].k for s in graph.sites
     )
     assert len(re.findall(r'<line class="edge', dom)) == sum(graph.n_edges().values())
-    assert len(re.findall(r'<svg[^>]*class="tld-plot"', dom)) == 7  # 4 spectra, 2 ablation, 1 mass
-    for heading in ("Patching", "Degeneracy", "Modules", "Spectra", "Token view"):
+    # 4 spectra, 2 ablation, 1 mass, 2 patching curves
+    assert len(re.findall(r'<svg[^>]*class="tld-plot"', dom)) == 9
+    for heading in ("Patching: which basis explains the task", "Degeneracy", "Modules",
+                    "Spectra", "Token view"):
         assert heading in dom
-    for name in ("spectrum_resid_mid_0", "ablation_mlp_post_0", "edge_mass"):
+    assert "resid_mid.0:last  neuron" in dom  # the comparison's table
+    for name in ("spectrum_resid_mid_0", "ablation_mlp_post_0", "edge_mass",
+                 "patching_mlp_post_0"):
         assert (demo_report / "plots" / f"{name}.png").stat().st_size > 10_000
     assert (demo_report / "graph.html").stat().st_size < 5 * 2**20
     screenshot_is_not_blank(index, tmp_path)
@@ -295,6 +299,7 @@ def test_token_view_renders_offline(demo_report, tmp_path):
     containers = re.findall(r'<div id="circuits-vis-[^"]*"[^>]*>(.*?)</div>\s*<script', dom, re.S)
     assert len(containers) == 2 and all(len(c) > 200 for c in containers)
     assert dom.count(">=<") >= 5  # the '=' token of the shown sequences
+    assert "resid_pre.0/1: " in dom  # directions named with their labels
     screenshot_is_not_blank(page, tmp_path, "900,700")
 
 

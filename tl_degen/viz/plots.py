@@ -45,6 +45,8 @@ class Series:
     points: bool = False
     color: str | None = None
     hollow: bool = False  # e.g. dropped directions
+    lower: list[float] | None = None  # a band (e.g. a confidence interval) around y
+    upper: list[float] | None = None
 
 
 @dataclass
@@ -79,15 +81,28 @@ class Plot:
         """The plot as a :class:`matplotlib.figure.Figure` (no pyplot state involved)."""
         from matplotlib.figure import Figure
 
+        fig = Figure(figsize=(self.width / 100, self.height / 100), dpi=100)
+        self.draw(fig.add_subplot())
+        fig.tight_layout()
+        return fig
+
+    def draw(self, ax) -> None:
+        """Draw the plot into a matplotlib ``Axes`` (e.g. one panel of a larger figure)."""
         if not any(self._points(s) for s in self.series):
             raise TLDegenError(f"plot {self.title!r} has no data to draw")
-        fig = Figure(figsize=(self.width / 100, self.height / 100), dpi=100)
-        ax = fig.add_subplot()
         for n, s in enumerate(self.series):
             pts = self._points(s)
             if not pts:
                 continue
             color = s.color or PALETTE[n % len(PALETTE)]
+            if s.lower is not None and s.upper is not None:
+                band = [(float(x), float(lo), float(hi)) for x, lo, hi in
+                        zip(s.x, s.lower, s.upper) if math.isfinite(lo) and math.isfinite(hi)
+                        and (not self.logx or x > 0)]
+                if band:
+                    ax.fill_between([b[0] for b in band], [b[1] for b in band],
+                                    [b[2] for b in band], color=color, alpha=0.18,
+                                    linewidth=0)
             (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                               markersize=3, color=color, label=s.name,
                               markerfacecolor="white" if s.hollow else color,
@@ -101,8 +116,6 @@ class Plot:
         ax.grid(True, color="#eee", linewidth=0.8)
         ax.set_axisbelow(True)
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-        fig.tight_layout()
-        return fig
 
     # ------------------------------------------------------------------ SVG
     def to_svg(self) -> str:

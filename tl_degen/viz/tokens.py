@@ -68,7 +68,8 @@ def _token_strings(model, tokens: Tensor) -> list[list[str]]:
 def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionBasis,
                     directions: Sequence[int], *, n_examples: int = 5,
                     title: str | None = None,
-                    token_strings: list[list[str]] | None = None) -> str:
+                    token_strings: list[list[str]] | None = None,
+                    labels: dict[str, str] | None = None) -> str:
     """Which tokens and positions activate each direction, as self-contained HTML.
 
     Two circuitsvis views: ``topk_samples`` (for every direction, the ``n_examples``
@@ -83,6 +84,8 @@ def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionB
         directions: basis columns to show.
         token_strings: ``[batch][pos]`` display strings (default: decoded with the model's
             tokenizer, or ``<id>``).
+        labels: node id (``"site/j"``) → label (:func:`lm_labels`, :func:`modadd_labels`),
+            shown after each direction's name.
 
     Examples:
         >>> page = viz.token_view_html(model, tokens[:200], bases["resid_pre.0"], [1, 2, 3],
@@ -108,12 +111,14 @@ def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionB
         top = vals[..., n].abs().amax(1).argsort(descending=True)[:k].tolist()
         samples_tok.append([strs[b] for b in top])
         samples_act.append([vals[b, :, n].tolist() for b in top])
-    labels = [f"{basis.site.name}/{d}" for d in directions]
+    labels = labels or {}
+    names = [f"{basis.site.name}/{d}" for d in directions]
+    names = [f"{n}: {labels[n]}" if labels.get(n) else n for n in names]
     view1 = topk_samples(tokens=[samples_tok], activations=[samples_act],
                          zeroth_dimension_name="Site", first_dimension_name="Direction",
                          zeroth_dimension_labels=[basis.site.name],
-                         first_dimension_labels=labels)
-    view2 = colored_tokens_multi(strs[0], vals[0], labels)
+                         first_dimension_labels=names)
+    view2 = colored_tokens_multi(strs[0], vals[0], names)
     head = html.escape(title or f"Token view: {basis.site.name} ({basis.method})")
     return (f"<div class='tld-tokens'><h3>{head}</h3>"
             f"<h4>Top sequences per direction</h4>{fix_local_src(view1.local_src)}"
