@@ -169,6 +169,17 @@ def test_ablation_curves_and_edges(toy):
                     edge_mass_counts(graph.edge(SITE, "resid_post.0:last"), (0.9, 0.99)).items()}}
     assert e["mass_90"] <= e["mass_99"] <= e["n_edges"]
     assert "90% of mass in" in small.table()
+    # graphs fitted here, with the fewest edges that keep the metric (edge_ablation's bisection)
+    fitted = tl_degen.compare_bases(model, clean, corrupted, ld, [SITE, "resid_post.0:last"],
+                                    bases={"lib": bases["lib"]}, graphs=True, edge_tolerance=0.5,
+                                    n=[4], modes=["denoising"], orders=["basis"],
+                                    ablation=False, n_bootstrap=20, progress=False)
+    e = fitted.edges["lib"][pair]
+    ref = tl_degen.edge_ablation(model, clean, tl_degen.interaction_graph(
+        model, torch.cat([clean, corrupted]), bases["lib"], progress=False), ld,
+        pairs=[(SITE, "resid_post.0:last")], tolerance=0.5, batch_size=len(clean),
+        progress=False)
+    assert e["required"] == ref.n_edges_required[pair] and 0 < e["required"] <= e["n_edges"]
 
 
 def test_round_trip_table_and_figure(toy, tmp_path):
@@ -214,6 +225,10 @@ def test_one_dataset_with_labels():
     ({"n": [0, 4]}, tl_degen.TLDegenError, "n must be positive"),
     ({"fractions": [1.5]}, tl_degen.TLDegenError, "fractions must be numbers"),
     ({"n_bootstrap": True}, tl_degen.TLDegenError, "n_bootstrap must be"),
+    ({"graphs": {"lib": "g"}}, tl_degen.TLDegenError, "must be an InteractionGraph"),
+    ({"edge_tolerance": float("nan"), "graphs": True}, tl_degen.TLDegenError,
+     "edge_tolerance must be a positive finite"),
+    ({"edge_tolerance": 0.1}, tl_degen.TLDegenError, "edge_tolerance needs graphs"),
     ({"corrupted": "same"}, tl_degen.DataError, "does not change the metric"),
 ])
 def test_bad_inputs(toy, change, error, phrase):
@@ -229,7 +244,8 @@ def test_bad_inputs(toy, change, error, phrase):
                                modes=change.get("modes", ["denoising"]),
                                fractions=change.get("fractions", (0.5,)),
                                n_bootstrap=change.get("n_bootstrap", 20), ablation=False,
-                               progress=False)
+                               graphs=change.get("graphs"),
+                               edge_tolerance=change.get("edge_tolerance"), progress=False)
 
 
 def test_bases_of_another_model_are_refused(toy, tokenizer_dir):
@@ -245,3 +261,27 @@ def test_bases_of_another_model_are_refused(toy, tokenizer_dir):
         tl_degen.compare_bases(arch, M.random_tokens(), M.random_tokens(seed=2),
                                lambda lg: lg[:, -1, 0], [SITE], bases={"lib": bases["lib"]},
                                progress=False)
+
+
+def test_every_architecture(model, arch):
+    """On every backend (a HookedTransformer resumes at the site's block): the neuron basis of
+    an all-position residual site is complete, so its curve ends at the whole-site patch, and
+    each point equals patch_directions with the same directions."""
+    model = model.double()
+    clean, corrupted = M.random_tokens(10, 6, seed=1), M.random_tokens(10, 6, seed=2)
+    site = M.mid_sites(arch)[0]
+
+    def metric(logits):
+        return logits[:, -1, 3] - logits[:, -1, 5]
+
+    bases = tl_degen.fit_bases(model, torch.cat([clean, corrupted]), [site], method="neuron",
+                               progress=False)
+    cmp = tl_degen.compare_bases(model, clean, corrupted, metric, [site], bases={"n": bases},
+                                 modes=["noising"], ablation=False, n_bootstrap=20,
+                                 progress=False)
+    c = cmp.curve(site, "n")
+    assert abs(float(c.fraction()[-1]) - 1.0) < 1e-9
+    ref = tl_degen.patch_directions(model, clean, corrupted, bases, site, metric,
+                                    directions=[c.order[:v] for v in c.n], mode="noising",
+                                    progress=False)
+    assert torch.allclose(c.per_example, ref.per_example, rtol=0, atol=1e-9)

@@ -420,6 +420,24 @@ def _basis_sets(model, bases, sites: list[Site]) -> dict[str, dict[Site, Interac
     return out
 
 
+def _check_graphs(model, graphs) -> None:
+    """``None``, ``True`` or ``name → InteractionGraph`` of this model."""
+    from tl_degen.graph import InteractionGraph
+
+    if graphs is None or graphs is True:
+        return
+    if not isinstance(graphs, Mapping):
+        raise TLDegenError("graphs must be a dict of name → InteractionGraph, or True")
+    for name, g in graphs.items():
+        if not isinstance(g, InteractionGraph):
+            raise TLDegenError(f"graphs[{name!r}] must be an InteractionGraph, got "
+                               f"{type(g).__name__}")
+        try:
+            g.bases.check_model(model)
+        except BasisMismatchError as err:
+            raise BasisMismatchError(f"graph {name!r}: {err}") from None
+
+
 def _metrics(metric, labels, position, n: int) -> tuple[Callable, Callable]:
     """The per-example metric and the differentiable one attribution orders by."""
     if isinstance(metric, str):
@@ -450,7 +468,7 @@ def compare_bases(
     modes: Sequence[str] = ("denoising", "noising"),
     orders: Sequence[str] = ORDERS,
     ablation: bool = True,
-    graphs: Mapping[str, object] | None = None,
+    graphs: Mapping[str, object] | bool | None = None,
     edge_tolerance: float | None = None,
     fractions: Sequence[float] = FRACTIONS,
     n_bootstrap: int = 1000,
@@ -482,7 +500,9 @@ def compare_bases(
         modes, orders: which curves (``"denoising"``/``"noising"``;
             ``"attribution"``/``"basis"``).
         ablation: also run node-ablation curves (basis order, on the clean prompts).
-        graphs: ``name → InteractionGraph`` of the same bases, for edge sparsity.
+        graphs: ``name → InteractionGraph`` of the same bases, for edge sparsity, or
+            ``True`` to fit one per basis set here (:func:`~tl_degen.interaction_graph` on
+            the clean and corrupted prompts; edges between consecutive sites of each set).
         edge_tolerance: also bisect for the fewest edges per layer pair within this
             tolerance of the unablated metric (:func:`~tl_degen.edge_ablation`).
         fractions, n_bootstrap, level, seed: the fractions of the effect to count
@@ -540,6 +560,14 @@ def compare_bases(
         if not grid or any(isinstance(v, bool) for v in n) or grid[0] < 1:
             raise TLDegenError(f"n must be positive integers, got {list(n)}")
     value_fn, order_fn = _metrics(metric, labels, position, clean.shape[0])
+    _check_graphs(model, graphs)
+    if edge_tolerance is not None and (
+            isinstance(edge_tolerance, bool) or not isinstance(edge_tolerance, (int, float))
+            or not math.isfinite(edge_tolerance) or edge_tolerance <= 0):
+        raise TLDegenError(f"edge_tolerance must be a positive finite number, got "
+                           f"{edge_tolerance!r}")
+    if edge_tolerance is not None and not graphs:
+        raise TLDegenError("edge_tolerance needs graphs (a dict of InteractionGraphs, or True)")
 
     if bases is None:
         both = torch.cat([clean, corrupted])
@@ -576,7 +604,8 @@ def compare_bases(
                     groups.append(list(order[:v]))
         runs = patch_runs(model, clean, corrupted, basis, value_fn, groups,
                           list(range(len(s.resolve_positions(clean.shape[1])))), mode=mode,
-                          dtype=dtype, rows_per_pass=rows_per_pass, progress=False)
+                          dtype=dtype, rows_per_pass=rows_per_pass, progress=False,
+                          with_all=False)  # every kept direction is the curve's last point
         base = runs.corrupted if mode == "denoising" else runs.clean
         clean_value, corrupted_value = float(runs.clean.mean()), float(runs.corrupted.mean())
         if abs(float(runs.site.mean() - base.mean())) <= 1e-12 * max(
@@ -601,13 +630,16 @@ def compare_bases(
                 bar.update(1)
     bar.close()
 
+    if graphs is True:
+        from tl_degen.graph import interaction_graph
+
+        both = torch.cat([clean, corrupted])
+        graph_kwargs = {k: v for k, v in (fit_kwargs or {}).items()
+                        if k in ("n_probes", "batch_size", "dtype")}
+        graphs = {b: interaction_graph(model, both, bases[b], progress=progress, **graph_kwargs)
+                  for b in names if isinstance(bases[b], BasisSet) and len(bases[b].sites) > 1}
     edges: dict = {}
     for b, g in (graphs or {}).items():
-        from tl_degen.graph import InteractionGraph
-
-        if not isinstance(g, InteractionGraph):
-            raise TLDegenError(f"graphs[{b!r}] must be an InteractionGraph, got "
-                               f"{type(g).__name__}")
         required = {}
         if edge_tolerance is not None:
             required = edge_ablation(model, clean, g, value_fn, tolerance=edge_tolerance,

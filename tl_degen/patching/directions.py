@@ -233,25 +233,30 @@ class PatchRuns(NamedTuple):
 def patch_runs(model, clean: Tensor, corrupted: Tensor, basis: InteractionBasis,
                fn: Callable[[Tensor], Tensor], groups: list[list[int]], pos_idx: list[int], *,
                mode: str, dtype: torch.dtype | None, rows_per_pass: int, progress: bool,
-               announce: bool = False) -> PatchRuns:
+               announce: bool = False, with_all: bool = True) -> PatchRuns:
     """The runs behind :func:`patch_directions`, on validated arguments: the clean and
     corrupted runs, the whole site and every kept direction patched, and each group of
     directions patched, all per example (CPU, float64). Patches share forward passes, stacked
-    along the batch; on a ``HookedTransformer`` the blocks before the site run once."""
+    along the batch; on a ``HookedTransformer`` the blocks before the site run once.
+    ``with_all=False`` skips the every-kept-direction run (``all`` is then NaN), for callers
+    whose groups include it."""
     site = basis.site
     adapter = get_adapter(model)
     source, target = (clean, corrupted) if mode == "denoising" else (corrupted, clean)
     dev = adapter.device
     C, Cp = basis.C.to(dev), basis.C_pinv.to(dev)
     with prepared(model, dtype), torch.no_grad():
-        value_clean = fn(adapter.read_sites(clean, [Site("logits")])[0])
-        value_corrupted = fn(adapter.read_sites(corrupted, [Site("logits")])[0])
+        # each prompt set runs once: the site and the logits read in the same pass
+        x_clean, logits = adapter.read_sites(clean, [site, Site("logits")])
+        value_clean = fn(logits)
+        x_corrupted, logits = adapter.read_sites(corrupted, [site, Site("logits")])
+        value_corrupted = fn(logits)
+        del logits
         for name, value in (("clean", value_clean), ("corrupted", value_corrupted)):
             if not torch.isfinite(value).all():
                 raise DataError(f"the metric returned NaN or Inf on the {name} run; check it "
                                 "on the model's logits")
-        (x_s,) = adapter.read_sites(source, [site])
-        (x_t,) = adapter.read_sites(target, [site])
+        x_s, x_t = (x_clean, x_corrupted) if mode == "denoising" else (x_corrupted, x_clean)
         _check_finite(x_s, x_t, site=site)
         diff = torch.zeros_like(x_t, dtype=torch.float64)
         diff[:, pos_idx] = (x_s - x_t).double()[:, pos_idx]
@@ -280,17 +285,24 @@ def patch_runs(model, clean: Tensor, corrupted: Tensor, basis: InteractionBasis,
             return out
 
         per_call = max(1, rows_per_pass // max(n * target.shape[1], 1))
-        started = time.perf_counter()
-        site_value, all_value = patched_many([diff, h_diff @ Cp])
-        if announce:
-            _announce_cost(site, len(groups), per_call, time.perf_counter() - started)
+        # the whole site (and every kept direction) share the passes of the groups
+        items: list = [diff] + ([h_diff @ Cp] if with_all else []) + groups
+        head = len(items) - len(groups)
         per = []
         bar = tqdm(total=len(groups), desc=f"patching {site.name}", disable=not progress)
-        for start in range(0, len(groups), per_call):
-            block = groups[start:start + per_call]
-            per += patched_many([h_diff[..., g] @ Cp[g] for g in block])
-            bar.update(len(block))
+        started = time.perf_counter()
+        for start in range(0, len(items), per_call):
+            block = items[start:start + per_call]
+            per += patched_many([g if isinstance(g, Tensor) else h_diff[..., g] @ Cp[g]
+                                 for g in block])
+            if start == 0 and announce:
+                _announce_cost(site, len(groups), per_call,
+                               (time.perf_counter() - started) * 2 / len(block))
+            bar.update(len([g for g in block if not isinstance(g, Tensor)]))
         bar.close()
+        site_value = per[0]
+        all_value = per[1] if with_all else torch.full_like(site_value, float("nan"))
+        per = per[head:]
     per_example = torch.stack(per) if per else torch.zeros(0, clean.shape[0],
                                                            dtype=torch.float64)
     return PatchRuns(value_clean.cpu(), value_corrupted.cpu(), site_value, all_value,
