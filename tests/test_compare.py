@@ -116,6 +116,18 @@ def test_curves_end_at_the_whole_site_and_match_patch_directions(toy):
                 assert abs(float(frac[-1]) - 1.0) < 1e-3
     # the neuron basis of a residual site is complete
     assert bases["neuron"][SITE].dropped.total == 0
+    # independent: the unpatched runs are plain forward passes, and patching the whole of
+    # resid_mid.0:last (a cut of the last position's logits) restores the clean run
+    with torch.no_grad():
+        plain_clean, plain_corrupted = ld(model(clean)), ld(model(corrupted))
+    c = cmp.curve(SITE, "lib", "denoising")
+    assert torch.allclose(c.base, plain_corrupted.double(), atol=1e-9)
+    assert torch.allclose(c.full, plain_clean.double(), atol=1e-9)
+    c = cmp.curve(SITE, "lib", "noising")
+    assert torch.allclose(c.base, plain_clean.double(), atol=1e-9)
+    assert torch.allclose(c.full, plain_corrupted.double(), atol=1e-9)
+    # a fraction of exactly 1 is reached by the complete basis at n = k
+    assert cmp.curve(SITE, "neuron").needed(1.0, n_bootstrap=20).n == bases["neuron"][SITE].k
 
 
 def test_attribution_order_sorts_by_attribution(toy):
@@ -199,6 +211,20 @@ def test_round_trip_table_and_figure(toy, tmp_path):
     assert (tmp_path / "n.png").stat().st_size > 5000
 
 
+def test_a_single_site_basis_among_several_sites(toy):
+    """A user's basis of one site (e.g. from an SAE decoder) beside full sets: compared at its
+    site only, node ablation included."""
+    model, bases, clean, corrupted, ld, _ = toy
+    other = "resid_post.0:last"
+    cmp = tl_degen.compare_bases(model, clean, corrupted, ld, [SITE, other],
+                                 bases={"pca": bases["pca"], "mine": bases["neuron"][SITE]},
+                                 n=[4], modes=["denoising"], orders=["basis"],
+                                 n_bootstrap=20, progress=False)
+    assert set(cmp.patching[SITE]) == {"pca", "mine"} and set(cmp.patching[other]) == {"pca"}
+    assert set(cmp.ablation[SITE]) == {"pca", "mine"} and set(cmp.ablation[other]) == {"pca"}
+    assert "resid_post.0:last  pca" in cmp.table()
+
+
 def test_one_dataset_with_labels():
     """Resample patching: each prompt paired with the next, accuracy on the clean labels."""
     model = modadd.load_bridge(dtype=torch.float64)
@@ -225,6 +251,8 @@ def test_one_dataset_with_labels():
     ({"n": [0, 4]}, tl_degen.TLDegenError, "n must be positive"),
     ({"fractions": [1.5]}, tl_degen.TLDegenError, "fractions must be numbers"),
     ({"n_bootstrap": True}, tl_degen.TLDegenError, "n_bootstrap must be"),
+    ({"metric": lambda logits: logits[:, -1, 0].mean()}, tl_degen.DataError, "not a scalar"),
+    ({"n": [2.5]}, tl_degen.TLDegenError, "n must be positive"),
     ({"graphs": {"lib": "g"}}, tl_degen.TLDegenError, "must be an InteractionGraph"),
     ({"edge_tolerance": float("nan"), "graphs": True}, tl_degen.TLDegenError,
      "edge_tolerance must be a positive finite"),

@@ -469,13 +469,16 @@ def compare(args: argparse.Namespace) -> int:
         what = f"{clean.shape[0]} prompt pairs from {args.clean}"
 
         def metric(logits: torch.Tensor) -> torch.Tensor:
-            last, rows = logits[:, -1], torch.arange(logits.shape[0])
+            last = logits[:, -1]
+            rows = torch.arange(logits.shape[0], device=last.device)
             return last[rows, right.to(last.device)] - last[rows, wrong.to(last.device)]
     elif args.model == "modadd" and args.task in (None, "modadd"):
         from tl_degen.toy import modadd
 
         clean, corrupted, metric = modadd.patching_pairs(args.pairs, seed=0)
         what = f"{args.pairs} modadd pairs (a, b) against (a', b), logit difference"
+    elif args.model == "modadd":
+        raise ArgumentError("the modadd model has no tokenizer for --task ioi; use --task modadd")
     elif args.task in (None, "ioi"):
         from tl_degen.tasks import ioi
 

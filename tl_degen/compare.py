@@ -17,7 +17,8 @@ task and sites, for LIB, PCA, neurons and any basis the user brings:
 - the **number of directions needed** for 50 / 90 / 99 % of the effect: the smallest grid
   point whose fraction reaches it (``None`` if none does), with a percentile bootstrap
   interval over prompt pairs (pairs resampled with replacement, every curve point from the
-  same resample);
+  same resample; the attribution order is ranked once on all pairs and held fixed, so the
+  interval leaves out the uncertainty of the ranking itself);
 - **node ablation** (:func:`~tl_degen.ablation.ablation_curve`: all but the top ``n`` in the
   basis' order mean-ablated, on the clean prompts);
 - **edge sparsity** of the graphs given: edges holding 90 / 99 % of each layer pair's edge mass
@@ -65,6 +66,8 @@ def default_grid(k: int, points: int = 16) -> list[int]:
     (every ``n`` when ``k ≤ points``), ``k`` last: the x axis of a curve."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise TLDegenError(f"a basis needs at least one direction, got k={k!r}")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise TLDegenError(f"points must be an integer of at least 2, got {points!r}")
     if k <= points:
         return list(range(1, k + 1))
     return sorted({max(1, round(k ** (i / (points - 1)))) for i in range(points)} | {k})
@@ -89,7 +92,7 @@ def needed_directions(fractions: Float[Tensor, "... n_points"], n: Sequence[int]
                       target: float) -> Float[Tensor, "..."]:
     """The smallest ``n`` whose fraction reaches ``target``, per row (``inf`` where none)."""
     grid = torch.tensor([float(v) for v in n], dtype=torch.float64)
-    hit = fractions >= target
+    hit = fractions >= target - 1e-9  # a complete basis reaches 1 up to rounding
     first = torch.where(hit, grid.expand_as(fractions), torch.full_like(fractions, math.inf))
     return first.min(-1).values
 
@@ -105,6 +108,8 @@ def bootstrap_weights(batch: int, n_bootstrap: int, seed: int) -> Float[Tensor, 
 def edge_mass_counts(edges: Float[Tensor, "d_out d_in"], fractions: Sequence[float] = (0.9, 0.99)
                      ) -> dict[float, int]:
     """How many of the strongest edges hold each fraction of the total edge mass."""
+    if not torch.isfinite(edges).all():
+        raise DataError("the edges hold NaN or Inf; refit the graph")
     vals = edges.double().flatten().abs().sort(descending=True).values
     total = float(vals.sum())
     if total <= 0:
@@ -446,6 +451,15 @@ def _metrics(metric, labels, position, n: int) -> tuple[Callable, Callable]:
         if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.is_floating_point():
             raise DataError(f"labels must be a [{n}] integer tensor (one target per clean "
                             f"prompt), got {getattr(labels, 'shape', type(labels).__name__)}")
+    if callable(metric) and not isinstance(metric, str):
+        user = metric
+
+        def metric(logits: Tensor) -> Tensor:
+            value = user(logits)
+            if isinstance(value, Tensor) and value.dim() == 0:
+                raise DataError("compare_bases needs the metric per prompt pair ([batch]), not "
+                                "a scalar: its bootstrap resamples pairs")
+            return value
     fn = make_metric(metric, labels, position)
     value = lambda logits: fn(logits, slice(None))  # noqa: E731
     if metric == "accuracy":  # not differentiable: attribution orders by the loss
@@ -556,9 +570,14 @@ def compare_bases(
     if not isinstance(level, float) or not 0 < level < 1:
         raise TLDegenError(f"level must be a float in (0, 1), got {level!r}")
     if n is not None:
-        grid = sorted({int(v) for v in n})
-        if not grid or any(isinstance(v, bool) for v in n) or grid[0] < 1:
+        if not n or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in n):
             raise TLDegenError(f"n must be positive integers, got {list(n)}")
+        grid = sorted(set(n))
+    if isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int) or rows_per_pass < 1:
+        raise TLDegenError(f"rows_per_pass must be a positive integer, got {rows_per_pass!r}")
+    if labels is not None and not isinstance(metric, str):
+        raise TLDegenError("labels go with metric='accuracy' or 'loss'; a metric function "
+                           "reads its own answers")
     value_fn, order_fn = _metrics(metric, labels, position, clean.shape[0])
     _check_graphs(model, graphs)
     if edge_tolerance is not None and (
@@ -583,7 +602,7 @@ def compare_bases(
     steps = [(s, b, m) for s in site_list for b in names if s in per_basis[b] for m in modes]
     patching: dict = {s.name: {} for s in site_list}
     clean_value = corrupted_value = math.nan
-    bar = tqdm(total=len(steps) + (len(site_list) * len(names) if ablation else 0),
+    bar = tqdm(total=len(steps) + (len(grids) if ablation else 0),
                desc="comparing bases", disable=not progress)
     for s, b, mode in steps:
         basis = per_basis[b][s]
@@ -608,8 +627,8 @@ def compare_bases(
                           with_all=False)  # every kept direction is the curve's last point
         base = runs.corrupted if mode == "denoising" else runs.clean
         clean_value, corrupted_value = float(runs.clean.mean()), float(runs.corrupted.mean())
-        if abs(float(runs.site.mean() - base.mean())) <= 1e-12 * max(
-                1.0, abs(float(base.mean()))):
+        gap = abs(float(runs.clean.mean() - runs.corrupted.mean()))
+        if runs.moved == 0 or abs(float(runs.site.mean() - base.mean())) <= 1e-9 * max(gap, 1.0):
             raise DataError(f"patching the whole of {s.name} does not change the metric "
                             f"({mode}); the task does not go through this site, or clean and "
                             "corrupted prompts agree there")
@@ -623,6 +642,8 @@ def compare_bases(
     if ablation:
         for s in site_list:
             for b in names:
+                if s not in per_basis[b]:
+                    continue
                 bset = bases[b] if isinstance(bases[b], BasisSet) else BasisSet([bases[b]])
                 curves.setdefault(s.name, {})[b] = ablation_curve(
                     model, clean, bset, s, value_fn, n_kept=[0] + grids[(s, b)],

@@ -147,7 +147,7 @@ def _announce_cost(site: Site, n_groups: int, per_call: int, seconds_for_two: fl
         f"patching each of the {n_groups} directions of {site.name} alone takes about "
         f"{estimate / 60:.0f} min here ({passes} forward passes of ~{per_pass:.1f} s); "
         f"tl_degen.attribution_patch ranks them all in one pass: patch its top ones with "
-        f"directions=attribution.top({site.name!r}, 16)", LongRunWarning, stacklevel=3)
+        f"directions=attribution.top({site.name!r}, 16)", LongRunWarning, stacklevel=4)
 
 
 def patch_directions(
@@ -228,6 +228,7 @@ class PatchRuns(NamedTuple):
     site: Float[Tensor, " batch"]  # the whole site patched
     all: Float[Tensor, " batch"]  # every kept direction patched together
     groups: Float[Tensor, "n_groups batch"]
+    moved: float  # the largest |source − target| at the patched positions (0: nothing to patch)
 
 
 def patch_runs(model, clean: Tensor, corrupted: Tensor, basis: InteractionBasis,
@@ -306,4 +307,4 @@ def patch_runs(model, clean: Tensor, corrupted: Tensor, basis: InteractionBasis,
     per_example = torch.stack(per) if per else torch.zeros(0, clean.shape[0],
                                                            dtype=torch.float64)
     return PatchRuns(value_clean.cpu(), value_corrupted.cpu(), site_value, all_value,
-                     per_example)
+                     per_example, float(diff.abs().max()) if diff.numel() else 0.0)

@@ -48,6 +48,14 @@ class Series:
     lower: list[float] | None = None  # a band (e.g. a confidence interval) around y
     upper: list[float] | None = None
 
+    def __post_init__(self) -> None:
+        if (self.lower is None) != (self.upper is None):
+            raise TLDegenError(f"series {self.name!r}: give both lower and upper, or neither")
+        for name, v in (("y", self.y), ("lower", self.lower), ("upper", self.upper)):
+            if v is not None and len(v) != len(self.x):
+                raise TLDegenError(f"series {self.name!r}: {name} has {len(v)} values for "
+                                   f"{len(self.x)} x values")
+
 
 @dataclass
 class Plot:
@@ -97,8 +105,9 @@ class Plot:
             color = s.color or PALETTE[n % len(PALETTE)]
             if s.lower is not None and s.upper is not None:
                 band = [(float(x), float(lo), float(hi)) for x, lo, hi in
-                        zip(s.x, s.lower, s.upper) if math.isfinite(lo) and math.isfinite(hi)
-                        and (not self.logx or x > 0)]
+                        zip(s.x, s.lower, s.upper)
+                        if math.isfinite(x) and math.isfinite(lo) and math.isfinite(hi)
+                        and (not self.logx or x > 0) and (not self.logy or lo > 0)]
                 if band:
                     ax.fill_between([b[0] for b in band], [b[1] for b in band],
                                     [b[2] for b in band], color=color, alpha=0.18,
