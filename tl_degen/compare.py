@@ -451,7 +451,7 @@ def _metrics(metric, labels, position, n: int) -> tuple[Callable, Callable]:
         if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.is_floating_point():
             raise DataError(f"labels must be a [{n}] integer tensor (one target per clean "
                             f"prompt), got {getattr(labels, 'shape', type(labels).__name__)}")
-    if callable(metric) and not isinstance(metric, str):
+    elif callable(metric):
         user = metric
 
         def metric(logits: Tensor) -> Tensor:
