@@ -304,8 +304,14 @@ def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, to
     ("fit --model modadd --tokens {tmp}/tok.pt --sites logits --dtype float13 "
      "--out {tmp}/x.safetensors",
      "is not a torch dtype"),
-    ("compare --model modadd --sites mlp_post.0:last --out {tmp}/no/x.safetensors",
-     "does not exist; create it first"),
+    ("graph --model modadd --tokens {tmp}/tok.pt --sites resid_post.0:last,logits:last "
+     "--out {tmp}/x.safetensors --html {tmp}/tok.pt/g.html", "tok.pt is a file"),
+    ("fit --model modadd --tokens {tmp}/tok.pt --sites logits --out {tmp}", "is a folder"),
+    ("demo --out {tmp} --quiet", "is not empty and is not an earlier tl-degen report"),
+    ("demo --out {tmp}/tok.pt --quiet", "is a file"),
+    ("demo --out {tmp}/r --threads -1 --quiet", "--threads must be at least 1"),
+    ("compare --model modadd --sites mlp_post.0:last --out {tmp}/tok.pt/x.safetensors",
+     "tok.pt is a file"),
     ("compare --model modadd --sites mlp_post.0:last --clean {tmp}/tok.pt "
      "--out {tmp}/x.safetensors", "give --clean, --corrupted and --answers together"),
     ("compare --model modadd --sites mlp_post.0:last --clean {tmp}/tok.pt --corrupted "
@@ -337,3 +343,16 @@ def test_cli_compare_on_modadd(tmp_path, capsys):
     # the neuron basis is complete: its curve ends at the whole-site patch exactly
     assert float(cmp.curve("mlp_post.0:last", "neuron").fraction()[-1]) == pytest.approx(1.0)
     assert png.stat().st_size > 10_000
+
+
+def test_demo_replaces_only_its_own_report_folder(tmp_path):
+    """An empty folder or an earlier report may be replaced; a folder of the user's may not
+    (checked before any work)."""
+    cli._check_report_folder(tmp_path / "new")
+    cli._check_report_folder(tmp_path)  # empty
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(cli.ArgumentError, match="not an earlier tl-degen report"):
+        cli._check_report_folder(tmp_path)
+    (tmp_path / "index.html").write_text("<html></html>")
+    (tmp_path / "report.json").write_text("{}")
+    cli._check_report_folder(tmp_path)  # an earlier report

@@ -83,8 +83,8 @@ def test_graph_page_renders_offline_with_every_node_and_edge(small_graph, tmp_pa
     model, bases, graph = small_graph
     pruned = graph.prune(top_k=3)
     labels = {graph.node_name(s, 1): f"label of {s.name}" for s in graph.sites}
-    page = viz.save_graph_page(
-        pruned, tmp_path / "graph.html", labels=labels, modules=pruned.modules()
+    page = viz.save_graph_page(  # a folder that does not exist yet is created
+        pruned, tmp_path / "new" / "graph.html", labels=labels, modules=pruned.modules()
     )
     assert page.stat().st_size < 5 * 2**20
     assert not re.search(

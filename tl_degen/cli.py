@@ -49,6 +49,17 @@ class ArgumentError(TLDegenError):
 
 
 # ---------------------------------------------------------------------------- demo
+def _check_report_folder(out: Path) -> None:
+    """The demo replaces only a folder it wrote before (index.html and report.json in it) or
+    an empty one; anything else is the user's and is refused before any work."""
+    if out.exists() and not out.is_dir():
+        raise ArgumentError(f"--out {out} is a file; give a folder for the report")
+    if out.is_dir() and any(out.iterdir()) and not (
+            (out / "index.html").is_file() and (out / "report.json").is_file()):
+        raise ArgumentError(f"--out {out} is not empty and is not an earlier tl-degen report; "
+                            "give a new folder (the report replaces the folder's contents)")
+
+
 def demo(args: argparse.Namespace) -> int:
     import tl_degen
     from tl_degen import viz
@@ -68,9 +79,12 @@ def demo(args: argparse.Namespace) -> int:
     def done(name: str):
         timings[name] = time.perf_counter() - started.pop(name)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
+    _check_report_folder(out)  # before any work
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ArgumentError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     step("load model")
     model = modadd.load_bridge(args.checkpoint)  # float32; bases and graphs fit in float64
     train, test = modadd.train_test_split()
@@ -374,8 +388,26 @@ class _Launch:
                 print(line)
 
 
+def _check_outputs(*paths) -> None:
+    """Every output path is usable before any work: not a folder, and no part of its folder
+    an existing file (missing folders are created when the file is written)."""
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise ArgumentError(f"{path} is a folder; give a file name")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ArgumentError(f"cannot write {path}: {parent} is a file")
+                break
+
+
 def _fit_common(args, launch: _Launch, **fit_kwargs):
     import tl_degen
+
+    _check_outputs(args.out, getattr(args, "html", None))
 
     model = load_model(args.model, args.config, args.dtype).to(launch.device)
     tokens = launch.shard(load_tokens(args.tokens, model))
@@ -444,9 +476,7 @@ def compare(args: argparse.Namespace) -> int:
         raise ArgumentError(f"--pairs must be at least 2, got {args.pairs}")
     out = Path(args.out)
     png = Path(args.png) if args.png else None
-    for path in (out, png):  # every output path is checked before any work
-        if path is not None and not path.parent.exists():
-            raise ArgumentError(f"the folder of {path} does not exist; create it first")
+    _check_outputs(out, png)  # every output path is checked before any work
     if out.suffix != ".safetensors":
         raise ArgumentError(f"--out must end in .safetensors, got {out.name!r}")
     if png is not None and png.suffix != ".png":
@@ -495,6 +525,7 @@ def compare(args: argparse.Namespace) -> int:
     print(f"{what}\n{cmp!r}\nsaved to {out}")
     if png is not None:
         fig = cmp.figure()
+        png.parent.mkdir(parents=True, exist_ok=True)
         tmp = png.with_name(png.name + ".tmp.png")
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, png)
@@ -524,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="the shipped modadd model → a report folder")
-    d.add_argument("--out", default="tl_degen_report", help="report folder (replaced)")
+    d.add_argument("--out", default="tl_degen_report", help="report folder: new, empty, or an "
+                   "earlier report (replaced)")
     d.add_argument("--checkpoint", help="a HookedTransformer-format modadd state dict")
     d.add_argument("--threads", type=int, help="torch CPU threads")
     d.add_argument("--quiet", action="store_true", help="only the final line")

@@ -472,7 +472,8 @@ def graph_html(
 
 
 def save_graph_page(graph, path: str | os.PathLike, **kwargs) -> Path:
-    """Write :func:`graph_html` to ``path`` atomically (no half-written file on error).
+    """Write :func:`graph_html` to ``path`` atomically (no half-written file on error),
+    creating its folder as ``BasisSet.save`` does.
 
     Examples:
         >>> pruned = graph.prune(mass=0.99)
@@ -481,6 +482,7 @@ def save_graph_page(graph, path: str | os.PathLike, **kwargs) -> Path:
     """
     path = Path(path)
     text = graph_html(graph, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
