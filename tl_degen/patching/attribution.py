@@ -118,6 +118,31 @@ class AttributionResult(Serialisable):
         return "\n".join(lines)
 
 
+def metric_gradient(adapter, tokens: Int[Tensor, "batch pos"], fn, site: Site,
+                    x: Float[Tensor, "batch n_pos d_site+1"]) -> Float[Tensor, "batch n_pos d+1"]:
+    """``∂ mean(metric) / ∂x`` (float64) with ``x`` written at ``site`` on a run of
+    ``tokens``; the constant coordinate's entry is 0 (patches keep ``c = 1``: it is not an
+    activation, and with centered bases it only touches the constant direction, whose
+    coordinate never changes)."""
+    x = x.detach().requires_grad_(True)
+    value = _run_metric(adapter, tokens, fn, write=(site, x)).mean()
+    (g,) = torch.autograd.grad(value, x)
+    g = g.double()
+    g[..., -1] = 0.0
+    return g
+
+
+def direction_attributions(diff: Float[Tensor, "batch n_pos d+1"],
+                           grad: Float[Tensor, "batch n_pos d+1"], basis: InteractionBasis,
+                           ) -> tuple[Float[Tensor, "n_pos k"], Float[Tensor, "batch n_pos d+1"]]:
+    """``Σ_b Δx̂ · ĝ`` per position and direction (``Δx̂ = Δx C``, ``ĝ = g C⁺ᵀ``), and
+    the part of ``Δx`` outside the kept directions, ``Δx (I − C C⁺)``; ``diff``'s constant
+    coordinate must be 0."""
+    C, Cp = basis.C.to(diff.device), basis.C_pinv.to(diff.device)
+    h_diff = diff @ C
+    return (h_diff * (grad @ Cp.T)).sum(0), diff - h_diff @ Cp
+
+
 def attribution_patch(
     model,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -179,7 +204,6 @@ def attribution_patch(
     source, target = (clean, corrupted) if mode == "denoising" else (corrupted, clean)
     alphas, weights = ([0.0], [1.0]) if method == "gradient" else integration_rule(
         "gauss-legendre", n_alpha)
-    dev = adapter.device
     n_local = clean.shape[0]
     (n_total,) = shards.sum_ints([n_local])
     share = n_local / n_total  # a rank's mean metric weighs as its share of the examples
@@ -203,23 +227,15 @@ def attribution_patch(
                 diff[..., -1] = 0.0
                 grad = torch.zeros_like(diff)
                 for a, w in zip(alphas, weights):
-                    x = (x_t.double() + a * diff).to(x_t.dtype).requires_grad_(True)
-                    value = _run_metric(adapter, target, fn, write=(site, x)).mean()
-                    (g,) = torch.autograd.grad(value, x)
-                    grad += w * share * g.double()
-                # patches keep c = 1 (the constant coordinate is not an activation), so its
-                # gradient takes no part; with centered bases it only touches the constant
-                # direction, whose coordinate never changes
-                grad[..., -1] = 0.0
-                C, Cp = basis.C.to(dev), basis.C_pinv.to(dev)
-                h_diff, h_grad = diff @ C, grad @ Cp.T
-                rest = diff - h_diff @ Cp
+                    x = (x_t.double() + a * diff).to(x_t.dtype)
+                    grad += w * share * metric_gradient(adapter, target, fn, site, x)
+                attributions, rest = direction_attributions(diff, grad, basis)
                 with torch.no_grad():
                     x = x_s.clone()
                     x[..., -1] = 1.0
                     delta = float(_run_metric(adapter, target, fn, write=(site, x)).mean())
             name = site.name
-            out.attributions[name] = shards.sum((h_diff * h_grad).sum(0)).cpu()
+            out.attributions[name] = shards.sum(attributions).cpu()
             out.neuron[name] = shards.sum((diff * grad).sum(0)).cpu()
             dropped, delta = shards.sum_floats([float((rest * grad).sum()), delta * share])
             out.dropped[name] = dropped

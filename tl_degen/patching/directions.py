@@ -231,34 +231,60 @@ class PatchRuns(NamedTuple):
     moved: float  # the largest |source − target| at the patched positions (0: nothing to patch)
 
 
+class PairReads(NamedTuple):
+    """The clean and corrupted runs, each run once (:func:`read_pair`): the metric per
+    example and the activations ``[batch, n_site_positions, d_site + 1]`` of each site."""
+
+    clean: Float[Tensor, " batch"]
+    corrupted: Float[Tensor, " batch"]
+    x_clean: dict[Site, Tensor]
+    x_corrupted: dict[Site, Tensor]
+
+
+def read_pair(adapter, clean: Tensor, corrupted: Tensor, sites: Sequence[Site],
+              fn: Callable[[Tensor], Tensor]) -> PairReads:
+    """Run the clean and the corrupted prompts once each, reading every site and the
+    logits in the same pass; the metric must be finite on both, and so the activations.
+    Call inside ``prepared(model, dtype)`` and ``torch.no_grad()``."""
+    values, xs = [], []
+    for name, tokens in (("clean", clean), ("corrupted", corrupted)):
+        *read, logits = adapter.read_sites(tokens, [*sites, Site("logits")])
+        value = fn(logits)
+        del logits
+        if not torch.isfinite(value).all():
+            raise DataError(f"the metric returned NaN or Inf on the {name} run; check it "
+                            "on the model's logits")
+        values.append(value)
+        xs.append(dict(zip(sites, read)))
+    for site in sites:
+        _check_finite(xs[0][site], xs[1][site], site=site)
+    return PairReads(values[0], values[1], xs[0], xs[1])
+
+
 def patch_runs(model, clean: Tensor, corrupted: Tensor, basis: InteractionBasis,
                fn: Callable[[Tensor], Tensor], groups: list[list[int]], pos_idx: list[int], *,
                mode: str, dtype: torch.dtype | None, rows_per_pass: int, progress: bool,
-               announce: bool = False, with_all: bool = True) -> PatchRuns:
+               announce: bool = False, with_all: bool = True,
+               reads: PairReads | None = None) -> PatchRuns:
     """The runs behind :func:`patch_directions`, on validated arguments: the clean and
     corrupted runs, the whole site and every kept direction patched, and each group of
     directions patched, all per example (CPU, float64). Patches share forward passes, stacked
     along the batch; on a ``HookedTransformer`` the blocks before the site run once.
     ``with_all=False`` skips the every-kept-direction run (``all`` is then NaN), for callers
-    whose groups include it."""
+    whose groups include it. ``reads``: the clean and corrupted runs already read
+    (:func:`read_pair`, same ``dtype``, this site among its sites), for callers that patch
+    several bases of one site."""
     site = basis.site
     adapter = get_adapter(model)
     source, target = (clean, corrupted) if mode == "denoising" else (corrupted, clean)
     dev = adapter.device
     C, Cp = basis.C.to(dev), basis.C_pinv.to(dev)
     with prepared(model, dtype), torch.no_grad():
-        # each prompt set runs once: the site and the logits read in the same pass
-        x_clean, logits = adapter.read_sites(clean, [site, Site("logits")])
-        value_clean = fn(logits)
-        x_corrupted, logits = adapter.read_sites(corrupted, [site, Site("logits")])
-        value_corrupted = fn(logits)
-        del logits
-        for name, value in (("clean", value_clean), ("corrupted", value_corrupted)):
-            if not torch.isfinite(value).all():
-                raise DataError(f"the metric returned NaN or Inf on the {name} run; check it "
-                                "on the model's logits")
+        if reads is None:  # each prompt set runs once: the site and the logits in one pass
+            reads = read_pair(adapter, clean, corrupted, [site], fn)
+        value_clean, value_corrupted = reads.clean, reads.corrupted
+        x_clean, x_corrupted = reads.x_clean[site], reads.x_corrupted[site]
         x_s, x_t = (x_clean, x_corrupted) if mode == "denoising" else (x_corrupted, x_clean)
-        _check_finite(x_s, x_t, site=site)
         diff = torch.zeros_like(x_t, dtype=torch.float64)
         diff[:, pos_idx] = (x_s - x_t).double()[:, pos_idx]
         h_diff = diff @ C  # [batch, n_pos, k]
