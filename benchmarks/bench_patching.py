@@ -120,18 +120,25 @@ def main() -> None:
 
 def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: int = 32,
                   repeats: int = 3):
-    """Per-patch time on a 12-layer GPT-2-small-shaped model: every pass resumed at the
-    site's block (``start_at_layer``) against every pass from the embedding (the resume
-    switched off), alternated in the same process, medians of ``repeats``."""
-    from _lm import gpt2_small_shaped, gpt2_small_shaped_hooked, word_tokens
+    """Per-patch time on a 12-layer GPT-2-small-shaped model, as a ``TransformerBridge``
+    and (TransformerLens 3.x) a ``HookedTransformer``: every pass resumed at the site's block
+    (``start_at_layer``; on a bridge the blocks before it stood in for) against every pass
+    from the embedding (the resume switched off), alternated in the same process, medians
+    of ``repeats``."""
+    from _lm import gpt2_small_shaped, gpt2_small_shaped_hooked
+
+    hooked = gpt2_small_shaped_hooked()
+    for model in [gpt2_small_shaped()] + ([hooked] if hooked is not None else []):
+        deep_patching_on(model.to(device), n_prompts, n_tokens, n_dirs, repeats, device)
+
+
+def deep_patching_on(model, n_prompts: int, n_tokens: int, n_dirs: int, repeats: int,
+                     device: str):
+    from _lm import word_tokens
 
     from tl_degen.adapters import get_adapter
-    from tl_degen.adapters.base import Adapter
     from tl_degen.sites import Site
 
-    # resuming pays on a HookedTransformer; a bridge's start_at_layer reruns blocks 0..L-1
-    model = gpt2_small_shaped_hooked() or gpt2_small_shaped()
-    model = model.to(device)
     kind = type(model).__name__
     clean = word_tokens(n_prompts, n_tokens, seed=1).to(device)
     corrupted = word_tokens(n_prompts, n_tokens, seed=2).to(device)
@@ -152,7 +159,7 @@ def deep_patching(device: str, n_prompts: int = 16, n_tokens: int = 12, n_dirs: 
     adapter_cls = type(adapter)
     resume = adapter_cls.resume_state
     modes = (("from the embedding", lambda self, tokens, layer: None),
-             ("resumed at the block", Adapter.resume_state))
+             ("resumed at the block", resume))
     for layer in (6, 11):
         site = f"resid_mid.{layer}"
         bases = tl_degen.fit_bases(model, clean, [site], method="pca", progress=False)

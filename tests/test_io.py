@@ -76,6 +76,55 @@ def test_failed_save_leaves_nothing(fitted, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def _header_end(raw: bytes) -> int:
+    return 8 + int.from_bytes(raw[:8], "little")
+
+
+def test_damaged_files_are_refused(fitted, tmp_path):
+    """A checksum of the tensors and the header is written with every file and verified on
+    load: one flipped bit in a tensor, or an edited header, is refused, not loaded."""
+    model, bases = fitted
+    graph = tl_degen.interaction_graph(model, M.random_tokens(8, 5), bases, progress=False)
+    for obj, load in ((bases, BasisSet.load), (graph, tl_degen.InteractionGraph.load)):
+        path = obj.save(tmp_path / "a.safetensors")
+        raw = path.read_bytes()
+        load(path)  # intact
+        flipped = bytearray(raw)
+        flipped[len(raw) - 3] ^= 0x10  # a bit of the last tensor's data
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(DataError, match="is damaged"):
+            load(path)
+        end = _header_end(raw)
+        renamed = raw[:end].replace(b"n_samples", b"n_sampled")
+        assert renamed != raw[:end]
+        path.write_bytes(renamed + raw[end:])
+        with pytest.raises(DataError, match="is damaged"):
+            load(path)
+
+
+def test_saves_clean_up_after_killed_saves_and_follow_the_umask(fitted, tmp_path):
+    _, bases = fitted
+    stale = tmp_path / ".b.safetensors.abc123.tmp"  # what a save killed mid-write leaves
+    stale.write_bytes(b"x" * 1000)
+    other = tmp_path / "notes.tmp"  # not ours
+    other.write_text("keep")
+    import os
+
+    old = os.umask(0o027)
+    try:
+        path = bases.save(tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert not stale.exists() and other.exists()
+    assert path.stat().st_mode & 0o777 == 0o640
+    old = os.umask(0o022)
+    try:
+        bases.save(path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 # ---------------------------------------------------------------------------- every result
 @pytest.fixture(scope="module")
 def results():
@@ -188,6 +237,7 @@ def test_result_files_old_and_wrong(results, tmp_path):
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(header["tl_degen_graph"])
     del meta["errors"]
+    del header["tl_degen_sha256"]  # nor checksums
     save_file(tensors, str(path), metadata={**header, "tl_degen_graph": json.dumps(meta)})
     old = tl_degen.InteractionGraph.load(path)
     assert old.errors == {} and old.config == graph.config

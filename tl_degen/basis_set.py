@@ -18,12 +18,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from tl_degen.basis import Dropped, InteractionBasis, output_basis
 from tl_degen.errors import BasisMismatchError, DataError
-from tl_degen.io import save_safetensors_atomic
+from tl_degen.io import read_safetensors, save_safetensors_atomic
 from tl_degen.model_state import prepared
 from tl_degen.sites import Site
 
@@ -191,12 +190,7 @@ class BasisSet(Mapping):
         path = Path(path)
         if not path.exists():
             raise DataError(f"no basis file at {path}")
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types
-            raise DataError(f"{path} is not a readable safetensors file ({err})") from err
+        header, tensors = read_safetensors(path, device)
         try:
             meta = json.loads(header["tl_degen"])
             assert meta["format"] == FORMAT_NAME

@@ -14,13 +14,12 @@ import json
 import os
 from pathlib import Path
 
-from safetensors import safe_open
 from torch import Tensor
 
 from tl_degen.distributed import _flatten
 from tl_degen.distributed import short_repr as _short
 from tl_degen.errors import CheckpointError, TLDegenError
-from tl_degen.io import save_safetensors_atomic
+from tl_degen.io import read_safetensors, save_safetensors_atomic
 
 __all__ = ["FitCheckpoint", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
@@ -61,10 +60,9 @@ class FitCheckpoint:
         ``fingerprint`` (what the run was) and ``progress`` (batches done per stage)."""
         path = Path(path)
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = json.loads((f.metadata() or {})["tl_degen"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own types; KeyError, JSON errors
+            header, tensors = read_safetensors(path, error=CheckpointError)
+            meta = json.loads(header["tl_degen"])
+        except (CheckpointError, KeyError, ValueError) as err:
             raise CheckpointError(f"{path} is not a readable tl_degen checkpoint ({err}); "
                                   "delete it or choose another checkpoint path") from None
         if meta.get("format") != CHECKPOINT_FORMAT:

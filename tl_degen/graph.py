@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Int
-from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -33,7 +32,7 @@ from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
-from tl_degen.io import Serialisable, save_safetensors_atomic
+from tl_degen.io import Serialisable, read_safetensors, save_safetensors_atomic
 from tl_degen.model_state import prepared
 from tl_degen.sections.autograd import EDGE_ROUTES
 from tl_degen.sections.plan import SectionPlan
@@ -462,15 +461,18 @@ class InteractionGraph:
     def load(cls, path: str | os.PathLike, model=None) -> InteractionGraph:
         """Read a file written by :meth:`save` (with ``model``: check it is the same model)."""
         bases = BasisSet.load(path, model=model)
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            if "tl_degen_graph" not in header:
-                raise DataError(f"{path} holds bases but no interaction graph")
+        header, tensors = read_safetensors(path)
+        if "tl_degen_graph" not in header:
+            raise DataError(f"{path} holds bases but no interaction graph")
+        try:
             meta = json.loads(header["tl_degen_graph"])
-            edges = {(bases._key(e["in"]), bases._key(e["out"])): f.get_tensor(e["tensor"])
+            edges = {(bases._key(e["in"]), bases._key(e["out"])): tensors[e["tensor"]]
                      for e in meta["edges"]}
-        errors = {(bases._key(e["in"]), bases._key(e["out"])): e["error"]
-                  for e in meta.get("errors", [])}  # files of before errors were saved: none
+            errors = {(bases._key(e["in"]), bases._key(e["out"])): e["error"]
+                      for e in meta.get("errors", [])}  # files from before errors: none
+        except (KeyError, ValueError, TypeError) as err:
+            raise DataError(f"{path} has a damaged interaction-graph header ({err!r}); save "
+                            "the graph again") from None
         return cls(bases, edges, config=meta.get("config"), errors=errors)
 
     # ------------------------------------------------------------------ display

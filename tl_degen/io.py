@@ -4,6 +4,8 @@ of every result object (:func:`save_result`, :class:`Serialisable`)."""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -13,23 +15,84 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["save_safetensors_atomic", "save_result", "load_result", "Serialisable", "as_tensor"]
+__all__ = ["save_safetensors_atomic", "read_safetensors", "save_result", "load_result",
+           "Serialisable", "as_tensor"]
+
+
+#: Header key of the checksum every saved file carries (:func:`save_safetensors_atomic`).
+CHECKSUM_KEY = "tl_degen_sha256"
+
+
+def _checksum(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and every other header entry."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM_KEY},
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor],
                             metadata: dict[str, str]) -> Path:
-    """Write ``tensors`` and string ``metadata`` to ``path``; return the path."""
+    """Write ``tensors`` and string ``metadata`` to ``path``; return the path.
+
+    The write goes to a hidden temporary file beside ``path``, renamed over it on success, so
+    a failed or killed save never leaves a half-written file; the temporary files of earlier
+    saves to ``path`` that were killed are removed first. The header also holds a SHA-256 of
+    the tensors and the metadata (:data:`CHECKSUM_KEY`), which :func:`read_safetensors`
+    verifies. The file's mode follows the umask, as for any file the user writes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    metadata = {**metadata, CHECKSUM_KEY: _checksum(tensors, metadata)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu",
+                     error: type[Exception] | None = None) -> tuple[dict[str, str],
+                                                                    dict[str, Tensor]]:
+    """``(header, tensors)`` of a ``.safetensors`` file, its checksum verified (files
+    written before checksums were, have none). Raises ``error`` (default
+    :class:`~tl_degen.errors.DataError`) for a missing, unreadable or damaged file."""
+    from safetensors import safe_open
+
+    from tl_degen.errors import DataError
+
+    error = error or DataError
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"no file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise error(f"{path} is not a readable safetensors file ({err})") from None
+    if CHECKSUM_KEY in header and header[CHECKSUM_KEY] != _checksum(tensors, header):
+        raise error(f"{path} is damaged: its tensors or header no longer match the checksum "
+                    "written with it (a changed byte, an edited header). Save it again from "
+                    "the object, or recompute it")
+    return header, tensors
 
 
 # ---------------------------------------------------------------------------- results
@@ -87,19 +150,10 @@ def save_result(path: str | os.PathLike, result) -> Path:
 
 def load_result(path: str | os.PathLike, cls):
     """Read a file written by :func:`save_result` back into ``cls`` (``cls.from_dict``)."""
-    from safetensors import safe_open
-
     from tl_degen.errors import DataError
 
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"no file at {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types
-        raise DataError(f"{path} is not a readable safetensors file ({err})") from err
+    header, tensors = read_safetensors(path)
     if RESULT_KEY not in header:
         what = ("an interaction graph (InteractionGraph.load)" if "tl_degen_graph" in header
                 else "bases (BasisSet.load)" if "tl_degen" in header else "no tl_degen result")
