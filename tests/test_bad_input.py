@@ -6,6 +6,7 @@ import torch
 import tl_degen
 from tests import models as M
 from tl_degen import (
+    ArgumentError,
     BackendError,
     BasisMismatchError,
     DataError,
@@ -45,7 +46,7 @@ CASES = [
     ([TOKENS, TOKENS[:, :3]], ["resid_pre.0:4"], {}, SiteError, "out of range"),
     (TOKENS, ["resid_pre.0"], {"method": "ica"}, TLDegenError, "unknown method 'ica'"),
     (TOKENS, ["resid_pre.0"], {"integration": "simpson"}, TLDegenError, "unknown integration"),
-    (TOKENS, ["resid_pre.0"], {"batch_size": 0}, DataError, "batch_size must be"),
+    (TOKENS, ["resid_pre.0"], {"batch_size": 0}, ArgumentError, "batch_size must be at least 1"),
     (TOKENS, ["resid_pre.0"], {"threshold": "big"}, TLDegenError, "threshold must be"),
     ("t1 t2", ["resid_pre.0"], {}, DataError, "must be a \\[batch, pos\\] tensor"),
 ]
@@ -97,3 +98,91 @@ def test_coords_of_wrong_size(relu_model):
         bases["resid_pre.1"].from_coords(torch.ones(3, 1000))
     with pytest.raises(KeyError, match="no basis for site 'resid_mid.1'"):
         bases["resid_mid.1"]
+
+
+# ---------------------------------------------------------------------------- the checks layer
+@pytest.fixture(scope="module")
+def fitted_relu(relu_model):
+    tokens = M.random_tokens(12, 5)
+    bases = tl_degen.fit_bases(relu_model, tokens, ["resid_pre.1", "resid_post.1"],
+                               method="pca", progress=False)
+    graph = tl_degen.interaction_graph(relu_model, tokens, bases, progress=False)
+    return relu_model, tokens, bases, graph
+
+
+LABELS = torch.zeros(12, dtype=torch.long)
+VERB_CASES = [
+    # (verb, bad keyword arguments, phrase of the message) -> ArgumentError
+    ("ablation", {"n_kept": [5, 5, 7]}, r"n_kept repeats \[5\]"),
+    ("ablation", {"n_kept": [-1]}, r"n_kept\[0\] must be at least 0"),
+    ("ablation", {"n_kept": [1.5]}, r"n_kept\[0\] must be an integer"),
+    ("ablation", {"n_kept": [True]}, "a bool is not a number"),
+    ("ablation", {"n_kept": []}, "n_kept is empty"),
+    ("ablation", {"labels": LABELS[:, None]}, r"must have shape \[12\].*reshape"),
+    ("ablation", {"labels": LABELS.bool()}, "integer token ids"),
+    ("ablation", {"labels": LABELS + 1000}, r"must lie in \[0, 40\)"),
+    ("ablation", {"labels": [0] * 12}, "integer tensor of token ids, got list"),
+    ("ablation", {"position": 9}, "position 9 is outside prompts of 5 tokens"),
+    ("edges", {"n_edges": [-5]}, r"n_edges\[0\] must be at least 0"),
+    ("edges", {"tolerance": float("nan")}, "tolerance must be a finite number"),
+    ("edges", {"tolerance": 0.1, "upper": -3}, "upper must be at least 0"),
+    ("prune", {"threshold": float("nan")}, "threshold must be a finite number"),
+    ("prune", {"top_k": 1.5}, "top_k must be an integer"),
+    ("prune", {"mass": 0.0}, "mass must be above 0"),
+    ("modules", {"resolution": float("nan")}, "resolution must be a finite number"),
+    ("fit", {"dtype": torch.bfloat16}, "cannot represent the statistics"),
+    ("fit", {"dtype": torch.float16}, "cannot represent the statistics"),
+    ("fit", {"dtype": "float64"}, "write torch.float64"),
+    ("fit", {"dtype": torch.int64}, "must be a floating dtype"),
+    ("fit", {"batch_size": True}, "a bool is not a number"),
+    ("fit", {"n_probes": -3}, "n_probes must be at least 1"),
+    ("fit", {"threshold": 2.0}, "drops every eigenvalue"),
+    ("fit", {"threshold": float("inf")}, "non-negative finite"),
+    ("fit", {"threshold": True}, "threshold must be a float"),
+]
+
+
+@pytest.mark.parametrize("verb, kwargs, phrase", VERB_CASES)
+def test_every_verb_checks_its_arguments(fitted_relu, verb, kwargs, phrase):
+    model, tokens, bases, graph = fitted_relu
+    calls = {
+        "ablation": lambda: tl_degen.ablation_curve(
+            model, tokens, bases, "resid_pre.1", "accuracy", **{"labels": LABELS, **kwargs},
+            progress=False),
+        "edges": lambda: tl_degen.edge_ablation(
+            model, tokens, graph, "accuracy", labels=LABELS, progress=False,
+            **{"n_edges": [1], **kwargs}),
+        "prune": lambda: graph.prune(**kwargs),
+        "modules": lambda: graph.modules(**kwargs),
+        "fit": lambda: tl_degen.fit_bases(model, tokens, ["resid_pre.1"], progress=False,
+                                          **kwargs),
+    }
+    with pytest.raises(TLDegenError, match=phrase):
+        calls[verb]()
+
+
+def test_non_adjacent_edge_is_a_site_error(fitted_relu):
+    graph = fitted_relu[3]
+    with pytest.raises(SiteError, match="not a layer pair"):
+        graph.edge("resid_post.1", "resid_pre.1")
+
+
+def test_a_model_with_nan_weights_is_refused_by_every_verb_taking_bases(fitted_relu, tmp_path):
+    model, tokens, bases, graph = fitted_relu
+    path = bases.save(tmp_path / "b.safetensors")
+    broken = M.build("native_relu")
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        next(p for p in broken.parameters() if p.dim() == 2)[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="holds NaN or Inf"):
+        BasisSet_load(path, broken)
+    with pytest.raises(NonFiniteError, match="holds NaN or Inf"):
+        tl_degen.ablation_curve(broken, tokens, bases, "resid_pre.1", "accuracy",
+                                labels=LABELS, progress=False)
+    with pytest.raises(NonFiniteError, match="holds NaN or Inf"):
+        tl_degen.edge_ablation(broken, tokens, graph, "accuracy", labels=LABELS,
+                               n_edges=[1], progress=False)
+
+
+def BasisSet_load(path, model):
+    return tl_degen.BasisSet.load(path, model)

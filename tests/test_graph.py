@@ -152,7 +152,7 @@ def test_prune():
     assert kept.sum() >= 0.6 * total and int((kept > 0).sum()) == 2  # 4 + 3 = 7 of 10.6
     with pytest.raises(TLDegenError, match="exactly one"):
         graph.prune()
-    with pytest.raises(TLDegenError, match="fraction"):
+    with pytest.raises(TLDegenError, match="mass must be at most 1"):
         graph.prune(mass=1.5)
 
 

@@ -28,6 +28,7 @@ from tl_degen.effective import (
 )
 from tl_degen.errors import (
     AmbiguousRankWarning,
+    ArgumentError,
     BackendError,
     BasisMismatchError,
     CheckpointError,
@@ -90,6 +91,7 @@ __all__ = [
     "Threshold",
     "Dropped",
     "TLDegenError",
+    "ArgumentError",
     "AmbiguousRankWarning",
     "ProbeErrorWarning",
     "LongRunWarning",

@@ -16,10 +16,11 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_degen import checks
 from tl_degen.adapters import get_adapter
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
-from tl_degen.errors import DataError, TLDegenError
+from tl_degen.errors import ArgumentError, DataError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
 from tl_degen.io import Serialisable
 from tl_degen.model_state import prepared
@@ -126,10 +127,14 @@ def _batched_metric(model, tokens, batch_size, labels, metric, position):
     """``(adapter, batches, n_local, fn)``: this process's batches, their number of sequences
     (checked against ``labels``) and the metric function."""
     adapter = get_adapter(model)
+    position = checks.integer("position", position)
     batches = token_batches(tokens, batch_size, adapter)
     n_local = sum(b.shape[0] for b in batches)
-    if labels is not None and labels.shape[0] != n_local:
-        raise DataError(f"labels has {labels.shape[0]} entries for {n_local} sequences")
+    n_pos = min(b.shape[1] for b in batches)
+    if not -n_pos <= position < n_pos:
+        raise ArgumentError(f"position {position} is outside prompts of {n_pos} tokens")
+    if labels is not None:
+        labels = checks.labels(labels, n_local, adapter.d_vocab_out)
     if labels is not None and batches.order is not None:  # prompts regrouped by length
         labels = labels[batches.order.to(labels.device)]
     return adapter, batches, n_local, make_metric(metric, labels, position)
@@ -182,9 +187,8 @@ def ablation_curve(
         site = basis.site
         if site.kind == "logits":
             raise TLDegenError("ablating the logits is not supported; choose an earlier site")
-        n_kept = list(range(basis.k, -1, -1)) if n_kept is None else [int(n) for n in n_kept]
-        if any(n < 0 for n in n_kept):
-            raise TLDegenError(f"n_kept must be non-negative, got {n_kept}")
+        n_kept = (list(range(basis.k, -1, -1)) if n_kept is None
+                  else checks.integers("n_kept", n_kept, minimum=0))
         adapter, batches, n_local, fn = _batched_metric(model, tokens, batch_size, labels,
                                                         metric, position)
         check_positions(site, batches)
@@ -332,6 +336,14 @@ def edge_ablation(
     with shards.step("edge_ablation (checking the arguments)"):
         if n_edges is None and tolerance is None:
             raise TLDegenError("give n_edges=[...] to evaluate, or tolerance= to bisect, or both")
+        if n_edges is not None:
+            n_edges = checks.integers("n_edges", n_edges, minimum=0)
+        tolerance = checks.number("tolerance", tolerance, minimum=0, none=True)
+        if isinstance(upper, dict):
+            upper = {str(k): checks.integer(f"upper[{k!r}]", v, minimum=0)
+                     for k, v in upper.items()}
+        else:
+            upper = checks.integer("upper", upper, minimum=0, none=True)
         graph.bases.check_model(model)
         adapter, batches, n_local, fn = _batched_metric(model, tokens, batch_size, labels,
                                                         metric, position)
@@ -364,8 +376,9 @@ def edge_ablation(
             probed: dict[int, float] = {}
             if tolerance is not None:
                 top = upper.get(key, kept.total) if isinstance(upper, dict) else (
-                    upper or kept.total)
-                required[key], probed = _bisect(kept, int(top), baseline, tolerance,
+                    kept.total if upper is None else upper)
+                required[key], probed = _bisect(kept, min(int(top), kept.total), baseline,
+                                                tolerance,
                                                 desc=f"bisecting {key}", progress=progress)
             for k in n_edges or []:
                 probed[int(k)] = kept(int(k))

@@ -69,8 +69,13 @@ class Threshold:
         if self.mode not in ("relative", "absolute"):
             raise TLDegenError(
                 f"threshold mode must be 'relative' or 'absolute', not {self.mode!r}")
-        if not (self.value >= 0):
-            raise TLDegenError(f"threshold must be a non-negative number, got {self.value}")
+        if not (0 <= self.value < float("inf")):
+            raise TLDegenError(f"threshold must be a non-negative finite number, got "
+                               f"{self.value}")
+        if self.mode == "relative" and self.value >= 1:
+            raise TLDegenError(f"a relative threshold of {self.value} drops every eigenvalue "
+                               "(it is a fraction of the largest); use a small fraction such "
+                               "as 1e-13, or Threshold.absolute for an absolute cutoff")
 
     @classmethod
     def relative(cls, value: float) -> Threshold:
@@ -84,7 +89,7 @@ class Threshold:
     def coerce(cls, value: float | Threshold) -> Threshold:
         if isinstance(value, Threshold):
             return value
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return cls.relative(float(value))
         raise TLDegenError(f"threshold must be a float (relative) or a Threshold, got {value!r}")
 

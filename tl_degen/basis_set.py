@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from tl_degen import checks
 from tl_degen.basis import Dropped, InteractionBasis, output_basis
 from tl_degen.errors import BasisMismatchError, DataError
 from tl_degen.io import read_safetensors, save_safetensors_atomic
@@ -138,12 +139,13 @@ class BasisSet(Mapping):
             if b.d_site != d:
                 raise BasisMismatchError(f"the basis of {s.name!r} has {b.d_site} coordinates but "
                                          f"that site of this model has {d}")
+        checks.finite_weights(adapter.model)
         if self.model_probe is not None:
             probe = torch.tensor(model_probe(adapter), dtype=torch.float64)
             ref = torch.tensor(self.model_probe, dtype=torch.float64)
             scale = ref.abs().max().clamp_min(1e-6)
             rtol = max(1e-3, 50 * torch.finfo(adapter.dtype).eps)  # bf16: 0.4, fp32: 1e-3
-            if probe.shape != ref.shape or (probe - ref).abs().max() > rtol * scale:
+            if probe.shape != ref.shape or not bool((probe - ref).abs().max() <= rtol * scale):
                 raise BasisMismatchError(
                     "these bases were fitted on a model with different weights (its logits "
                     "on a fixed probe input differ); fit new bases with fit_bases(model, ...)")

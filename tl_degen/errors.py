@@ -12,6 +12,7 @@ __all__ = [
     "ProbeErrorWarning",
     "LongRunWarning",
     "TLDegenError",
+    "ArgumentError",
     "SiteError",
     "DataError",
     "NonFiniteError",
@@ -25,6 +26,12 @@ __all__ = [
 
 class TLDegenError(ValueError):
     """Base class of every error tl_degen raises about its inputs."""
+
+
+class ArgumentError(TLDegenError):
+    """An argument of a public function of the wrong type, out of range, not finite, or of
+    the wrong shape (:mod:`tl_degen.checks`): the message names the argument, what was given
+    and what to do."""
 
 
 class SiteError(TLDegenError):

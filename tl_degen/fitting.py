@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_degen import checks
 from tl_degen.adapters import Adapter, get_adapter
 from tl_degen.basis import (
     AMBIGUOUS_GAP,
@@ -72,7 +73,8 @@ def token_batches(
     :class:`~tl_degen.errors.MemoryBudgetError` if not even one does. Raises
     :class:`~tl_degen.errors.DataError` on anything else.
     """
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(
+            batch_size, bool) or batch_size < 1):
         raise DataError(f"batch_size must be a positive integer or None (from the memory "
                         f"budget, tl_degen.memory), got {batch_size!r}")
     chunks, order = _token_chunks(tokens)
@@ -401,10 +403,17 @@ class _FitArguments:
             raise TLDegenError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         threshold = Threshold.coerce(threshold)
         alphas, weights = integration_rule(integration, n_alpha)
+        dtype = checks.floating_dtype("dtype", dtype, statistics=True)
+        batch_size = checks.integer("batch_size", batch_size, minimum=1, none=True)
+        n_probes = checks.integer("n_probes", n_probes, minimum=1, none=True)
+        max_probes = checks.integer("max_probes", max_probes, minimum=1, none=True)
+        probe_groups = checks.integer("probe_groups", probe_groups, minimum=1)
+        seed = checks.integer("seed", seed)
+        target_error = checks.number("target_error", target_error, none=True)
         if target_error is not None and (n_probes is None or not 0 < target_error < 1):
             raise TLDegenError(f"target_error={target_error!r} needs n_probes (probes per "
                                "round) and must be a fraction in (0, 1), e.g. 0.05")
-        max_probes = 16 * (n_probes or 0) if max_probes is None else int(max_probes)
+        max_probes = 16 * (n_probes or 0) if max_probes is None else max_probes
         if n_probes is not None and max_probes < n_probes:
             raise TLDegenError(f"max_probes={max_probes} is below n_probes={n_probes}")
         adapter = get_adapter(model)

@@ -26,11 +26,12 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_degen import checks
 from tl_degen.adapters import Adapter, get_adapter
 from tl_degen.basis import output_basis
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
-from tl_degen.errors import BasisMismatchError, DataError, TLDegenError
+from tl_degen.errors import BasisMismatchError, DataError, SiteError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
 from tl_degen.io import Serialisable, read_safetensors, save_safetensors_atomic
 from tl_degen.model_state import prepared
@@ -279,6 +280,9 @@ class InteractionGraph:
     def edge(self, in_site: str | Site, out_site: str | Site) -> Tensor:
         """``[n_out, n_in]`` edges between two consecutive sites (names or Sites)."""
         a, b = self.bases._key(in_site), self.bases._key(out_site)
+        if (a, b) not in self.edges:
+            raise SiteError(f"{a.name} -> {b.name} is not a layer pair of this graph; its "
+                            "pairs: " + ", ".join(f"{x.name} -> {y.name}" for x, y in self.pairs()))
         return self.edges[(a, b)]
 
     @staticmethod
@@ -315,10 +319,9 @@ class InteractionGraph:
         given = [v is not None for v in (threshold, top_k, mass)]
         if sum(given) != 1:
             raise TLDegenError("prune() takes exactly one of threshold=, top_k=, mass=")
-        if mass is not None and not 0 < mass <= 1:
-            raise TLDegenError(f"mass must be a fraction in (0, 1], got {mass}")
-        if top_k is not None and top_k < 0:
-            raise TLDegenError(f"top_k must be non-negative, got {top_k}")
+        threshold = checks.number("threshold", threshold, minimum=0, none=True)
+        mass = checks.number("mass", mass, above=0, maximum=1, none=True)
+        top_k = checks.integer("top_k", top_k, minimum=0, none=True)
         new = {}
         for (a, b), E in self.edges.items():
             keep = torch.zeros_like(E, dtype=torch.bool)
@@ -399,6 +402,8 @@ class InteractionGraph:
         import igraph as ig
         import leidenalg
 
+        resolution = checks.number("resolution", resolution, above=0)
+        seed = checks.integer("seed", seed, minimum=0)
         names = [n["id"] for n in self._nodes()
                  if include_constant or not n["constant"]]
         index = {n: i for i, n in enumerate(names)}

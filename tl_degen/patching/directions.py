@@ -169,8 +169,9 @@ def patch_directions(
 
     Patches share forward passes (stacked along the batch). On a ``HookedTransformer`` every
     pass starts at the site's block from the target's cached residual stream
-    (``start_at_layer``), so the blocks upstream of the site run once, not once per patch; a
-    ``TransformerBridge`` runs from the embedding (its ``start_at_layer`` reruns those blocks).
+    (``start_at_layer``), so the blocks upstream of the site run once, not once per patch;
+    on a TransformerLens 4 ``TransformerBridge`` too (those blocks are stood in for while
+    resumed); a TransformerLens 3 bridge runs from the embedding.
 
     Args:
         model: a ``TransformerBridge`` or ``HookedTransformer`` (the one the bases fit).
