@@ -86,7 +86,7 @@ def test_bad_metrics(small):
     with pytest.raises(TLDegenError, match="one value per example"):
         tl_degen.ablation_curve(model, test, bases, "resid_pre.0", lambda lg: lg[:, -1],
                                 n_kept=[3], progress=False)
-    with pytest.raises(tl_degen.DataError, match="labels has 5 entries"):
+    with pytest.raises(tl_degen.ArgumentError, match=r"labels must have shape \[600\]"):
         tl_degen.ablation_curve(model, test, bases, "resid_pre.0", "loss", labels=labels[:5],
                                 progress=False)
     with pytest.raises(tl_degen.BasisMismatchError):

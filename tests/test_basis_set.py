@@ -124,6 +124,10 @@ def test_damaged_basis_files(tmp_path):
     broken = dict(tensors)
     del broken["resid_pre.1/gram"]
     save_file(broken, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(DataError, match="is damaged"):  # the checksum catches it first
+        BasisSet.load(tmp_path / "missing.safetensors")
+    meta = {k: v for k, v in meta.items() if k != "tl_degen_sha256"}  # as files before it
+    save_file(broken, str(tmp_path / "missing.safetensors"), metadata=meta)
     with pytest.raises(DataError, match="incomplete"):
         BasisSet.load(tmp_path / "missing.safetensors")
     broken = dict(tensors, **{"resid_pre.1/C_pinv": tensors["resid_pre.1/C_pinv"][:-1]})
