@@ -5,6 +5,7 @@ Each check names the argument, what was given and what to do, and raises
 work is done; code behind the public verbs trusts what passed them. ``True`` and ``False``
 are not numbers here, and NaN is not a number either.
 
+Examples:
     >>> integer("batch_size", 64, minimum=1)
     64
     >>> integers("n_kept", [0, 5, 70], minimum=0)
