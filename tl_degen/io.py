@@ -29,7 +29,8 @@ def _checksum(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the bytes as they are, no copy
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     h.update(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM_KEY},
                         sort_keys=True).encode())
     return h.hexdigest()
