@@ -71,11 +71,17 @@ def test_resid_mid_on_parallel_blocks(neox_model):
         tl_degen.fit_bases(neox_model, TOKENS, ["resid_mid.1"], progress=False)
 
 
-def test_nan_activations_are_reported():
+def test_nan_weights_and_overflowing_activations_are_reported():
     model = M.build("native_relu")
+    weight = next(p for n, p in model.named_parameters() if "mlp" in n and "weight" in n)
     with torch.no_grad():
-        weight = next(p for n, p in model.named_parameters() if "mlp" in n and "weight" in n)
         weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="parameter .*mlp.* holds NaN or Inf"):
+        tl_degen.fit_bases(model, TOKENS, ["resid_pre.0", "resid_post.0"], progress=False)
+    with torch.no_grad():  # finite weights whose activations overflow float64
+        for n, p in model.named_parameters():
+            if "mlp" in n and "weight" in n:
+                p.fill_(1e200)
     with pytest.raises(NonFiniteError, match="NaN/Inf value\\(s\\) in activations at"):
         tl_degen.fit_bases(model, TOKENS, ["resid_pre.0", "resid_post.0"], progress=False)
 
@@ -111,6 +117,7 @@ def fitted_relu(relu_model):
 
 
 LABELS = torch.zeros(12, dtype=torch.long)
+TOKENS_1 = M.random_tokens(1, 5)
 VERB_CASES = [
     # (verb, bad keyword arguments, phrase of the message) -> ArgumentError
     ("ablation", {"n_kept": [5, 5, 7]}, r"n_kept repeats \[5\]"),
@@ -139,6 +146,14 @@ VERB_CASES = [
     ("fit", {"threshold": 2.0}, "drops every eigenvalue"),
     ("fit", {"threshold": float("inf")}, "non-negative finite"),
     ("fit", {"threshold": True}, "threshold must be a float"),
+    ("fit", {"tokens": TOKENS_1}, "1 sequence gives resid_pre.1:last 1 sample"),
+    ("fit_all", {"tokens": TOKENS_1[:, :1]}, "1 sequence gives resid_pre.1 1 sample"),
+    ("coords", {"acts": torch.tensor(1.0)}, r"expected site vectors \[\.\.\., 17\]"),
+    ("coords", {"acts": [1.0] * 17}, "got list"),
+    ("from_coords", {"coords": torch.tensor(1.0)}, "got Tensor ()"),
+    ("attribution", {"metric": lambda logits: logits.sum().detach()},
+     "does not depend differentiably"),
+    ("invariance", {"transform": lambda m: None}, "returned NoneType"),
 ]
 
 
@@ -154,8 +169,17 @@ def test_every_verb_checks_its_arguments(fitted_relu, verb, kwargs, phrase):
             **{"n_edges": [1], **kwargs}),
         "prune": lambda: graph.prune(**kwargs),
         "modules": lambda: graph.modules(**kwargs),
-        "fit": lambda: tl_degen.fit_bases(model, tokens, ["resid_pre.1"], progress=False,
-                                          **kwargs),
+        "fit": lambda: tl_degen.fit_bases(
+            model, kwargs.pop("tokens", tokens), ["resid_pre.1:last"], progress=False, **kwargs),
+        "fit_all": lambda: tl_degen.fit_bases(
+            model, kwargs.pop("tokens", tokens), ["resid_pre.1"], progress=False, **kwargs),
+        "coords": lambda: bases["resid_pre.1"].to_coords(kwargs["acts"]),
+        "from_coords": lambda: bases["resid_pre.1"].from_coords(kwargs["coords"]),
+        "attribution": lambda: tl_degen.attribution_patch(
+            model, tokens, tokens.flip(0), bases, ["resid_pre.1"], kwargs["metric"],
+            progress=False),
+        "invariance": lambda: tl_degen.check_invariance(
+            model, tokens, ["resid_pre.1", "logits"], kwargs["transform"], progress=False),
     }
     with pytest.raises(TLDegenError, match=phrase):
         calls[verb]()
@@ -182,6 +206,64 @@ def test_a_model_with_nan_weights_is_refused_by_every_verb_taking_bases(fitted_r
     with pytest.raises(NonFiniteError, match="holds NaN or Inf"):
         tl_degen.edge_ablation(broken, tokens, graph, "accuracy", labels=LABELS,
                                n_edges=[1], progress=False)
+
+
+def test_hooks_left_on_the_model_are_named(fitted_relu):
+    """A hook the user added and never removed changes what is measured: every verb refuses
+    the model, naming the hook point as users write it."""
+    model, tokens, bases, _ = fitted_relu
+    model.add_hook("blocks.1.hook_resid_pre", lambda x, hook: 0 * x)
+    try:
+        with pytest.raises(ArgumentError, match=r"hooks are left on .*blocks\.1\.hook_resid_pre"
+                                                r".*reset_hooks"):
+            tl_degen.fit_bases(model, tokens, ["resid_pre.1"], progress=False)
+        with pytest.raises(ArgumentError, match="reset_hooks"):
+            tl_degen.ablation_curve(model, tokens, bases, "resid_pre.1", "accuracy",
+                                    labels=LABELS, progress=False)
+    finally:
+        model.reset_hooks()
+    with model.hooks([("blocks.1.hook_resid_pre", lambda x, hook: x)]):
+        pass  # a context manager leaves nothing behind
+    tl_degen.fit_bases(model, tokens, ["resid_pre.1"], method="pca", progress=False)
+
+
+def _edit_basis_file(src, dst, edit_meta=None, edit_tensors=None):
+    """A copy of a basis file with its header or tensors edited and its checksum dropped
+    (a file written by other code)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tl_degen.io import CHECKSUM_KEY, read_safetensors
+
+    header, _ = read_safetensors(src)
+    tensors = load_file(str(src))
+    header.pop(CHECKSUM_KEY)
+    meta = json.loads(header["tl_degen"])
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(dst), metadata={**header, "tl_degen": json.dumps(meta)})
+    return dst
+
+
+@pytest.mark.parametrize("edit_meta, edit_tensors, phrase", [
+    (lambda m: m.update(version="1"), None, "format version '1'"),
+    (lambda m: m.update(version=True), None, "format version True"),
+    (None, lambda t: t.update({"resid_pre.1/C_pinv": t["resid_pre.1/C_pinv"].float()}),
+     "resid_pre.1/C_pinv is stored as float32"),
+    (None, lambda t: t["resid_pre.1/C"].view(-1).__setitem__(0, float("nan")),
+     "resid_pre.1/C holds NaN or Inf"),
+])
+def test_edited_basis_files_are_refused(fitted_relu, tmp_path, edit_meta, edit_tensors, phrase):
+    bases = fitted_relu[2]
+    src = bases.save(tmp_path / "b.safetensors")
+    path = _edit_basis_file(src, tmp_path / "edited.safetensors", edit_meta, edit_tensors)
+    with pytest.raises(DataError, match=phrase):
+        tl_degen.BasisSet.load(path)
+    assert tl_degen.BasisSet.load(_edit_basis_file(src, tmp_path / "same.safetensors")
+                                  )["resid_pre.1"].k == bases["resid_pre.1"].k
 
 
 def BasisSet_load(path, model):

@@ -50,13 +50,17 @@ def test_mapping_by_name_or_site_in_forward_order(modadd_bases):
 def test_summary_has_one_line_per_site_with_its_numbers(modadd_bases):
     _, _, bases = modadd_bases
     lines = repr(bases).splitlines()
-    assert repr(bases) == bases.summary() and len(lines) == 1 + len(bases)
+    ambiguous = [s.name for s, b in bases.items() if b.dropped.ambiguous]
+    assert repr(bases) == bases.summary() and len(lines) == 1 + len(bases) + bool(ambiguous)
+    if ambiguous:  # marked on its line and counted on the last
+        assert lines[-1].startswith(f"  rank ambiguous at {len(ambiguous)} site(s)")
     assert lines[0].startswith(f"BasisSet(method='lib', n_samples={N_PAIRS}, ")
     for line, (site, b) in zip(lines[1:], bases.items()):
         fields = line.split()
         assert fields[0] == site.name
         assert f"d={b.d_site}" in fields and f"kept={b.k}" in fields
         assert f"{b.dropped.activation} type-1, {b.dropped.jacobian} type-2" in line
+        assert line.endswith("[rank ambiguous]") == b.dropped.ambiguous
         top = [float(v) for v in re.search(r"top=\[([^\]]*)\]", line).group(1).split(", ")]
         rest = b.eigenvalues[1:] if b.has_constant else b.eigenvalues
         np.testing.assert_allclose(top, rest.sort(descending=True).values[:3].numpy(), rtol=1e-4)

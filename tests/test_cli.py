@@ -142,7 +142,7 @@ def test_graph_on_modadd_has_the_edges_of_the_unembedding(modadd_data, capsys):
         (["fit", "--model", "{tmp}/weights.json", "--tokens", "{tmp}/tok.pt", "--sites",
           "logits", "--out", "{tmp}/x.safetensors"], "cannot read a model from"),
         (["graph", "--model", "modadd", "--tokens", "{tmp}/tok.pt", "--sites", "logits",
-          "--dtype", "double64", "--out", "{tmp}/x.safetensors"], "is not a torch dtype"),
+          "--dtype", "double64", "--out", "{tmp}/x.safetensors"], "cannot run the model here"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
@@ -177,6 +177,57 @@ def test_a_failing_command_exits_2_from_the_shell(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == "tl-degen: error: --checkpoint-every must be at least 1, got 0\n"
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# files a careless or unlucky user gives: (name, content, flag it is given to, phrase)
+GARBAGE = [
+    ("tok.pt", b"not a pickle at all", "--tokens", "is not a readable torch.save file"),
+    ("tok.npy", b"\x93NUMPY garbage", "--tokens", "is not a readable .npy array"),
+    ("tok.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage", "--tokens",
+     "is not a readable .safetensors file"),
+    ("prompts.txt", "caf\u00e9 au lait\n".encode("latin-1"), "--tokens",
+     "is not UTF-8 text (byte 0xe9 at offset 3)"),
+    ("float.npy", None, "--tokens", "holds float64 values; token ids are integers"),
+    ("cfg.json", b"{'d_model': 16", "--config", "is not valid JSON"),
+    ("cfg.json", b"[1, 2]", "--config", "holds a JSON list"),
+    ("cfg.json", b'{"d_model": 16, "n_layers": 1, "n_ctx": 3, "d_head": 8, "d_vocab": 5, '
+                 b'"act_fn": "relu", "colour": "red"}', "--config", "colour"),
+]
+
+
+@pytest.mark.parametrize("name, content, flag, message", GARBAGE,
+                         ids=[f"{g[0]}:{g[3][:20]}" for g in GARBAGE])
+def test_garbage_files_exit_2_from_the_shell_naming_the_file(tmp_path, name, content, flag,
+                                                             message):
+    """Every unreadable input file is a one-line error naming it, from a real process, and
+    nothing is written."""
+    path = tmp_path / name
+    if content is None:
+        np.save(path, np.zeros((4, 3)))
+    else:
+        path.write_bytes(content)
+    torch.save(torch.zeros(4, 3, dtype=torch.long), tmp_path / "ok.pt")
+    torch.save({"embed.W_E": torch.zeros(5, 16)}, tmp_path / "model.pt")
+    model = ["--model", str(tmp_path / "model.pt"), "--config", str(path)] if flag == "--config" \
+        else ["--model", "modadd"]
+    tokens = str(path) if flag == "--tokens" else str(tmp_path / "ok.pt")
+    done = _run_cli("fit", *model, "--tokens", tokens, "--sites", "logits", "--out",
+                    str(tmp_path / "x.safetensors"), cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("tl-degen: error: "), done.stderr
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert str(path) in done.stderr or flag == "--config" and name in done.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-2G", "lots"])
+def test_a_bad_memory_budget_is_one_line(tmp_path, budget):
+    torch.save(torch.zeros(4, 3, dtype=torch.long), tmp_path / "tok.pt")
+    env = dict(os.environ, TL_DEGEN_MEMORY_BUDGET=budget, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "tl_degen.cli", "fit", "--model", "modadd",
+                           "--tokens", "tok.pt", "--sites", "logits", "--out", "x.safetensors"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"TL_DEGEN_MEMORY_BUDGET={budget!r}" in done.stderr, done.stderr
 
 
 @pytest.mark.slow  # two models, each fitted and graphed
@@ -303,7 +354,9 @@ def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, to
     ("show {tmp}/missing.safetensors --no-open", "no such file"),
     ("fit --model modadd --tokens {tmp}/tok.pt --sites logits --dtype float13 "
      "--out {tmp}/x.safetensors",
-     "is not a torch dtype"),
+     "cannot run the model here"),
+    ("fit --model modadd --tokens {tmp}/tok.pt --sites logits --dtype int64 "
+     "--out {tmp}/x.safetensors", "--dtype 'int64' cannot run the model here"),
     ("graph --model modadd --tokens {tmp}/tok.pt --sites resid_post.0:last,logits:last "
      "--out {tmp}/x.safetensors --html {tmp}/tok.pt/g.html", "tok.pt is a file"),
     ("fit --model modadd --tokens {tmp}/tok.pt --sites logits --out {tmp}", "is a folder"),

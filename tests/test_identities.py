@@ -125,6 +125,11 @@ def test_fit_warns_where_the_cut_has_no_gap():
     with pytest.warns(tl_degen.AmbiguousRankWarning, match="resid_post.1:last"):
         b = tl_degen.fit_bases(model, tokens, sites, threshold=middle, progress=False)
     assert b["resid_post.1:last"].dropped.ambiguous
+    assert "[rank ambiguous]" in repr(b) and "rank ambiguous at 1 site(s)" in repr(b)
+    with warnings.catch_warnings(record=True) as said:  # once per process and set of sites
+        warnings.simplefilter("always")
+        tl_degen.fit_bases(model, tokens, sites, threshold=middle, progress=False)
+    assert not [w for w in said if w.category is tl_degen.AmbiguousRankWarning]
     with warnings.catch_warnings():
         warnings.simplefilter("error", tl_degen.AmbiguousRankWarning)
         b = tl_degen.fit_bases(model, tokens, sites, threshold=0.0, progress=False)

@@ -62,7 +62,10 @@ def test_budget_from_the_environment(budget, monkeypatch):
     monkeypatch.delenv("TL_DEGEN_MEMORY_BUDGET")
     assert 0 < memory.memory_budget() <= 4 * 2**30
     budget(-5)
-    with pytest.raises(TLDegenError, match="positive"):
+    with pytest.raises(TLDegenError, match="MEMORY_BUDGET must be above 0"):
+        memory.memory_budget()
+    budget(float("nan"))
+    with pytest.raises(TLDegenError, match="MEMORY_BUDGET must be a finite number"):
         memory.memory_budget()
 
 

@@ -392,6 +392,11 @@ class InteractionBasis(Serialisable):
 
     def _with_constant(self, acts: Tensor) -> Tensor:
         d = self.d_site
+        if not isinstance(acts, Tensor) or acts.dim() == 0:
+            raise BasisMismatchError(
+                f"expected site vectors [..., {d}] (or [..., {d - 1}] without the constant) for "
+                f"{self.site.name!r}, got {type(acts).__name__}"
+                + (" of shape ()" if isinstance(acts, Tensor) else ""))
         if acts.shape[-1] == d:
             return acts
         if self.has_constant and acts.shape[-1] == d - 1:
@@ -408,9 +413,11 @@ class InteractionBasis(Serialisable):
 
     def from_coords(self, coords: Float[Tensor, "... k"]) -> Float[Tensor, "... d_site"]:
         """Site vectors ``x̂ C⁺`` (constant coordinate included) from basis coordinates."""
-        if coords.shape[-1] != self.k:
+        if not isinstance(coords, Tensor) or coords.dim() == 0 or coords.shape[-1] != self.k:
+            got = (coords.shape[-1] if isinstance(coords, Tensor) and coords.dim()
+                   else f"{type(coords).__name__} {tuple(getattr(coords, 'shape', ()))}")
             raise BasisMismatchError(f"expected {self.k} coordinates for {self.site.name!r}, "
-                                     f"got {coords.shape[-1]}")
+                                     f"got {got}")
         return coords.to(self.C_pinv.dtype) @ self.C_pinv.to(coords.device)
 
     def __repr__(self) -> str:

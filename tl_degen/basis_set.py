@@ -23,7 +23,7 @@ from torch import Tensor
 from tl_degen import checks
 from tl_degen.basis import Dropped, InteractionBasis, output_basis
 from tl_degen.errors import BasisMismatchError, DataError
-from tl_degen.io import read_safetensors, save_safetensors_atomic
+from tl_degen.io import check_stored, read_safetensors, save_safetensors_atomic
 from tl_degen.model_state import prepared
 from tl_degen.sites import Site
 
@@ -115,7 +115,12 @@ class BasisSet(Mapping):
                    f"  (stochastic M′, rel. error {b.jacobian_gram_error:.1e})")
             lines.append(f"  {s.name:<{w}}  d={b.d_site:<5d} kept={b.k:<5d} {const}top=[{top}]  "
                          f"dropped: {b.dropped.activation} type-1, {b.dropped.jacobian} type-2"
-                         f"{err}")
+                         f"{err}" + ("  [rank ambiguous]" if b.dropped.ambiguous else ""))
+        ambiguous = [s.name for s, b in self._bases.items() if b.dropped.ambiguous]
+        if ambiguous:
+            lines.append(f"  rank ambiguous at {len(ambiguous)} site(s): no spectral gap at the "
+                         "threshold (a factor < 10 between kept and dropped Λ); "
+                         "bases[site].dropped.gap, lambda_all")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -139,7 +144,7 @@ class BasisSet(Mapping):
             if b.d_site != d:
                 raise BasisMismatchError(f"the basis of {s.name!r} has {b.d_site} coordinates but "
                                          f"that site of this model has {d}")
-        checks.finite_weights(adapter.model)
+        checks.model(adapter.model)
         if self.model_probe is not None:
             probe = torch.tensor(model_probe(adapter), dtype=torch.float64)
             ref = torch.tensor(self.model_probe, dtype=torch.float64)
@@ -198,18 +203,24 @@ class BasisSet(Mapping):
             assert meta["format"] == FORMAT_NAME
         except (KeyError, ValueError, AssertionError):
             raise DataError(f"{path} is not a tl_degen basis file (no tl_degen metadata)") from None
-        if meta["version"] > FORMAT_VERSION:
-            raise DataError(f"{path} has format version {meta['version']}; this tl_degen reads "
+        version = meta.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise DataError(f"{path} has format version {version!r}; tl_degen writes an integer "
+                            "from 1: the header was edited or written by other code")
+        if version > FORMAT_VERSION:
+            raise DataError(f"{path} has format version {version}; this tl_degen reads "
                             f"up to {FORMAT_VERSION}: upgrade tl_degen")
         bases = []
         try:
             for sm in meta["sites"]:
                 name = sm["site"]
+                stored = {k: check_stored(path, k, t) for k, t in tensors.items()
+                          if k.startswith(name + "/")}
                 b = InteractionBasis(
                     site=Site.parse(name), method=sm["method"],
-                    **{f: tensors[f"{name}/{f}"] for f in _FIELDS},
+                    **{f: stored[f"{name}/{f}"] for f in _FIELDS},
                     dropped=Dropped(**sm["dropped"]), center=sm["center"],
-                    n_samples=sm["n_samples"], lambda_all=tensors.get(f"{name}/lambda_all"),
+                    n_samples=sm["n_samples"], lambda_all=stored.get(f"{name}/lambda_all"),
                     jacobian_gram_error=sm.get("jacobian_gram_error"))
                 d, k = b.C.shape
                 g = k if output_basis(b) is not None and b.site.kind == "logits" else d

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from tl_degen.errors import ArgumentError, NonFiniteError
 
-__all__ = ["integer", "integers", "number", "floating_dtype", "labels", "finite_weights"]
+__all__ = ["integer", "integers", "number", "floating_dtype", "labels", "finite_weights",
+           "no_user_hooks", "model"]
 
 
 def _given(value) -> str:
@@ -145,3 +146,38 @@ def finite_weights(model) -> None:
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise NonFiniteError(f"the model's parameter {pname} holds NaN or Inf values; "
                                  "every result would be meaningless. Reload the weights")
+
+
+def no_user_hooks(model) -> None:
+    """Raise :class:`~tl_degen.errors.ArgumentError` when hooks are left on ``model``'s hook
+    points (``model.add_hook`` without ``reset_hooks``): they would change every activation
+    and Jacobian tl_degen reads, and the closed-form routes, which do not run the hooks,
+    would disagree with the hooked model."""
+    try:
+        from transformer_lens.hook_points import HookPoint
+    except ImportError:  # pragma: no cover - transformer_lens is a dependency
+        return
+    names: dict[int, list[str]] = {}  # the names users write first (hook_dict, aliases too)
+    for name, module in [*(getattr(model, "hook_dict", None) or {}).items(),
+                         *model.named_modules()]:
+        if isinstance(module, HookPoint):
+            names.setdefault(id(module), []).append(name)
+    hooked = []
+    for module in {id(m): m for m in model.modules() if isinstance(m, HookPoint)}.values():
+        n = sum(len(getattr(module, a, None) or {}) for a in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+        if n:
+            hooked.append(f"{' = '.join(sorted(set(names[id(module)][:2]), key=len))} ({n})")
+    if hooked:
+        more = f" and {len(hooked) - 3} more" if len(hooked) > 3 else ""
+        raise ArgumentError(
+            f"model: hooks are left on {', '.join(hooked[:3])}{more}; they would change what "
+            "tl_degen measures. Remove them with model.reset_hooks() (use model.hooks(...) as "
+            "a context manager to keep hooks to one run)")
+
+
+def model(model) -> None:
+    """The checks every verb makes of a model: :func:`finite_weights` and
+    :func:`no_user_hooks`."""
+    finite_weights(model)
+    no_user_hooks(model)

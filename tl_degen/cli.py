@@ -36,16 +36,12 @@ from pathlib import Path
 
 import torch
 
-from tl_degen.errors import TLDegenError
+from tl_degen.errors import ArgumentError, TLDegenError
 
 DEMO_SITES = ["resid_pre.0", "resid_mid.0:last", "mlp_post.0:last", "resid_post.0:last",
               "logits:last"]
 PATCH_SITES = ["resid_mid.0:last", "mlp_post.0:last"]
 REFERENCE_SITES = ["resid_pre.0", "resid_mid.0:last", "resid_post.0:last", "logits:last"]
-
-
-class ArgumentError(TLDegenError):
-    """A command-line argument that cannot be used."""
 
 
 # ---------------------------------------------------------------------------- demo
@@ -210,9 +206,10 @@ def demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- user models
 def load_model(spec: str, config: str | None = None, dtype: str = "float32"):
     """A model from ``--model`` (see the module docstring)."""
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ArgumentError(f"--dtype {dtype!r} is not a torch dtype; use float32 or float64")
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype)
+    if torch_dtype is None:
+        raise ArgumentError(f"--dtype {dtype!r} cannot run the model here; use float32 (fast) "
+                            "or float64 (exact)")
     if spec == "modadd":
         from tl_degen.toy import modadd
 
@@ -236,12 +233,12 @@ def load_model(spec: str, config: str | None = None, dtype: str = "float32"):
         if config is None:
             raise ArgumentError(f"{path} is a state dict: also give --config cfg.json with the "
                                 "HookedTransformerConfig fields (d_model, n_layers, ...)")
-        cfg = json.loads(Path(config).read_text())
+        cfg = _read_config(Path(config))
         sd = _load_tensors(path)
         try:
             from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-            model = HookedTransformer(HookedTransformerConfig(**cfg))
+            model = HookedTransformer(_config(HookedTransformerConfig, cfg, config))
             result = model.load_state_dict(sd, strict=False)
             missing = [k for k in result.missing_keys if not k.endswith(("mask", "IGNORE"))]
             if missing or result.unexpected_keys:
@@ -254,7 +251,7 @@ def load_model(spec: str, config: str | None = None, dtype: str = "float32"):
             from transformer_lens.model_bridge import TransformerBridge
             from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
 
-            bcfg = TransformerBridgeConfig(**cfg)
+            bcfg = _config(TransformerBridgeConfig, cfg, config)
             model = TransformerBridge.boot_native(bcfg).to(torch_dtype)
             try:
                 model.load_state_dict(convert_tl_checkpoint(sd, bcfg), strict=True)
@@ -282,12 +279,42 @@ def load_model(spec: str, config: str | None = None, dtype: str = "float32"):
                             ) from None
 
 
-def _load_tensors(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _read_config(path: Path) -> dict:
+    """The JSON object of a ``--config`` file."""
+    if not path.is_file():
+        raise ArgumentError(f"--config {path}: no such file")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArgumentError(f"--config {path} is not valid JSON ({err}); write the "
+                            "HookedTransformerConfig fields as a JSON object") from None
+    if not isinstance(cfg, dict):
+        raise ArgumentError(f"--config {path} holds a JSON {type(cfg).__name__}; write an "
+                            'object of config fields, e.g. {"d_model": 128, "n_layers": 1, ...}')
+    return cfg
 
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+
+def _config(cls, cfg: dict, path: str):
+    """``cls(**cfg)``, an unknown or missing field named with the file."""
+    try:
+        return cls(**cfg)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ArgumentError(f"--config {path}: {err}; use the fields of "
+                            f"{cls.__name__}") from None
+
+
+def _load_tensors(path: Path) -> dict:
+    """The tensors of a ``.safetensors`` file or a ``torch.save``'d dict of tensors."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (torch, pickle and safetensors raise their own)
+        raise ArgumentError(f"{path} is not a readable {path.suffix} file "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+                            ) from None
     if not isinstance(obj, dict):
         raise ArgumentError(f"{path} does not hold a state dict")
     return obj
@@ -300,7 +327,12 @@ def load_tokens(spec: str, model) -> torch.Tensor | list[torch.Tensor]:
     if not path.exists():
         raise ArgumentError(f"no such tokens file {spec!r}")
     if path.suffix in (".pt", ".pth"):
-        t = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            t = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (pickle and zip errors of every kind)
+            raise ArgumentError(f"{path} is not a readable torch.save file "
+                                f"({type(err).__name__}); save a [batch, pos] tensor with "
+                                "torch.save(tokens, path)") from None
     elif path.suffix == ".safetensors":
         tensors = _load_tensors(path)
         if len(tensors) != 1:
@@ -310,9 +342,19 @@ def load_tokens(spec: str, model) -> torch.Tensor | list[torch.Tensor]:
     elif path.suffix == ".npy":
         import numpy as np
 
-        t = torch.as_tensor(np.load(str(path)))
+        try:
+            t = torch.as_tensor(np.load(str(path), allow_pickle=False))
+        except Exception as err:  # noqa: BLE001  (numpy raises ValueError, OSError, ...)
+            raise ArgumentError(f"{path} is not a readable .npy array ({type(err).__name__}); "
+                                "save a [batch, pos] integer array with numpy.save") from None
     elif path.suffix == ".txt":
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ArgumentError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#x} at "
+                                f"offset {err.start}); save the prompts as UTF-8, e.g. iconv "
+                                "-f latin1 -t utf-8") from None
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         tok = getattr(model, "tokenizer", None)
         if not lines:
             raise ArgumentError(f"{path} has no prompts (one per line)")
@@ -328,6 +370,9 @@ def load_tokens(spec: str, model) -> torch.Tensor | list[torch.Tensor]:
                             f"{path.suffix!r}")
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         raise ArgumentError(f"{path} must hold one [batch, pos] integer tensor")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ArgumentError(f"{path} holds {str(t.dtype).replace('torch.', '')} values; token "
+                            "ids are integers (convert with .long())")
     return t
 
 

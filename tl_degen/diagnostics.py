@@ -35,7 +35,13 @@ from tl_degen.basis import AMBIGUOUS_GAP, Threshold
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards
 from tl_degen.effective import EffectiveParameters, effective_parameters
-from tl_degen.errors import BasisMismatchError, DataError, DistributedError, TLDegenError
+from tl_degen.errors import (
+    ArgumentError,
+    BasisMismatchError,
+    DataError,
+    DistributedError,
+    TLDegenError,
+)
 from tl_degen.fitting import fit_bases, site_activations, token_batches
 from tl_degen.io import Serialisable
 from tl_degen.model_state import prepared
@@ -622,6 +628,10 @@ def check_invariance(
             corrupted_tokens is None):
         raise TLDegenError("for patching give clean_tokens, corrupted_tokens and metric together")
     new = fn(model)
+    if not isinstance(new, torch.nn.Module) or type(new) is not type(model):
+        raise ArgumentError(f"transform: {name!r} returned {type(new).__name__}; it must "
+                            f"return the reparameterised model (a {type(model).__name__}), e.g. "
+                            "lambda m: my_reparameterise(copy.deepcopy(m))")
     probe = token_batches(tokens, 1 << 62, get_adapter(model))[0][:64]
     with torch.no_grad(), prepared(model, None), prepared(new, None):
         before, after = model(probe).double(), new(probe).double()

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from tl_degen import checks
 from tl_degen.adapters import Adapter, get_adapter
 from tl_degen.basis import (
-    AMBIGUOUS_GAP,
     METHODS,
     Dropped,
     InteractionBasis,
@@ -337,6 +336,7 @@ def fit_bases(
             saved = ckpt.load()
     shards.agree("fit_bases", fingerprint)
     (n_samples,) = shards.sum_ints([sum(b.shape[0] for b in fit.batches)])
+    fit.check_samples(n_samples)
     with prepared(model, None):
         probe = model_probe(fit.adapter)  # in the model's own dtype, as check_model will see it
 
@@ -417,6 +417,7 @@ class _FitArguments:
         if n_probes is not None and max_probes < n_probes:
             raise TLDegenError(f"max_probes={max_probes} is below n_probes={n_probes}")
         adapter = get_adapter(model)
+        checks.model(adapter.model)
         itemsize = torch.finfo(dtype or adapter.dtype).bits // 8
         batches = token_batches(tokens, batch_size, adapter, itemsize)
         site_list = _resolve_sites(adapter, sites, batches)
@@ -430,6 +431,18 @@ class _FitArguments:
         return cls(adapter, batches, site_list, method, center, threshold, integration, alphas,
                    weights, dtype, progress, n_probes, probe_groups, target_error, max_probes,
                    seed, closed_form, factor)
+
+    def check_samples(self, n_samples: int) -> None:
+        """Raise :class:`~tl_degen.errors.DataError` when a centred site has fewer than two
+        samples (``n_samples`` sequences, on every rank, times the site's positions): its
+        mean is its one sample and every centred statistic is zero."""
+        for site in self.sites:
+            n = n_samples * (self.n_pos if site.positions is None else len(site.positions))
+            if self.center and n < 2:
+                raise DataError(
+                    f"tokens: {n_samples} sequence gives {site.name} {n} sample, which cannot "
+                    "be centred (its mean is itself, every centred statistic is zero); fit on "
+                    "at least 2 sequences, ideally hundreds, or pass center=False")
 
     @property
     def n_pos(self) -> int:
@@ -610,18 +623,23 @@ class _BasisFit:
         return config
 
 
+#: The (sites, threshold) pairs already warned about in this process: the warning is said once.
+_AMBIGUOUS_WARNED: set[tuple] = set()
+
+
 def _warn_ambiguous(bases: list[InteractionBasis], threshold: Threshold) -> None:
-    """Warn when a site's cut falls where its spectrum has no gap
-    (:attr:`~tl_degen.basis.Dropped.ambiguous`); ``bases`` in site order."""
-    ambiguous = [f"{b.site.name} ({b.dropped.gap:.2g}×)" for b in bases if b.dropped.ambiguous]
-    if ambiguous:
-        _warn(f"no spectral gap at the cut of {', '.join(ambiguous)}: the eigenvalues on the "
-              f"two sides of the threshold ({threshold}) lie within a factor {AMBIGUOUS_GAP:g} "
-              "of each other, so the number of kept directions there depends on the "
-              "threshold, not only on the model and the data, and so do the Λ of the sites "
-              "before it (bases[site].dropped.gap). A threshold in a gap of "
-              "bases[site].lambda_all makes the rank a property of the model and the data",
-              AmbiguousRankWarning)
+    """Warn, once per process and set of sites, in one line, when a site's cut falls where
+    its spectrum has no gap (:attr:`~tl_degen.basis.Dropped.ambiguous`); ``bases`` in site
+    order. The basis repr marks those sites too."""
+    ambiguous = [b.site.name for b in bases if b.dropped.ambiguous]
+    key = (tuple(ambiguous), str(threshold))
+    if not ambiguous or key in _AMBIGUOUS_WARNED:
+        return
+    _AMBIGUOUS_WARNED.add(key)
+    _warn(f"no spectral gap at the threshold={threshold} cut of {len(ambiguous)} site(s) "
+          f"({', '.join(ambiguous[:3])}{', ...' if len(ambiguous) > 3 else ''}): their rank "
+          "depends on the threshold; pick one in a gap of bases[site].lambda_all "
+          "(marked 'rank ambiguous' in repr(bases))", AmbiguousRankWarning)
 
 
 class _FitRun:

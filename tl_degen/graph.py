@@ -33,7 +33,7 @@ from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, SiteError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
-from tl_degen.io import Serialisable, read_safetensors, save_safetensors_atomic
+from tl_degen.io import Serialisable, check_stored, read_safetensors, save_safetensors_atomic
 from tl_degen.model_state import prepared
 from tl_degen.sections.autograd import EDGE_ROUTES
 from tl_degen.sections.plan import SectionPlan
@@ -471,8 +471,8 @@ class InteractionGraph:
             raise DataError(f"{path} holds bases but no interaction graph")
         try:
             meta = json.loads(header["tl_degen_graph"])
-            edges = {(bases._key(e["in"]), bases._key(e["out"])): tensors[e["tensor"]]
-                     for e in meta["edges"]}
+            edges = {(bases._key(e["in"]), bases._key(e["out"])):
+                     check_stored(path, e["tensor"], tensors[e["tensor"]]) for e in meta["edges"]}
             errors = {(bases._key(e["in"]), bases._key(e["out"])): e["error"]
                       for e in meta.get("errors", [])}  # files from before errors: none
         except (KeyError, ValueError, TypeError) as err:

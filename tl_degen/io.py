@@ -96,6 +96,21 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     return header, tensors
 
 
+def check_stored(path: str | os.PathLike, name: str, tensor: Tensor) -> Tensor:
+    """``tensor``, read as ``name`` from ``path``, if it is float64 and finite, as tl_degen
+    writes every basis and edge tensor; else :class:`~tl_degen.errors.DataError`."""
+    from tl_degen.errors import DataError
+
+    if tensor.dtype != torch.float64:
+        raise DataError(f"{path}: {name} is stored as {str(tensor.dtype).replace('torch.', '')}"
+                        "; tl_degen writes float64 (a file written or edited by other code?). "
+                        "Save it again with tl_degen")
+    if not bool(torch.isfinite(tensor).all()):
+        raise DataError(f"{path}: {name} holds NaN or Inf values; the file is damaged or was "
+                        "saved from a failed fit. Fit and save it again")
+    return tensor
+
+
 # ---------------------------------------------------------------------------- results
 #: Header key, format name and version of a saved result (:func:`save_result`).
 RESULT_KEY = "tl_degen_result"

@@ -46,18 +46,18 @@ def _parse(text: str) -> int:
     except ValueError:
         raise TLDegenError(f"TL_DEGEN_MEMORY_BUDGET={text!r} is not a size; write bytes or "
                            "a number with K, M or G (e.g. 2G)") from None
-    if value <= 0:
-        raise TLDegenError(f"TL_DEGEN_MEMORY_BUDGET={text!r} must be positive")
+    if not 1 <= value < float("inf"):  # NaN fails too
+        raise TLDegenError(f"TL_DEGEN_MEMORY_BUDGET={text!r} must be a finite size of at "
+                           "least one byte")
     return int(value)
 
 
 def memory_budget(device: torch.device | str | None = None) -> int:
     """Bytes one batch may take on ``device`` (see the module docstring for the order)."""
     if MEMORY_BUDGET is not None:
-        if int(MEMORY_BUDGET) <= 0:
-            raise TLDegenError(f"tl_degen.memory.MEMORY_BUDGET must be positive, got "
-                               f"{MEMORY_BUDGET!r}")
-        return int(MEMORY_BUDGET)
+        from tl_degen import checks
+
+        return int(checks.number("tl_degen.memory.MEMORY_BUDGET", MEMORY_BUDGET, above=0))
     env = os.environ.get("TL_DEGEN_MEMORY_BUDGET")
     if env:
         return _parse(env)

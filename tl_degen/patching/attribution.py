@@ -15,7 +15,7 @@ from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
-from tl_degen.errors import SiteError, TLDegenError
+from tl_degen.errors import ArgumentError, SiteError, TLDegenError
 from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
 from tl_degen.patching.common import (
@@ -126,6 +126,11 @@ def metric_gradient(adapter, tokens: Int[Tensor, "batch pos"], fn, site: Site,
     coordinate never changes)."""
     x = x.detach().requires_grad_(True)
     value = _run_metric(adapter, tokens, fn, write=(site, x)).mean()
+    if not value.requires_grad:
+        raise ArgumentError(
+            "metric: its value does not depend differentiably on the logits (no gradient: "
+            "computed under torch.no_grad, through .item()/.detach()/argmax, or a constant); "
+            "attribution needs a differentiable metric such as a logit difference")
     (g,) = torch.autograd.grad(value, x)
     g = g.double()
     g[..., -1] = 0.0
