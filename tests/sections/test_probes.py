@@ -56,9 +56,9 @@ def test_fit_and_graph_with_probes(setting):
     approx = tl_degen.fit_bases(model, tokens, sites, n_probes=16, probe_groups=8,
                                 target_error=0.01, progress=False)
     errs = [approx[s].jacobian_gram_error for s in sites[:3]]
-    # resid_mid.1 → resid_post.1:last: one output position, fewer directions than 2·16
-    # probes, so exact; resid_post.1:last → logits:last: the final LayerNorm and the
-    # unembedding in closed form, exact; resid_pre.1 is probed in rounds of 16 until within 1 %
+    # resid_mid.1 → resid_post.1:last: ln2 and the MLP in closed form, exact;
+    # resid_post.1:last → logits:last: the final LayerNorm and the unembedding in closed
+    # form, exact; resid_pre.1 is probed in rounds of 16 until within 1 %
     assert errs[1] == 0.0 and errs[2] == 0.0 and 0 < errs[0] <= 0.01, errs
     spent = approx.config["probes_per_batch"]
     assert set(spent) == {"resid_pre.1"}, spent
@@ -74,9 +74,9 @@ def test_fit_and_graph_with_probes(setting):
     g_est = tl_degen.interaction_graph(model, tokens, exact, n_probes=128, probe_groups=8,
                                        route="probes", progress=False)
     # the attention pair (after GPT-2's LayerNorm) probes through the section's formula; the
-    # unembedding's edges are a closed form, never probed
-    assert set(g_est.config["edge_routes"].values()) == {
-        "probes", "probes (section formula)", "closed form"}
+    # MLP after ln2 and the unembedding have closed-form edges, never probed
+    assert set(g_est.config["edge_routes"].values()) == {"probes (section formula)",
+                                                         "closed form"}
     for pair in g_exact.pairs():
         E, F = g_exact.edges[pair], g_est.edges[pair]
         actual = float((F - E).norm() / E.norm())

@@ -11,6 +11,8 @@ from tests import models as M
 from tl_degen.adapters import get_adapter
 from tl_degen.model_state import prepared
 from tl_degen.sections.attention import NormAttentionSection
+from tl_degen.sections.base import Section
+from tl_degen.sections.norm_mlp import NormMLPSection
 from tl_degen.sections.plan import accumulate_jacobian_gram
 from tl_degen.sections.recognise import recognise
 from tl_degen.sections.rules import integration_rule
@@ -71,8 +73,8 @@ def test_closed_form_equals_autograd(modadd_model, sites, rule, rotated_output):
 
 def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
     """LayerNorm (GPT-2) and rotary/RMSNorm (Llama) sections fall back to autograd; GPT-2's
-    attention after its LayerNorm is known by its formula only; the final norm and
-    unembedding of both have their closed form."""
+    attention after its LayerNorm is known by its formula only; the MLP after ln2 (GELU;
+    gated SiLU) and the final norm and unembedding of both have their closed form."""
     for arch in ("gpt2", "llama"):
         model = M.build(arch, tokenizer_dir)
         adapter = get_adapter(model)
@@ -88,6 +90,9 @@ def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
                 assert isinstance(section, NormAttentionSection) and not section.closed_form
             elif sites[1] == "logits":
                 assert isinstance(section, UnembedSection), (arch, section)
+            elif sites == ("resid_mid.1", "resid_post.1"):
+                assert isinstance(section, NormMLPSection) and section.closed_form, (arch,)
+                assert section.mlp.gated == (arch == "llama")
             else:
                 assert section is None, (arch, sites)
 
@@ -138,6 +143,68 @@ def test_attention_after_a_norm_by_its_formula_equals_the_model(arch, tokenizer_
         for pair, E in graphs[1].edges.items():
             err = (graphs[0].edges[pair] - E).abs().max() / E.abs().max()
             assert err <= 1e-10, (pair, float(err))
+
+
+NORM_MLP_ARCHS = ["native_ln_gelu", "gpt2", "llama", "hooked_transformer"]
+
+
+@pytest.mark.parametrize("arch", NORM_MLP_ARCHS)
+def test_mlp_after_a_norm_in_closed_form_equals_autograd(arch, tokenizer_dir):
+    """ln2 (LayerNorm, RMSNorm) and the MLP (GELU, gated SiLU) in closed form: the forward
+    pass equals the model's; the Jacobian Gram, edges and pullbacks equal autograd through
+    the section's forward pass to 1e-12 at every integration rule, raw and rotated outputs;
+    the Gram equals autograd through the model (Llama's RMSNorm runs in float32 inside
+    Hugging Face, so there the model itself is exact to ~1e-7 only)."""
+    if arch == "hooked_transformer" and not M.HAS_HOOKED_TRANSFORMER:
+        pytest.skip("HookedTransformer needs transformer_lens 3.x")
+    model = M.build(arch, tokenizer_dir)
+    adapter = get_adapter(model)
+    tokens = M.random_tokens(10, 6)
+    g = torch.Generator().manual_seed(0)
+    for out in ("resid_post.1", "resid_post.1:last"):
+        in_site, out_site = Site.parse("resid_mid.1"), Site.parse(out)
+        with prepared(model, torch.float64):
+            x, y = adapter.read_sites(tokens, [in_site, out_site])
+            section = recognise(adapter, tokens, in_site, out_site, x)
+            assert isinstance(section, NormMLPSection) and section.closed_form
+            model_tol = 1e-6 if arch == "llama" else 1e-12
+            err = (section.forward_rows(x) - y[:, section.out_rows]).abs().max()
+            assert err <= model_tol * y.abs().max()
+            C_pinv = torch.randn(7, x.shape[-1], generator=g, dtype=torch.float64)
+            h = torch.randn(*x.shape[:2], 7, generator=g, dtype=torch.float64)
+            rotated = torch.randn(y.shape[-1], 5, generator=g, dtype=torch.float64)
+            for rule in ([[1.0], [1.0]], integration_rule("gauss-legendre", 2),
+                         integration_rule("trapezoid", 3)):
+                for out_C in (rotated, None):
+                    grams = []
+                    for add in (section.add_jacobian_gram,
+                                lambda *a: Section.add_jacobian_gram(section, *a)):
+                        acc = GramAccumulator(x.shape[-1])
+                        add(x, out_C, acc, *rule)
+                        grams.append(acc.value)
+                    assert (grams[0] - grams[1]).abs().max() <= 1e-12 * grams[1].abs().max()
+                    E = section.edge_squares(x, h, C_pinv, out_C, *rule)
+                    F = Section.edge_squares(section, x, h, C_pinv, out_C, *rule,
+                                             route="forward")
+                    assert (E - F).abs().max() <= 1e-12 * F.abs().max(), (out, rule)
+                    k = y.shape[-1] if out_C is None else out_C.shape[1]
+                    dense = []
+                    for source in (section.pullbacks, lambda *a: Section.pullbacks(section, *a)):
+                        J = x.new_zeros(x.shape[0], section.n_out_pos, *x.shape[1:], k)
+                        for pb in source(x, out_C, *rule):
+                            for i, r in enumerate(pb.in_rows):
+                                view = J[pb.samples, pb.t, r]  # [b, d_in, k], a view
+                                view[..., pb.dirs] += pb.g[:, i]
+                        dense.append(J)
+                    assert (dense[0] - dense[1]).abs().max() <= 1e-12 * dense[1].abs().max()
+                    assert dense[1].abs().max() > 0
+            acc = GramAccumulator(x.shape[-1])
+            accumulate_jacobian_gram(adapter, tokens, in_site, out_site, x, rotated, acc,
+                                     alphas=[1.0], weights=[1.0], closed_form=False)
+            mine = GramAccumulator(x.shape[-1])
+            section.add_jacobian_gram(x, rotated, mine, [1.0], [1.0])
+            err = (mine.value - acc.value).abs().max() / acc.value.abs().max()
+            assert err <= (1e-6 if arch == "llama" else 1e-12), float(err)
 
 
 EDGE_CASES = {

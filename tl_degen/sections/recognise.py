@@ -7,13 +7,15 @@ model's architecture (:class:`tl_degen.adapters.Architecture`) allow one:
 * ``resid_pre.L → resid_mid.L``: :class:`~tl_degen.sections.attention.AttentionSection`
   (no normalisation) or :class:`~tl_degen.sections.attention.NormAttentionSection`
   (LayerNorm/RMSNorm; its formula);
-* ``resid_mid.L → resid_post.L``: :class:`~tl_degen.sections.mlp.MLPSection`;
+* ``resid_mid.L → resid_post.L``: :class:`~tl_degen.sections.mlp.MLPSection` (no
+  normalisation) or :class:`~tl_degen.sections.norm_mlp.NormMLPSection` (after ``ln2``,
+  LayerNorm/RMSNorm, gated or not; sequential blocks);
 * ``resid_mid.L → mlp_post.L``: :class:`~tl_degen.sections.mlp.MLPHiddenSection`;
 * ``mlp_post.L → resid_post.L`` and ``resid_post.(last) → logits`` without a final norm:
   :class:`~tl_degen.sections.mlp.LinearSection`; with a final LayerNorm/RMSNorm:
   :class:`~tl_degen.sections.unembed.UnembedSection`.
 
-MLP and linear sections need a model without normalisation. Before use, the
+The other MLP and linear sections need a model without normalisation. Before use, the
 section's own forward pass — the one the pipeline runs — must reproduce the model's on the
 first :data:`CHECK_ROWS` sequences of a batch, and one vector-Jacobian product must agree
 with autograd through the model. Only :class:`~tl_degen.sections.plan.SectionPlan` calls
@@ -35,6 +37,7 @@ from tl_degen.sections.attention import (
 )
 from tl_degen.sections.base import ModelSection, Section
 from tl_degen.sections.mlp import ACTIVATIONS, LinearSection, MLPHiddenSection, MLPSection
+from tl_degen.sections.norm_mlp import NormMLPSection, NormMLPWeights
 from tl_degen.sections.unembed import UnembedSection, unembedding
 from tl_degen.sites import Site
 
@@ -55,8 +58,9 @@ def may_have_closed_form(adapter: Adapter, in_site: Site, out_site: Site) -> boo
     if out_site.kind == "logits":  # the unembedding, with or without a final norm
         return (in_site.kind == "resid_post" and L == adapter.n_layers - 1
                 and adapter.arch.output_logits_soft_cap is None)
-    if not adapter.arch.no_norm:
-        return False
+    if not adapter.arch.no_norm:  # the MLP after ln2, in sequential blocks
+        return ((in_site.kind, out_site.kind) == ("resid_mid", "resid_post")
+                and out_site.layer == L and not adapter.arch.parallel)
     return out_site.layer == L and (in_site.kind, out_site.kind) in (
         ("resid_mid", "resid_post"), ("resid_mid", "mlp_post"), ("mlp_post", "resid_post"))
 
@@ -113,6 +117,12 @@ def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torc
         norm = final_norm(adapter, dt)
         return None if norm is None else UnembedSection(adapter, in_site, out_site, n_pos,
                                                         norm, B.to(device, dt))
+    if not adapter.arch.no_norm:  # ("resid_mid", "resid_post") after ln2
+        norm = _norm(adapter, _module(adapter.model, "blocks", L, "ln2"), dt)
+        weights = _norm_mlp_weights(adapter, L, dt)
+        if norm is None or weights is None:
+            return None
+        return NormMLPSection(adapter, in_site, out_site, n_pos, norm, weights)
     mlp = _mlp_weights(adapter, L, dt)
     if mlp is None:
         return None
@@ -140,12 +150,13 @@ def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torc
 
 def _tolerance(section: Section, dt: torch.dtype) -> float:
     """The relative tolerance of the checks. float64: 1e-7, except into the logits through a
-    final norm (1e-6): Hugging Face's Llama-family RMSNorm computes in float32 even in a
+    final norm, and through ``ln2`` into the MLP (1e-6): Hugging Face's Llama-family RMSNorm
+    computes in float32 even in a
     float64 model, so the model's own logits carry float32 rounding (about 1e-7 of their
     scale); a wrong eps, weight or bias misses by far more."""
     if dt != torch.float64:
         return 1e-3
-    return 1e-6 if isinstance(section, UnembedSection) else 1e-7
+    return 1e-6 if isinstance(section, (UnembedSection, NormMLPSection)) else 1e-7
 
 
 def _close(a: Tensor, b: Tensor, tol: float) -> bool:
@@ -219,6 +230,33 @@ def _norm(adapter: Adapter, ln, dt: torch.dtype) -> Norm | None:
     return Norm(rms=kind.startswith("RMS"), eps=float(eps),
                 w=None if w is None else w.detach().to(dt),
                 b=None if b is None else b.detach().to(dt))
+
+
+def _norm_mlp_weights(adapter: Adapter, L: int, dt: torch.dtype) -> NormMLPWeights | None:
+    """The MLP of block ``L`` as :class:`~tl_degen.sections.norm_mlp.NormMLPWeights`
+    (gated or not; absent biases as zeros), else None."""
+    arch = adapter.arch
+    act = ACTIVATIONS.get(arch.act_fn or "")
+    if act is None or arch.parallel:
+        return None
+    mlp = _module(adapter.model, "blocks", L, "mlp")
+    try:
+        W_in, W_out = mlp.W_in.detach().to(dt), mlp.W_out.detach().to(dt)
+        names = ("W_gate", "b_gate", "W_in", "b_in") if arch.gated_mlp else ("W_in", "b_in")
+        cols = []
+        for w_name, b_name in zip(names[::2], names[1::2]):
+            W = getattr(mlp, w_name).detach().to(dt)
+            b = getattr(mlp, b_name, None)
+            b = torch.zeros_like(W[0]) if b is None else b.detach().to(dt)
+            cols.append(torch.cat([W, b[None]]))  # [d + 1, m]
+        b_out = getattr(mlp, "b_out", None)
+        b_out = torch.zeros_like(W_out[0]) if b_out is None else b_out.detach().to(dt)
+    except (AttributeError, TypeError):
+        return None
+    if any(c.shape != (W_in.shape[0] + 1, W_out.shape[0]) for c in cols):
+        return None
+    return NormMLPWeights(act=act, w=torch.cat(cols, 1), w_out=W_out, b_out=b_out,
+                          gated=bool(arch.gated_mlp))
 
 
 def _mlp_weights(adapter: Adapter, L: int, dt: torch.dtype):

@@ -1,0 +1,301 @@
+"""The MLP after a normalisation in closed form: ``resid_mid.L → resid_post.L`` through
+``ln2`` (LayerNorm or RMSNorm) and an MLP (GELU, SiLU, ... or gated, SwiGLU), DESIGN.md §8.
+
+Row vectors, constant coordinate ``c`` last. With ``x`` the residual stream of one position,
+``n = norm(x) + c b_ln`` and ``ñ = [n, c]``, the block computes
+``f(x̃) = [x + φ(ñ W̃) W_out + c b_out, c]``: ungated ``φ(p) = σ(p)`` with ``W̃ = [W_in; b_in]``;
+gated ``φ([g, u]) = σ(g) ⊙ u`` with ``W̃ = [W̃_gate, W̃_in]`` (the units are then the ``2m``
+columns ``[g, u]`` and ``W_out`` is stacked twice). In both, the derivative of ``φ`` is a
+diagonal ``D`` over the units (``σ′(p)``; gated ``[σ′(g) ⊙ u, σ(g)]``), so
+
+    J = J0 + W̃_in,t diag(D_t) Q̃,     J0 = I with J0[c, :] = [b_out, 1],  Q̃ = [W_out, 0]
+
+and the norm's Jacobian is the identity minus a rank-2 (LayerNorm) or rank-1 (RMSNorm) term
+per token: ``∂n/∂x = (1/s)(I − 11ᵀ/d − y yᵀ/d) diag(w)`` with ``y = (x − μ)/s`` (RMSNorm: no
+``11ᵀ`` term, ``μ = 0``), ``s`` the norm's divisor, eps included. So, with
+``W_w = diag(w) W̃[:d]``, ``v = 1ᵀ W_w``, ``b_t = yᵀ W_w``, ``β = b_ln W̃[:d] + W̃[d]``,
+``e = D/s`` and ``Q = Q̃ C`` for the output basis ``C``::
+
+    J_t C = J0 C + [W_w; 0] diag(e) Q − [1; 0] (v⊙e)Q/d + e_c (β⊙D)Q − [y; 0] (b⊙e)Q/d
+
+— one fixed product weighted per token by ``e`` plus three rank-1 terms. Edges
+(``A_t = C⁺ J_t C`` weighted by ``h``) are the GEMM of :class:`~tl_degen.sections.mlp.MLPSection`
+plus the rank-1 terms per token; the Jacobian Gram ``Σ_t J_t K J_tᵀ`` is
+``U (Σ_t Z_t Z_tᵀ) Uᵀ`` with ``U = [W_w; 0 | 1 | e_c | J0 C]`` fixed and ``Z_t`` the per-token
+weights (``Σ_t (e_t e_tᵀ) ⊙ QQᵀ`` for the main block, as for the normalisation-free MLP), plus
+the terms of ``y``. Integrated gradients evaluate every term at ``α·x̃`` and average, so the
+``y`` term becomes one rank-1 term per integration point. Costs per row: edges
+``k_in·k_out·m`` (the section's JVP route: ``k_in`` passes of ``≈ 4·d·m`` each, twice that
+for its tangents), the Gram ``m²`` plus ``m·k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_degen.adapters.base import Adapter
+from tl_degen.sections.attention import Norm
+from tl_degen.sections.autograd import Pullback
+from tl_degen.sections.mlp import PositionwiseSection, _act_derivative, _out_matrix
+from tl_degen.sites import Site
+from tl_degen.stats import GramAccumulator
+
+__all__ = ["NormMLPSection", "NormMLPWeights"]
+
+
+@dataclass
+class NormMLPWeights:
+    """The block's MLP half: ``act`` (σ), ``w`` = ``W̃`` ``[d + 1, m]`` (gated:
+    ``[W̃_gate, W̃_in]``, ``[d + 1, 2m]``), ``w_out`` ``[m, d]``, ``b_out`` ``[d]``."""
+
+    act: Callable[[Tensor], Tensor]
+    w: Tensor
+    w_out: Tensor
+    b_out: Tensor
+    gated: bool
+
+    @property
+    def units(self) -> int:
+        """Columns of ``W̃``: ``m``, or ``2m`` gated."""
+        return self.w.shape[1]
+
+
+@dataclass
+class _Point:
+    """Per-row quantities at one integration point (float64): ``s`` ``[R]``, ``y`` ``[R, d]``
+    (the normalised input, before its weight), ``D`` ``[R, units]``."""
+
+    s: Tensor
+    y: Tensor
+    D: Tensor
+
+
+class NormMLPSection(PositionwiseSection):
+    """``resid_mid.L → resid_post.L`` through ``ln2`` and the MLP (the module docstring):
+    closed-form Jacobian Gram, edges and pullbacks, at any integration rule.
+
+    Args:
+        norm: ``ln2`` (:class:`~tl_degen.sections.attention.Norm`).
+        mlp: the MLP's weights (:class:`NormMLPWeights`).
+    """
+
+    def __init__(self, adapter: Adapter, in_site: Site, out_site: Site, n_pos: int,
+                 norm: Norm, mlp: NormMLPWeights):
+        super().__init__(adapter, in_site, out_site, n_pos, mlp.w.device)
+        self.norm, self.mlp = norm, mlp
+        d = mlp.w_out.shape[1]
+        self.d = d
+        w = mlp.w.double()
+        ln_w = (torch.ones(d, dtype=torch.float64, device=w.device) if norm.w is None
+                else norm.w.double())
+        ln_b = None if norm.b is None else norm.b.double()
+        self._ln_w64 = ln_w
+        self._Ww = ln_w[:, None] * w[:d]  # [d, units]
+        self._v = self._Ww.sum(0)  # 1ᵀ W_w
+        self._beta = w[d] + (0.0 if ln_b is None else ln_b @ w[:d])
+        w_out = mlp.w_out.double()
+        self._w_out_units = torch.cat([w_out, w_out]) if mlp.gated else w_out  # [units, d]
+        j0 = torch.eye(d + 1, dtype=torch.float64, device=w.device)
+        j0[d, :d] = mlp.b_out.double()
+        self._j0 = j0
+
+    # ------------------------------------------------------------------ forward
+    def _normed(self, xs: Tensor, c: Tensor) -> Tensor:
+        """``ñ = [norm(x) + c b_ln, c]`` as the model computes it."""
+        N = self.norm
+        d = (xs.shape[-1],)
+        n = (F.rms_norm(xs, d, N.w, N.eps) if N.rms else F.layer_norm(xs, d, N.w, None, N.eps))
+        if N.b is not None:
+            n = n + c * N.b
+        return torch.cat([n, c], dim=-1)
+
+    def _phi(self, pre: Tensor) -> Tensor:
+        if not self.mlp.gated:
+            return self.mlp.act(pre)
+        g, u = pre.chunk(2, dim=-1)
+        return self.mlp.act(g) * u
+
+    def forward_rows(self, x: Tensor) -> Tensor:
+        xr = x[:, self._in_rows]
+        xs, c = xr[..., :-1], xr[..., -1:]
+        hidden = self._phi(self._normed(xs, c) @ self.mlp.w)
+        out = xs + hidden @ self.mlp.w_out + c * self.mlp.b_out
+        return torch.cat([out, c], dim=-1)
+
+    # ------------------------------------------------------------------ per-row terms
+    def _point(self, xr: Float[Tensor, "R d1"], alpha: float) -> _Point:
+        """``s, y, D`` at ``α·x̃`` (float64)."""
+        xa = alpha * xr.double()
+        xs, c = xa[:, :-1], xa[:, -1:]
+        mu = 0.0 if self.norm.rms else xs.mean(-1, keepdim=True)
+        xc = xs - mu
+        s = (xc.square().mean(-1) + self.norm.eps).sqrt()  # [R]
+        y = xc / s[:, None]
+        n = y * self._ln_w64 + (0.0 if self.norm.b is None else c * self.norm.b.double())
+        pre = torch.cat([n, c], -1) @ self.mlp.w.double()
+        if self.mlp.gated:
+            g, u = pre.chunk(2, dim=-1)
+            D = torch.cat([_act_derivative(self.mlp.act, g) * u, self.mlp.act(g)], -1)
+        else:
+            D = _act_derivative(self.mlp.act, pre)
+        return _Point(s, y, D)
+
+    def _terms(self, xr: Tensor, Q: Tensor, alphas: list[float], weights: list[float]):
+        """The per-row weights of the module docstring's form, averaged over the rule:
+        ``ē = Σ w_α D/s`` ``[R, units]``, ``q1 = Σ w_α (v⊙D/s)Q/d`` and ``r = Σ w_α (β⊙D)Q``
+        ``[R, k]`` (``q1`` zero for RMSNorm), and per point ``(w_α y_α, (b_α⊙D/s)Q/d)``."""
+        R, d = xr.shape[0], self.d
+        e = torch.zeros(R, self.mlp.units, dtype=torch.float64, device=xr.device)
+        q1 = torch.zeros(R, Q.shape[1], dtype=torch.float64, device=xr.device)
+        r = torch.zeros_like(q1)
+        ys = []
+        for alpha, wt in zip(alphas, weights):
+            p = self._point(xr, alpha)
+            ea = p.D / p.s[:, None]
+            e += wt * ea
+            r += wt * ((self._beta * p.D) @ Q)
+            if not self.norm.rms:
+                q1 += wt * ((self._v * ea) @ Q) / d
+            b = p.y @ self._Ww  # [R, units]: yᵀ W_w
+            ys.append((wt * p.y, ((b * ea) @ Q) / d))
+        return e, q1, r, ys
+
+    # ------------------------------------------------------------------ edges
+    def edge_squares(self, x_eval: Tensor, h: Tensor, C_pinv: Tensor, out_basis: Tensor | None,
+                     alphas: list[float], weights: list[float], tokens: Tensor | None = None,
+                     route: str | None = None) -> Tensor:
+        """``A_t = C⁺ J_t C``, contracted with ``h`` without forming ``J_t``: the fixed part
+        ``(C⁺W_w)[j,m] Q[m,i]`` times ``ē`` and ``C⁺J0C`` by one GEMM per block (as in
+        :meth:`tl_degen.sections.mlp.MLPSection.edge_squares`), then the rank-1 terms of the
+        norm and the constant added per row, squared and summed with weights ``h²``."""
+        x = x_eval
+        d = self.d
+        C = _out_matrix(self, out_basis, torch.float64, x.device)
+        Cp = C_pinv.double()
+        Q = self._w_out_units @ C[:d]  # [units, k_out]
+        M0 = Cp @ self._j0 @ C  # [k_in, k_out]
+        P = Cp[:, :d] @ self._Ww  # [k_in, units]
+        u = Cp[:, :d].sum(1)  # C⁺ 1
+        pc = Cp[:, d]
+        k_in, (m, k_out) = P.shape[0], Q.shape
+        E = torch.zeros(k_in, k_out, dtype=torch.float64, device=x.device)
+        j_block = max(1, min(k_in, 2**20 // max(1, k_out * m)))
+        B = x.shape[0]
+        rows = []
+        for r_ in self.in_rows:
+            e, q1, r, ys = self._terms(x[:, r_], Q, alphas, weights)
+            d1 = torch.empty(m + 1, B, dtype=x.dtype, device=x.device)
+            d1[:m] = e.T
+            d1[m] = 1.0
+            # rank-1 terms per row: Σ_l U_l[j, b] R_l[i, b], as ([n_l, k_in, B], [n_l, k_out, B])
+            left = [pc[:, None].expand(k_in, B)]
+            right = [r.T]
+            if not self.norm.rms:
+                left.append(-u[:, None].expand(k_in, B))
+                right.append(q1.T)
+            for wy, q2 in ys:
+                left.append(-(Cp[:, :d] @ wy.T))  # [k_in, B]
+                right.append(q2.T)
+            rows.append((r_, d1, torch.stack(left).to(x.dtype), torch.stack(right).to(x.dtype)))
+        # the GEMM and the rank-1 terms in the dtype of the passes (float32 passes: float32
+        # products, as the autograd routes take them), squared and summed in float64
+        dt = x.dtype
+        P_, Q_, M0_ = P.to(dt), Q.to(dt), M0.to(dt)
+        b_block = max(16, 2**22 // (j_block * k_out))
+        for j0 in range(0, k_in, j_block):
+            js = slice(j0, min(k_in, j0 + j_block))
+            nj = js.stop - js.start
+            T = torch.empty(nj, k_out, m + 1, dtype=dt, device=x.device)
+            torch.mul(P_[js, None, :], Q_.T[None], out=T[..., :m])
+            T[..., m] = M0_[js]
+            T = T.view(nj * k_out, m + 1)
+            for r_, d1, left, right in rows:
+                h2_t = h[:, r_, js].double().T.square()  # [nj, B]
+                for start in range(0, B, b_block):
+                    bs = slice(start, start + b_block)
+                    A = (T @ d1[:, bs]).view(nj, k_out, -1)
+                    A += torch.einsum("ljb,lib->jib", left[:, js, bs], right[:, :, bs])
+                    E[js] += torch.bmm(A.double().square_(), h2_t[:, bs, None])[..., 0]
+        return E.T
+
+    # ------------------------------------------------------------------ Jacobian Gram
+    def add_jacobian_gram(self, x: Tensor, out_basis: Tensor | None, acc: GramAccumulator,
+                          alphas: list[float], weights: list[float],
+                          tokens: Tensor | None = None) -> None:
+        acc.add_matrix(self._jacobian_gram(self._rows(x), out_basis, alphas, weights))
+        acc.add_count(x.shape[0] * x.shape[1])
+
+    def _jacobian_gram(self, xr: Float[Tensor, "R d1"], out_basis: Tensor | None,
+                       alphas: list[float], weights: list[float]) -> Float[Tensor, "d1 d1"]:
+        """``Σ_t J_t C Cᵀ J_tᵀ`` with ``J_t C = U Z_t + Y_t`` (the module docstring):
+        ``U (Σ Z Zᵀ) Uᵀ + U X + (U X)ᵀ + Σ Y Yᵀ``, ``X = Σ_t Z_t Y_tᵀ``."""
+        d, dev, f64 = self.d, xr.device, torch.float64
+        C = _out_matrix(self, out_basis, f64, dev)
+        Q = self._w_out_units @ C[:d]  # [m, k]
+        m, k = Q.shape
+        R = xr.shape[0]
+        e, q1, r, ys = self._terms(xr, Q, alphas, weights)
+        # U = [W_w; 0 | 1_x | e_c | J0 C]: [d + 1, m + 2 + k]
+        U = torch.zeros(d + 1, m + 2 + k, dtype=f64, device=dev)
+        U[:d, :m] = self._Ww
+        U[:d, m] = 1.0
+        U[d, m + 1] = 1.0
+        U[:, m + 2:] = self._j0 @ C
+        # Σ Z Zᵀ, Z_t = [diag(ē) Q; −q1ᵀ; rᵀ; I_k]
+        ZZ = torch.zeros(m + 2 + k, m + 2 + k, dtype=f64, device=dev)
+        ZZ[:m, :m] = (e.T @ e) * (Q @ Q.T)
+        ZZ[:m, m] = -(e * (q1 @ Q.T)).sum(0)
+        ZZ[:m, m + 1] = (e * (r @ Q.T)).sum(0)
+        ZZ[:m, m + 2:] = e.sum(0)[:, None] * Q
+        ZZ[m, m] = q1.square().sum()
+        ZZ[m, m + 1] = -(q1 * r).sum()
+        ZZ[m + 1, m + 1] = r.square().sum()
+        ZZ[m, m + 2:] = -q1.sum(0)
+        ZZ[m + 1, m + 2:] = r.sum(0)
+        ZZ[m + 2:, m + 2:] = R * torch.eye(k, dtype=f64, device=dev)
+        upper = torch.triu(ZZ, 1)
+        ZZ = ZZ.triu() + upper.T
+        G = U @ ZZ @ U.T
+        # the y terms: Y_t = −Σ_α (w_α ỹ_α) q2_αᵀ
+        ywt = torch.stack([torch.cat([wy, wy.new_zeros(R, 1)], 1) for wy, _ in ys], 1)
+        q2 = torch.stack([q for _, q in ys], 1)  # [R, n_α, k]
+        Zq = torch.cat([e[:, None] * (q2 @ Q.T), -(q2 * q1[:, None]).sum(-1, keepdim=True),
+                        (q2 * r[:, None]).sum(-1, keepdim=True), q2], -1)  # [R, n_α, m+2+k]
+        X = -Zq.reshape(-1, m + 2 + k).T @ ywt.reshape(-1, d + 1)  # Σ_t Z_t Y_tᵀ
+        UX = U @ X
+        Gq = q2 @ q2.transpose(1, 2)  # [R, n_α, n_α]
+        YY = ywt.reshape(-1, d + 1).T @ (Gq @ ywt).reshape(-1, d + 1)
+        G = G + UX + UX.T + YY
+        return (G + G.T) / 2
+
+    # ------------------------------------------------------------------ pullbacks
+    def _jc(self, xr: Tensor, C: Tensor, alphas: list[float], weights: list[float]
+            ) -> Float[Tensor, "R d1 k"]:
+        """``J̄_t C`` of each row, formed (float64)."""
+        d = self.d
+        Q = self._w_out_units @ C[:d]
+        e, q1, r, ys = self._terms(xr, Q, alphas, weights)
+        g = (self._j0 @ C).expand(xr.shape[0], -1, -1).clone()
+        g[:, :d] += torch.einsum("dm,bm,mk->bdk", self._Ww, e, Q)
+        g[:, :d] -= q1[:, None, :]
+        g[:, d] += r
+        for wy, q2 in ys:
+            g[:, :d] -= wy[:, :, None] * q2[:, None, :]
+        return g
+
+    def pullbacks(self, x: Tensor, out_basis: Tensor | None, alphas: list[float],
+                  weights: list[float], tokens: Tensor | None = None,
+                  chunk: int = 64) -> Iterator[Pullback]:
+        C = _out_matrix(self, out_basis, torch.float64, x.device)
+        dirs = torch.arange(C.shape[1], device=x.device)
+        for start in range(0, x.shape[0], chunk):
+            xb = x[start:start + chunk]
+            for t, r in zip(self.out_rows, self.in_rows):
+                g = self._jc(xb[:, r], C, alphas, weights).to(x.dtype)
+                yield Pullback(slice(start, start + xb.shape[0]), [r], t, dirs, g[:, None])
