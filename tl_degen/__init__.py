@@ -52,7 +52,9 @@ from tl_degen.patching import (
     path_patch,
     to_basis,
 )
-from tl_degen.sites import Site
+from tl_degen.pipeline import FitAndGraph, fit_and_graph
+from tl_degen.progress import RunBar
+from tl_degen.sites import Site, every_layer
 
 __version__ = "0.1.0"
 
@@ -61,6 +63,9 @@ __all__ = [
     "site_activations",
     "interaction_graph",
     "InteractionGraph",
+    "fit_and_graph",
+    "FitAndGraph",
+    "RunBar",
     "Modules",
     "ablation_curve",
     "AblationCurve",
@@ -86,6 +91,7 @@ __all__ = [
     "LLCEstimate",
     "parameter_groups",
     "Site",
+    "every_layer",
     "BasisSet",
     "InteractionBasis",
     "Threshold",

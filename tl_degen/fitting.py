@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_degen import checks
 from tl_degen.adapters import Adapter, get_adapter
@@ -37,6 +36,7 @@ from tl_degen.distributed import Shards, tokens_digest, weights_digest
 from tl_degen.errors import AmbiguousRankWarning, DataError, ProbeErrorWarning, TLDegenError
 from tl_degen.memory import auto_batch_size, check_fits, statistics_bytes
 from tl_degen.model_state import prepared
+from tl_degen.progress import RunBar, stage_bar
 from tl_degen.sections.plan import SectionPlan
 from tl_degen.sections.reader import BatchReader
 from tl_degen.sections.rules import integration_rule
@@ -246,7 +246,7 @@ def fit_bases(
     integration: str = "gradient",
     n_alpha: int | None = None,
     dtype: torch.dtype | None = torch.float64,
-    progress: bool = True,
+    progress: bool | RunBar = True,
     n_probes: int | None = None,
     probe_groups: int = 4,
     target_error: float | None = None,
@@ -279,7 +279,8 @@ def fit_bases(
         n_alpha: number of quadrature points for the integrated rules (default 5).
         dtype: dtype the model runs in during the fit (``None``: keep the model's).
             Accumulation and eigendecompositions are always float64.
-        progress: show progress bars.
+        progress: show progress bars (one per stage); a :class:`~tl_degen.progress.RunBar`
+            draws this fit as stages of one bar over a longer run.
         n_probes: estimate the Jacobian Gram with this many random ±1 probes over output
             positions and directions (DESIGN.md §4 step 9) instead of one vector-Jacobian
             product per output direction; sections with a closed form stay exact. The
@@ -683,11 +684,13 @@ class _FitRun:
         return self._restore(f"jacobian.{idx}", EstimateAccumulator(
             GramAccumulator(d, name=self.sites[idx].name, device=device), n_groups))
 
-    def pending(self, stage: str, *, desc: str, progress: bool) -> Iterator[tuple[int, Tensor]]:
+    def pending(self, stage: str, *, desc: str, progress: bool | RunBar
+                ) -> Iterator[tuple[int, Tensor]]:
         """``(index, batch)`` of the batches of ``stage`` not yet done (all of them without a
-        checkpoint)."""
+        checkpoint). A stage of more probes (``:round``) is work a :class:`RunBar` did not
+        expect."""
         done = self.progress.setdefault(stage, 0)
-        bar = tqdm(total=len(self.batches), initial=done, desc=desc, disable=not progress)
+        bar = stage_bar(progress, len(self.batches), desc, done, expected=":round" not in stage)
         try:
             for i in range(done, len(self.batches)):
                 yield i, self.batches[i]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +25,18 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_degen import checks
 from tl_degen.adapters import Adapter, get_adapter
 from tl_degen.basis import output_basis
 from tl_degen.basis_set import BasisSet
-from tl_degen.distributed import Shards, tensors_digest, weights_digest
+from tl_degen.checkpoint import FitCheckpoint
+from tl_degen.distributed import Shards, tensors_digest, tokens_digest, weights_digest
 from tl_degen.errors import BasisMismatchError, DataError, SiteError, TLDegenError
 from tl_degen.fitting import check_positions, token_batches
 from tl_degen.io import Serialisable, check_stored, read_safetensors, save_safetensors_atomic
 from tl_degen.model_state import prepared
+from tl_degen.progress import RunBar, stage_bar
 from tl_degen.sections.autograd import EDGE_ROUTES
 from tl_degen.sections.plan import SectionPlan
 from tl_degen.sections.reader import BatchReader
@@ -57,13 +59,14 @@ def interaction_graph(
     n_alpha: int | None = None,
     batch_size: int | None = None,
     dtype: torch.dtype | None = torch.float64,
-    progress: bool = True,
+    progress: bool | RunBar = True,
     closed_form: bool = True,
     n_probes: int | None = None,
     probe_groups: int = 4,
     seed: int = 0,
     route: str | None = None,
     distributed: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> InteractionGraph:
     """Edges between every pair of consecutive sites of ``bases`` (DESIGN.md §4 step 8).
 
@@ -89,10 +92,21 @@ def interaction_graph(
         distributed: inside a ``torch.distributed`` process group each rank passes its own
             shard of ``tokens``; edge sums are added over ranks and every rank returns the
             graph of all shards (:mod:`tl_degen.distributed`; ``False`` opts out).
+        progress: a progress bar per pair; a :class:`~tl_degen.progress.RunBar` draws the
+            pairs as stages of one bar over a longer run.
+        checkpoint: a file to keep the finished pairs' edges in, written atomically after
+            each pair. If it exists, the graph resumes from it, skipping those pairs (a
+            checkpoint of another model, bases, tokens or settings is refused with
+            :class:`~tl_degen.errors.CheckpointError` and left alone); it is removed when the
+            graph completes. Under ``torch.distributed`` each rank keeps
+            ``<checkpoint>.rank<r>``.
 
     Returns:
         An :class:`InteractionGraph`; ``graph.edges[(in_site, out_site)]`` is
-        ``[n_out, n_in]``, non-negative, nodes ordered as the basis columns.
+        ``[n_out, n_in]``, non-negative, nodes ordered as the basis columns;
+        ``graph.config["edge_routes"]`` and ``["edge_seconds"]`` say, per pair, how its
+        edges were computed and in how many seconds (of this call; resumed pairs: of the
+        call that computed them).
 
     Examples:
         >>> graph = interaction_graph(model, tokens, bases)
@@ -114,6 +128,8 @@ def interaction_graph(
     edges: dict[tuple[Site, Site], Tensor] = {}
     errors: dict[tuple[Site, Site], float] = {}
     edge_routes: dict[str, str] = {}
+    edge_seconds: dict[str, float] = {}
+    ckpt, saved = _graph_checkpoint(checkpoint, model, bases, batches, fingerprint, shards)
     generator = torch.Generator().manual_seed(shards.seed(seed))
     with prepared(model, dtype):
         plans = [SectionPlan(adapter, in_site, out_site, alphas=alphas, weights=weights,
@@ -123,6 +139,17 @@ def interaction_graph(
         # the input sites (not past the last), the sections between them by formula if they can
         inputs = BatchReader(adapter, batches, sites[:-1], plans[:-1], after=plans[-1])
         for k, pair in enumerate(zip(sites, sites[1:])):
+            name = f"{pair[0].name}->{pair[1].name}"
+            if name in saved.get("pairs", {}):  # finished before the run was interrupted
+                done = saved["pairs"][name]
+                edges[pair] = saved["tensors"][f"edges.{k}"]
+                if done["error"] is not None:
+                    errors[pair] = done["error"]
+                edge_routes[name], edge_seconds[name] = done["route"], done["seconds"]
+                stage_bar(progress, len(batches), f"edges {name} (checkpoint)",
+                          len(batches)).close()
+                continue
+            start = time.perf_counter()
             with shards.step(f"interaction_graph ({pair[0].name} → {pair[1].name})"):
                 local = _edge_sums(adapter, batches, inputs, bases, plans, k,
                                    n_groups=probe_groups if n_probes else 0, progress=progress)
@@ -133,12 +160,42 @@ def interaction_graph(
             if not torch.isfinite(E).all():
                 raise DataError(f"NaN/Inf edges between {pair[0].name} and {pair[1].name}")
             edges[pair] = (E / total.count).cpu()
-            edge_routes[f"{pair[0].name}->{pair[1].name}"] = "+".join(sorted(plans[k].routes))
+            edge_routes[name] = "+".join(sorted(plans[k].routes))
+            edge_seconds[name] = round(time.perf_counter() - start, 3)
+            if ckpt is not None:
+                saved.setdefault("pairs", {})[name] = {
+                    "route": edge_routes[name], "seconds": edge_seconds[name],
+                    "error": errors.get(pair)}
+                saved.setdefault("tensors", {})[f"edges.{k}"] = edges[pair]
+                ckpt.save({"pairs": saved["pairs"]}, saved["tensors"])
     (n_samples,) = shards.sum_ints([sum(b.shape[0] for b in batches)])
     config = {"integration": integration, "n_alpha": len(alphas),
               "n_samples": n_samples, "n_pos": max(b.shape[1] for b in batches),
-              "n_probes": n_probes, "seed": seed, "edge_routes": edge_routes}
+              "n_probes": n_probes, "seed": seed, "edge_routes": edge_routes,
+              "edge_seconds": edge_seconds}
+    if ckpt is not None:
+        ckpt.remove()
     return InteractionGraph(bases, edges, config=config, errors=errors)
+
+
+def _graph_checkpoint(path, model, bases: BasisSet, batches: list[Tensor], fingerprint: dict,
+                      shards: Shards) -> tuple[FitCheckpoint | None, dict]:
+    """This rank's graph checkpoint (fingerprinted with the call, the model's weights, the
+    bases and this rank's tokens) and what it holds: ``{"pairs": {name: {"route",
+    "seconds", "error"}}, "tensors": {"edges.<k>": edges}}`` (empty for a new run)."""
+    if path is None:
+        return None, {}
+    ckpt = FitCheckpoint(
+        FitCheckpoint.for_rank(path, shards.rank, shards.world),
+        {**fingerprint, "verb": "interaction_graph", "weights": weights_digest(model),
+         "bases": _bases_digest(bases), "tokens": tokens_digest(batches),
+         "rank": shards.rank, "world": shards.world}, every=1)
+    loaded = ckpt.load()
+    if loaded is None:
+        return ckpt, {}
+    progress, tensors = loaded
+    return ckpt, {"pairs": dict(progress.get("pairs", {})),
+                  "tensors": {k: check_stored(ckpt.path, k, t) for k, t in tensors.items()}}
 
 
 def _check_graph_arguments(model, tokens, bases: BasisSet, *, integration: str,
@@ -178,8 +235,8 @@ def _edge_sums(adapter: Adapter, batches: list[Tensor], inputs: BatchReader, bas
     out_C = output_basis(b_out)
     out_C = None if out_C is None else out_C.to(adapter.device, dt)
     acc = EstimateAccumulator((b_out.k, b_in.k), n_groups, device=adapter.device)
-    for i, batch in enumerate(tqdm(batches, desc=f"edges {in_site.name} → {out_site.name}",
-                                   disable=not progress)):
+    bar = stage_bar(progress, len(batches), f"edges {in_site.name} → {out_site.name}")
+    for i, batch in enumerate(batches):
         x = inputs.read(i, k)
         y = inputs.kept(i, k + 1) if k + 1 < len(plans) else None
         h = x.double() @ C_in  # [b, P_in, k_in]
@@ -190,6 +247,8 @@ def _edge_sums(adapter: Adapter, batches: list[Tensor], inputs: BatchReader, bas
             acc.add_estimate(out)
         else:
             acc.add_exact(out)
+        bar.update()
+    bar.close()
     return acc
 
 

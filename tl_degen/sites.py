@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from tl_degen.errors import SiteError
 
-__all__ = ["Site", "SITE_KINDS", "parse_sites", "check_forward_order"]
+__all__ = ["Site", "SITE_KINDS", "parse_sites", "check_forward_order", "every_layer"]
 
 #: Site kinds in forward order within a block.
 SITE_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "mlp_post", "resid_post", "logits")
@@ -171,3 +171,52 @@ def check_forward_order(sites: list[Site]) -> None:
             raise SiteError(f"sites are out of forward order: {a.name!r} comes after "
                             f"{b.name!r} in the network; sort them, e.g. "
                             f"{[s.name for s in sorted(sites, key=lambda s: s.order_key)]}")
+
+
+def every_layer(model, kinds=("resid_pre", "resid_mid"), *, layers=None,
+                end: str | None = "logits:last") -> list[str]:
+    """The cuts of a whole model, in forward order: each kind of ``kinds`` at every position
+    of every layer of ``layers`` (default: all), then ``end``.
+
+    ``end``: ``"logits:last"`` (default) or ``"logits"`` adds the last layer's
+    ``resid_post`` at the same positions and then the logits (at any vocabulary size, kept in
+    their factor space: :mod:`tl_degen.sections.unembed`), so that the sections into the
+    output are the MLP after its norm and the final norm with the unembedding, which have
+    closed forms; ``"resid_post:last"`` (or ``"resid_post"``) stops at the last layer's
+    ``resid_post``; ``None`` stops at the last layer's ``kinds``.
+
+    Examples:
+        >>> tl_degen.every_layer(gpt2)  # 12 layers
+        ['resid_pre.0', 'resid_mid.0', ..., 'resid_mid.11', 'resid_post.11:last', 'logits:last']
+        >>> bases = tl_degen.fit_bases(gpt2, tokens, tl_degen.every_layer(gpt2), n_probes=32)
+    """
+    from tl_degen.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    n = adapter.n_layers
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    kinds = tuple(kinds)
+    block_kinds = [k for k in SITE_KINDS if k != "logits"]
+    unknown = [k for k in kinds if k not in block_kinds]
+    if unknown or not kinds or len(set(kinds)) != len(kinds):
+        raise SiteError(f"kinds={kinds!r}: give distinct block site kinds, some of "
+                        f"{', '.join(block_kinds)}")
+    if "resid_mid" in kinds and adapter.arch.parallel:
+        raise SiteError("this model's blocks run attention and MLP in parallel (no resid_mid); "
+                        "use kinds=('resid_pre',) or ('resid_pre', 'mlp_post')")
+    layers = list(range(n)) if layers is None else list(layers)
+    if not layers or any(not isinstance(L, int) or isinstance(L, bool) or not 0 <= L < n
+                         for L in layers) or sorted(set(layers)) != layers:
+        raise SiteError(f"layers={layers!r}: give increasing block indices in [0, {n})")
+    sites = [f"{k}.{L}" for L in layers for k in sorted(kinds, key=_KIND_RANK.__getitem__)]
+    if end is None:
+        return sites
+    kind, _, pos = end.partition(":")
+    pos = f":{pos}" if pos else ""
+    if kind not in ("logits", "resid_post") or pos not in ("", ":last"):
+        raise SiteError(f"end={end!r}: use 'logits:last', 'logits', 'resid_post:last', "
+                        "'resid_post' or None")
+    if f"resid_post.{layers[-1]}" not in sites:  # else it is already the cut before
+        sites.append(f"resid_post.{layers[-1]}{pos}")
+    return sites + (["logits" + pos] if kind == "logits" else [])
