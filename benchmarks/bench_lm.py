@@ -18,8 +18,16 @@ per stage, wall time and peak RSS, and in the same run the time of one plain for
 backward pass of the model over the same tokens (the baseline the fit is measured against)
 and the machine's matmul rates.
 
+``--whole``: every layer (:func:`tl_degen.every_layer`: every ``resid_pre.L`` and
+``resid_mid.L``, the last ``resid_post.L:last`` and ``logits:last``; ``--no-logits`` stops
+before the logits) through :func:`tl_degen.fit_and_graph`, with each pair's time and route,
+and the flop floor of the fit and of each pair: their flops counted with
+``torch.utils.flop_counter`` on ``--count-prompts`` prompts, scaled to all of them, over the
+float32 matmul rate measured in the same run.
+
     python benchmarks/bench_lm.py [--model gpt2|pythia|smollm2] [--prompts 48] [--tokens 12]
                                   [--probes 32] [--no-graph] [--sites a,b,...]
+    python benchmarks/bench_lm.py --whole [--model gpt2|smollm2] [--no-logits]
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import warnings
 
 import torch
 from _lm import gpt2_small_shaped, pythia_70m_shaped, word_tokens
-from _machine import machine_line, peak_rss_mib
+from _machine import machine_line, matmul_gflops, peak_rss_mib
 
 import tl_degen
 
@@ -66,6 +74,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--no-graph", action="store_true")
     parser.add_argument("--sites", help="comma-separated sites (default: the setting's)")
+    parser.add_argument("--whole", action="store_true", help="every layer (fit_and_graph)")
+    parser.add_argument("--no-logits", action="store_true", help="--whole without the logits")
+    parser.add_argument("--count-prompts", type=int, default=4,
+                        help="prompts the flops are counted on (--whole)")
+    parser.add_argument("--folder", help="--whole: keep the run's state here (resumable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", tl_degen.AmbiguousRankWarning)
@@ -84,6 +97,9 @@ def main() -> None:
         sites = args.sites.split(",")
     task = ioi(model, args.prompts) if args.model == "smollm2" else None
     tokens = word_tokens(args.prompts, args.tokens) if task is None else task.clean
+    if args.whole:
+        whole(model, tokens, name, args, dtype)
+        return
     print(f"{name} bridge, {tokens.shape[0]} prompts x {tokens.shape[1]} tokens, model in "
           f"{args.dtype}, n_probes={args.probes}, batch size {args.batch_size}, sites {sites}")
     # the library's stages first, so their peak RSS is theirs; the baseline pass (which
@@ -135,6 +151,61 @@ def main() -> None:
           f"{peak_rss_mib():.0f} MiB")
     print(f"fit_bases {fit / base:.0f}x the baseline"
           + ("" if seconds is None else f", interaction_graph {seconds / base:.0f}x"))
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of ``fn()`` (``torch.utils.flop_counter``: matmuls,
+    convolutions and attention; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def whole(model, tokens: torch.Tensor, name: str, args, dtype: torch.dtype) -> None:
+    """Every layer: fit_and_graph timed, then the flops of the fit and of each pair counted
+    on a few prompts and scaled (the work is linear in the prompts), against the float32
+    matmul rate of this run."""
+    sites = tl_degen.every_layer(model, end="resid_post:last" if args.no_logits else
+                                 "logits:last")
+    print(f"{name}, {tokens.shape[0]} prompts x {tokens.shape[1]} tokens, every layer: "
+          f"{len(sites)} sites ({sites[0]} ... {sites[-1]}), model in {args.dtype}, "
+          f"n_probes={args.probes}, batch size {args.batch_size}")
+    kwargs = dict(n_probes=args.probes, dtype=dtype, batch_size=args.batch_size)
+    start = time.perf_counter()
+    bases, graph = tl_degen.fit_and_graph(model, tokens, sites, folder=args.folder, **kwargs)
+    total = time.perf_counter() - start
+    seconds = graph.config["edge_seconds"]
+    graph_s = sum(seconds.values())
+    print(f"fit_and_graph: {total:.1f} s (fit {total - graph_s:.1f} s, graph {graph_s:.1f} s)"
+          f"   peak RSS {peak_rss_mib():.0f} MiB")
+    errors = [bases[s].jacobian_gram_error for s in bases.sites
+              if bases[s].jacobian_gram_error]
+    print(f"  kept {[bases[s].k for s in bases.sites]}")
+    if errors:
+        print(f"  probed Grams' relative SE: median {sorted(errors)[len(errors) // 2]:.1%}, "
+              f"max {max(errors):.1%} ({len(errors)} sites)")
+    rate = matmul_gflops(torch.float32) * 1e9
+    scale = tokens.shape[0] / args.count_prompts
+    few = tokens[:args.count_prompts]
+    fit_flops = scale * count_flops(lambda: tl_degen.fit_bases(
+        model, few, sites, progress=False, **kwargs))
+    print(f"float32 matmul {rate / 1e9:.0f} GFLOP/s now; fit: {fit_flops / 1e12:.2f} TFLOP, "
+          f"floor {fit_flops / rate:.1f} s, took {total - graph_s:.1f} s "
+          f"({(total - graph_s) * rate / fit_flops:.1f}x)")
+    print(f"  {'pair':<36} {'route':<26} {'time':>8} {'TFLOP':>7} {'floor':>7} {'x':>5}")
+    floor = 0.0
+    for (a, b) in graph.pairs():
+        key = f"{a.name}->{b.name}"
+        pair = tl_degen.BasisSet([bases[a], bases[b]])
+        flops = scale * count_flops(lambda: tl_degen.interaction_graph(
+            model, few, pair, progress=False, **kwargs))
+        floor += flops / rate
+        print(f"  {key:<36} {graph.config['edge_routes'][key]:<26} {seconds[key]:7.1f}s "
+              f"{flops / 1e12:7.2f} {flops / rate:6.1f}s {seconds[key] * rate / flops:5.1f}")
+    print(f"graph: {graph_s:.1f} s against a floor of {floor:.1f} s "
+          f"({graph_s / floor:.2f}x); bases + graph {total:.1f} s")
 
 
 if __name__ == "__main__":

@@ -157,6 +157,8 @@ def test_whole_model_closed_forms_equal_autograd(arch, tokenizer_dir):
             for closed in (True, False)]
     tol = 1e-6 if arch == "llama" else 1e-9
     routes = runs[0].graph.config["edge_routes"]
+    # the MLP after ln2 into the next block's resid_pre (the same vector as resid_post)
+    assert routes["resid_mid.0->resid_pre.1"] == "closed form", routes
     assert routes["resid_mid.1->resid_post.1:last"] == "closed form", routes
     for s in sites:
         a, b = runs[0].bases[s].eigenvalues, runs[1].bases[s].eigenvalues

@@ -143,6 +143,8 @@ def test_plans_must_match_the_sites():
     (("resid_pre.0", "resid_mid.0:last"), True, True),
     (("resid_pre.0", "resid_mid.1"), False, False),      # across layers
     (("resid_mid.1", "resid_post.1:last"), True, True),  # MLP (after ln2)
+    (("resid_mid.0", "resid_pre.1"), True, True),  # the same: resid_pre.1 = resid_post.0
+    (("resid_pre.0", "resid_pre.1"), False, False),  # a whole block
     (("resid_mid.1", "mlp_post.1"), True, False),
     (("mlp_post.1", "resid_post.1"), True, False),
     (("resid_mid.0", "resid_post.1"), False, False),

@@ -41,10 +41,21 @@ from tl_degen.sections.norm_mlp import NormMLPSection, NormMLPWeights
 from tl_degen.sections.unembed import UnembedSection, unembedding
 from tl_degen.sites import Site
 
-__all__ = ["CHECK_ROWS", "may_have_closed_form", "recognise", "final_norm"]
+__all__ = ["CHECK_ROWS", "may_have_closed_form", "recognise", "final_norm", "block_output"]
 
 #: Sequences of a batch on which a closed form is checked against the model.
 CHECK_ROWS = 256
+
+
+def block_output(in_site: Site, out_site: Site) -> Site:
+    """``out_site`` as its own block's output: ``resid_pre.(L+1)`` after a site of block
+    ``L`` is ``resid_post.L`` (the same vector), so ``resid_mid.L → resid_pre.(L+1)`` is the
+    MLP section, as :func:`tl_degen.every_layer` cuts a model."""
+    if (out_site.kind == "resid_pre" and in_site.layer is not None
+            and in_site.kind in ("resid_mid", "mlp_post")
+            and out_site.layer == in_site.layer + 1):
+        return Site("resid_post", in_site.layer, out_site.positions)
+    return out_site
 
 
 def may_have_closed_form(adapter: Adapter, in_site: Site, out_site: Site) -> bool:
@@ -52,6 +63,7 @@ def may_have_closed_form(adapter: Adapter, in_site: Site, out_site: Site) -> boo
     weights and positions are checked by :func:`recognise`). Reads no activations."""
     if in_site.kind == "logits" or in_site.layer is None:
         return False
+    out_site = block_output(in_site, out_site)
     L = in_site.layer
     if (in_site.kind, out_site.kind) == ("resid_pre", "resid_mid") and out_site.layer == L:
         return True  # attention, with or without a LayerNorm/RMSNorm before it
@@ -95,7 +107,7 @@ def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torc
            device: torch.device) -> Section | None:
     """The section's closed form from the model's weights, unchecked; ``None`` where the
     architecture or the positions rule one out."""
-    pair, L = (in_site.kind, out_site.kind), in_site.layer
+    pair, L = (in_site.kind, block_output(in_site, out_site).kind), in_site.layer
     if pair == ("resid_pre", "resid_mid"):
         weights = _attention_weights(adapter, in_site, n_pos, dt)
         if weights is None:
