@@ -170,58 +170,51 @@ class NormMLPSection(PositionwiseSection):
     def edge_squares(self, x_eval: Tensor, h: Tensor, C_pinv: Tensor, out_basis: Tensor | None,
                      alphas: list[float], weights: list[float], tokens: Tensor | None = None,
                      route: str | None = None) -> Tensor:
-        """``A_t = C⁺ J_t C``, contracted with ``h`` without forming ``J_t``: the fixed part
-        ``(C⁺W_w)[j,m] Q[m,i]`` times ``ē`` and ``C⁺J0C`` by one GEMM per block (as in
-        :meth:`tl_degen.sections.mlp.MLPSection.edge_squares`), then the rank-1 terms of the
-        norm and the constant added per row, squared and summed with weights ``h²``."""
-        x = x_eval
-        d = self.d
+        """``A_t = C⁺ J_t C``, contracted with ``h`` without forming ``J_t``: the part
+        ``Σ_m (C⁺W_w)[j,m] ē[m] Q[m,i]`` by one GEMM ``Qᵀ [k_out, m] × [m, (j, row)]`` per
+        block of ``j`` (every position's rows at once), then ``C⁺J0C`` and the rank-1 terms of
+        the norm and the constant added per row, squared and summed with weights ``h²``. The
+        products run in the dtype of the passes, the squares and sums in float64."""
+        x, d, dt = x_eval, self.d, x_eval.dtype
         C = _out_matrix(self, out_basis, torch.float64, x.device)
         Cp = C_pinv.double()
         Q = self._w_out_units @ C[:d]  # [units, k_out]
         M0 = Cp @ self._j0 @ C  # [k_in, k_out]
         P = Cp[:, :d] @ self._Ww  # [k_in, units]
-        u = Cp[:, :d].sum(1)  # C⁺ 1
-        pc = Cp[:, d]
         k_in, (m, k_out) = P.shape[0], Q.shape
+        xr = self._rows(x)  # [R, d + 1], rows (sample, position)
+        R = xr.shape[0]
+        h2 = h[:, self._in_rows].reshape(R, k_in).double().square().T  # [k_in, R]
+        e, q1, r, ys = self._terms(xr, Q, alphas, weights)
+        e_ = e.to(dt)  # [R, m]
+        # rank-1 terms per row: Σ_l U_l[j, row] R_l[row, i], as [n_l, k_in, R], [n_l, R, k_out]
+        left = [Cp[:, d:d + 1].expand(k_in, R)]
+        right = [r]
+        if not self.norm.rms:
+            left.append(-Cp[:, :d].sum(1, keepdim=True).expand(k_in, R))  # −C⁺1
+            right.append(q1)
+        for wy, q2 in ys:
+            left.append(-(Cp[:, :d] @ wy.T))  # −C⁺y per row, weighted
+            right.append(q2)
+        left, right = torch.stack(left).to(dt), torch.stack(right).to(dt)
+        Q_, M0_, P_ = Q.to(dt), M0.to(dt), P.to(dt)
         E = torch.zeros(k_in, k_out, dtype=torch.float64, device=x.device)
-        j_block = max(1, min(k_in, 2**20 // max(1, k_out * m)))
-        B = x.shape[0]
-        rows = []
-        for r_ in self.in_rows:
-            e, q1, r, ys = self._terms(x[:, r_], Q, alphas, weights)
-            d1 = torch.empty(m + 1, B, dtype=x.dtype, device=x.device)
-            d1[:m] = e.T
-            d1[m] = 1.0
-            # rank-1 terms per row: Σ_l U_l[j, b] R_l[i, b], as ([n_l, k_in, B], [n_l, k_out, B])
-            left = [pc[:, None].expand(k_in, B)]
-            right = [r.T]
-            if not self.norm.rms:
-                left.append(-u[:, None].expand(k_in, B))
-                right.append(q1.T)
-            for wy, q2 in ys:
-                left.append(-(Cp[:, :d] @ wy.T))  # [k_in, B]
-                right.append(q2.T)
-            rows.append((r_, d1, torch.stack(left).to(x.dtype), torch.stack(right).to(x.dtype)))
-        # the GEMM and the rank-1 terms in the dtype of the passes (float32 passes: float32
-        # products, as the autograd routes take them), squared and summed in float64
-        dt = x.dtype
-        P_, Q_, M0_ = P.to(dt), Q.to(dt), M0.to(dt)
-        b_block = max(16, 2**22 // (j_block * k_out))
+        # A[(j, row), i] = ((C⁺W_w)[j] ⊙ ē[row]) Q: one GEMM of inner size m per block of j,
+        # its left factor built per block (m·R floats per j: fewer than the k_out·m of a
+        # [(j, i), m] factor when R < k_out)
+        j_block = max(1, min(k_in, 2**22 // max(1, m * R)))
+        PE = torch.empty(j_block, R, m, dtype=dt, device=x.device)
         for j0 in range(0, k_in, j_block):
             js = slice(j0, min(k_in, j0 + j_block))
             nj = js.stop - js.start
-            T = torch.empty(nj, k_out, m + 1, dtype=dt, device=x.device)
-            torch.mul(P_[js, None, :], Q_.T[None], out=T[..., :m])
-            T[..., m] = M0_[js]
-            T = T.view(nj * k_out, m + 1)
-            for r_, d1, left, right in rows:
-                h2_t = h[:, r_, js].double().T.square()  # [nj, B]
-                for start in range(0, B, b_block):
-                    bs = slice(start, start + b_block)
-                    A = (T @ d1[:, bs]).view(nj, k_out, -1)
-                    A += torch.einsum("ljb,lib->jib", left[:, js, bs], right[:, :, bs])
-                    E[js] += torch.bmm(A.double().square_(), h2_t[:, bs, None])[..., 0]
+            pe = PE[:nj]
+            torch.mul(P_[js, None, :], e_[None], out=pe)
+            A = (pe.view(nj * R, m) @ Q_).view(nj, R, k_out)
+            A += M0_[js, None, :]
+            for lf, rt in zip(left, right):
+                A.addcmul_(lf[js, :, None], rt[None])
+            A2 = A.double().square_()
+            E[js] += torch.bmm(h2[js, None, :], A2)[:, 0]
         return E.T
 
     # ------------------------------------------------------------------ Jacobian Gram
