@@ -104,10 +104,12 @@ def test_damaged_files_are_refused(fitted, tmp_path):
 
 def test_saves_clean_up_after_killed_saves_and_follow_the_umask(fitted, tmp_path):
     _, bases = fitted
-    stale = tmp_path / ".b.safetensors.abc123.tmp"  # what a save killed mid-write leaves
+    stale = tmp_path / ".b.safetensors.abc1_3x9.tmp"  # what a save killed mid-write leaves
     stale.write_bytes(b"x" * 1000)
     other = tmp_path / "notes.tmp"  # not ours
     other.write_text("keep")
+    alike = tmp_path / ".b.safetensors.backup.tmp"  # a user's file that looks alike
+    alike.write_text("keep")
     import os
 
     old = os.umask(0o027)
@@ -115,7 +117,7 @@ def test_saves_clean_up_after_killed_saves_and_follow_the_umask(fitted, tmp_path
         path = bases.save(tmp_path / "b.safetensors")
     finally:
         os.umask(old)
-    assert not stale.exists() and other.exists()
+    assert not stale.exists() and other.exists() and alike.read_text() == "keep"
     assert path.stat().st_mode & 0o777 == 0o640
     old = os.umask(0o022)
     try:

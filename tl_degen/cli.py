@@ -48,12 +48,12 @@ REFERENCE_SITES = ["resid_pre.0", "resid_mid.0:last", "resid_post.0:last", "logi
 def _check_report_folder(out: Path) -> None:
     """The demo replaces only a folder it wrote before (index.html and report.json in it) or
     an empty one; anything else is the user's and is refused before any work."""
-    if out.exists() and not out.is_dir():
-        raise ArgumentError(f"--out {out} is a file; give a folder for the report")
-    if out.is_dir() and any(out.iterdir()) and not (
-            (out / "index.html").is_file() and (out / "report.json").is_file()):
-        raise ArgumentError(f"--out {out} is not empty and is not an earlier tl-degen report; "
-                            "give a new folder (the report replaces the folder's contents)")
+    from tl_degen.viz.report import Report
+
+    try:
+        Report.check_folder(out)
+    except ArgumentError as err:
+        raise ArgumentError(f"--out {err}") from None
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,44 @@ def _umask() -> int:
     return mask
 
 
+def output_path(path, what: str = "file") -> Path:
+    """``path`` as a :class:`~pathlib.Path` a file can be written to, its missing folders
+    created; :class:`~tl_degen.errors.ArgumentError` when it is not a path, is empty, is an
+    existing folder, or a part of its folder is an existing file — before any work."""
+    from tl_degen.errors import ArgumentError
+
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ArgumentError(f"the {what} path must be a file name (str or Path), got "
+                            f"{path!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise ArgumentError(f"{path} is a folder; give a file name for the {what}, e.g. "
+                            f"{path / ('out' + (path.suffix or '.safetensors'))}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ArgumentError(f"cannot write {path}: {parent} is a file")
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_text_atomic(path, text: str, what: str = "file") -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed over it: a
+    failed or killed write leaves the old file or none. Checked by :func:`output_path`."""
+    path = output_path(path, what)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor],
                             metadata: dict[str, str]) -> Path:
     """Write ``tensors`` and string ``metadata`` to ``path``; return the path.
@@ -52,10 +91,11 @@ def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor],
     the tensors and the metadata (:data:`CHECKSUM_KEY`), which :func:`read_safetensors`
     verifies. The file's mode follows the umask, as for any file the user writes.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    path = output_path(path)
+    stale = re.compile(r"\." + re.escape(path.name) + r"\.[a-z0-9_]{8}\.tmp")
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if stale.fullmatch(old.name):  # ours, not a user's file that looks alike
+            old.unlink(missing_ok=True)
     metadata = {**metadata, CHECKSUM_KEY: _checksum(tensors, metadata)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -25,8 +25,8 @@ def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None
     wrapped = getattr(model, "original_model", None)
     trees = [model] + ([wrapped] if isinstance(wrapped, torch.nn.Module) else [])
     to_eval = any(m.training for tree in trees for m in tree.modules())
-    params = [(p, p.requires_grad, p.dtype) for p in model.parameters()]
-    buffers = [(m, name, b.dtype) for m in model.modules()
+    params = [(p, p.requires_grad, p.data) for p in model.parameters()]
+    buffers = [(m, name, b) for m in model.modules()
                for name, b in m._buffers.items() if b is not None and b.is_floating_point()]
     cast = dtype is not None and any(p.dtype != dtype for p, _, _ in params)
     cfg_dtype = config_dtype(model)  # HookedTransformer casts its inputs to cfg.dtype
@@ -44,13 +44,13 @@ def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None
             yield
     finally:
         if cast:
-            with torch.no_grad():
-                for p, _, dt in params:
-                    if p.dtype != dt:
-                        p.data = p.data.to(dt)
-                for m, name, dt in buffers:
-                    if m._buffers[name].dtype != dt:
-                        m._buffers[name] = m._buffers[name].to(dt)
+            with torch.no_grad():  # the original tensors, not a round trip through dtype
+                for p, _, data in params:
+                    if p.data is not data:
+                        p.data = data
+                for m, name, b in buffers:
+                    if m._buffers[name] is not b:
+                        m._buffers[name] = b
             if cfg_dtype is not None and config_dtype(model) != cfg_dtype:
                 set_config_dtype(model, cfg_dtype)
         for p, flag, _ in params:

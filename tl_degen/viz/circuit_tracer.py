@@ -46,7 +46,8 @@ import os
 import re
 from pathlib import Path
 
-from tl_degen.errors import TLDegenError
+from tl_degen.errors import ArgumentError, TLDegenError
+from tl_degen.io import output_path, write_text_atomic
 from tl_degen.viz.graph_page import direction_scores, importance_scores, ranked_directions
 
 __all__ = ["circuit_tracer_json", "save_circuit_tracer", "CIRCUIT_TRACER_NODE_FIELDS"]
@@ -228,20 +229,26 @@ def save_circuit_tracer(
         ...                                labels=viz.modadd_labels(model, bases),
         ...                                modules=graph.modules())
     """
-    data = circuit_tracer_json(graph, slug=slug, **kwargs)
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip():
+        raise ArgumentError(f"folder must be a folder name (str or Path), got {folder!r}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{slug}.json"
-    _write(path, json.dumps(data))
+    if folder.exists() and not folder.is_dir():
+        raise ArgumentError(f"{folder} is a file; give a folder for circuit-tracer's graphs")
+    path = output_path(folder / f"{slug}.json", "circuit-tracer graph")
     index = folder / "graph-metadata.json"
-    listed = json.loads(index.read_text(encoding="utf-8")) if index.exists() else {"graphs": []}
+    listed = {"graphs": []}
+    if index.exists():
+        try:
+            listed = json.loads(index.read_text(encoding="utf-8"))
+            assert isinstance(listed, dict) and isinstance(listed.get("graphs", []), list)
+            assert all(isinstance(g, dict) for g in listed.get("graphs", []))
+        except (ValueError, AssertionError):
+            raise ArgumentError(f"{index} is not circuit-tracer's graph list (a JSON object "
+                                "with a list of graphs); move it away or give another "
+                                "folder") from None
+    data = circuit_tracer_json(graph, slug=slug, **kwargs)
+    write_text_atomic(path, json.dumps(data), "circuit-tracer graph")
     listed["graphs"] = [g for g in listed.get("graphs", []) if g.get("slug") != slug]
     listed["graphs"].append(data["metadata"])
-    _write(index, json.dumps(listed, indent=1))
+    write_text_atomic(index, json.dumps(listed, indent=1), "circuit-tracer graph list")
     return path
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

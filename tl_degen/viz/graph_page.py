@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 from tl_degen.errors import TLDegenError
+from tl_degen.io import output_path, write_text_atomic
 
 __all__ = ["graph_html", "circuit_svg", "save_graph_page", "DEFAULT_MAX_EDGES"]
 
@@ -480,10 +481,5 @@ def save_graph_page(graph, path: str | os.PathLike, **kwargs) -> Path:
         >>> viz.save_graph_page(pruned, "graph.html", labels=viz.modadd_labels(model, bases),
         ...                     modules=pruned.modules(), title="modadd, layer 0")
     """
-    path = Path(path)
-    text = graph_html(graph, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    path = output_path(path, "graph page")
+    return write_text_atomic(path, graph_html(graph, **kwargs), "graph page")

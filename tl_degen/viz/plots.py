@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tl_degen.errors import TLDegenError
+from tl_degen.io import output_path, write_text_atomic
 
 __all__ = ["Plot", "Series", "spectrum_plot", "ablation_plot", "edge_mass_plot"]
 
@@ -152,7 +153,7 @@ class Plot:
 
     # ------------------------------------------------------------------ PNG
     def to_png(self, path: str | os.PathLike, dpi: int = 110) -> Path:
-        path = Path(path)
+        path = output_path(path, "plot")
         tmp = path.with_name(path.name + ".tmp.png")
         self.figure().savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
@@ -166,10 +167,7 @@ class Plot:
         if path.suffix not in (".html", ".htm", ".svg"):
             raise TLDegenError(f"save a plot as .html, .svg or .png, not {path.suffix!r}")
         text = self.to_svg() if path.suffix == ".svg" else self.to_html()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, text, "plot")
 
 
 _USE = re.compile(r"<use ([^>]*?)/>")

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tl_degen.errors import TLDegenError
+from tl_degen.errors import ArgumentError, TLDegenError
 from tl_degen.viz.graph_page import graph_html
 from tl_degen.viz.plots import Plot
 
@@ -81,9 +81,32 @@ class Report:
                 f"<h1>{html.escape(self.title)}</h1><nav>{nav}</nav>{''.join(parts)}"
                 "</body></html>")
 
-    def write(self, folder: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Write the folder atomically (built beside it, then renamed into place)."""
+    @staticmethod
+    def check_folder(folder: str | os.PathLike) -> Path:
+        """``folder`` if a report may be written there: new, empty, or an earlier report
+        (``index.html`` and ``report.json`` in it), which it replaces. Anything else is the
+        user's and is refused (:class:`~tl_degen.errors.ArgumentError`), before any work."""
+        if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip():
+            raise ArgumentError(f"the report folder must be a folder name, got {folder!r}")
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise ArgumentError(f"{folder} is a file; give a folder for the report")
+        if folder.is_dir() and any(folder.iterdir()) and not (
+                (folder / "index.html").is_file() and (folder / "report.json").is_file()):
+            raise ArgumentError(f"{folder} is not empty and is not an earlier tl-degen report; "
+                                "give a new folder (the report replaces the folder's contents)")
+        for parent in folder.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ArgumentError(f"cannot write {folder}: {parent} is a file")
+                break
+        return folder
+
+    def write(self, folder: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the folder atomically (built beside it, then renamed into place). It
+        replaces only an earlier report or an empty folder (:meth:`check_folder`); with
+        ``overwrite=False`` not even those."""
+        folder = self.check_folder(folder)
         if folder.exists() and not overwrite:
             raise TLDegenError(f"{folder} exists; choose another --out or remove it")
         folder.parent.mkdir(parents=True, exist_ok=True)

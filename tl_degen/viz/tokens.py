@@ -23,6 +23,7 @@ from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
 from tl_degen.errors import DataError, TLDegenError
 from tl_degen.fitting import site_activations, token_batches
+from tl_degen.io import write_text_atomic
 
 __all__ = ["fix_local_src", "direction_values", "token_view_html", "save_token_view",
            "fourier_content", "top_frequencies",
@@ -135,12 +136,8 @@ def save_token_view(text: str, path: str | os.PathLike) -> Path:
         >>> page = viz.token_view_html(model, tokens[:200], bases["resid_pre.0"], [1, 2, 3])
         >>> viz.save_token_view(page, "tokens.html")
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
-                   f"{text}</body></html>", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "<!DOCTYPE html><html><head><meta charset='utf-8'></head>"
+                             f"<body>{text}</body></html>", "token view")
 
 
 # ---------------------------------------------------------------------------- Fourier
