@@ -40,6 +40,7 @@ from tl_degen.errors import (
     ProbeErrorWarning,
     SiteError,
     TLDegenError,
+    UnknownKeyError,
 )
 from tl_degen.fitting import fit_bases, site_activations
 from tl_degen.graph import InteractionGraph, Modules, interaction_graph
@@ -102,6 +103,7 @@ __all__ = [
     "ProbeErrorWarning",
     "LongRunWarning",
     "SiteError",
+    "UnknownKeyError",
     "DataError",
     "NonFiniteError",
     "BasisMismatchError",

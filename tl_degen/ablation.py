@@ -182,6 +182,7 @@ def ablation_curve(
     """
     shards = Shards(distributed)
     with shards.step("ablation_curve (checking the arguments)"):
+        checks.instance("bases", bases, BasisSet, "fit_bases")
         bases.check_model(model)
         basis = bases[site]
         site = basis.site
@@ -344,6 +345,9 @@ def edge_ablation(
                      for k, v in upper.items()}
         else:
             upper = checks.integer("upper", upper, minimum=0, none=True)
+        from tl_degen.graph import InteractionGraph
+
+        checks.instance("graph", graph, InteractionGraph, "interaction_graph")
         graph.bases.check_model(model)
         adapter, batches, n_local, fn = _batched_metric(model, tokens, batch_size, labels,
                                                         metric, position)

@@ -33,6 +33,16 @@ METHODS = ("lib", "pca", "neuron")
 AMBIGUOUS_GAP = 10.0
 
 
+def _as_float(value) -> float:
+    """A threshold's value as a float; :class:`~tl_degen.errors.TLDegenError` for a bool or
+    anything that is not a real number."""
+    if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TLDegenError(f"threshold must be a number, got {value!r}")
+    return float(value)
+
+
 def cut_gap(values: Tensor, keep: Tensor, cutoff: float) -> float:
     """Smallest kept over largest dropped value (over ``cutoff`` when nothing is dropped);
     ``inf`` when there is nothing below."""
@@ -66,6 +76,8 @@ class Threshold:
     mode: str = "relative"
 
     def __post_init__(self) -> None:
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
+            raise TLDegenError(f"threshold must be a number, got {self.value!r}")
         if self.mode not in ("relative", "absolute"):
             raise TLDegenError(
                 f"threshold mode must be 'relative' or 'absolute', not {self.mode!r}")
@@ -79,11 +91,11 @@ class Threshold:
 
     @classmethod
     def relative(cls, value: float) -> Threshold:
-        return cls(float(value), "relative")
+        return cls(_as_float(value), "relative")
 
     @classmethod
     def absolute(cls, value: float) -> Threshold:
-        return cls(float(value), "absolute")
+        return cls(_as_float(value), "absolute")
 
     @classmethod
     def coerce(cls, value: float | Threshold) -> Threshold:

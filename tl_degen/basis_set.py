@@ -22,7 +22,7 @@ from torch import Tensor
 
 from tl_degen import checks
 from tl_degen.basis import Dropped, InteractionBasis, output_basis
-from tl_degen.errors import BasisMismatchError, DataError
+from tl_degen.errors import BasisMismatchError, DataError, UnknownKeyError
 from tl_degen.io import check_stored, read_safetensors, save_safetensors_atomic
 from tl_degen.model_state import prepared
 from tl_degen.sites import Site
@@ -79,7 +79,7 @@ class BasisSet(Mapping):
         s = Site.parse(site)
         if s in self._bases:
             return s
-        raise KeyError(f"no basis for site {s.name!r}; this set has "
+        raise UnknownKeyError(f"no basis for site {s.name!r}; this set has "
                        f"{[k.name for k in self._bases]}")
 
     def __getitem__(self, site: str | Site) -> InteractionBasis:

@@ -40,10 +40,18 @@ class FitCheckpoint:
     def __init__(self, path: str | os.PathLike, fingerprint: dict, every: int = 10):
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise TLDegenError(f"checkpoint_every must be a positive integer, got {every!r}")
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise CheckpointError(f"checkpoint must be a file name (str or Path), got {path!r}")
         self.path = Path(path)
         if self.path.is_dir():
             raise CheckpointError(f"checkpoint path {self.path} is a folder; give a file name "
                                   "such as fit.ckpt.safetensors")
+        for parent in self.path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise CheckpointError(f"cannot keep a checkpoint at {self.path}: {parent} "
+                                          "is a file")
+                break
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         self.every = every
         self.writes = 0

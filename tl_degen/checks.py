@@ -24,7 +24,7 @@ from torch import Tensor
 from tl_degen.errors import ArgumentError, NonFiniteError
 
 __all__ = ["integer", "integers", "number", "floating_dtype", "labels", "finite_weights",
-           "no_user_hooks", "model"]
+           "instance", "boolean", "no_user_hooks", "model"]
 
 
 def _given(value) -> str:
@@ -146,6 +146,22 @@ def finite_weights(model) -> None:
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise NonFiniteError(f"the model's parameter {pname} holds NaN or Inf values; "
                                  "every result would be meaningless. Reload the weights")
+
+
+def instance(name: str, value, cls: type, made_by: str):
+    """``value`` if it is a ``cls`` (e.g. the :class:`~tl_degen.BasisSet` that ``made_by``
+    returns), else :class:`~tl_degen.errors.ArgumentError` saying where one comes from."""
+    if not isinstance(value, cls):
+        raise ArgumentError(f"{name} must be a {cls.__name__} (from {made_by}), got "
+                            f"{type(value).__name__}")
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    """``value`` if it is a bool (``"no"`` is not ``False``)."""
+    if not isinstance(value, bool):
+        raise ArgumentError(f"{name} must be True or False, got {_given(value)}")
+    return value
 
 
 def no_user_hooks(model) -> None:

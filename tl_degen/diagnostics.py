@@ -30,6 +30,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_degen import checks
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import AMBIGUOUS_GAP, Threshold
 from tl_degen.basis_set import BasisSet
@@ -41,6 +42,7 @@ from tl_degen.errors import (
     DataError,
     DistributedError,
     TLDegenError,
+    UnknownKeyError,
 )
 from tl_degen.fitting import fit_bases, site_activations, token_batches
 from tl_degen.io import Serialisable
@@ -167,13 +169,13 @@ class DegeneracyReport(Serialisable):
         for s in self.sites:
             if s.site == key:
                 return s
-        raise KeyError(f"no site {key!r} in this report: {[s.site for s in self.sites]}")
+        raise UnknownKeyError(f"no site {key!r} in this report: {[s.site for s in self.sites]}")
 
     def layer(self, L: int) -> LayerDegeneracy:
         for x in self.layers:
             if x.layer == L:
                 return x
-        raise KeyError(f"no layer {L} in this report")
+        raise UnknownKeyError(f"no layer {L} in this report")
 
     def to_dict(self) -> dict:
         """The constructor's arguments: plain Python and tensors (class docstring)."""
@@ -330,7 +332,7 @@ def degeneracy_report(
                           batch_size=batch_size, dtype=dtype, n_probes=n_probes,
                           target_error=target_error, progress=progress,
                           distributed=distributed)
-    elif bases.method != "lib":
+    elif checks.instance("bases", bases, BasisSet, "fit_bases").method != "lib":
         raise TLDegenError(f"the degeneracy report needs LIB bases (method='lib'), got "
                            f"{bases.method!r}")
     else:
@@ -536,6 +538,10 @@ class InvarianceReport(Serialisable):
 
     def worst(self, method: str, key: str = "patching_change") -> float:
         """Largest ``key`` over the method's sites (NaN entries ignored; NaN if none)."""
+        known = set().union(*(r.keys() for r in self.rows)) - {"method", "site"}
+        if key not in known:
+            raise UnknownKeyError(f"no quantity {key!r} in this report; it has "
+                                  f"{sorted(known)}")
         vals = [r[key] for r in self.rows if r["method"] == method and r[key] == r[key]]
         return max(vals) if vals else float("nan")
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_degen.adapters import get_adapter
-from tl_degen.errors import DataError, LongRunWarning, TLDegenError
+from tl_degen.errors import DataError, LongRunWarning, TLDegenError, UnknownKeyError
 from tl_degen.fitting import token_batches
 from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
@@ -130,7 +130,7 @@ class EffectiveParameters(Serialisable):
 
     def __getitem__(self, group: str) -> LLCEstimate:
         if group not in self.estimates:
-            raise KeyError(f"no group {group!r}; this report has {list(self.estimates)}")
+            raise UnknownKeyError(f"no group {group!r}; this report has {list(self.estimates)}")
         return self.estimates[group]
 
     def __iter__(self):

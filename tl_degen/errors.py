@@ -14,6 +14,7 @@ __all__ = [
     "TLDegenError",
     "ArgumentError",
     "SiteError",
+    "UnknownKeyError",
     "DataError",
     "NonFiniteError",
     "BasisMismatchError",
@@ -36,6 +37,14 @@ class ArgumentError(TLDegenError):
 
 class SiteError(TLDegenError):
     """A site name that does not parse, does not exist in the model, or is out of order."""
+
+
+class UnknownKeyError(SiteError, KeyError):
+    """A site, layer or group that the object looked up does not hold; a ``KeyError`` too,
+    so that ``in``-style code keeps working. The message lists what it does hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class DataError(TLDegenError):

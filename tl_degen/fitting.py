@@ -149,7 +149,12 @@ def _token_chunks(tokens) -> tuple[list[Tensor], Tensor | None]:
     if isinstance(tokens, Tensor):
         return ([] if tokens.dim() == 2 and tokens.shape[0] == 0 else [tokens]), None
     if isinstance(tokens, Iterable) and not isinstance(tokens, (str, bytes)):
-        chunks = [torch.as_tensor(t) for t in tokens]
+        try:
+            chunks = [torch.as_tensor(t) for t in tokens]
+        except (TypeError, ValueError, RuntimeError):
+            raise DataError("tokens must be integer ids: a [batch, pos] tensor, an iterable of "
+                            "them or a list of sequences of ids (tokenize text first, "
+                            "model.to_tokens(...))") from None
         if chunks and all(t.dim() == 1 for t in chunks):  # one sequence each
             return _by_length(chunks)
         return chunks, None
@@ -409,7 +414,9 @@ class _FitArguments:
         n_probes = checks.integer("n_probes", n_probes, minimum=1, none=True)
         max_probes = checks.integer("max_probes", max_probes, minimum=1, none=True)
         probe_groups = checks.integer("probe_groups", probe_groups, minimum=1)
-        seed = checks.integer("seed", seed)
+        seed = checks.integer("seed", seed, minimum=0, maximum=2**63 - 1)
+        center = checks.boolean("center", center)
+        closed_form = checks.boolean("closed_form", closed_form)
         target_error = checks.number("target_error", target_error, none=True)
         if target_error is not None and (n_probes is None or not 0 < target_error < 1):
             raise TLDegenError(f"target_error={target_error!r} needs n_probes (probes per "

@@ -114,6 +114,9 @@ def interaction_graph(
     """
     shards = Shards(distributed)
     with shards.step("interaction_graph (checking the arguments)"):
+        probe_groups = checks.integer("probe_groups", probe_groups, minimum=1)
+        seed = checks.integer("seed", seed, minimum=0, maximum=2**63 - 1)
+        closed_form = checks.boolean("closed_form", closed_form)
         adapter, batches, alphas, weights = _check_graph_arguments(
             model, tokens, bases, integration=integration, n_alpha=n_alpha, route=route,
             n_probes=n_probes, batch_size=batch_size, dtype=dtype)
@@ -204,6 +207,9 @@ def _check_graph_arguments(model, tokens, bases: BasisSet, *, integration: str,
                            ) -> tuple[Adapter, list[Tensor], list[float], list[float]]:
     """``(adapter, batches, alphas, weights)`` of an :func:`interaction_graph` call; raises
     :class:`~tl_degen.errors.TLDegenError` (or a subclass) on a bad argument."""
+    checks.instance("bases", bases, BasisSet, "fit_bases")
+    dtype = checks.floating_dtype("dtype", dtype)
+    checks.integer("n_probes", n_probes, minimum=1, none=True)
     sites = list(bases.sites)
     if len(sites) < 2:
         raise TLDegenError("an interaction graph needs bases of at least two sites")

@@ -18,11 +18,12 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_degen import checks
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import Threshold
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import tokens_digest, weights_digest
-from tl_degen.errors import CheckpointError
+from tl_degen.errors import CheckpointError, TLDegenError
 from tl_degen.fitting import fit_bases, token_batches
 from tl_degen.graph import InteractionGraph, interaction_graph
 from tl_degen.progress import RunBar
@@ -89,13 +90,17 @@ def fit_and_graph(
     """
     adapter = get_adapter(model)
     site_list = parse_sites(sites)
-    paths = None
+    dtype = checks.floating_dtype("dtype", dtype, statistics=True)
+    checks.boolean("progress", progress)
+    paths, created = None, False
     if folder is not None:
+        if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip():
+            raise CheckpointError(f"folder must be a folder name (str or Path), got {folder!r}")
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise CheckpointError(f"folder={str(folder)!r} is a file; give a folder for the "
                                   "run's state")
-        folder.mkdir(parents=True, exist_ok=True)
+        created = not folder.exists()
         paths = {name: folder / f"{name}.safetensors"
                  for name in ("fit.ckpt", "bases", "graph.ckpt", "graph")}
     fit_kwargs = dict(method=method, threshold=threshold, integration=integration,
@@ -109,9 +114,25 @@ def fit_and_graph(
     batches = token_batches(tokens, batch_size, adapter, itemsize)
     n_batches = len(batches)
     if paths is not None:
+        folder.mkdir(parents=True, exist_ok=True)
         _claim(folder, {"sites": [s.name for s in site_list], "route": route,
                         **{k: str(v) for k, v in fit_kwargs.items()},
                         "weights": weights_digest(model), "tokens": tokens_digest(batches)})
+    try:
+        return _run(model, tokens, site_list, paths, n_batches, fit_kwargs, graph_kwargs,
+                    method, progress, checkpoint_every)
+    except TLDegenError:
+        if paths is not None and not any(paths[k].exists() for k in ("fit.ckpt", "bases")):
+            (folder / "run.json").unlink(missing_ok=True)  # refused before any work: leave
+            if created and not any(folder.iterdir()):   # no trace of the call
+                folder.rmdir()
+        raise
+
+
+def _run(model, tokens, site_list: list[Site], paths: dict | None, n_batches: int,
+         fit_kwargs: dict, graph_kwargs: dict, method: str, progress: bool,
+         checkpoint_every: int) -> FitAndGraph:
+    """The fit and the graph of :func:`fit_and_graph`, under one bar, kept in ``paths``."""
     fitted = 1 + (sum(s.kind != "logits" for s in site_list) if method == "lib" else 0)
     total = n_batches * (fitted + len(site_list) - 1)
     with RunBar(total, desc=f"{len(site_list)} sites", disable=not progress) as bar:

@@ -20,6 +20,7 @@ end, as in Python). Every site vector carries a trailing constant coordinate equ
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tl_degen.errors import SiteError
@@ -155,6 +156,9 @@ def parse_sites(sites) -> list[Site]:
     """Parse one site or a sequence of sites (strings or :class:`Site`)."""
     if isinstance(sites, (str, Site)):
         sites = [sites]
+    if not isinstance(sites, Iterable) or isinstance(sites, bytes):
+        raise SiteError(f"sites must be a list of site names such as ['resid_pre.0', "
+                        f"'logits'], got {type(sites).__name__}")
     out = [Site.parse(s) for s in sites]
     if not out:
         raise SiteError("no sites given; pass e.g. ['resid_pre.0', 'resid_post.0', 'logits']")
@@ -196,6 +200,9 @@ def every_layer(model, kinds=("resid_pre", "resid_mid"), *, layers=None,
     n = adapter.n_layers
     if isinstance(kinds, str):
         kinds = (kinds,)
+    if not isinstance(kinds, (list, tuple)):
+        raise SiteError(f"kinds={kinds!r}: give a tuple of block site kinds, e.g. "
+                        "('resid_pre', 'resid_mid')")
     kinds = tuple(kinds)
     block_kinds = [k for k in SITE_KINDS if k != "logits"]
     unknown = [k for k in kinds if k not in block_kinds]
@@ -205,6 +212,8 @@ def every_layer(model, kinds=("resid_pre", "resid_mid"), *, layers=None,
     if "resid_mid" in kinds and adapter.arch.parallel:
         raise SiteError("this model's blocks run attention and MLP in parallel (no resid_mid); "
                         "use kinds=('resid_pre',) or ('resid_pre', 'mlp_post')")
+    if layers is not None and not isinstance(layers, (list, tuple, range)):
+        raise SiteError(f"layers={layers!r}: give a list of block indices, e.g. [0, 5, 11]")
     layers = list(range(n)) if layers is None else list(layers)
     if not layers or any(not isinstance(L, int) or isinstance(L, bool) or not 0 <= L < n
                          for L in layers) or sorted(set(layers)) != layers:
@@ -212,6 +221,9 @@ def every_layer(model, kinds=("resid_pre", "resid_mid"), *, layers=None,
     sites = [f"{k}.{L}" for L in layers for k in sorted(kinds, key=_KIND_RANK.__getitem__)]
     if end is None:
         return sites
+    if not isinstance(end, str):
+        raise SiteError(f"end={end!r}: use 'logits:last', 'logits', 'resid_post:last', "
+                        "'resid_post' or None")
     kind, _, pos = end.partition(":")
     pos = f":{pos}" if pos else ""
     if kind not in ("logits", "resid_post") or pos not in ("", ":last"):

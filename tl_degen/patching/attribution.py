@@ -15,7 +15,7 @@ from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
 from tl_degen.basis_set import BasisSet
 from tl_degen.distributed import Shards, tensors_digest, weights_digest
-from tl_degen.errors import ArgumentError, SiteError, TLDegenError
+from tl_degen.errors import ArgumentError, SiteError, TLDegenError, UnknownKeyError
 from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
 from tl_degen.patching.common import (
@@ -89,9 +89,16 @@ class AttributionResult(Serialisable):
                    {k: as_tensor(v) for k, v in d["neuron"].items()}, dict(d["delta"]),
                    d["method"], d["mode"], d["n_alpha"], d.get("basis_method"))
 
+    def _name(self, site: str) -> str:
+        name = Site.parse(site).name
+        if name not in self.attributions:
+            raise UnknownKeyError(f"no site {name!r} in this result; it has "
+                                  f"{list(self.attributions)}")
+        return name
+
     def per_direction(self, site: str) -> Float[Tensor, " k"]:
         """Attribution per direction, summed over positions."""
-        return self.attributions[Site.parse(site).name].sum(0)
+        return self.attributions[self._name(site)].sum(0)
 
     def top(self, site: str, n: int) -> list[int]:
         """The ``n`` directions with the largest |attribution| (summed over positions),
@@ -103,7 +110,7 @@ class AttributionResult(Serialisable):
 
     def total(self, site: str) -> float:
         """Sum over directions plus the dropped remainder (= the neuron-basis total)."""
-        name = Site.parse(site).name
+        name = self._name(site)
         return float(self.attributions[name].sum()) + self.dropped[name]
 
     def __repr__(self) -> str:

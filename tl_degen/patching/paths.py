@@ -10,6 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_degen import checks
 from tl_degen.adapters import get_adapter
 from tl_degen.errors import DataError, SiteError
 from tl_degen.io import Serialisable, as_tensor
@@ -146,6 +147,9 @@ def path_patch(
         >>> res.effects  # [n_edges]
     """
     _check_mode(mode)
+    from tl_degen.graph import InteractionGraph
+
+    checks.instance("graph", graph, InteractionGraph, "interaction_graph")
     bases = graph.bases
     bases.check_model(model)
     a, b = Site.parse(in_site), Site.parse(out_site)

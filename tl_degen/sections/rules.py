@@ -43,9 +43,12 @@ def integration_rule(name: str, n_alpha: int | None = None) -> Rule:
     """
     if name == "gradient":
         return Rule([1.0], [1.0])
-    if name not in INTEGRATION_RULES:
+    if not isinstance(name, str) or name not in INTEGRATION_RULES:
         raise TLDegenError(f"unknown integration rule {name!r}; use one of "
                            f"{', '.join(INTEGRATION_RULES)}")
+    from tl_degen import checks
+
+    n_alpha = checks.integer("n_alpha", n_alpha, minimum=1, none=True)
     if n_alpha is None:
         n_alpha = 5
     if name == "trapezoid":
