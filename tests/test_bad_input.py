@@ -154,6 +154,27 @@ VERB_CASES = [
     ("attribution", {"metric": lambda logits: logits.sum().detach()},
      "does not depend differentiably"),
     ("invariance", {"transform": lambda m: None}, "returned NoneType"),
+    ("graph", {"bases": {"resid_pre.1": None}}, r"bases must be a BasisSet \(from fit_bases\)"),
+    ("graph", {"n_probes": 0}, "n_probes must be at least 1"),
+    ("graph", {"n_probes": 2.5}, "n_probes must be an integer"),
+    ("graph", {"seed": "x"}, "seed must be an integer"),
+    ("graph", {"dtype": "float32"}, "write torch.float32"),
+    ("graph", {"integration": "trapezoid", "n_alpha": 2.5}, "n_alpha must be an integer"),
+    ("ablation", {"bases": None}, "bases must be a BasisSet"),
+    ("ablation", {"dtype": torch.int64}, "must be a floating dtype"),
+    ("ablation", {"site": "resid_mid.1"}, "no basis for site 'resid_mid.1'"),
+    ("edges", {"graph": "not a graph"}, "graph must be an InteractionGraph"),
+    ("fit", {"seed": 2**70}, "seed must be at most"),
+    ("fit", {"center": "no"}, "center must be True or False"),
+    ("fit", {"sites": None}, "sites must be a list of site names"),
+    ("fit", {"tokens": [["1 2 3"], ["4 5 6"]]}, "tokens must be integer ids"),
+    ("fit", {"threshold": tl_degen.Threshold(1e-13, "absolute") if False else "x"},
+     "threshold must be a float"),
+    ("threshold", {"value": "x"}, "threshold must be a number"),
+    ("threshold", {"value": None}, "threshold must be a number"),
+    ("every_layer", {"end": 5}, "end=5: use 'logits:last'"),
+    ("every_layer", {"kinds": 5}, "give a tuple of block site kinds"),
+    ("every_layer", {"layers": 5}, "give a list of block indices"),
 ]
 
 
@@ -162,15 +183,20 @@ def test_every_verb_checks_its_arguments(fitted_relu, verb, kwargs, phrase):
     model, tokens, bases, graph = fitted_relu
     calls = {
         "ablation": lambda: tl_degen.ablation_curve(
-            model, tokens, bases, "resid_pre.1", "accuracy", **{"labels": LABELS, **kwargs},
-            progress=False),
+            model, tokens, kwargs.pop("bases", bases), kwargs.pop("site", "resid_pre.1"),
+            "accuracy", **{"labels": LABELS, **kwargs}, progress=False),
         "edges": lambda: tl_degen.edge_ablation(
-            model, tokens, graph, "accuracy", labels=LABELS, progress=False,
-            **{"n_edges": [1], **kwargs}),
+            model, tokens, kwargs.pop("graph", graph), "accuracy", labels=LABELS,
+            progress=False, **{"n_edges": [1], **kwargs}),
         "prune": lambda: graph.prune(**kwargs),
         "modules": lambda: graph.modules(**kwargs),
         "fit": lambda: tl_degen.fit_bases(
-            model, kwargs.pop("tokens", tokens), ["resid_pre.1:last"], progress=False, **kwargs),
+            model, kwargs.pop("tokens", tokens), kwargs.pop("sites", ["resid_pre.1:last"]),
+            progress=False, **kwargs),
+        "graph": lambda: tl_degen.interaction_graph(
+            model, tokens, kwargs.pop("bases", bases), progress=False, **kwargs),
+        "threshold": lambda: tl_degen.Threshold.absolute(kwargs["value"]),
+        "every_layer": lambda: tl_degen.every_layer(model, **kwargs),
         "fit_all": lambda: tl_degen.fit_bases(
             model, kwargs.pop("tokens", tokens), ["resid_pre.1"], progress=False, **kwargs),
         "coords": lambda: bases["resid_pre.1"].to_coords(kwargs["acts"]),

@@ -8,6 +8,7 @@ import torch
 
 import tl_degen
 from tests import models as M
+from tl_degen.model_state import prepared
 
 
 def test_reads_use_eval_mode(tokenizer_dir):
@@ -72,3 +73,26 @@ def test_fit_inside_no_grad_and_inference_mode():
     for s in sites:
         assert torch.allclose(a[s].eigenvalues, c[s].eigenvalues, rtol=1e-10)
         assert torch.allclose(b[s].eigenvalues, c[s].eigenvalues, rtol=1e-10)
+
+
+@pytest.mark.parametrize("own, narrow", [(torch.float64, torch.float32),
+                                         (torch.float32, torch.bfloat16),
+                                         (torch.float32, torch.float16)])
+def test_a_pass_in_a_narrower_dtype_leaves_the_weights_bit_for_bit(own, narrow):
+    """The cast is undone by restoring the original tensors, not by casting back (which
+    would round every weight to the narrower dtype's precision)."""
+    model = M.build("native_ln_gelu").to(own)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with prepared(model, narrow):
+        assert all(p.dtype == narrow for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert p.dtype == own and torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, "float32", 32])
+def test_a_pass_in_a_non_float_dtype_is_refused(dtype):
+    from tl_degen import ArgumentError
+
+    with pytest.raises(ArgumentError, match="dtype must be"):
+        with prepared(M.build("native_relu"), dtype):
+            pass

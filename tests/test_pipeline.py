@@ -167,3 +167,15 @@ def test_whole_model_closed_forms_equal_autograd(arch, tokenizer_dir):
     for pair, E in runs[1].graph.edges.items():
         F = runs[0].graph.edges[pair]
         assert (F - E).abs().max() <= tol * E.abs().max(), pair
+
+
+def test_fit_and_graph_refused_leaves_no_folder(modadd_run, tmp_path):
+    model, tokens, sites = modadd_run
+    with pytest.raises(tl_degen.TLDegenError, match="unknown method"):
+        tl_degen.fit_and_graph(model, tokens, sites, folder=tmp_path / "new", method="svd",
+                               progress=False)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(tl_degen.ArgumentError, match="dtype"):
+        tl_degen.fit_and_graph(model, tokens, sites, folder=tmp_path / "new",
+                               dtype=torch.bfloat16, progress=False)
+    assert not (tmp_path / "new").exists()

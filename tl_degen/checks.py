@@ -152,7 +152,8 @@ def instance(name: str, value, cls: type, made_by: str):
     """``value`` if it is a ``cls`` (e.g. the :class:`~tl_degen.BasisSet` that ``made_by``
     returns), else :class:`~tl_degen.errors.ArgumentError` saying where one comes from."""
     if not isinstance(value, cls):
-        raise ArgumentError(f"{name} must be a {cls.__name__} (from {made_by}), got "
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise ArgumentError(f"{name} must be {article} {cls.__name__} (from {made_by}), got "
                             f"{type(value).__name__}")
     return value
 

@@ -15,9 +15,15 @@ __all__ = ["prepared"]
 @contextmanager
 def prepared(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
     """Eval mode, the requested dtype, no parameter grads and grad mode on (even inside
-    ``torch.no_grad``/``inference_mode``); everything restored afterwards, including the
-    dtype of every floating-point parameter and buffer, one by one, and ``model.cfg.dtype``
-    (a HookedTransformer casts its embeddings to it)."""
+    ``torch.no_grad``/``inference_mode``); everything restored afterwards, including every
+    floating-point parameter and buffer — the original tensors themselves, so that a pass in
+    a narrower dtype (a float64 model run in float32, or float32 in bfloat16) leaves the
+    weights bit for bit as they were — and ``model.cfg.dtype`` (a HookedTransformer casts
+    its embeddings to it). ``dtype`` must be a floating torch dtype or ``None`` (the model's
+    own); anything else is an :class:`~tl_degen.errors.ArgumentError`."""
+    from tl_degen import checks
+
+    dtype = checks.floating_dtype("dtype", dtype, none=True)
     was_training = model.training
     # model.eval() recurses through every module with setattr calls, and back again
     # afterwards, on every pass: skipped when nothing is in training mode, a bridge's
