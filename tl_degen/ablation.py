@@ -73,6 +73,9 @@ def make_metric(metric: str | Metric, labels: Tensor | None = None, position: in
             raise TLDegenError("the metric must return a scalar tensor or one value per "
                                f"example ([{logits.shape[0]}]), got "
                                f"{getattr(value, 'shape', type(value))}")
+        if not bool(torch.isfinite(value).all()):
+            raise DataError("the metric returned NaN or Inf; a curve of it would be "
+                            "meaningless. Check it on the model's logits (e.g. a log of 0)")
         return value.double().expand(logits.shape[0]) if value.dim() == 0 else value.double()
 
     return user

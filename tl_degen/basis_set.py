@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from tl_degen import checks
-from tl_degen.basis import Dropped, InteractionBasis, output_basis
-from tl_degen.errors import BasisMismatchError, DataError, UnknownKeyError
+from tl_degen.basis import METHODS, Dropped, InteractionBasis, output_basis
+from tl_degen.errors import BasisMismatchError, DataError, TLDegenError, UnknownKeyError
 from tl_degen.io import check_stored, read_safetensors, save_safetensors_atomic
 from tl_degen.model_state import prepared
 from tl_degen.sites import Site
@@ -200,7 +200,7 @@ class BasisSet(Mapping):
         header, tensors = read_safetensors(path, device)
         try:
             meta = json.loads(header["tl_degen"])
-            assert meta["format"] == FORMAT_NAME
+            assert isinstance(meta, dict) and meta["format"] == FORMAT_NAME
         except (KeyError, ValueError, AssertionError):
             raise DataError(f"{path} is not a tl_degen basis file (no tl_degen metadata)") from None
         version = meta.get("version")
@@ -222,6 +222,11 @@ class BasisSet(Mapping):
                     dropped=Dropped(**sm["dropped"]), center=sm["center"],
                     n_samples=sm["n_samples"], lambda_all=stored.get(f"{name}/lambda_all"),
                     jacobian_gram_error=sm.get("jacobian_gram_error"))
+                if b.method not in METHODS or not isinstance(b.center, bool) or not isinstance(
+                        b.n_samples, int) or b.n_samples < 1 or b.C.dim() != 2:
+                    raise DataError(f"{path}: the basis of {name} has method {b.method!r}, "
+                                    f"center {b.center!r}, n_samples {b.n_samples!r} and C of "
+                                    f"shape {tuple(b.C.shape)}: not what tl_degen writes")
                 d, k = b.C.shape
                 g = k if output_basis(b) is not None and b.site.kind == "logits" else d
                 shapes = {"C_pinv": (k, d), "eigenvalues": (k,), "mean": (d,), "gram": (g, g)}
@@ -232,9 +237,12 @@ class BasisSet(Mapping):
                 bases.append(b)
             out = cls(bases, config=meta["config"], model_signature=meta["model_signature"],
                       model_probe=meta["model_probe"])
-        except (KeyError, TypeError) as err:
-            raise DataError(f"{path} is an incomplete tl_degen basis file (missing {err}); "
-                            "save it again with BasisSet.save") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            if isinstance(err, TLDegenError):
+                raise
+            raise DataError(f"{path} is an incomplete or damaged tl_degen basis file "
+                            f"({type(err).__name__}: {err}); save it again with BasisSet.save"
+                            ) from None
         if model is not None:
             out.check_model(model)
         return out

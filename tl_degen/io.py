@@ -220,13 +220,22 @@ def load_result(path: str | os.PathLike, cls):
         kind, version, data = meta["type"], meta["version"], meta["data"]
     except (KeyError, ValueError, TypeError, AssertionError):
         raise DataError(f"{path} has a damaged tl_degen result header") from None
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DataError(f"{path} has result format version {version!r}; tl_degen writes an "
+                        "integer from 1: the header was edited or written by other code")
     if version > RESULT_VERSION:
         raise DataError(f"{path} has result format version {version}; this tl_degen reads up "
                         f"to {RESULT_VERSION}: upgrade tl_degen")
     if kind != cls.__name__:
         raise DataError(f"{path} holds a {kind}, not a {cls.__name__}; load it with "
                         f"tl_degen.{kind}.load")
-    return cls.from_dict(_join_tensors(data, tensors))
+    try:
+        return cls.from_dict(_join_tensors(data, tensors))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path} is an incomplete or damaged {cls.__name__} file "
+                        f"({type(err).__name__}: {err}); save it again") from None
 
 
 def as_tensor(value, dtype: torch.dtype = torch.float64) -> Tensor:

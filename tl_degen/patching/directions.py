@@ -119,6 +119,9 @@ class PatchResult(Serialisable):
 
     def top(self, n: int = 10) -> list[tuple[str, float]]:
         """The ``n`` groups with the largest absolute effect, as ``(label, effect)``."""
+        from tl_degen import checks
+
+        n = checks.integer("n", n, minimum=1)
         order = self.effects.abs().argsort(descending=True)[:n]
         return [(self.labels[i], float(self.effects[i])) for i in order]
 
