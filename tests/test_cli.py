@@ -168,7 +168,9 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
 def test_usage_errors_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err
+    assert err.startswith("tl-degen: error: ") and err.count("\n") == 1, err
 
 
 def test_a_failing_command_exits_2_from_the_shell(tmp_path):
@@ -371,11 +373,20 @@ def test_cli_fit_graph_show_on_a_state_dict_and_a_hf_folder(tmp_path, capsys, to
      "{tmp}/tok.pt --answers {tmp}/tok.pt --out {tmp}/x.safetensors", "--answers must be"),
     ("compare --model modadd --sites logits --pairs 20 --out {tmp}/x.safetensors",
      "logits are the output itself"),
+    ("show {tmp}/tok.pt --out {tmp}/tok.pt --no-open", "would overwrite the graph file"),
+    ("show {tmp}/g.html --no-open", "would overwrite the graph file"),
+    ("show {tmp}/tok.pt --mass nan --out {tmp}/p.html --no-open", "--mass must be a fraction"),
+    ("show {tmp}/tok.pt --mass 5 --out {tmp}/p.html --no-open", "--mass must be a fraction"),
+    ("graph --model modadd --tokens {tmp}/tok.pt --sites resid_post.0:last,logits:last "
+     "--top 0 --out {tmp}/x.safetensors", "--top must be at least 1"),
+    ("graph --model modadd --tokens {tmp}/tok.pt --sites resid_post.0:last,logits:last "
+     "--out {tmp}/x.safetensors --html {tmp}/x.safetensors", "--html and --out are the same"),
 ])
 def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys, argv, message):
     torch.save(torch.zeros(4, 3, dtype=torch.long), tmp_path / "tok.pt")
     (tmp_path / "tok.csv").write_text("1,2,3")
     torch.save({"x": torch.zeros(1)}, tmp_path / "model.pt")
+    (tmp_path / "g.html").write_text("a graph file with an unlucky name")
     code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv.split()])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and message in err, err

@@ -397,6 +397,11 @@ def _layer_pairs(graph, pairs: Sequence[tuple[str | Site, str | Site]] | None
                  ) -> list[tuple[Site, Site]]:
     """The layer pairs to ablate (all of the graph's by default); raises on a pair that is
     not one of the graph's."""
+    if pairs is not None and (isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence)
+                              or not pairs or any(not isinstance(p, (tuple, list)) or len(p) != 2
+                                                  for p in pairs)):
+        raise TLDegenError(f"pairs must be a non-empty list of (in_site, out_site) pairs, e.g. "
+                           f"[('resid_pre.0', 'resid_mid.0:last')], got {pairs!r}")
     chosen = graph.pairs() if pairs is None else [
         (graph.bases._key(a), graph.bases._key(b)) for a, b in pairs]
     for p in chosen:

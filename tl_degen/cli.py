@@ -478,6 +478,12 @@ def fit(args: argparse.Namespace) -> int:
 def graph(args: argparse.Namespace) -> int:
     from tl_degen.viz import lm_labels, modadd_labels, save_graph_page
 
+    if args.top < 1:
+        raise ArgumentError(f"--top must be at least 1, got {args.top}")
+    html_path = Path(args.html) if args.html else Path(args.out).with_suffix(".html")
+    if html_path.resolve() == Path(args.out).resolve():
+        raise ArgumentError(f"--html and --out are the same file {html_path}; give --html "
+                            "page.html")
     with _Launch() as launch:
         tl_degen, model, tokens, bases = _fit_common(args, launch)
         g = tl_degen.interaction_graph(model, tokens, bases, batch_size=args.batch_size,
@@ -485,7 +491,6 @@ def graph(args: argparse.Namespace) -> int:
                                        progress=not args.quiet and launch.rank == 0)
         if launch.rank == 0:
             path = g.save(args.out)
-            html_path = Path(args.html) if args.html else Path(args.out).with_suffix(".html")
             # node labels: Fourier content on modadd; else output tokens and peak contexts
             labels = (modadd_labels(model, bases) if args.model == "modadd" else
                       lm_labels(model, tokens[:512], bases, batch_size=args.batch_size))
@@ -502,8 +507,16 @@ def show(args: argparse.Namespace) -> int:
     if not path.exists():
         raise ArgumentError(f"no such file {path}; give a graph saved by tl-degen graph or "
                             "InteractionGraph.save")
-    g = InteractionGraph.load(path)
     out = Path(args.out) if args.out else path.with_suffix(".html")
+    if out.resolve() == path.resolve():
+        raise ArgumentError(f"the page would overwrite the graph file {path}; give --out "
+                            "page.html")
+    if not 0 < args.mass <= 1:  # NaN fails too
+        raise ArgumentError(f"--mass must be a fraction in (0, 1], got {args.mass}")
+    if args.top < 1:
+        raise ArgumentError(f"--top must be at least 1, got {args.top}")
+    _check_outputs(out)
+    g = InteractionGraph.load(path)
     g = g.prune(mass=args.mass) if args.mass < 1 else g
     save_graph_page(g, out, title=f"Interaction graph: {path.name}", top_nodes=args.top)
     print(f"wrote {out}")
@@ -541,6 +554,12 @@ def compare(args: argparse.Namespace) -> int:
             raise ArgumentError(f"--answers must be [batch, 2] (correct, wrong token ids), "
                                 f"got {tuple(answers.shape)} for {clean.shape[0]} prompts")
         right, wrong = answers[:, 0].long(), answers[:, 1].long()
+        from tl_degen.adapters import get_adapter
+
+        d_vocab = get_adapter(model).d_vocab
+        if int(answers.min()) < 0 or int(answers.max()) >= d_vocab:
+            raise ArgumentError(f"--answers holds token ids outside [0, {d_vocab}) (from "
+                                f"{int(answers.min())} to {int(answers.max())})")
         what = f"{clean.shape[0]} prompt pairs from {args.clean}"
 
         def metric(logits: torch.Tensor) -> torch.Tensor:
@@ -595,10 +614,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, as every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"tl-degen: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tl-degen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="tl-degen", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="the shipped modadd model → a report folder")
     d.add_argument("--out", default="tl_degen_report", help="report folder: new, empty, or an "
                    "earlier report (replaced)")

@@ -31,6 +31,7 @@ curves: the order follows the directions, not their labels.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_degen import checks
 from tl_degen.ablation import AblationCurve, ablation_curve, edge_ablation, make_metric
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
@@ -87,6 +89,13 @@ def fraction_of_effect(per_example: Float[Tensor, "n_points batch"], base: Float
     m = w @ per_example.double().T  # [n_boot, n_points]
     b, f = w @ base.double(), w @ full.double()  # [n_boot]
     return (m - b[:, None]) / (f - b)[:, None]
+
+
+def _bootstrap_arguments(n_bootstrap, seed, level) -> tuple[int, int, float]:
+    """``n_bootstrap`` (at least 10), ``seed`` and ``level`` (in (0, 1)), checked."""
+    return (checks.integer("n_bootstrap", n_bootstrap, minimum=10),
+            checks.integer("seed", seed, minimum=0, maximum=2**63 - 1),
+            checks.number("level", level, above=0, below=1))
 
 
 def needed_directions(fractions: Float[Tensor, "... n_points"], n: Sequence[int],
@@ -164,6 +173,7 @@ class PatchCurve:
     def band(self, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95
              ) -> tuple[Tensor, Tensor]:
         """Percentile bootstrap band of :meth:`fraction`: ``(low, high)``, ``[n_points]``."""
+        n_bootstrap, seed, level = _bootstrap_arguments(n_bootstrap, seed, level)
         fr = fraction_of_effect(self.per_example, self.base, self.full,
                                 bootstrap_weights(self.base.shape[0], n_bootstrap, seed))
         q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
@@ -173,6 +183,8 @@ class PatchCurve:
     def needed(self, target: float, n_bootstrap: int = 1000, seed: int = 0,
                level: float = 0.95) -> Needed:
         """Directions needed for ``target`` of the effect, with a bootstrap interval."""
+        n_bootstrap, seed, level = _bootstrap_arguments(n_bootstrap, seed, level)
+        target = checks.number("target", target, above=0, maximum=1)
         point = float(needed_directions(self.fraction(), self.n, target))
         boot = needed_directions(
             fraction_of_effect(self.per_example, self.base, self.full,
@@ -563,6 +575,21 @@ def compare_bases(
     bad = [o for o in orders if o not in ORDERS]
     if bad or not orders:
         raise TLDegenError(f"orders must be among {ORDERS}, got {list(orders)}")
+    seed = checks.integer("seed", seed, minimum=0, maximum=2**63 - 1)
+    if fit_kwargs is not None and not isinstance(fit_kwargs, Mapping):
+        raise TLDegenError(f"fit_kwargs must be a dict of fit_bases arguments, got "
+                           f"{type(fit_kwargs).__name__}")
+    unknown = set(fit_kwargs or {}) - set(inspect.signature(fit_bases).parameters)
+    if unknown:
+        raise TLDegenError(f"fit_kwargs has {sorted(unknown)}, which fit_bases does not take")
+    if isinstance(metric, str) and labels is not None:
+        labels = checks.labels(labels, clean.shape[0], adapter.d_vocab)
+    if isinstance(position, bool) or not isinstance(position, int) or not (
+            -clean.shape[1] <= position < clean.shape[1]):
+        raise TLDegenError(f"position {position!r} is outside prompts of {clean.shape[1]} "
+                           "tokens; give an integer index such as -1 (the last)")
+    if not fractions:
+        raise TLDegenError("fractions is empty; give fractions in (0, 1], e.g. [0.9]")
     for f in fractions:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
             raise TLDegenError(f"fractions must be numbers in (0, 1], got {f!r}")

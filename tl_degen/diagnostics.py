@@ -22,6 +22,7 @@ count is not linear and is reported as ``None``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -319,8 +320,8 @@ def degeneracy_report(
     """
     shards = Shards(distributed)
     with shards.step("degeneracy_report (checking the arguments)"):
-        if not 0 <= jaccard_tolerance < 1:
-            raise TLDegenError("jaccard_tolerance must lie in [0, 1)")
+        checks.number("jaccard_tolerance", jaccard_tolerance, minimum=0, below=1)
+        checks.number("pattern_tolerance", pattern_tolerance, minimum=0)
         _check_effective(model, effective, effective_kwargs)  # before any work
         if shards.active and effective is True:
             raise DistributedError(
@@ -373,6 +374,14 @@ def degeneracy_report(
 
 
 def _check_effective(model, effective, effective_kwargs) -> None:
+    if effective_kwargs is not None:
+        if not isinstance(effective_kwargs, dict):
+            raise TLDegenError("effective_kwargs must be a dict of effective_parameters "
+                               f"arguments, got {type(effective_kwargs).__name__}")
+        unknown = set(effective_kwargs) - set(inspect.signature(effective_parameters).parameters)
+        if unknown:
+            raise TLDegenError(f"effective_kwargs has {sorted(unknown)}, which "
+                               "effective_parameters does not take")
     if effective is True:
         if "params" in (effective_kwargs or {}):
             raise TLDegenError("effective_kwargs cannot choose params: the report estimates the "

@@ -211,6 +211,9 @@ def parameter_groups(
         groups = "model"
     if isinstance(groups, str):
         groups = [groups]
+    if not isinstance(groups, (Mapping, list, tuple)):
+        raise TLDegenError(f"params must be 'model', a list of module names or a dict of "
+                           f"group → names, got {type(groups).__name__}")
     if not isinstance(groups, Mapping):
         groups = {g: [g] for g in groups}
     named = dict(model.named_parameters())
@@ -218,6 +221,9 @@ def parameter_groups(
     for label, names in groups.items():
         if isinstance(names, str):
             names = [names]
+        if not isinstance(names, (list, tuple)):
+            raise TLDegenError(f"parameter group {label!r} must name modules or parameters, "
+                               f"got {names!r}")
         picked: dict[int, torch.nn.Parameter] = {}
         for name in names:
             if not isinstance(name, str):
@@ -400,9 +406,10 @@ def effective_parameters(
         nbeta = n / math.log(n)
     if not (_is_real(nbeta) and nbeta > 0):
         raise TLDegenError(f"nbeta must be positive, got {nbeta!r}")
-    bs = n if batch_size is None else min(int(batch_size), n)
-    if bs < 1:
-        raise TLDegenError("batch_size must be positive")
+    from tl_degen import checks
+
+    bs = n if batch_size is None else min(checks.integer("batch_size", batch_size, minimum=1), n)
+    checks.integer("seed", seed, minimum=0, maximum=2**40)
     groups = parameter_groups(model, params)
     for label, group in groups.items():
         if any(p.device != data.device for p in group):

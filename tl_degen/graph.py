@@ -387,6 +387,7 @@ class InteractionGraph:
         threshold = checks.number("threshold", threshold, minimum=0, none=True)
         mass = checks.number("mass", mass, above=0, maximum=1, none=True)
         top_k = checks.integer("top_k", top_k, minimum=0, none=True)
+        keep_constant = checks.boolean("keep_constant", keep_constant)
         new = {}
         for (a, b), E in self.edges.items():
             keep = torch.zeros_like(E, dtype=torch.bool)
@@ -469,6 +470,7 @@ class InteractionGraph:
 
         resolution = checks.number("resolution", resolution, above=0)
         seed = checks.integer("seed", seed, minimum=0)
+        include_constant = checks.boolean("include_constant", include_constant)
         names = [n["id"] for n in self._nodes()
                  if include_constant or not n["constant"]]
         index = {n: i for i, n in enumerate(names)}

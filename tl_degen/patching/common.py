@@ -114,6 +114,9 @@ def _positions(site: Site, positions, n_pos: int) -> list[int]:
                             f"{site_pos} (sequence length {n_pos}); fit the basis at a site "
                             "covering it, e.g. 'resid_pre.0' for all positions")
         out.append(site_pos.index(q))
+    if not out:
+        raise DataError("positions is empty: nothing would be patched; give the positions to "
+                        "patch, or None for all of the site's positions")
     return sorted(set(out))
 
 

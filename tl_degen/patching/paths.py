@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from tl_degen import checks
 from tl_degen.adapters import get_adapter
-from tl_degen.errors import DataError, SiteError
+from tl_degen.errors import ArgumentError, DataError, SiteError
 from tl_degen.io import Serialisable, as_tensor
 from tl_degen.model_state import prepared
 from tl_degen.patching.common import (
@@ -158,6 +158,12 @@ def path_patch(
                         f"{[f'{p.name} -> {q.name}' for p, q in graph.pairs()]}")
     E = graph.edges[(a, b)]
     b_in, b_out = bases[a], bases[b]
+    top_k = checks.integer("top_k", top_k, minimum=1)
+    if edges is not None and (isinstance(edges, (str, bytes)) or any(
+            not isinstance(e, (tuple, list)) or len(e) != 2 or not checks._is_int(e[0])
+            or not (e[1] is None or checks._is_int(e[1])) for e in edges)):
+        raise ArgumentError(f"edges must be a list of (input direction, output direction or "
+                            f"None) integer pairs, e.g. [(3, 0), (5, None)], got {edges!r}")
     if edges is None:
         masked = E.clone()
         c = graph.constant_node(a)

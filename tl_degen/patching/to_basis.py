@@ -48,11 +48,18 @@ def to_basis(
     if not isinstance(basis, InteractionBasis):
         raise TLDegenError("basis must be one InteractionBasis, e.g. bases['resid_post.0']")
     site = basis.site
+    if x is None or isinstance(x, (int, float, str, bytes, list, tuple)):
+        raise DataError(f"give {site.name}'s vectors as a [..., {basis.d_site - 1}] tensor or "
+                        f"an ActivationCache, got {type(x).__name__}")
     if not isinstance(x, Tensor):
         if kind == "difference":
             raise TLDegenError("a cache holds activations, not differences: convert each run "
                                "with kind='activation' and subtract the coordinates")
         x = _from_cache(x, site, kind)
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        raise DataError(f"give {site.name}'s vectors as a [..., {basis.d_site - 1}] tensor (or "
+                        f"an ActivationCache), got {type(x).__name__}"
+                        + (" of shape ()" if isinstance(x, Tensor) else ""))
     if not torch.isfinite(x).all():
         raise DataError(f"NaN or Inf values given for {site.name}")
     d = basis.d_site

@@ -91,7 +91,14 @@ def train_test_split(
 
 
 def tokens_for(pairs: Int[Tensor, "n 2"], p: int = 113) -> Int[Tensor, "n 3"]:
-    """Token sequences ``[a, b, p]`` for pairs ``(a, b)``."""
+    """Token sequences ``[a, b, p]`` for pairs ``(a, b)``, each in ``[0, p)``."""
+    pairs = torch.as_tensor(pairs)
+    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.is_floating_point() or (
+            pairs.numel() and (int(pairs.min()) < 0 or int(pairs.max()) >= p)):
+        raise DataError(f"pairs must be [n, 2] integers in [0, {p}), got shape "
+                        f"{tuple(pairs.shape)}"
+                        + (f" from {int(pairs.min())} to {int(pairs.max())}"
+                           if pairs.numel() and not pairs.is_floating_point() else ""))
     eq = torch.full((pairs.shape[0], 1), p, dtype=torch.long)
     return torch.cat([pairs.long(), eq], dim=1)
 
@@ -111,6 +118,10 @@ def patching_pairs(
     Returns:
         ``(clean_tokens, corrupted_tokens, logit_diff)``.
     """
+    from tl_degen import checks
+
+    n = checks.integer("n", n, minimum=1)
+    p = checks.integer("p", p, minimum=2)
     g = torch.Generator().manual_seed(seed)
     a = torch.randint(0, p, (n,), generator=g)
     b = torch.randint(0, p, (n,), generator=g)
@@ -265,7 +276,11 @@ def load_state_dict(path: str | Path | None = None) -> dict[str, Tensor]:
     if not path.exists():
         raise DataError(f"no checkpoint at {path}; train one with "
                         "`python -m tl_degen.toy.modadd train --out FILE`")
-    sd = load_file(str(path))
+    try:
+        sd = load_file(str(path))
+    except Exception as err:  # noqa: BLE001  (safetensors raises its own error types)
+        raise DataError(f"{path} is not a readable safetensors state dict ({err}); give a "
+                        "checkpoint written by `python -m tl_degen.toy.modadd train`") from None
     return {k: v for k, v in sd.items() if not k.endswith(("attn.mask", "attn.IGNORE"))}
 
 

@@ -364,8 +364,22 @@ def graph_html(
         ...                       modules=graph.modules())
         >>> cell = viz.graph_html(graph, standalone=False)  # a <div> for a notebook
     """
-    if max_edges < 1:
-        raise TLDegenError("max_edges must be at least 1")
+    from tl_degen import checks
+    from tl_degen.graph import InteractionGraph, Modules
+
+    checks.instance("graph", graph, InteractionGraph, "interaction_graph")
+    checks.integer("max_edges", max_edges, minimum=1)
+    checks.integer("height", height, minimum=100)
+    checks.integer("top_nodes", top_nodes, minimum=1, none=True)
+    if labels is not None and not isinstance(labels, dict):
+        raise TLDegenError(f"labels must be a dict of node id ('site/j') → text, got "
+                           f"{type(labels).__name__}")
+    if modules is not None:
+        checks.instance("modules", modules, Modules, "graph.modules()")
+    if importance is not None and isinstance(importance, dict) and any(
+            not hasattr(v, "detach") for v in importance.values()):
+        raise TLDegenError("importance must map site names to [k] tensors of scores, or be "
+                           "an AttributionResult")
     labels = labels or {}
     membership = modules.membership if modules is not None else {}
     uid = "tld-" + uuid.uuid4().hex[:10]
