@@ -638,6 +638,10 @@ def check_invariance(
     """
     from tl_degen.graph import interaction_graph
 
+    if isinstance(methods, str) or not methods or any(m not in ("lib", "pca", "neuron")
+                                                      for m in methods):
+        raise TLDegenError(f"methods must be a non-empty list of 'lib', 'pca', 'neuron', got "
+                           f"{methods!r}")
     name, fn = get_reparameterisation(transform)
     if (clean_tokens is None) != (metric is None) or (clean_tokens is None) != (
             corrupted_tokens is None):

@@ -115,6 +115,17 @@ def circuit_tracer_json(
     labels = labels or {}
     importance = importance_scores(importance)
     sites = graph.sites
+    from tl_degen import checks
+    from tl_degen.graph import InteractionGraph, Modules
+
+    checks.instance("graph", graph, InteractionGraph, "interaction_graph")
+    checks.integer("top_nodes", top_nodes, minimum=1)
+    if labels is not None and not isinstance(labels, dict):
+        raise ArgumentError(f"labels must be a dict of node id ('site/j') → text, got "
+                            f"{type(labels).__name__}")
+    if modules is not None:
+        checks.instance("modules", modules, Modules, "graph.modules()")
+    checks.number("node_threshold", node_threshold, minimum=0, none=True)
     n_pos = int(graph.config.get("n_pos") or 1)
     tokens = list(prompt_tokens) if prompt_tokens is not None else [f"pos{i}" for i in range(n_pos)]
     if len(tokens) < 2:  # the frontend drops a feature present at more than 2/3 of positions

@@ -204,6 +204,11 @@ def spectrum_plot(bases: dict, site: str) -> Plot:
         >>> plot = viz.spectrum_plot({"LIB": bases, "PCA": pca}, "resid_mid.0:last")
         >>> plot.save("spectrum.png")
     """
+    from tl_degen.basis_set import BasisSet
+
+    if not isinstance(bases, dict) or not bases or not all(
+            isinstance(b, BasisSet) for b in bases.values()):
+        raise TLDegenError("bases must be a dict of label → BasisSet, e.g. {'LIB': bases}")
     plot = Plot(f"Spectrum at {site}", "direction (descending)", "eigenvalue", logy=True)
     for n, (label, bset) in enumerate(bases.items()):
         b = bset[site]
@@ -236,8 +241,10 @@ def ablation_plot(curves: Sequence, title: str | None = None) -> Plot:
         ...                                   labels=labels) for b in (bases, pca_bases)]
         >>> viz.ablation_plot(curves, title="Keeping the top n directions").save("ablation.png")
     """
-    if not curves:
-        raise TLDegenError("give at least one ablation curve")
+    from tl_degen.ablation import AblationCurve
+
+    if not curves or not all(isinstance(c, AblationCurve) for c in curves):
+        raise TLDegenError("give a list of AblationCurves (from ablation_curve)")
     site = curves[0].site.name
     plot = Plot(title or f"Ablation at {site}", "directions kept", "metric")
     for c in curves:
@@ -255,6 +262,11 @@ def edge_mass_plot(graphs: dict, title: str = "Edge mass") -> Plot:
         >>> pca_graph = tl_degen.interaction_graph(model, tokens, pca_bases)
         >>> viz.edge_mass_plot({"LIB": graph, "PCA": pca_graph}).save("edge_mass.html")
     """
+    from tl_degen.graph import InteractionGraph
+
+    if not isinstance(graphs, dict) or not graphs or not all(
+            isinstance(g, InteractionGraph) for g in graphs.values()):
+        raise TLDegenError("graphs must be a dict of label → InteractionGraph")
     plot = Plot(title, "edges kept (strongest first)", "fraction of edge mass", logx=True)
     for label, graph in graphs.items():
         for a, b in graph.pairs():
