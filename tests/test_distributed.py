@@ -159,8 +159,11 @@ def test_stochastic_estimates_over_ranks_are_within_their_reported_error(ranks, 
         exact = est["exact"][:4]
         assert rel(exact, single["ln_stochastic"][site]["exact"][:4]) <= 1e-12
         err = est["error"]
-        assert 0 < err <= 0.1
-        assert float(((est["eigenvalues"][:4] - exact).abs() / exact).max()) < 5 * err + 1e-12
+        if site == "resid_mid.1":  # the MLP after ln2: a closed form, never probed
+            assert err == 0.0
+        else:
+            assert 0 < err <= 0.1
+        assert float(((est["eigenvalues"][:4] - exact).abs() / exact).max()) < 5 * err + 1e-9
     for pair, (E_est, err) in ranks[0]["ln_graph_stochastic"].items():
         E = ranks[0]["ln_graph"][pair]
         assert float((E_est - E).norm() / E.norm()) <= 4 * err + 1e-12, pair

@@ -68,11 +68,21 @@ def output_path(path, what: str = "file") -> Path:
 def write_text_atomic(path, text: str, what: str = "file") -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed over it: a
     failed or killed write leaves the old file or none. Checked by :func:`output_path`."""
-    path = output_path(path, what)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+    return _atomic(output_path(path, what), write)
+
+
+def _atomic(path: Path, write) -> Path:
+    """``write(tmp)`` into a hidden temporary file beside ``path`` (``.<name>.<8
+    characters>.tmp``), given the umask's mode and renamed over ``path``; removed if the
+    write fails."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -97,16 +107,7 @@ def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor],
         if stale.fullmatch(old.name):  # ours, not a user's file that looks alike
             old.unlink(missing_ok=True)
     metadata = {**metadata, CHECKSUM_KEY: _checksum(tensors, metadata)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu",

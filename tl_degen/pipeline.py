@@ -73,9 +73,10 @@ def fit_and_graph(
             at the end ``graph.safetensors``. Run the same call again after an interruption
             and it goes on from there: a finished fit is loaded, not redone; a finished
             graph is loaded. ``None``: nothing is written.
-        method, threshold, n_probes, probe_groups, target_error, max_probes, seed,
-            integration, n_alpha, batch_size, dtype, closed_form: as in
-            :func:`~tl_degen.fit_bases` (the graph takes the ones it has);
+        method: as in :func:`~tl_degen.fit_bases`, like ``threshold``, ``target_error``,
+            ``max_probes`` and ``checkpoint_every`` (the fit only) and ``integration``,
+            ``n_alpha``, ``batch_size``, ``dtype``, ``n_probes``, ``probe_groups``, ``seed``
+            and ``closed_form`` (the fit and the graph).
         route: as in :func:`~tl_degen.interaction_graph`.
         progress: one bar over the fit's stages and the graph's pairs, counted in batches.
 
