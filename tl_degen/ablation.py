@@ -355,6 +355,12 @@ def edge_ablation(
         adapter, batches, n_local, fn = _batched_metric(model, tokens, batch_size, labels,
                                                         metric, position)
         chosen = _layer_pairs(graph, pairs)
+        if isinstance(upper, dict):
+            names = [f"{a.name}->{b.name}" for a, b in chosen]
+            unknown = sorted(set(upper) - set(names))
+            if unknown:
+                raise TLDegenError(f"upper names {unknown}, which are not pairs ablated here; "
+                                   f"use pair names such as {names[0]!r}")
         fingerprint = {"pairs": [f"{a.name}->{b.name}" for a, b in chosen],
                        "n_edges": None if n_edges is None else [int(k) for k in n_edges],
                        "tolerance": tolerance, "upper": upper, "position": position,

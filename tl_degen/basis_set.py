@@ -186,7 +186,6 @@ class BasisSet(Mapping):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to ``path`` (``.safetensors``), atomically. Returns the path."""
-        path = Path(path)
         tensors, meta = self._tensors_and_meta()
         return save_safetensors_atomic(path, tensors, {"tl_degen": json.dumps(meta)})
 

@@ -59,6 +59,8 @@ class FitCheckpoint:
     @staticmethod
     def for_rank(path: str | os.PathLike, rank: int, world: int) -> Path:
         """The file of ``rank`` in a run of ``world`` processes (``path`` itself for one)."""
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise CheckpointError(f"checkpoint must be a file name (str or Path), got {path!r}")
         path = Path(path)
         return path if world == 1 else path.with_name(f"{path.name}.rank{rank}")
 

@@ -539,7 +539,8 @@ class InteractionGraph:
         try:
             meta = json.loads(header["tl_degen_graph"])
             edges = {(bases._key(e["in"]), bases._key(e["out"])):
-                     check_stored(path, e["tensor"], tensors[e["tensor"]]) for e in meta["edges"]}
+                     check_stored(path, e["tensor"], tensors[e["tensor"]], nonnegative=True)
+                     for e in meta["edges"]}
             errors = {(bases._key(e["in"]), bases._key(e["out"])): e["error"]
                       for e in meta.get("errors", [])}  # files from before errors: none
         except (KeyError, ValueError, TypeError) as err:

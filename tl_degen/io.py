@@ -137,9 +137,11 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     return header, tensors
 
 
-def check_stored(path: str | os.PathLike, name: str, tensor: Tensor) -> Tensor:
-    """``tensor``, read as ``name`` from ``path``, if it is float64 and finite, as tl_degen
-    writes every basis and edge tensor; else :class:`~tl_degen.errors.DataError`."""
+def check_stored(path: str | os.PathLike, name: str, tensor: Tensor, *,
+                 nonnegative: bool = False) -> Tensor:
+    """``tensor``, read as ``name`` from ``path``, if it is float64 and finite (and, with
+    ``nonnegative``, has no negative entry: edges are sums of squares), as tl_degen writes
+    every basis and edge tensor; else :class:`~tl_degen.errors.DataError`."""
     from tl_degen.errors import DataError
 
     if tensor.dtype != torch.float64:
@@ -149,6 +151,9 @@ def check_stored(path: str | os.PathLike, name: str, tensor: Tensor) -> Tensor:
     if not bool(torch.isfinite(tensor).all()):
         raise DataError(f"{path}: {name} holds NaN or Inf values; the file is damaged or was "
                         "saved from a failed fit. Fit and save it again")
+    if nonnegative and bool((tensor < 0).any()):
+        raise DataError(f"{path}: {name} has negative entries, which edges (sums of squares) "
+                        "cannot have; the file was edited or written by other code")
     return tensor
 
 

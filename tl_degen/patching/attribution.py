@@ -199,6 +199,8 @@ def attribution_patch(
         _check_mode(mode)
         if method not in ("gradient", "integrated"):
             raise TLDegenError(f"method must be 'gradient' or 'integrated', got {method!r}")
+        if sites is None or isinstance(sites, (int, float)):
+            raise SiteError(f"give at least one site, e.g. 'resid_mid.0:last'; got {sites!r}")
         site_list = [sites] if isinstance(sites, (str, Site)) else list(sites)
         if not site_list:
             raise SiteError("give at least one site")

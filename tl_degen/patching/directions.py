@@ -203,7 +203,7 @@ def patch_directions(
         >>> res.recovered()
     """
     _check_mode(mode)
-    if not isinstance(rows_per_pass, int) or rows_per_pass < 1:
+    if isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int) or rows_per_pass < 1:
         raise TLDegenError(f"rows_per_pass must be a positive integer, got {rows_per_pass!r}")
     basis = lookup_basis(bases, site, model)
     site = basis.site

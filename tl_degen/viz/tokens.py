@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_degen import checks
 from tl_degen.adapters import get_adapter
 from tl_degen.basis import InteractionBasis
 from tl_degen.errors import DataError, TLDegenError
@@ -52,9 +53,7 @@ def direction_values(model, tokens: Int[Tensor, "batch pos"], basis: Interaction
         >>> vals = viz.direction_values(model, tokens, bases["resid_mid.0:last"], [1, 2])
         >>> vals.shape  # [batch, 1, 2]
     """
-    bad = [d for d in directions if not 0 <= d < basis.k]
-    if bad:
-        raise DataError(f"direction(s) {bad} out of range: {basis.site.name} has {basis.k}")
+    directions = checks.integers("directions", directions, minimum=0, maximum=basis.k - 1)
     acts = site_activations(model, tokens, basis.site, batch_size=batch_size)
     return basis.to_coords(acts)[..., list(directions)]
 
@@ -96,6 +95,9 @@ def token_view_html(model, tokens: Int[Tensor, "batch pos"], basis: InteractionB
     from circuitsvis.tokens import colored_tokens_multi
     from circuitsvis.topk_samples import topk_samples
 
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        raise DataError("tokens must be one [batch, pos] tensor of token ids")
+    checks.integer("n_examples", n_examples, minimum=1)
     n_pos = tokens.shape[1]
     if basis.site.resolve_positions(n_pos) != list(range(n_pos)):
         raise TLDegenError(f"token views need a site at every position; {basis.site.name!r} "
@@ -155,6 +157,9 @@ def fourier_content(grid: Float[Tensor, "*n p p"], top_k: int = 5,
         >>> power, top = viz.fourier_content(grid)  # power: [p, p]
         >>> top[0]  # ((5, 5), 1.0): all the power at k_a = k_b = 5, a function of a + b
     """
+    if not isinstance(grid, Tensor):
+        raise DataError(f"grid must be a [..., p, p] tensor, got {type(grid).__name__}")
+    checks.integer("top_k", top_k, minimum=1)
     if grid.dim() < 2 or grid.shape[-1] != grid.shape[-2]:
         raise DataError(f"expected [..., p, p] grids over (a, b), got {tuple(grid.shape)}")
     single = grid.dim() == 2
@@ -224,8 +229,15 @@ def modadd_labels(model, bases, p: int = 113) -> dict[str, str]:
         >>> labels["resid_mid.0:last/1"]  # e.g. 'a+b: k=14 (83%)'
         >>> viz.save_graph_page(graph, "graph.html", labels=labels)
     """
+    from tl_degen.basis_set import BasisSet
     from tl_degen.toy.modadd import all_pairs, tokens_for
 
+    checks.instance("bases", bases, BasisSet, "fit_bases")
+    p = checks.integer("p", p, minimum=2)
+    if get_adapter(model).d_vocab != p + 1:
+        raise DataError(f"p={p} does not fit this model: its vocabulary of "
+                        f"{get_adapter(model).d_vocab} is p + 1 tokens for p = "
+                        f"{get_adapter(model).d_vocab - 1}")
     tokens = tokens_for(all_pairs(p), p)
     out: dict[str, str] = {}
     for site in bases.sites:
@@ -257,9 +269,11 @@ def output_effects(model, bases) -> dict[str, Float[Tensor, "k vocab"]]:
     frozen scale is left at 1). Logits sites: their own basis vectors (one token each, or
     the factor space's ``Q`` columns). Sites without a direct path readable here (an
     ``mlp_post`` of a model whose ``W_out`` cannot be read) are left out."""
+    from tl_degen.basis_set import BasisSet
     from tl_degen.sections.recognise import final_norm
     from tl_degen.sections.unembed import unembedding
 
+    checks.instance("bases", bases, BasisSet, "fit_bases")
     adapter = get_adapter(model)
     B = unembedding(adapter)  # [d + 1, V]
     if B is None:
