@@ -127,17 +127,44 @@ def full_rank_modadd(n_samples: int = 600):
     return sd, cfg, modadd.tokens_for(modadd.train_test_split()[0][:n_samples])
 
 
-def exact_rms_norm(model):
-    """Hugging Face's Llama RMSNorm computes in float32 even in a float64 model; for
-    comparisons at 1e-10 between the model and a closed form (the final norm and
-    unembedding, :class:`tl_degen.sections.unembed.UnembedSection`) the model's norms compute
-    in their own dtype: the same math, without the rounding. Returns the model."""
+def exact_float64(model):
+    """Hugging Face's Llama RMSNorm, and TransformerLens 4's rotary attention bridge's softmax,
+    compute in float32 even in a float64 model; for comparisons at 1e-10 between the model
+    and a closed form (the final norm and unembedding,
+    :class:`tl_degen.sections.unembed.UnembedSection`; rotary attention,
+    :class:`tl_degen.sections.attention.NormAttentionSection`) they compute in their own
+    dtype here: the same math, without the rounding. Returns the model."""
     import types
 
     def forward(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
                                               + self.variance_epsilon))
+
+    softmax = torch.nn.functional.softmax
+
+    def own_dtype_softmax(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim, dtype=None if dtype == torch.float32 else dtype)
+
+    def attention(bound):
+        def forward(*args, **kwargs):
+            torch.nn.functional.softmax = own_dtype_softmax
+            try:
+                return bound(*args, **kwargs)
+            finally:
+                torch.nn.functional.softmax = softmax
+        return forward
+
     for m in model.modules():
         if type(m).__name__ == "LlamaRMSNorm":
             m.forward = types.MethodType(forward, m)
+        elif type(m).__name__ == "PositionEmbeddingsAttentionBridge":
+            # past the bridge's __setattr__, which hands attributes to the wrapped module
+            object.__setattr__(m, "forward", attention(m.forward))
+    return model
+
+
+def restore_rounding(model):
+    """Undo :func:`exact_float64` (the modules' own forward passes again). Returns the model."""
+    for m in model.modules():
+        m.__dict__.pop("forward", None)
     return model

@@ -125,7 +125,7 @@ def test_lib_is_invariant_on_a_llama_model(kind, tokenizer_dir):
     which Hugging Face's norm rounds to float32: the model's norms compute in float64 here."""
     model = M.build("llama", tokenizer_dir)
     if kind == "rotate_residual":
-        M.exact_rms_norm(model)
+        M.exact_float64(model)
     tokens = M.random_tokens(48, 6)
     rep = tl_degen.check_invariance(model, tokens, M.mid_sites("llama"), kind,
                                     methods=("lib",), progress=False)
@@ -137,7 +137,7 @@ def test_lib_is_invariant_on_a_llama_model(kind, tokenizer_dir):
 def test_llama_reparameterisations_change_the_weights_not_the_function(kind, tokenizer_dir):
     """The new model computes the same logits (float64: 1e-12) with other weights, and
     leaves the original untouched; heads move only within their key/value group."""
-    model = M.exact_rms_norm(M.build("llama", tokenizer_dir))
+    model = M.exact_float64(M.build("llama", tokenizer_dir))
     before = {k: v.clone() for k, v in model.original_model.state_dict().items()}
     new = reparam.REPARAMETERISATIONS[kind](model)
     tokens = M.random_tokens(4, 6)

@@ -60,6 +60,52 @@ def test_the_unembedding_is_exact_through_the_rms_norm(smollm2, task):
     assert float(rel) < 1e-6
 
 
+@pytest.mark.parametrize("layer", [2, 21])
+def test_the_blocks_formulas_equal_the_model(smollm2, task, layer):
+    """Attention after RMSNorm with rotary positions and grouped-query heads (9 query heads,
+    3 key/value heads), differentiated through its formula, and the gated SiLU MLP after
+    RMSNorm in closed form: their outputs equal the model's, and their Jacobian Grams into
+    8 rotated output directions equal autograd's through the model to 1e-10, with the
+    model's float32 norms and softmax computing in float64 (:func:`tests.models.exact_float64`)."""
+    from tests import models as M
+    from tl_degen.sections.attention import NormAttentionSection
+    from tl_degen.sections.norm_mlp import NormMLPSection
+
+    adapter = get_adapter(smollm2)
+    tokens = task.clean[:4]
+    rule = integration_rule("gradient", None)
+    g = torch.Generator().manual_seed(layer)
+    pairs = ((f"resid_pre.{layer}", f"resid_mid.{layer}", NormAttentionSection),
+             (f"resid_mid.{layer}", f"resid_post.{layer}:last", NormMLPSection))
+    try:
+        M.exact_float64(smollm2)
+        with prepared(smollm2, torch.float64):
+            for a, b, kind in pairs:
+                a, b = Site.parse(a), Site.parse(b)
+                x, y = adapter.read_sites(tokens, [a, b])
+                section = recognise(adapter, tokens, a, b, x, y)
+                assert isinstance(section, kind), (a, b, section)
+                out = (section.forward(x) if kind is NormAttentionSection
+                       else section.forward_rows(x))
+                want = y if kind is NormAttentionSection else y[:, section.out_rows]
+                assert float((out - want).abs().max() / want.abs().max()) < 1e-12
+                C = torch.randn(y.shape[-1], 8, generator=g, dtype=torch.float64)
+                grams = []
+                for source in (section, ModelSection(adapter, a, b, tokens.shape[1])):
+                    acc = GramAccumulator(x.shape[-1])
+                    source.add_jacobian_gram(x, C, acc, rule.alphas, rule.weights, tokens)
+                    grams.append(acc.value)
+                rel = (grams[0] - grams[1]).abs().max() / grams[1].abs().max()
+                assert float(rel) < 1e-10, (a, b, float(rel))
+    finally:
+        M.restore_rounding(smollm2)
+    if kind is NormMLPSection:
+        assert section.mlp.gated
+    W = recognise(adapter, tokens, *(Site.parse(s) for s in pairs[0][:2]),
+                  adapter.read_sites(tokens, [Site.parse(pairs[0][0])])[0]).weights
+    assert (W.H, W.H_kv, W.rotary.cos.shape) == (9, 3, (15, 64))
+
+
 @pytest.mark.slow
 def test_a_fit_and_graph_end_at_the_logits(smollm2, task):
     """``resid_pre.29, resid_post.29:last, logits:last`` on 16 prompt pairs, float32 passes

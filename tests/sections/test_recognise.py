@@ -72,8 +72,9 @@ def test_closed_form_equals_autograd(modadd_model, sites, rule, rotated_output):
 
 
 def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
-    """LayerNorm (GPT-2) and rotary/RMSNorm (Llama) sections fall back to autograd; GPT-2's
-    attention after its LayerNorm is known by its formula only; the MLP after ln2 (GELU;
+    """LayerNorm (GPT-2) and rotary/RMSNorm (Llama) sections fall back to autograd where no
+    formula applies; attention after its LayerNorm (GPT-2) or RMSNorm with rotary positions
+    and grouped-query heads (Llama) is known by its formula only; the MLP after ln2 (GELU;
     gated SiLU) and the final norm and unembedding of both have their closed form."""
     for arch in ("gpt2", "llama"):
         model = M.build(arch, tokenizer_dir)
@@ -86,8 +87,11 @@ def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
             with prepared(model, torch.float64):
                 (x,) = adapter.read_sites(tokens, [in_site])
                 section = recognise(adapter, tokens, in_site, out_site, x)
-            if arch == "gpt2" and sites[0] == "resid_pre.1":
+            if sites[0] == "resid_pre.1":
                 assert isinstance(section, NormAttentionSection) and not section.closed_form
+                assert (section.weights.rotary is not None) == (arch == "llama")
+                W = section.weights
+                assert (W.H, W.H_kv) == ((4, 2) if arch == "llama" else (2, 2))
             elif sites[1] == "logits":
                 assert isinstance(section, UnembedSection), (arch, section)
             elif sites == ("resid_mid.1", "resid_post.1"):
@@ -97,19 +101,21 @@ def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
                 assert section is None, (arch, sites)
 
 
-NORM_ARCHS = ["native_ln_gelu", "gpt2", "hooked_transformer"]
+NORM_ARCHS = ["native_ln_gelu", "gpt2", "llama", "hooked_transformer"]
 
 
 @pytest.mark.parametrize("arch", NORM_ARCHS)
 def test_attention_after_a_norm_by_its_formula_equals_the_model(arch, tokenizer_dir):
-    """Attention after a LayerNorm, differentiated through the section's formula: its
-    output, Jacobian Gram (exact and integrated) and edges (forward mode) equal those of
-    autograd through the model, at every position and at the last."""
+    """Attention after a LayerNorm or RMSNorm (Llama: rotary positions, two query heads per
+    key/value head), differentiated through the section's formula: its output, Jacobian
+    Gram (exact and integrated) and edges (forward mode) equal those of autograd through the
+    model, at every position and at the last (Llama's norms and softmax computing in
+    float64, :func:`tests.models.exact_float64`)."""
     import tl_degen
 
     if arch == "hooked_transformer" and not M.HAS_HOOKED_TRANSFORMER:
         pytest.skip("HookedTransformer needs transformer_lens 3.x")
-    model = M.build(arch, tokenizer_dir)
+    model = M.exact_float64(M.build(arch, tokenizer_dir))
     adapter = get_adapter(model)
     if not adapter.pattern_before_output:
         pytest.skip("TransformerLens 3.x bridge: b_O cannot be pattern-weighted through hooks")
@@ -143,6 +149,46 @@ def test_attention_after_a_norm_by_its_formula_equals_the_model(arch, tokenizer_
         for pair, E in graphs[1].edges.items():
             err = (graphs[0].edges[pair] - E).abs().max() / E.abs().max()
             assert err <= 1e-10, (pair, float(err))
+
+
+@pytest.mark.parametrize("adjacent", [False, True])
+@pytest.mark.parametrize("rotary_dim", [8, 4])
+def test_rotary_attention_of_a_hooked_transformer(adjacent, rotary_dim):
+    """A HookedTransformer with RMSNorm, rotary positions (halves or adjacent pairs, the
+    whole head or half of it) and one key/value head for two query heads: the formula's
+    output equals the model's, and its Jacobian Gram equals autograd's through the model to
+    1e-10, at every position and at the last."""
+    if not M.HAS_HOOKED_TRANSFORMER:
+        pytest.skip("HookedTransformer needs transformer_lens 3.x")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        d_model=16, n_heads=2, d_head=8, d_mlp=24, n_layers=2, d_vocab=M.VOCAB, n_ctx=M.N_CTX,
+        act_fn="silu", gated_mlp=True, normalization_type="RMS",
+        positional_embedding_type="rotary", rotary_dim=rotary_dim,
+        rotary_adjacent_pairs=adjacent, n_key_value_heads=1, dtype=torch.float64)
+    model = M.randomise(HookedTransformer(cfg)).eval()
+    for block in model.blocks:  # a gated MLP's b_in is not supported on HookedTransformer
+        block.mlp.b_in.data.zero_()
+    adapter = get_adapter(model)
+    tokens = M.random_tokens(10, 6)
+    out_C = torch.randn(17, 5, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    for out in ("resid_mid.1", "resid_mid.1:last"):
+        in_site, out_site = Site.parse("resid_pre.1"), Site.parse(out)
+        x, y = adapter.read_sites(tokens, [in_site, out_site])
+        section = recognise(adapter, tokens, in_site, out_site, x)
+        assert isinstance(section, NormAttentionSection), out
+        assert section.weights.rotary.adjacent == adjacent
+        assert section.weights.rotary.cos.shape == (6, rotary_dim)
+        torch.testing.assert_close(section.forward(x), y, rtol=0, atol=1e-12)
+        grams = []
+        for closed in (True, False):
+            acc = GramAccumulator(x.shape[-1])
+            accumulate_jacobian_gram(adapter, tokens, in_site, out_site, x, out_C, acc,
+                                     alphas=[1.0], weights=[1.0], closed_form=closed)
+            grams.append(acc.value)
+        assert (grams[0] - grams[1]).abs().max() <= 1e-10 * grams[1].abs().max()
 
 
 NORM_MLP_ARCHS = ["native_ln_gelu", "gpt2", "llama", "hooked_transformer"]

@@ -37,7 +37,7 @@ def test_final_norm_and_unembedding_in_closed_form_equal_autograd(arch, position
     autograd through the model to 1e-10, under the gradient rule and a 3-point rule."""
     model = M.build(arch, tokenizer_dir)
     if arch == "llama":
-        M.exact_rms_norm(model)
+        M.exact_float64(model)
     adapter = get_adapter(model)
     tokens = M.random_tokens(6, 5)
     a, b = Site.parse("resid_post.1" + positions), Site.parse("logits" + positions)

@@ -14,9 +14,11 @@ constant, as in :mod:`tl_degen.adapters.base`). Everything sample-independent
 computation (:class:`AttentionSection`).
 
 **Attention after a LayerNorm or RMSNorm** (:class:`NormAttentionSection`): the same formula
-reading the normalised residual. Only its forward pass is written out; its Jacobian Gram,
-edges and pullbacks come from autograd through that formula (one layer's attention in a few
-matmuls) instead of through the model.
+reading the normalised residual, with rotary positions (:class:`Rotary`: Llama/NeoX halves or
+GPT-J adjacent pairs, partial or whole heads) and grouped-query heads where the model has
+them. Only its forward pass is written out; its Jacobian Gram, edges and pullbacks come from
+autograd through that formula (one layer's attention in a few matmuls) instead of through the
+model.
 """
 
 from __future__ import annotations
@@ -34,8 +36,42 @@ from tl_degen.sections.base import Section
 from tl_degen.sites import Site
 from tl_degen.stats import GramAccumulator
 
-__all__ = ["AttentionWeights", "Norm", "AttentionFormula", "AttentionSection",
+__all__ = ["AttentionWeights", "Norm", "Rotary", "AttentionFormula", "AttentionSection",
            "NormAttentionSection"]
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary positions as the model applies them to queries and keys of every head: the
+    first ``r`` coordinates of a head at position ``p`` become ``x·cos[p] + flip(x)·sin[p]``
+    and the rest pass through.
+
+    Attributes:
+        cos, sin: ``[n_pos, r]``, the model's own tables (their rounding included).
+        adjacent: ``flip`` rotates adjacent pairs ``(x₀, x₁) ↦ (−x₁, x₀)`` (GPT-J); otherwise
+            halves ``(x_a, x_b) ↦ (−x_b, x_a)`` (Llama, GPT-NeoX, Hugging Face's
+            ``rotate_half``).
+    """
+
+    cos: Tensor
+    sin: Tensor
+    adjacent: bool = False
+
+    def __call__(self, x: Float[Tensor, "... n e"], positions: list[int] | None = None
+                 ) -> Float[Tensor, "... n e"]:
+        """``x`` rotated, its second-last axis being the positions (all of the table's
+        first ``n`` rows, or ``positions``)."""
+        r = self.cos.shape[-1]
+        cos, sin = (self.cos[:x.shape[-2]], self.sin[:x.shape[-2]]) if positions is None else (
+            self.cos[positions], self.sin[positions])
+        xr = x[..., :r]
+        if self.adjacent:
+            pairs = xr.unflatten(-1, (r // 2, 2))
+            flip = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+        else:
+            flip = torch.cat([-xr[..., r // 2:], xr[..., :r // 2]], -1)
+        rotated = xr * cos + flip * sin
+        return rotated if r == x.shape[-1] else torch.cat([rotated, x[..., r:]], -1)
 
 
 @dataclass(frozen=True)
@@ -43,10 +79,12 @@ class AttentionWeights:
     """One layer's attention, every bias appended as a last input row (``W̃ = [W; b]``).
 
     Attributes:
-        wq, wk, wv: ``[H, d + 1, e]``.
+        wq: ``[H, d + 1, e]``; wk, wv: ``[H_kv, d + 1, e]`` (``H_kv`` divides ``H``; query
+            head ``h`` reads key/value head ``h // (H / H_kv)``, grouped-query attention).
         W_O: ``[H, e, d]``; b_O: ``[d]``.
         scale: the divisor of the attention scores (``√d_head`` unless the model says
             otherwise).
+        rotary: the queries' and keys' rotary positions, ``None`` for none.
     """
 
     wq: Tensor
@@ -55,10 +93,21 @@ class AttentionWeights:
     W_O: Tensor
     b_O: Tensor
     scale: float
+    rotary: Rotary | None = None
 
     @property
     def H(self) -> int:
         return self.wq.shape[0]
+
+    @property
+    def H_kv(self) -> int:
+        return self.wk.shape[0]
+
+    @property
+    def plain(self) -> bool:
+        """One key/value head per query head and no rotary positions (the closed form's
+        case, :class:`AttentionSection`)."""
+        return self.rotary is None and self.H_kv == self.H
 
 
 @dataclass(frozen=True)
@@ -91,9 +140,10 @@ class AttentionFormula(Section):
         dev = W.wq.device
         self._mask = torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool, device=dev), 1)
         # fused weights, formed once: q | k | v of every head from one matmul
-        # ([D, (3, H, e)]), and for the forward pass k | v ([D, (h, k|v, e)]), the scaled
-        # queries ([D, (h, e)]) and the output projection
-        self._w_qkv = torch.stack([W.wq, W.wk, W.wv]).permute(2, 0, 1, 3).reshape(D, 3 * H * e)
+        # ([D, (3, H, e)], the closed form's case only), and for the forward pass k | v
+        # ([D, (h_kv, k|v, e)]), the scaled queries ([D, (h, e)]) and the output projection
+        self._w_qkv = (torch.stack([W.wq, W.wk, W.wv]).permute(2, 0, 1, 3).reshape(D, 3 * H * e)
+                       if W.plain else None)
         self._w_kv = torch.cat([W.wk, W.wv], -1).permute(1, 0, 2).reshape(D, -1)
         self._w_q = W.wq.permute(1, 0, 2).reshape(D, -1) / W.scale
         self._w_o = W.W_O.reshape(-1, W.W_O.shape[-1])
@@ -118,18 +168,26 @@ class AttentionFormula(Section):
                 ) -> Float[Tensor, "batch n_out d_in"]:
         """Keys and values at every position, queries only at the positions read; three
         matmuls over the whole batch, heads in the batch dimensions of the pattern products
-        (no permuted copies under ``vmap``), the scale folded into ``W_Q``."""
-        H, pos = self.H, self.out_pos
+        (no permuted copies under ``vmap``), the scale folded into ``W_Q``. Grouped-query
+        heads share their key/value head through the pattern product's rows (query heads
+        ``[h_kv, group, t]``), never a repeated copy of the keys."""
+        H, pos, W = self.H, self.out_pos, self.weights
+        H_kv = W.H_kv
         xn = self._inputs(x)
         b, S, D = x.shape
         e = self.wq.shape[-1]
-        kv = (xn.reshape(b * S, D) @ self._w_kv).view(b, S, H, 2 * e).transpose(1, 2)
-        k, v = kv[..., :e], kv[..., e:]  # [b, H, S, e]
+        kv = (xn.reshape(b * S, D) @ self._w_kv).view(b, S, H_kv, 2 * e).transpose(1, 2)
+        k, v = kv[..., :e], kv[..., e:]  # [b, H_kv, S, e]
         T = len(pos)
         q = (xn[:, pos].reshape(b * T, D) @ self._w_q).view(b, T, H, e).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2)  # [b, H, T, S]
+        if W.rotary is not None:
+            q, k = W.rotary(q, pos), W.rotary(k)
+        if H_kv != H:  # [b, H_kv, (group, t), e]
+            q = q.reshape(b, H_kv, (H // H_kv) * T, e)
+        scores = (q @ k.transpose(-1, -2)).view(b, H, T, S)
         A = scores.masked_fill(self._future, float("-inf")).softmax(-1)  # [b, H, t, s]
-        z = (A @ v).transpose(1, 2).reshape(b * T, H * e)
+        z = (A.view(b, H_kv, -1, S) @ v).view(b, H, T, e)
+        z = z.transpose(1, 2).reshape(b * T, H * e)
         resid = (x[:, pos, :-1] + (z @ self._w_o).view(b, T, -1)
                  + (A.sum(1) @ x[..., -1:]) * self.b_O / H)
         return torch.cat([resid, x[:, pos, -1:]], dim=-1)
@@ -138,10 +196,11 @@ class AttentionFormula(Section):
 class NormAttentionSection(AttentionFormula):
     """Attention after a LayerNorm or RMSNorm (``ln1``): the projections read
     ``[norm(x), c]``, the residual ``x``. Its Gram, edges and pullbacks come from autograd
-    through :meth:`forward`."""
+    through :meth:`forward`. ``norm=None``: a block without a normalisation whose attention
+    has no closed form (rotary positions or grouped-query heads)."""
 
     def __init__(self, adapter: Adapter, in_site: Site, out_site: Site, n_pos: int,
-                 weights: AttentionWeights, norm: Norm):
+                 weights: AttentionWeights, norm: Norm | None):
         super().__init__(adapter, in_site, out_site, n_pos, weights)
         self.norm = norm
 
@@ -150,6 +209,8 @@ class NormAttentionSection(AttentionFormula):
         scaled by the constant coordinate ``c``, as the adapter runs it (every bias inside a
         section is multiplied by ``c``)."""
         N = self.norm
+        if N is None:
+            return x
         xs, c = x[..., :-1], x[..., -1:]
         d = (xs.shape[-1],)
         y = (torch.nn.functional.rms_norm(xs, d, N.w, N.eps) if N.rms else
@@ -160,10 +221,18 @@ class NormAttentionSection(AttentionFormula):
 
 
 class AttentionSection(AttentionFormula):
-    """Attention without a normalisation: closed-form Jacobian Gram, edges and pullbacks
-    (the module docstring)."""
+    """Attention without a normalisation, standard positions and one key/value head per
+    query head (``weights.plain``): closed-form Jacobian Gram, edges and pullbacks (the
+    module docstring)."""
 
     closed_form = True
+
+    def __init__(self, adapter: Adapter, in_site: Site, out_site: Site, n_pos: int,
+                 weights: AttentionWeights):
+        if not weights.plain:
+            raise ValueError("the closed form needs standard positions and one key/value "
+                             "head per query head; use NormAttentionSection(norm=None)")
+        super().__init__(adapter, in_site, out_site, n_pos, weights)
 
     def add_jacobian_gram(self, x: Tensor, out_basis: Tensor | None, acc: GramAccumulator,
                           alphas: list[float], weights: list[float],

@@ -5,8 +5,9 @@ A section has a closed form when its shape (the pair of site kinds and layers) a
 model's architecture (:class:`tl_degen.adapters.Architecture`) allow one:
 
 * ``resid_pre.L → resid_mid.L``: :class:`~tl_degen.sections.attention.AttentionSection`
-  (no normalisation) or :class:`~tl_degen.sections.attention.NormAttentionSection`
-  (LayerNorm/RMSNorm; its formula);
+  (no normalisation, standard positions, one key/value head per query head) or
+  :class:`~tl_degen.sections.attention.NormAttentionSection` (LayerNorm/RMSNorm, rotary
+  positions, grouped-query heads; its formula);
 * ``resid_mid.L → resid_post.L``: :class:`~tl_degen.sections.mlp.MLPSection` (no
   normalisation) or :class:`~tl_degen.sections.norm_mlp.NormMLPSection` (after ``ln2``,
   LayerNorm/RMSNorm, gated or not; sequential blocks);
@@ -34,6 +35,7 @@ from tl_degen.sections.attention import (
     AttentionWeights,
     Norm,
     NormAttentionSection,
+    Rotary,
 )
 from tl_degen.sections.base import ModelSection, Section
 from tl_degen.sections.mlp import ACTIVATIONS, LinearSection, MLPHiddenSection, MLPSection
@@ -113,7 +115,9 @@ def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torc
         if weights is None:
             return None
         if adapter.arch.no_norm:
-            return AttentionSection(adapter, in_site, out_site, n_pos, weights)
+            return (AttentionSection(adapter, in_site, out_site, n_pos, weights)
+                    if weights.plain else
+                    NormAttentionSection(adapter, in_site, out_site, n_pos, weights, None))
         norm = _norm(adapter, _module(adapter.model, "blocks", L, "ln1"), dt)
         return None if norm is None else NormAttentionSection(adapter, in_site, out_site,
                                                               n_pos, weights, norm)
@@ -162,13 +166,14 @@ def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torc
 
 def _tolerance(section: Section, dt: torch.dtype) -> float:
     """The relative tolerance of the checks. float64: 1e-7, except into the logits through a
-    final norm, and through ``ln2`` into the MLP (1e-6): Hugging Face's Llama-family RMSNorm
-    computes in float32 even in a
-    float64 model, so the model's own logits carry float32 rounding (about 1e-7 of their
-    scale); a wrong eps, weight or bias misses by far more."""
+    final norm, and through ``ln1``/``ln2`` into attention or the MLP (1e-6): Hugging Face's
+    Llama-family RMSNorm, and TransformerLens's rotary attention bridge's softmax, compute in
+    float32 even in a float64 model, so the model's own outputs carry float32 rounding
+    (about 1e-7 of their scale); a wrong eps, weight, bias or rotation misses by far more."""
     if dt != torch.float64:
         return 1e-3
-    return 1e-6 if isinstance(section, (UnembedSection, NormMLPSection)) else 1e-7
+    return 1e-6 if isinstance(section, (UnembedSection, NormMLPSection, NormAttentionSection)
+                              ) else 1e-7
 
 
 def _close(a: Tensor, b: Tensor, tol: float) -> bool:
@@ -195,21 +200,80 @@ def _vjp_agrees(section: Section, tokens: Tensor, x: Tensor, tol: float, n: int 
 
 def _attention_weights(adapter: Adapter, in_site: Site, n_pos: int,
                        dt: torch.dtype) -> AttentionWeights | None:
+    """Block ``L``'s attention as :class:`AttentionWeights` (absent biases as zeros;
+    grouped-query key/value heads unrepeated; rotary tables from the model), else None."""
     arch = adapter.arch
     if (arch.parallel or not adapter.pattern_before_output
-            or arch.positional_embedding != "standard" or not arch.causal
-            or arch.attn_scores_soft_cap is not None or arch.grouped_query
+            or arch.positional_embedding not in ("standard", "rotary") or not arch.causal
+            or arch.attn_scores_soft_cap is not None
             or in_site.resolve_positions(n_pos) != list(range(n_pos))):
         return None
     attn = adapter.model.blocks[in_site.layer].attn
     try:
-        W = {k: getattr(attn, k).detach().to(dt) for k in
-             ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")}
-    except AttributeError:
+        W = {k: getattr(attn, k) for k in ("W_Q", "W_K", "W_V", "W_O")}
+        # a HookedTransformer with grouped-query heads keeps them unrepeated in _W_K/_W_V
+        for n in "KV":
+            unrepeated = getattr(attn, f"_W_{n}", None)
+            W[f"W_{n}"] = W[f"W_{n}"] if unrepeated is None else unrepeated
+        W = {k: w.detach().to(dt) for k, w in W.items()}
+        for n in "QKV":
+            b = getattr(attn, f"_b_{n}", None)
+            b = getattr(attn, f"b_{n}", None) if b is None else b
+            W[f"b_{n}"] = (torch.zeros_like(W[f"W_{n}"][:, 0]) if b is None
+                           else b.detach().to(dt))
+        b_O = getattr(attn, "b_O", None)
+        W["b_O"] = torch.zeros_like(W["W_O"][0, 0]) if b_O is None else b_O.detach().to(dt)
+    except (AttributeError, TypeError):
         return None
+    H, d, e = W["W_Q"].shape
+    if (W["W_K"].shape != W["W_V"].shape or W["W_K"].shape[1:] != (d, e)
+            or H % W["W_K"].shape[0] or W["W_O"].shape != (H, e, d)):
+        return None
+    rotary = None
+    if arch.rotary:
+        rotary = _rotary(adapter, attn, n_pos, e, dt, W["W_Q"].device)
+        if rotary is None:
+            return None
     wq, wk, wv = (torch.cat([W[f"W_{n}"], W[f"b_{n}"][:, None]], 1) for n in "QKV")  # [H,d+1,e]
     return AttentionWeights(wq=wq, wk=wk, wv=wv, W_O=W["W_O"], b_O=W["b_O"],
-                            scale=arch.attn_scale)
+                            scale=arch.attn_scale, rotary=rotary)
+
+
+def _rotary(adapter: Adapter, attn, n_pos: int, e: int, dt: torch.dtype,
+            dev: torch.device) -> Rotary | None:
+    """The model's own rotary tables for positions ``0 … n_pos − 1``: a HookedTransformer's
+    ``rotary_cos``/``rotary_sin`` buffers, or the Hugging Face rotary embedding a bridge
+    wraps (called as the model calls it, so its rounding and scaling are the model's); else
+    None. Which pairs rotate is checked with the section against the model."""
+    cos = getattr(attn, "rotary_cos", None)
+    sin = getattr(attn, "rotary_sin", None)
+    adjacent = bool(getattr(adapter.model.cfg, "rotary_adjacent_pairs", False))
+    if isinstance(cos, Tensor) and isinstance(sin, Tensor):
+        if cos.shape[0] < n_pos:
+            return None
+        cos, sin = cos[:n_pos], sin[:n_pos]
+    else:
+        emb = getattr(getattr(adapter.model, "rotary_emb", None), "original_component", None)
+        if emb is None:
+            return None
+        try:
+            probe = torch.zeros(1, n_pos, e, dtype=dt, device=dev)
+            with torch.no_grad():
+                cos, sin = emb(probe, torch.arange(n_pos, device=dev)[None])
+        except Exception:  # an embedding with another signature: no formula
+            return None
+        cos, sin = cos[0], sin[0]
+        cfg = adapter.model.cfg
+        if getattr(cfg, "rotary_interleaved_cos_sin", False):  # tables already per pair
+            adjacent = True
+        elif adjacent:  # the bridge repeats each frequency of the tables' first half
+            r = cos.shape[-1] // 2
+            cos, sin = (t[:, :r].repeat_interleave(2, -1) for t in (cos, sin))
+    r = cos.shape[-1]
+    if sin.shape != cos.shape or r > e or r % 2 or cos.dim() != 2:
+        return None
+    return Rotary(cos=cos.detach().to(dev, dt), sin=sin.detach().to(dev, dt),
+                  adjacent=adjacent)
 
 
 def _module(model, *path):
