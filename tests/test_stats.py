@@ -178,3 +178,47 @@ def test_stack_factors_leaves_out_zero_rows_exactly():
     assert torch.equal(stack_factors(torch.zeros(d, d, dtype=torch.float64),
                                      torch.zeros(3, d, dtype=torch.float64)),
                        torch.zeros(d, d, dtype=torch.float64))
+
+
+def test_factored_blocks_are_summed_then_formed_once():
+    """Blocks ``U S Uᵀ`` under one key sum their ``S``; a new key, a read, a checkpoint's
+    state and a merge form them: every way equals adding ``U S Uᵀ`` block by block; the
+    factors are built once per key and let go once formed; a NaN in ``S`` is refused."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 5, 7
+    U1, U2 = (torch.randn(d, n, generator=g, dtype=torch.float64) for _ in range(2))
+    blocks = []
+    for _ in range(3):
+        a = torch.randn(n, n, generator=g, dtype=torch.float64)
+        blocks.append(a + a.T)
+    owner1, owner2 = object(), object()
+    built = []
+
+    def factors(U):
+        built.append(U)
+        return (U, U.sum())
+
+    acc, ref = GramAccumulator(d), GramAccumulator(d)
+    for U, owner, S in ((U1, owner1, blocks[0]), (U1, owner1, blocks[1]), (U2, owner2, blocks[2])):
+        running, (U_kept, extra) = acc.factored_sum((owner,), lambda U=U: factors(U))
+        assert U_kept is U and float(extra) == float(U.sum())
+        running += S
+        ref.add_matrix(U @ S @ U.T)
+        acc.add_count(1)
+        ref.add_count(1)
+    assert len(built) == 2  # one build per key
+    torch.testing.assert_close(acc.state()["sum"], ref.state()["sum"], rtol=1e-13, atol=0)
+    assert acc._pending is None  # formed: S and the factors let go
+    other = GramAccumulator(d)
+    S, _ = other.factored_sum((owner1,), lambda: (U1,))
+    S += blocks[0]
+    other.add_count(1)
+    ref.add_matrix(U1 @ blocks[0] @ U1.T)
+    ref.add_count(1)
+    torch.testing.assert_close(acc.merge(other).value, ref.value, rtol=1e-13, atol=0)
+    bad = GramAccumulator(d)
+    S, _ = bad.factored_sum((owner1,), lambda: (U1,))
+    S[0, 0] = float("nan")
+    bad.add_count(1)
+    with pytest.raises(NonFiniteError):
+        _ = bad.value

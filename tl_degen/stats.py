@@ -16,7 +16,7 @@ singular values of ``R`` give the same eigenvalue to about ``1e-9``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +59,13 @@ def stack_factors(*parts: Tensor) -> Float[Tensor, "d d"]:
 
 
 def _check_finite(x: Tensor, what: str) -> None:
-    if not torch.isfinite(x).all():
-        n_bad = (~torch.isfinite(x)).sum().item()
-        raise NonFiniteError(f"{n_bad} NaN/Inf value(s) in {what}; check the model's weights "
-                             "and dtype (float16 overflows easily), or drop the offending inputs")
+    # any NaN or ±Inf makes the sum non-finite: one reduction decides, except where the sum of
+    # finite values overflows, which the elementwise test then settles
+    if bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()):
+        return
+    n_bad = (~torch.isfinite(x)).sum().item()
+    raise NonFiniteError(f"{n_bad} NaN/Inf value(s) in {what}; check the model's weights "
+                         "and dtype (float16 overflows easily), or drop the offending inputs")
 
 
 class MomentAccumulator:
@@ -222,8 +225,10 @@ class GramAccumulator:
 
     Rows (:meth:`add_rows`) are kept as a square-root factor (streaming QR); blocks that
     arrive already formed (:meth:`add_matrix`, from closed forms whose Gram is summed in
-    factored form) are kept as a Gram. :meth:`parts` returns both, so the rotation can use
-    the factor where it exists (:func:`tl_degen.basis.lib_rotation`).
+    factored form) are kept as a Gram. Blocks ``U S Uᵀ`` with one ``U`` for many batches
+    (:meth:`factored_sum`) sum their ``S`` and are multiplied out once, when the sums are
+    read. :meth:`parts` returns both, so the rotation can use the factor where it exists
+    (:func:`tl_degen.basis.lib_rotation`).
     """
 
     def __init__(self, d: int, *, name: str = "site", device: torch.device | str | None = None):
@@ -231,6 +236,42 @@ class GramAccumulator:
         self.count = 0
         self._sum = torch.zeros(d, d, dtype=torch.float64, device=device)  # formed blocks
         self._R = torch.zeros(d, d, dtype=torch.float64, device=device)  # RᵀR = Σ rows
+        self._pending: tuple | None = None  # (key, (U, ...), Σ S) of U S Uᵀ blocks
+
+    def factored_sum(self, key: tuple, factors: Callable[[], tuple[Tensor, ...]]
+                     ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``(S, factors)``: the running ``S`` (float64, zeros at first) of the blocks
+        ``U S Uᵀ`` added under ``key`` (its items compared by identity, e.g. the section and
+        its output basis), and the factors ``factors()`` built when the key is new (``U``
+        first; the rest kept for the caller until the block is formed). The caller adds its
+        batch's symmetric ``S`` into it in place; ``U S Uᵀ`` is formed once, when the sums
+        are next read or another key comes, and the factors are then let go."""
+        pending = self._pending
+        if pending is not None and not (len(pending[0]) == len(key) and all(
+                a is b for a, b in zip(pending[0], key))):
+            self._fold()
+        if self._pending is None:
+            built = factors()
+            n = built[0].shape[1]
+            S = torch.zeros(n, n, dtype=torch.float64, device=self._sum.device)
+            self._pending = (key, built, S)
+        return self._pending[2], self._pending[1]
+
+    def _fold(self) -> None:
+        """Form the pending ``U S Uᵀ`` into the formed blocks."""
+        if self._pending is None:
+            return
+        _, (U, *_), S = self._pending
+        self._pending = None
+        _check_finite(S, f"Jacobian Gram at {self.name}")
+        G = U.double() @ S @ U.double().T
+        self._sum += (G + G.T) / 2
+
+    @property
+    def _formed(self) -> Tensor:
+        """The formed blocks, pending ones included."""
+        self._fold()
+        return self._sum
 
     def add_rows(self, g: Float[Tensor, "... d"]) -> None:
         """Add ``Σ g gᵀ`` over the rows of ``g`` (kept in square-root form)."""
@@ -252,7 +293,7 @@ class GramAccumulator:
         """Fold ``other`` into this accumulator (in place) and return it."""
         if other.d != self.d:
             raise DataError(f"cannot merge accumulators of size {self.d} and {other.d}")
-        self._sum += other._sum.to(self._sum.device)
+        self._formed.add_(other._formed.to(self._sum.device))
         self._R.copy_(stack_factors(self._R, other._R.to(self._R.device)))
         self.count += other.count
         return self
@@ -262,7 +303,7 @@ class GramAccumulator:
         both in rank order, so every rank holds the same bits); ``shards`` is a
         :class:`~tl_degen.distributed.Shards` (``sum``, ``stack``, ``sum_ints``). This
         accumulator is left as it is, and the result shares no tensor with it."""
-        total, r = shards.sum(self._sum), shards.stack(self._R)
+        total, r = shards.sum(self._formed), shards.stack(self._R)
         (count,) = shards.sum_ints([self.count])
         return GramAccumulator._of(self.name, total.clone() if total is self._sum else total,
                                    r.clone() if r is self._R else r, count)
@@ -271,10 +312,11 @@ class GramAccumulator:
         """The tensors a checkpoint keeps: ``sum`` (the formed blocks), ``R`` (the rows'
         factor), both this accumulator's own and updated in place, and ``count`` (``[1]``,
         int64)."""
-        return {"sum": self._sum, "R": self._R, "count": torch.tensor([self.count])}
+        return {"sum": self._formed, "R": self._R, "count": torch.tensor([self.count])}
 
     def load_state(self, state: Mapping[str, Tensor]) -> None:
         """Take the entries of :meth:`state` that ``state`` holds (copied in place)."""
+        self._pending = None
         for key, t in (("sum", self._sum), ("R", self._R)):
             if key in state:
                 t.copy_(state[key].to(t))
@@ -285,13 +327,14 @@ class GramAccumulator:
         """A new accumulator holding these sums and the formed block ``m`` (this one is left
         as it is; the factor is shared, not copied)."""
         _check_finite(m, f"Jacobian Gram at {self.name}")
-        return GramAccumulator._of(self.name, self._sum + m.to(torch.float64), self._R,
+        return GramAccumulator._of(self.name, self._formed + m.to(torch.float64), self._R,
                                    self.count)
 
     @staticmethod
     def _of(name: str, total: Tensor, r: Tensor, count: int) -> GramAccumulator:
         out = GramAccumulator.__new__(GramAccumulator)
         out.d, out.name, out.count, out._sum, out._R = r.shape[0], name, count, total, r
+        out._pending = None
         return out
 
     def _require_data(self) -> None:
@@ -302,13 +345,13 @@ class GramAccumulator:
     def value(self) -> Float[Tensor, "d d"]:
         """``(1/count) Σ g gᵀ``."""
         self._require_data()
-        return (self._sum + self._R.T @ self._R) / self.count
+        return (self._formed + self._R.T @ self._R) / self.count
 
     def parts(self) -> tuple[Float[Tensor, "d d"], Float[Tensor, "d d"] | None]:
         """``(F, G)`` with ``value = FᵀF + G``: ``F`` the rows' factor, ``G`` the formed
         blocks (``None`` when every contribution came as rows)."""
         self._require_data()
-        G = self._sum / self.count if bool(self._sum.any()) else None
+        G = self._formed / self.count if bool(self._formed.any()) else None
         return self._R / self.count**0.5, G
 
     def __repr__(self) -> str:
@@ -334,11 +377,19 @@ class StochasticEstimate:
         g = torch.stack(self.groups)
         return g.std(0, unbiased=True) / len(self.groups) ** 0.5
 
+    def standard_error_norm(self) -> float:
+        """``‖standard error‖_F``, without forming the per-entry errors: the groups' summed
+        squared deviations over ``G (G − 1)``."""
+        G = len(self.groups)
+        mean = self.value
+        sq = sum(float((g - mean).square().sum()) for g in self.groups)
+        return (sq / (G * (G - 1))) ** 0.5
+
     @property
     def relative_error(self) -> float:
         """``‖standard error‖_F / ‖value‖_F``."""
         v = self.value.norm()
-        return float(self.standard_error.norm() / v) if v > 0 else 0.0
+        return float(self.standard_error_norm() / v) if v > 0 else 0.0
 
     def __add__(self, other: StochasticEstimate) -> StochasticEstimate:
         return StochasticEstimate([a + b for a, b in zip(self.groups, other.groups)])
@@ -442,7 +493,8 @@ class EstimateAccumulator:
         if est is None:
             return 0.0
         exact = self.exact.value * self.exact.count if self._gram else self.exact
-        return float(est.standard_error.norm() / (exact + est.value).norm().clamp_min(1e-300))
+        return float(est.standard_error_norm()
+                     / (exact + est.value).norm().clamp_min(1e-300))
 
     def total(self) -> GramAccumulator | Tensor:
         """``exact + estimate`` as a sum (not normalised), of the exact part's type: a new

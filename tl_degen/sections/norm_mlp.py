@@ -221,51 +221,69 @@ class NormMLPSection(PositionwiseSection):
     def add_jacobian_gram(self, x: Tensor, out_basis: Tensor | None, acc: GramAccumulator,
                           alphas: list[float], weights: list[float],
                           tokens: Tensor | None = None) -> None:
-        acc.add_matrix(self._jacobian_gram(self._rows(x), out_basis, alphas, weights))
+        """``Σ_t J_t C Cᵀ J_tᵀ`` with ``J_t C = U Z_t + Y_t`` (the module docstring), as
+        ``U′ S U′ᵀ`` with ``U′ = [U | I]`` fixed for the output basis and
+        ``S = [[Σ Z Zᵀ, X], [Xᵀ, Σ Y Yᵀ]]``, ``X = Σ_t Z_t Y_tᵀ``: each batch adds its ``S``
+        to the accumulator's running one (:meth:`~tl_degen.stats.GramAccumulator.factored_sum`,
+        which also keeps ``U′``, ``Q`` and ``QQᵀ`` for the pass), and ``U′ S U′ᵀ`` is formed
+        once per pass, not per batch."""
+        S, (_, Q, QQ) = acc.factored_sum((self, out_basis),
+                                         lambda: self._gram_factors(out_basis))
+        self._add_gram_terms(S, self._rows(x), Q, QQ, alphas, weights)
         acc.add_count(x.shape[0] * x.shape[1])
 
-    def _jacobian_gram(self, xr: Float[Tensor, "R d1"], out_basis: Tensor | None,
-                       alphas: list[float], weights: list[float]) -> Float[Tensor, "d1 d1"]:
-        """``Σ_t J_t C Cᵀ J_tᵀ`` with ``J_t C = U Z_t + Y_t`` (the module docstring):
-        ``U (Σ Z Zᵀ) Uᵀ + U X + (U X)ᵀ + Σ Y Yᵀ``, ``X = Σ_t Z_t Y_tᵀ``."""
-        d, dev, f64 = self.d, xr.device, torch.float64
+    def _gram_factors(self, out_basis: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``U′ = [W_w; 0 | 1_x | e_c | J0 C | I]`` ``[d + 1, m + 2 + k + d + 1]``,
+        ``Q = Q̃ C`` and ``Q Qᵀ`` (float64) for the output basis (the accumulator keeps them
+        for one pass over the batches)."""
+        d, f64 = self.d, torch.float64
+        dev = self._Ww.device
         C = _out_matrix(self, out_basis, f64, dev)
         Q = self._w_out_units @ C[:d]  # [m, k]
         m, k = Q.shape
-        R = xr.shape[0]
-        e, q1, r, ys = self._terms(xr, Q, alphas, weights)
-        # U = [W_w; 0 | 1_x | e_c | J0 C]: [d + 1, m + 2 + k]
-        U = torch.zeros(d + 1, m + 2 + k, dtype=f64, device=dev)
+        U = torch.zeros(d + 1, m + 2 + k + d + 1, dtype=f64, device=dev)
         U[:d, :m] = self._Ww
         U[:d, m] = 1.0
         U[d, m + 1] = 1.0
-        U[:, m + 2:] = self._j0 @ C
-        # Σ Z Zᵀ, Z_t = [diag(ē) Q; −q1ᵀ; rᵀ; I_k]
-        ZZ = torch.zeros(m + 2 + k, m + 2 + k, dtype=f64, device=dev)
-        ZZ[:m, :m] = (e.T @ e) * (Q @ Q.T)
-        ZZ[:m, m] = -(e * (q1 @ Q.T)).sum(0)
-        ZZ[:m, m + 1] = (e * (r @ Q.T)).sum(0)
-        ZZ[:m, m + 2:] = e.sum(0)[:, None] * Q
-        ZZ[m, m] = q1.square().sum()
-        ZZ[m, m + 1] = -(q1 * r).sum()
-        ZZ[m + 1, m + 1] = r.square().sum()
-        ZZ[m, m + 2:] = -q1.sum(0)
-        ZZ[m + 1, m + 2:] = r.sum(0)
-        ZZ[m + 2:, m + 2:] = R * torch.eye(k, dtype=f64, device=dev)
-        upper = torch.triu(ZZ, 1)
-        ZZ = ZZ.triu() + upper.T
-        G = U @ ZZ @ U.T
-        # the y terms: Y_t = −Σ_α (w_α ỹ_α) q2_αᵀ
+        U[:, m + 2:m + 2 + k] = self._j0 @ C
+        U[:, m + 2 + k:] = torch.eye(d + 1, dtype=f64, device=dev)
+        return U, Q, Q @ Q.T
+
+    def _add_gram_terms(self, S: Tensor, xr: Float[Tensor, "R d1"], Q: Tensor, QQ: Tensor,
+                        alphas: list[float], weights: list[float]) -> None:
+        """Add this batch's symmetric ``S`` (see :meth:`add_jacobian_gram`) into ``S``:
+        ``Z_t = [diag(ē) Q; −q1ᵀ; rᵀ; I_k]``, ``Y_t = −Σ_α (w_α ỹ_α) q2_αᵀ``."""
+        d = self.d
+        m, k = Q.shape
+        n = m + 2 + k
+        R = xr.shape[0]
+        e, q1, r, ys = self._terms(xr, Q, alphas, weights)
+        # Σ Z Zᵀ, both triangles
+        S[:m, :m].addcmul_(e.T @ e, QQ)
+        esum = e.sum(0)
+        cols = torch.stack([-(e * (q1 @ Q.T)).sum(0), (e * (r @ Q.T)).sum(0)], 1)  # [m, 2]
+        S[:m, m:m + 2] += cols
+        S[m:m + 2, :m] += cols.T
+        S[:m, m + 2:n].addcmul_(esum[:, None], Q)
+        S[m + 2:n, :m].addcmul_(Q.T, esum[None, :])
+        small = torch.stack([q1, -r], 1)  # [R, 2, k]: the rows −q1ᵀ, rᵀ up to sign
+        S[m:m + 2, m:m + 2] += torch.stack([torch.stack([q1.square().sum(), -(q1 * r).sum()]),
+                                            torch.stack([-(q1 * r).sum(), r.square().sum()])])
+        rows = -small.sum(0)  # [2, k]: −Σ q1, Σ r
+        S[m:m + 2, m + 2:n] += rows
+        S[m + 2:n, m:m + 2] += rows.T
+        S[m + 2:n, m + 2:n].diagonal().add_(R)
+        # X = Σ_t Z_t Y_tᵀ and Σ Y Yᵀ
         ywt = torch.stack([torch.cat([wy, wy.new_zeros(R, 1)], 1) for wy, _ in ys], 1)
         q2 = torch.stack([q for _, q in ys], 1)  # [R, n_α, k]
         Zq = torch.cat([e[:, None] * (q2 @ Q.T), -(q2 * q1[:, None]).sum(-1, keepdim=True),
-                        (q2 * r[:, None]).sum(-1, keepdim=True), q2], -1)  # [R, n_α, m+2+k]
-        X = -Zq.reshape(-1, m + 2 + k).T @ ywt.reshape(-1, d + 1)  # Σ_t Z_t Y_tᵀ
-        UX = U @ X
+                        (q2 * r[:, None]).sum(-1, keepdim=True), q2], -1)  # [R, n_α, n]
+        X = -Zq.reshape(-1, n).T @ ywt.reshape(-1, d + 1)
+        S[:n, n:] += X
+        S[n:, :n] += X.T
         Gq = q2 @ q2.transpose(1, 2)  # [R, n_α, n_α]
         YY = ywt.reshape(-1, d + 1).T @ (Gq @ ywt).reshape(-1, d + 1)
-        G = G + UX + UX.T + YY
-        return (G + G.T) / 2
+        S[n:, n:] += (YY + YY.T) / 2
 
     # ------------------------------------------------------------------ pullbacks
     def _jc(self, xr: Tensor, C: Tensor, alphas: list[float], weights: list[float]
@@ -275,7 +293,7 @@ class NormMLPSection(PositionwiseSection):
         Q = self._w_out_units @ C[:d]
         e, q1, r, ys = self._terms(xr, Q, alphas, weights)
         g = (self._j0 @ C).expand(xr.shape[0], -1, -1).clone()
-        g[:, :d] += torch.einsum("dm,bm,mk->bdk", self._Ww, e, Q)
+        g[:, :d] += self._Ww @ (e[:, :, None] * Q)  # [d, m] @ [b, m, k]: W_w diag(ē) Q
         g[:, :d] -= q1[:, None, :]
         g[:, d] += r
         for wy, q2 in ys:

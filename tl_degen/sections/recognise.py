@@ -182,20 +182,21 @@ def _close(a: Tensor, b: Tensor, tol: float) -> bool:
 
 
 def _vjp_agrees(section: Section, tokens: Tensor, x: Tensor, tol: float, n: int = 4) -> bool:
-    """One random output direction pulled back on a few samples, the section against
-    autograd through the model: the forward check alone cannot see a wrong derivative
-    (e.g. another attention scale)."""
+    """One random output direction ``u`` at every output position, pulled back on a few
+    samples, the section against autograd through the model: the forward check alone
+    cannot see a wrong derivative (e.g. another attention scale). The model's side is one
+    backward pass of ``Σ_t u·y_t``; the section's, its own pullbacks summed over ``t``."""
     n = min(n, x.shape[0])
     u = torch.randn(section.d_out, 1, generator=torch.Generator().manual_seed(0),
                     dtype=torch.float64).to(x.device, x.dtype)
+    mine = torch.zeros_like(x[:n])
+    for pb in section.pullbacks(x[:n], u, [1.0], [1.0], tokens[:n]):
+        mine[pb.samples][:, pb.in_rows] += pb.g[..., 0]
     model = ModelSection(section.adapter, section.in_site, section.out_site, section.n_pos)
-    totals = []
-    for source in (section, model):
-        total = torch.zeros_like(x[:n])
-        for pb in source.pullbacks(x[:n], u, [1.0], [1.0], tokens[:n]):
-            total[pb.samples][:, pb.in_rows] += pb.g[..., 0]
-        totals.append(total)
-    return _close(totals[0], totals[1], tol)
+    leaf = x[:n].detach().requires_grad_(True)
+    with torch.enable_grad():
+        (want,) = torch.autograd.grad((model.forward(leaf, tokens[:n]) @ u).sum(), leaf)
+    return _close(mine, want, tol)
 
 
 def _attention_weights(adapter: Adapter, in_site: Site, n_pos: int,
