@@ -139,11 +139,8 @@ class AttentionFormula(Section):
         H, D, e = W.wq.shape
         dev = W.wq.device
         self._mask = torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool, device=dev), 1)
-        # fused weights, formed once: q | k | v of every head from one matmul
-        # ([D, (3, H, e)], the closed form's case only), and for the forward pass k | v
-        # ([D, (h_kv, k|v, e)]), the scaled queries ([D, (h, e)]) and the output projection
-        self._w_qkv = (torch.stack([W.wq, W.wk, W.wv]).permute(2, 0, 1, 3).reshape(D, 3 * H * e)
-                       if W.plain else None)
+        # fused weights, formed once: for the forward pass k | v ([D, (h_kv, k|v, e)]), the
+        # scaled queries ([D, (h, e)]) and the output projection
         self._w_kv = torch.cat([W.wk, W.wv], -1).permute(1, 0, 2).reshape(D, -1)
         self._w_q = W.wq.permute(1, 0, 2).reshape(D, -1) / W.scale
         self._w_o = W.W_O.reshape(-1, W.W_O.shape[-1])
@@ -153,16 +150,6 @@ class AttentionFormula(Section):
     def _inputs(self, x: Tensor) -> Tensor:
         """What the projections read: ``x`` itself."""
         return x
-
-    def _qkv_pattern(self, xt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``q, k, v`` ``[b, H, P, e]`` (views) and the pattern ``[b, H, P, P]`` at every
-        position of ``xt`` (``[b, P, d + 1]``)."""
-        b, n = xt.shape[:2]
-        H, e = self.H, self.wq.shape[-1]
-        qkv = (xt.reshape(b * n, -1) @ self._w_qkv).view(b, n, 3, H, e).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        scores = (q @ k.transpose(-1, -2)) / self.scale
-        return q, k, v, scores.masked_fill(self._mask, float("-inf")).softmax(-1)
 
     def forward(self, x: Float[Tensor, "batch n_pos d_in"], tokens: Tensor | None = None
                 ) -> Float[Tensor, "batch n_out d_in"]:
@@ -233,6 +220,20 @@ class AttentionSection(AttentionFormula):
             raise ValueError("the closed form needs standard positions and one key/value "
                              "head per query head; use NormAttentionSection(norm=None)")
         super().__init__(adapter, in_site, out_site, n_pos, weights)
+        # q | k | v of every head from one matmul ([D, (3, H, e)])
+        W = weights
+        H, D, e = W.wq.shape
+        self._w_qkv = torch.stack([W.wq, W.wk, W.wv]).permute(2, 0, 1, 3).reshape(D, 3 * H * e)
+
+    def _qkv_pattern(self, xt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``q, k, v`` ``[b, H, P, e]`` (views) and the pattern ``[b, H, P, P]`` at every
+        position of ``xt`` (``[b, P, d + 1]``)."""
+        b, n = xt.shape[:2]
+        H, e = self.H, self.wq.shape[-1]
+        qkv = (xt.reshape(b * n, -1) @ self._w_qkv).view(b, n, 3, H, e).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        scores = (q @ k.transpose(-1, -2)) / self.scale
+        return q, k, v, scores.masked_fill(self._mask, float("-inf")).softmax(-1)
 
     def add_jacobian_gram(self, x: Tensor, out_basis: Tensor | None, acc: GramAccumulator,
                           alphas: list[float], weights: list[float],

@@ -96,11 +96,10 @@ class NormMLPSection(PositionwiseSection):
                 else norm.w.double())
         ln_b = None if norm.b is None else norm.b.double()
         self._ln_w64 = ln_w
-        self._Ww = ln_w[:, None] * w[:d]  # [d, units]
-        self._v = self._Ww.sum(0)  # 1ᵀ W_w
+        # float64 copies of the [d, units] matrices are formed where used (_ww, _q), never
+        # kept: a whole model holds one section per block
+        self._v = (ln_w[:, None] * w[:d]).sum(0)  # 1ᵀ W_w
         self._beta = w[d] + (0.0 if ln_b is None else ln_b @ w[:d])
-        w_out = mlp.w_out.double()
-        self._w_out_units = torch.cat([w_out, w_out]) if mlp.gated else w_out  # [units, d]
         j0 = torch.eye(d + 1, dtype=torch.float64, device=w.device)
         j0[d, :d] = mlp.b_out.double()
         self._j0 = j0
@@ -146,7 +145,17 @@ class NormMLPSection(PositionwiseSection):
             D = _act_derivative(self.mlp.act, pre)
         return _Point(s, y, D)
 
-    def _terms(self, xr: Tensor, Q: Tensor, alphas: list[float], weights: list[float]):
+    def _ww(self) -> Float[Tensor, "d units"]:
+        """``W_w = diag(w) W̃[:d]`` in float64."""
+        return self._ln_w64[:, None] * self.mlp.w[:self.d].double()
+
+    def _q(self, C: Float[Tensor, "d1 k"]) -> Float[Tensor, "units k"]:
+        """``Q = Q̃ C`` in float64 (gated: ``W_out C`` for both halves of the units)."""
+        Q = self.mlp.w_out.double() @ C[:self.d]
+        return torch.cat([Q, Q]) if self.mlp.gated else Q
+
+    def _terms(self, xr: Tensor, Q: Tensor, alphas: list[float], weights: list[float],
+               ww: Tensor):
         """The per-row weights of the module docstring's form, averaged over the rule:
         ``ē = Σ w_α D/s`` ``[R, units]``, ``q1 = Σ w_α (v⊙D/s)Q/d`` and ``r = Σ w_α (β⊙D)Q``
         ``[R, k]`` (``q1`` zero for RMSNorm), and per point ``(w_α y_α, (b_α⊙D/s)Q/d)``."""
@@ -162,7 +171,7 @@ class NormMLPSection(PositionwiseSection):
             r += wt * ((self._beta * p.D) @ Q)
             if not self.norm.rms:
                 q1 += wt * ((self._v * ea) @ Q) / d
-            b = p.y @ self._Ww  # [R, units]: yᵀ W_w
+            b = p.y @ ww  # [R, units]: yᵀ W_w
             ys.append((wt * p.y, ((b * ea) @ Q) / d))
         return e, q1, r, ys
 
@@ -178,14 +187,15 @@ class NormMLPSection(PositionwiseSection):
         x, d, dt = x_eval, self.d, x_eval.dtype
         C = _out_matrix(self, out_basis, torch.float64, x.device)
         Cp = C_pinv.double()
-        Q = self._w_out_units @ C[:d]  # [units, k_out]
+        Q = self._q(C)  # [units, k_out]
+        ww = self._ww()
         M0 = Cp @ self._j0 @ C  # [k_in, k_out]
-        P = Cp[:, :d] @ self._Ww  # [k_in, units]
+        P = Cp[:, :d] @ ww  # [k_in, units]
         k_in, (m, k_out) = P.shape[0], Q.shape
         xr = self._rows(x)  # [R, d + 1], rows (sample, position)
         R = xr.shape[0]
         h2 = h[:, self._in_rows].reshape(R, k_in).double().square().T  # [k_in, R]
-        e, q1, r, ys = self._terms(xr, Q, alphas, weights)
+        e, q1, r, ys = self._terms(xr, Q, alphas, weights, ww)
         e_ = e.to(dt)  # [R, m]
         # rank-1 terms per row: Σ_l U_l[j, row] R_l[row, i], as [n_l, k_in, R], [n_l, R, k_out]
         left = [Cp[:, d:d + 1].expand(k_in, R)]
@@ -227,9 +237,10 @@ class NormMLPSection(PositionwiseSection):
         to the accumulator's running one (:meth:`~tl_degen.stats.GramAccumulator.factored_sum`,
         which also keeps ``U′``, ``Q`` and ``QQᵀ`` for the pass), and ``U′ S U′ᵀ`` is formed
         once per pass, not per batch."""
-        S, (_, Q, QQ) = acc.factored_sum((self, out_basis),
+        S, (U, Q, QQ) = acc.factored_sum((self, out_basis),
                                          lambda: self._gram_factors(out_basis))
-        self._add_gram_terms(S, self._rows(x), Q, QQ, alphas, weights)
+        self._add_gram_terms(S, self._rows(x), Q, QQ, U[:self.d, :Q.shape[0]], alphas,
+                             weights)
         acc.add_count(x.shape[0] * x.shape[1])
 
     def _gram_factors(self, out_basis: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -237,12 +248,12 @@ class NormMLPSection(PositionwiseSection):
         ``Q = Q̃ C`` and ``Q Qᵀ`` (float64) for the output basis (the accumulator keeps them
         for one pass over the batches)."""
         d, f64 = self.d, torch.float64
-        dev = self._Ww.device
+        dev = self._v.device
         C = _out_matrix(self, out_basis, f64, dev)
-        Q = self._w_out_units @ C[:d]  # [m, k]
+        Q = self._q(C)  # [m, k]
         m, k = Q.shape
         U = torch.zeros(d + 1, m + 2 + k + d + 1, dtype=f64, device=dev)
-        U[:d, :m] = self._Ww
+        U[:d, :m] = self._ww()
         U[:d, m] = 1.0
         U[d, m + 1] = 1.0
         U[:, m + 2:m + 2 + k] = self._j0 @ C
@@ -250,14 +261,14 @@ class NormMLPSection(PositionwiseSection):
         return U, Q, Q @ Q.T
 
     def _add_gram_terms(self, S: Tensor, xr: Float[Tensor, "R d1"], Q: Tensor, QQ: Tensor,
-                        alphas: list[float], weights: list[float]) -> None:
+                        ww: Tensor, alphas: list[float], weights: list[float]) -> None:
         """Add this batch's symmetric ``S`` (see :meth:`add_jacobian_gram`) into ``S``:
         ``Z_t = [diag(ē) Q; −q1ᵀ; rᵀ; I_k]``, ``Y_t = −Σ_α (w_α ỹ_α) q2_αᵀ``."""
         d = self.d
         m, k = Q.shape
         n = m + 2 + k
         R = xr.shape[0]
-        e, q1, r, ys = self._terms(xr, Q, alphas, weights)
+        e, q1, r, ys = self._terms(xr, Q, alphas, weights, ww)
         # Σ Z Zᵀ, both triangles
         S[:m, :m].addcmul_(e.T @ e, QQ)
         esum = e.sum(0)
@@ -290,10 +301,10 @@ class NormMLPSection(PositionwiseSection):
             ) -> Float[Tensor, "R d1 k"]:
         """``J̄_t C`` of each row, formed (float64)."""
         d = self.d
-        Q = self._w_out_units @ C[:d]
-        e, q1, r, ys = self._terms(xr, Q, alphas, weights)
+        Q, ww = self._q(C), self._ww()
+        e, q1, r, ys = self._terms(xr, Q, alphas, weights, ww)
         g = (self._j0 @ C).expand(xr.shape[0], -1, -1).clone()
-        g[:, :d] += self._Ww @ (e[:, :, None] * Q)  # [d, m] @ [b, m, k]: W_w diag(ē) Q
+        g[:, :d] += ww @ (e[:, :, None] * Q)  # [d, m] @ [b, m, k]: W_w diag(ē) Q
         g[:, :d] -= q1[:, None, :]
         g[:, d] += r
         for wy, q2 in ys:
