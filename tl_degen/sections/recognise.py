@@ -125,7 +125,7 @@ def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torc
     if not any(p in in_pos for p in out_pos):
         return None
     if out_site.kind == "logits":
-        B = unembedding(adapter)  # [d+1, V]
+        B = unembedding(adapter, dt)  # [d+1, V]
         if B is None:
             return None
         if adapter.arch.no_norm:

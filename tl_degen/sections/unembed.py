@@ -68,9 +68,11 @@ class LogitFactor(NamedTuple):
         return logits.double() @ self.Q.to(logits.device)
 
 
-def unembedding(adapter: Adapter) -> Float[Tensor, "d_plus_1 vocab"] | None:
-    """``[W_U; b_U]`` of the model (float64), or ``None`` where the model exposes no
-    unembedding weights."""
+def unembedding(adapter: Adapter, dtype: torch.dtype = torch.float64
+                ) -> Float[Tensor, "d_plus_1 vocab"] | None:
+    """``[W_U; b_U]`` of the model in ``dtype`` (formed in it: a vocabulary-scale matrix is
+    never copied through another dtype), or ``None`` where the model exposes no unembedding
+    weights."""
     try:
         unembed = adapter.model.unembed
         W_U = unembed.W_U.detach()
@@ -78,7 +80,7 @@ def unembedding(adapter: Adapter) -> Float[Tensor, "d_plus_1 vocab"] | None:
     except AttributeError:
         return None
     b_U = torch.zeros_like(W_U[0]) if b_U is None else b_U.detach()
-    return torch.cat([W_U, b_U[None]]).double()
+    return torch.cat([W_U.to(dtype), b_U[None].to(dtype)])
 
 
 def logit_factor(adapter: Adapter) -> LogitFactor | None:
