@@ -137,8 +137,8 @@ VERB_CASES = [
     ("prune", {"top_k": 1.5}, "top_k must be an integer"),
     ("prune", {"mass": 0.0}, "mass must be above 0"),
     ("modules", {"resolution": float("nan")}, "resolution must be a finite number"),
-    ("fit", {"dtype": torch.bfloat16}, "cannot represent the statistics"),
-    ("fit", {"dtype": torch.float16}, "cannot represent the statistics"),
+    ("fit", {"dtype": torch.bfloat16}, "cannot represent the Jacobians and statistics"),
+    ("fit", {"dtype": torch.float16}, "cannot represent the Jacobians and statistics"),
     ("fit", {"dtype": "float64"}, "write torch.float64"),
     ("fit", {"dtype": torch.int64}, "must be a floating dtype"),
     ("fit", {"batch_size": True}, "a bool is not a number"),
@@ -175,6 +175,14 @@ VERB_CASES = [
     ("every_layer", {"end": 5}, "end=5: use 'logits:last'"),
     ("every_layer", {"kinds": 5}, "give a tuple of block site kinds"),
     ("every_layer", {"layers": 5}, "give a list of block indices"),
+    ("graph", {"dtype": torch.float16}, "cannot represent the Jacobians and statistics"),
+    ("from_dict", {"cls": tl_degen.AblationCurve, "d": {}}, "lacks 'site', 'method'"),
+    ("from_dict", {"cls": tl_degen.PatchResult, "d": {"site": "resid_pre.1"}},
+     "PatchResult.from_dict: the dict lacks 'method'"),
+    ("from_dict", {"cls": tl_degen.InteractionGraph, "d": {"edges": {}}}, "lacks 'bases'"),
+    ("from_dict", {"cls": tl_degen.BasisSet, "d": [1, 2]}, "takes the dict that to_dict"),
+    ("dead_neurons", {"n": -1}, "n must be at least 1"),
+    ("dead_neurons", {"n": 2.5}, "n must be an integer"),
 ]
 
 
@@ -204,6 +212,8 @@ def test_every_verb_checks_its_arguments(fitted_relu, verb, kwargs, phrase):
         "attribution": lambda: tl_degen.attribution_patch(
             model, tokens, tokens.flip(0), bases, ["resid_pre.1"], kwargs["metric"],
             progress=False),
+        "from_dict": lambda: kwargs["cls"].from_dict(kwargs["d"]),
+        "dead_neurons": lambda: tl_degen.reparam.add_dead_neurons(model, **kwargs),
         "invariance": lambda: tl_degen.check_invariance(
             model, tokens, ["resid_pre.1", "logits"], kwargs["transform"], progress=False),
     }

@@ -112,6 +112,8 @@ class AblationCurve(Serialisable):
 
     @classmethod
     def from_dict(cls, d: dict) -> AblationCurve:
+        checks.fields("AblationCurve.from_dict", d,
+                      ("site", "method", "n_kept", "values", "baseline"))
         return cls(Site.parse(d["site"]), d["method"], list(d["n_kept"]), list(d["values"]),
                    d["baseline"], dict(d.get("config") or {}))
 
@@ -267,6 +269,8 @@ class EdgeAblationResult(Serialisable):
 
     @classmethod
     def from_dict(cls, d: dict) -> EdgeAblationResult:
+        checks.fields("EdgeAblationResult.from_dict", d,
+                      ("baseline", "results", "n_edges_required"))
         return cls(d["baseline"],
                    {k: {int(n): v for n, v in r.items()} for k, r in d["results"].items()},
                    dict(d["n_edges_required"]), d.get("tolerance"))

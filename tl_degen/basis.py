@@ -380,8 +380,11 @@ class InteractionBasis(Serialisable):
     @classmethod
     def from_dict(cls, d: dict) -> InteractionBasis:
         """Rebuild from :meth:`to_dict` (tensors may also be nested lists)."""
-        d = dict(d)
+        from tl_degen import checks
+
         tensors = ("C", "C_pinv", "eigenvalues", "mean", "gram", "gram_eigenvalues")
+        d = dict(checks.fields("InteractionBasis.from_dict", d,
+                               ("site", "method", "dropped") + tensors))
         for f in tensors:
             d[f] = as_tensor(d[f])
         if d.get("lambda_all") is not None:

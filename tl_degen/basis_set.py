@@ -165,6 +165,7 @@ class BasisSet(Mapping):
     @classmethod
     def from_dict(cls, d: dict) -> BasisSet:
         """Rebuild from :meth:`to_dict`."""
+        checks.fields("BasisSet.from_dict", d, ("bases",))
         return cls([InteractionBasis.from_dict(b) for b in d["bases"]], config=d.get("config"),
                    model_signature=d.get("model_signature"), model_probe=d.get("model_probe"))
 

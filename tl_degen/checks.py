@@ -21,10 +21,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from tl_degen.errors import ArgumentError, NonFiniteError
+from tl_degen.errors import ArgumentError, DataError, NonFiniteError
 
 __all__ = ["integer", "integers", "number", "floating_dtype", "labels", "finite_weights",
-           "instance", "boolean", "no_user_hooks", "model"]
+           "instance", "boolean", "no_user_hooks", "model", "fields"]
 
 
 def _given(value) -> str:
@@ -116,9 +116,10 @@ def floating_dtype(name: str, value, *, none: bool = True,
         raise ArgumentError(f"{name} must be a floating dtype (torch.float32 or "
                             f"torch.float64), got {value}")
     if statistics and torch.finfo(value).bits < 32:
-        raise ArgumentError(f"{name}={value} cannot represent the statistics of a fit (it "
-                            "keeps a few directions per site at best); fit in torch.float32 or "
-                            "torch.float64, then use the bases with the model in any dtype")
+        raise ArgumentError(f"{name}={value} cannot represent the Jacobians and statistics "
+                            "of a fit or graph (a fit keeps a few directions per site at "
+                            "best); run them in torch.float32 or torch.float64, then use the "
+                            "bases with the model in any dtype")
     return value
 
 
@@ -198,3 +199,17 @@ def model(model) -> None:
     :func:`no_user_hooks`."""
     finite_weights(model)
     no_user_hooks(model)
+
+
+def fields(what: str, d, required: Iterable[str]) -> dict:
+    """``d`` when it is a mapping holding every key of ``required``, else
+    :class:`~tl_degen.errors.DataError` naming ``what`` (e.g. ``"AblationCurve.from_dict"``)
+    and the missing keys."""
+    if not isinstance(d, dict):
+        raise DataError(f"{what} takes the dict that to_dict() wrote, got "
+                        f"{type(d).__name__} {_given(d)}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise DataError(f"{what}: the dict lacks {', '.join(map(repr, missing))}; pass the "
+                        "dict that to_dict() wrote")
+    return d

@@ -208,7 +208,7 @@ def _check_graph_arguments(model, tokens, bases: BasisSet, *, integration: str,
     """``(adapter, batches, alphas, weights)`` of an :func:`interaction_graph` call; raises
     :class:`~tl_degen.errors.TLDegenError` (or a subclass) on a bad argument."""
     checks.instance("bases", bases, BasisSet, "fit_bases")
-    dtype = checks.floating_dtype("dtype", dtype)
+    dtype = checks.floating_dtype("dtype", dtype, statistics=True)
     checks.integer("n_probes", n_probes, minimum=1, none=True)
     sites = list(bases.sites)
     if len(sites) < 2:
@@ -287,6 +287,7 @@ class Modules(Serialisable):
 
     @classmethod
     def from_dict(cls, d: dict) -> Modules:
+        checks.fields("Modules.from_dict", d, ("membership", "modularity", "resolution"))
         return cls(dict(d["membership"]), d["modularity"], d["resolution"])
 
     @property
@@ -501,6 +502,7 @@ class InteractionGraph:
     @classmethod
     def from_dict(cls, d: dict) -> InteractionGraph:
         """Rebuild from :meth:`to_dict`."""
+        checks.fields("InteractionGraph.from_dict", d, ("bases", "edges"))
         bases = BasisSet.from_dict(d["bases"])
 
         def pair(key: str) -> tuple[Site, Site]:

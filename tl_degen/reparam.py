@@ -309,6 +309,10 @@ def add_dead_neurons(model, n: int = 3, seed: int = 0):
         >>> tl_degen.degeneracy_report(new, tokens, bases.sites).layer(0).dead_neurons[-5:]
         [512, 513, 514, 515, 516]
     """
+    from tl_degen import checks
+
+    n = checks.integer("n", n, minimum=1)
+    seed = checks.integer("seed", seed, minimum=0, maximum=2**63 - 1)
     params, cfg = _params(model)
     gated = any(k.endswith("mlp.W_gate") for k in params)
     act = _act_fn(model)

@@ -112,6 +112,11 @@ class PatchResult(Serialisable):
     @classmethod
     def from_dict(cls, d: dict) -> PatchResult:
         """Rebuild from :meth:`to_dict` (or :meth:`as_dict`)."""
+        from tl_degen import checks
+
+        checks.fields("PatchResult.from_dict", d, (
+            "site", "method", "mode", "groups", "labels", "values", "per_example", "clean",
+            "corrupted", "site_value", "all_value"))
         return cls(Site.parse(d["site"]), d["method"], d["mode"],
                    [list(g) for g in d["groups"]], list(d["labels"]), as_tensor(d["values"]),
                    as_tensor(d["per_example"]), d["clean"], d["corrupted"], d["site_value"],
