@@ -151,6 +151,39 @@ def test_attention_after_a_norm_by_its_formula_equals_the_model(arch, tokenizer_
             assert err <= 1e-10, (pair, float(err))
 
 
+@pytest.mark.parametrize("arch", NORM_ARCHS)
+def test_attention_edges_with_tangents_written_out_equal_autograd(arch, tokenizer_dir):
+    """The attention formula's forward-route edges with their tangents written out (rank-one
+    projections, the pattern's tangent, W_O C in one product) equal forward-mode autograd
+    through the same formula to 1e-12: every position, the last, and two of them; one and
+    two integration points; raw and rotated outputs; with gradients on or off."""
+    if arch == "hooked_transformer" and not M.HAS_HOOKED_TRANSFORMER:
+        pytest.skip("HookedTransformer needs transformer_lens 3.x")
+    model = M.exact_float64(M.build(arch, tokenizer_dir))
+    adapter = get_adapter(model)
+    if not adapter.pattern_before_output:
+        pytest.skip("TransformerLens 3.x bridge: b_O cannot be pattern-weighted through hooks")
+    tokens = M.random_tokens(10, 6)
+    g = torch.Generator().manual_seed(1)
+    for out in ("resid_mid.1", "resid_mid.1:last", "resid_mid.1:1,4"):
+        in_site, out_site = Site.parse("resid_pre.1"), Site.parse(out)
+        with prepared(model, torch.float64):
+            x, y = adapter.read_sites(tokens, [in_site, out_site])
+            section = recognise(adapter, tokens, in_site, out_site, x, y)
+            assert isinstance(section, NormAttentionSection)
+            C_pinv = torch.randn(7, x.shape[-1], generator=g, dtype=torch.float64)
+            h = torch.randn(*x.shape[:2], 7, generator=g, dtype=torch.float64)
+            for rule in ([[1.0], [1.0]], integration_rule("gauss-legendre", 2)):
+                for out_C in (None, torch.randn(y.shape[-1], 5, generator=g,
+                                                dtype=torch.float64)):
+                    E = section.edge_squares(x.requires_grad_(True), h, C_pinv, out_C, *rule)
+                    F = Section.edge_squares(section, x.detach(), h, C_pinv, out_C, *rule,
+                                             route="forward")
+                    assert not E.requires_grad
+                    err = (E - F).abs().max() / F.abs().max()
+                    assert err <= 1e-12, (out, rule, float(err))
+
+
 @pytest.mark.parametrize("adjacent", [False, True])
 @pytest.mark.parametrize("rotary_dim", [8, 4])
 def test_rotary_attention_of_a_hooked_transformer(adjacent, rotary_dim):

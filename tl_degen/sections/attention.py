@@ -16,9 +16,11 @@ computation (:class:`AttentionSection`).
 **Attention after a LayerNorm or RMSNorm** (:class:`NormAttentionSection`): the same formula
 reading the normalised residual, with rotary positions (:class:`Rotary`: Llama/NeoX halves or
 GPT-J adjacent pairs, partial or whole heads) and grouped-query heads where the model has
-them. Only its forward pass is written out; its Jacobian Gram, edges and pullbacks come from
-autograd through that formula (one layer's attention in a few matmuls) instead of through the
-model.
+them. Its forward pass and its forward-mode tangents are written out: the edges' input
+directions are rank one per token (and so is the norm's Jacobian correction), so their
+projections need no matmul per direction (:meth:`NormAttentionSection.edge_squares`); its
+Jacobian Gram and pullbacks come from autograd through the formula (one layer's attention in
+a few matmuls) instead of through the model.
 """
 
 from __future__ import annotations
@@ -182,8 +184,9 @@ class AttentionFormula(Section):
 
 class NormAttentionSection(AttentionFormula):
     """Attention after a LayerNorm or RMSNorm (``ln1``): the projections read
-    ``[norm(x), c]``, the residual ``x``. Its Gram, edges and pullbacks come from autograd
-    through :meth:`forward`. ``norm=None``: a block without a normalisation whose attention
+    ``[norm(x), c]``, the residual ``x``. Its Gram and pullbacks come from autograd through
+    :meth:`forward`; its forward-route edges from tangents written out
+    (:meth:`edge_squares`). ``norm=None``: a block without a normalisation whose attention
     has no closed form (rotary positions or grouped-query heads)."""
 
     def __init__(self, adapter: Adapter, in_site: Site, out_site: Site, n_pos: int,
@@ -205,6 +208,154 @@ class NormAttentionSection(AttentionFormula):
         if N.b is not None:
             y = y + c * N.b
         return torch.cat([y, c], dim=-1)
+
+
+    # ------------------------------------------------------------------ edges, forward mode
+    def edge_squares(self, x_eval: Tensor, h: Tensor, C_pinv: Tensor, out_basis: Tensor | None,
+                     alphas: list[float], weights: list[float], tokens: Tensor | None = None,
+                     route: str | None = None) -> Tensor:
+        """``Σ_b Σ_t A[b,t,i,j]²`` (§4 step 8), ``[k_out, k_in]``: the forward route with the
+        tangents written out (the backward route: autograd through :meth:`forward`).
+
+        Input direction ``j``'s tangent ``h[b,s,j]·C⁺[j]`` is rank one per token, and so is
+        the norm's Jacobian correction, so its projections need no GEMM per direction::
+
+            d(ñ W)[j,b,s] = h[b,s,j]·((G[j] − a[b,s,j] R[b,s]) / σ[b,s] + C⁺[j,c] g)
+
+        with ``G = C⁺P diag(w) W`` (``P`` the LayerNorm's centring), ``R = ŷ diag(w) W``,
+        ``a = ŷ·C⁺[j]/d`` (``ŷ`` the normalised token, ``σ`` its divisor) and
+        ``g = b_ln W + w_c``. The pattern's tangent ``dA = A ⊙ (dS − Σ_s A dS)`` and
+        ``dz = dA v + A dv`` follow for a block of directions at once, and ``dz`` meets the
+        output basis through ``W_O C`` (one product). Rotary positions rotate the tangents of
+        ``q`` and ``k`` as they rotate ``q`` and ``k``."""
+        if route == "backward":
+            return super().edge_squares(x_eval, h, C_pinv, out_basis, alphas, weights, tokens,
+                                        route)
+        with torch.no_grad():  # tangents written out: nothing to differentiate
+            return self._forward_edge_squares(x_eval.detach(), h.detach(), C_pinv,
+                                              out_basis, alphas, weights)
+
+    def _forward_edge_squares(self, x: Tensor, h: Tensor, C_pinv: Tensor,
+                              out_basis: Tensor | None, alphas: list[float],
+                              weights: list[float]) -> Tensor:
+        """:meth:`edge_squares`' forward route, without gradients."""
+        dt, dev = x.dtype, x.device
+        W, N = self.weights, self.norm
+        H, H_kv, pos = self.H, W.H_kv, self.out_pos
+        e = self.wq.shape[-1]
+        grp = H // H_kv
+        d = x.shape[-1] - 1
+        T, S, b_all = len(pos), x.shape[1], x.shape[0]
+        f64 = torch.float64
+        C = (torch.eye(self.d_out, dtype=f64, device=dev) if out_basis is None
+             else out_basis.to(f64))
+        Cp = C_pinv.to(f64)
+        k_in, k_out = Cp.shape[0], C.shape[1]
+        ln_w = (torch.ones(d, dtype=f64, device=dev) if N is None or N.w is None
+                else N.w.double())
+        Cpd = Cp[:, :d] - (Cp[:, :d].mean(1, keepdim=True) if N is not None and not N.rms
+                           else 0.0)  # C⁺P
+        # per pair: G, g for k|v and for the scaled queries; the residual and output terms
+        parts = {}
+        for name, Wt in (("kv", self._w_kv), ("q", self._w_q)):
+            Wx = Wt[:d].double()
+            Wn = ln_w[:, None] * Wx if N is not None else Wx
+            g = Wt[d].double() + (N.b.double() @ Wx if N is not None and N.b is not None
+                                  else 0.0)
+            parts[name] = ((Cpd @ Wn).to(dt), g.to(dt), Wn.to(dt))
+        cpd = (Cp[:, :d] / d).to(dt)  # [k_in, d]: a = ŷ·C⁺[j]/d
+        CU = (Cp @ C).to(dt)  # [k_in, k_out]: the residual
+        WOU = (self.W_O.reshape(H * e, -1).double() @ C[:d]).to(dt)  # [(h, e), k_out]
+        bU = (self.b_O.double() @ C[:d] / H).to(dt)  # [k_out]
+        cpc = Cp[:, d].to(dt)  # [k_in]: C⁺'s constant column
+        E = torch.zeros(k_in, k_out, dtype=f64, device=dev)
+        F_kv = 2 * H_kv * e
+        per_dir = S * F_kv + T * H * e + 4 * H * T * S + T * k_out
+        for start in range(0, b_all, 64):
+            xb, hb = x[start:start + 64], h[start:start + 64].to(dt)
+            b = xb.shape[0]
+            m_dirs = max(1, min(64, 2**23 // max(1, b * per_dir)))
+            prims = [self._tangent_primal(alpha * xb, N, parts, cpd) for alpha in alphas]
+            for j0 in range(0, k_in, m_dirs):
+                J = slice(j0, min(k_in, j0 + m_dirs))
+                hJ = hb[..., J].permute(2, 0, 1)  # [m, b, S]
+                m = hJ.shape[0]
+                y = None
+                for wgt, P in zip(weights, prims):
+                    dkv = self._tangent_projection(P, "kv", hJ, J, parts, cpc, None)
+                    dq = self._tangent_projection(P, "q", hJ[:, :, pos], J, parts, cpc, pos)
+                    dkv = dkv.view(m, b, S, H_kv, 2 * e).transpose(2, 3)  # [m, b, h_kv, S, 2e]
+                    dk, dv = dkv[..., :e], dkv[..., e:]
+                    dq = dq.view(m, b, T, H, e).transpose(2, 3)  # [m, b, H, T, e]
+                    if W.rotary is not None:
+                        dq, dk = W.rotary(dq, pos), W.rotary(dk)
+                    q, k, v, A = P["q"], P["k"], P["v"], P["A"]  # grouped [b, h_kv, (g, T), ·]
+                    dq = dq.reshape(m, b, H_kv, grp * T, e)
+                    dS = dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)  # [m,b,hkv,gT,S]
+                    dA = A * (dS - (A * dS).sum(-1, keepdim=True))
+                    dz = dA @ v + A @ dv  # [m, b, h_kv, (g, T), e]
+                    dz = dz.view(m, b, H, T, e).transpose(2, 3).reshape(m, b, T, H * e)
+                    out = dz @ WOU  # [m, b, T, k_out]
+                    out.addcmul_(hJ[:, :, pos, None], CU[J][:, None, None, :])
+                    # the pattern-weighted constant b_O: Σ_s (Σ_h dA) c + Σ_s (Σ_h A) dc
+                    dsum = dA.view(m, b, H, T, S).sum(2)  # [m, b, T, S]
+                    beta = (dsum @ P["c"][:, :, None])[..., 0]
+                    beta += (P["Asum"] @ (hJ * cpc[J][:, None, None])[..., None])[..., 0]
+                    out.addcmul_(beta[..., None], bU)
+                    y = out if len(weights) == 1 else (
+                        wgt * out if y is None else y.add_(out, alpha=wgt))
+                E[J] += y.square().sum((1, 2), dtype=f64)
+        return E.T
+
+    def _tangent_primal(self, x: Tensor, N: Norm | None, parts: dict, cpd: Tensor) -> dict:
+        """The primal quantities of :meth:`edge_squares` at ``x`` (``[b, S, D]``): ``σ``,
+        ``a = ŷ C⁺ᵀ/d``, ``R`` per projection, ``q, k, v`` (rotated, grouped) and the
+        pattern."""
+        W = self.weights
+        H, H_kv, pos = self.H, W.H_kv, self.out_pos
+        e = self.wq.shape[-1]
+        b, S, D = x.shape
+        T = len(pos)
+        xs, c = x[..., :-1], x[..., -1]
+        out = {"c": c}
+        if N is not None:
+            xc = xs if N.rms else xs - xs.mean(-1, keepdim=True)
+            sigma = (xc.square().mean(-1, keepdim=True) + N.eps).sqrt()  # [b, S, 1]
+            yhat = xc / sigma
+            out["sigma"], out["a"] = sigma, yhat @ cpd.T
+            out["R_kv"] = yhat @ parts["kv"][2]
+            out["R_q"] = yhat[:, pos] @ parts["q"][2]
+        xn = self._inputs(x)
+        kv = (xn.reshape(b * S, D) @ self._w_kv).view(b, S, H_kv, 2 * e).transpose(1, 2)
+        k, v = kv[..., :e], kv[..., e:]
+        q = (xn[:, pos].reshape(b * T, D) @ self._w_q).view(b, T, H, e).transpose(1, 2)
+        if W.rotary is not None:
+            q, k = W.rotary(q, pos), W.rotary(k)
+        q = q.reshape(b, H_kv, (H // H_kv) * T, e)
+        scores = (q @ k.transpose(-1, -2)).view(b, H, T, S)
+        A = scores.masked_fill(self._future, float("-inf")).softmax(-1)
+        out.update(q=q, k=k.contiguous(), v=v.contiguous(), A=A.view(b, H_kv, -1, S),
+                   Asum=A.sum(1))
+        return out
+
+    @staticmethod
+    def _tangent_projection(P: dict, name: str, hJ: Tensor, J: slice, parts: dict,
+                            cpc: Tensor, pos: list[int] | None) -> Tensor:
+        """``d(ñ W)`` of the directions ``J`` (the formula of :meth:`edge_squares`):
+        ``[m, b, S′, F]`` for the positions of ``hJ`` (``[m, b, S′]``: every position, or
+        ``pos``)."""
+        G, g, _ = parts[name]
+        hc = (hJ * cpc[J][:, None, None])[..., None]  # the constant coordinate's tangent
+        if "sigma" not in P:  # no normalisation: h·(C⁺W)[j]
+            out = hJ[..., None] * G[J][:, None, None, :]
+            return out.addcmul_(hc, g)
+        sigma = P["sigma"] if pos is None else P["sigma"][:, pos]  # [b, S′, 1]
+        a = P["a"] if pos is None else P["a"][:, pos]  # [b, S′, k_in]
+        R = P["R_kv"] if name == "kv" else P["R_q"]  # [b, S′, F]
+        tG = hJ / sigma[None, ..., 0]  # [m, b, S′]
+        out = tG[..., None] * G[J][:, None, None, :]
+        out.addcmul_((tG * a[..., J].permute(2, 0, 1))[..., None], R[None], value=-1)
+        return out.addcmul_(hc, g)
 
 
 class AttentionSection(AttentionFormula):
