@@ -145,21 +145,19 @@ def exact_float64(model):
     def own_dtype_softmax(x, dim=None, _stacklevel=3, dtype=None):
         return softmax(x, dim=dim, dtype=None if dtype == torch.float32 else dtype)
 
-    def attention(bound):
-        def forward(*args, **kwargs):
-            torch.nn.functional.softmax = own_dtype_softmax
-            try:
-                return bound(*args, **kwargs)
-            finally:
-                torch.nn.functional.softmax = softmax
-        return forward
+    def attention(self, *args, **kwargs):  # a bound method: deep copies rebind it
+        torch.nn.functional.softmax = own_dtype_softmax
+        try:
+            return type(self).forward(self, *args, **kwargs)
+        finally:
+            torch.nn.functional.softmax = softmax
 
     for m in model.modules():
         if type(m).__name__ == "LlamaRMSNorm":
             m.forward = types.MethodType(forward, m)
         elif type(m).__name__ == "PositionEmbeddingsAttentionBridge":
             # past the bridge's __setattr__, which hands attributes to the wrapped module
-            object.__setattr__(m, "forward", attention(m.forward))
+            object.__setattr__(m, "forward", types.MethodType(attention, m))
     return model
 
 
