@@ -104,6 +104,18 @@ def test_closed_form_declines_where_it_does_not_apply(tokenizer_dir):
 NORM_ARCHS = ["native_ln_gelu", "gpt2", "llama", "hooked_transformer"]
 
 
+def _norm_attention_model(arch: str, tokenizer_dir):
+    """``(model, adapter)`` of a test architecture whose attention follows a norm, its
+    float32-rounding norms and softmax computing in float64; skips where it cannot run."""
+    if arch == "hooked_transformer" and not M.HAS_HOOKED_TRANSFORMER:
+        pytest.skip("HookedTransformer needs transformer_lens 3.x")
+    model = M.exact_float64(M.build(arch, tokenizer_dir))
+    adapter = get_adapter(model)
+    if not adapter.pattern_before_output:
+        pytest.skip("TransformerLens 3.x bridge: b_O cannot be pattern-weighted through hooks")
+    return model, adapter
+
+
 @pytest.mark.parametrize("arch", NORM_ARCHS)
 def test_attention_after_a_norm_by_its_formula_equals_the_model(arch, tokenizer_dir):
     """Attention after a LayerNorm or RMSNorm (Llama: rotary positions, two query heads per
@@ -113,12 +125,7 @@ def test_attention_after_a_norm_by_its_formula_equals_the_model(arch, tokenizer_
     float64, :func:`tests.models.exact_float64`)."""
     import tl_degen
 
-    if arch == "hooked_transformer" and not M.HAS_HOOKED_TRANSFORMER:
-        pytest.skip("HookedTransformer needs transformer_lens 3.x")
-    model = M.exact_float64(M.build(arch, tokenizer_dir))
-    adapter = get_adapter(model)
-    if not adapter.pattern_before_output:
-        pytest.skip("TransformerLens 3.x bridge: b_O cannot be pattern-weighted through hooks")
+    model, adapter = _norm_attention_model(arch, tokenizer_dir)
     tokens = M.random_tokens(10, 6)
     for out in ("resid_mid.1", "resid_mid.1:last"):
         in_site, out_site = Site.parse("resid_pre.1"), Site.parse(out)
@@ -157,12 +164,7 @@ def test_attention_edges_with_tangents_written_out_equal_autograd(arch, tokenize
     projections, the pattern's tangent, W_O C in one product) equal forward-mode autograd
     through the same formula to 1e-12: every position, the last, and two of them; one and
     two integration points; raw and rotated outputs; with gradients on or off."""
-    if arch == "hooked_transformer" and not M.HAS_HOOKED_TRANSFORMER:
-        pytest.skip("HookedTransformer needs transformer_lens 3.x")
-    model = M.exact_float64(M.build(arch, tokenizer_dir))
-    adapter = get_adapter(model)
-    if not adapter.pattern_before_output:
-        pytest.skip("TransformerLens 3.x bridge: b_O cannot be pattern-weighted through hooks")
+    model, adapter = _norm_attention_model(arch, tokenizer_dir)
     tokens = M.random_tokens(10, 6)
     g = torch.Generator().manual_seed(1)
     for out in ("resid_mid.1", "resid_mid.1:last", "resid_mid.1:1,4"):
