@@ -21,9 +21,11 @@ and the machine's matmul rates.
 ``--whole``: every layer (:func:`tl_degen.every_layer`: every ``resid_pre.L`` and
 ``resid_mid.L``, the last ``resid_post.L:last`` and ``logits:last``; ``--no-logits`` stops
 before the logits) through :func:`tl_degen.fit_and_graph`, with each pair's time and route,
-and the flop floor of the fit and of each pair: their flops counted with
-``torch.utils.flop_counter`` on ``--count-prompts`` prompts, scaled to all of them, over the
-float32 matmul rate measured in the same run.
+and the floor of the fit and of each pair: their flops (matmuls by
+``torch.utils.flop_counter``, decompositions by textbook counts; :class:`_machine.Work`),
+counted on ``--count-prompts`` and on twice as many prompts and extended affinely to all of
+them, each dtype's at the matmul rate of that dtype measured in the same run (the statistics
+are float64, the passes float32).
 
     python benchmarks/bench_lm.py [--model gpt2|pythia|smollm2] [--prompts 48] [--tokens 12]
                                   [--probes 32] [--no-graph] [--sites a,b,...]
@@ -38,7 +40,7 @@ import warnings
 
 import torch
 from _lm import gpt2_small_shaped, pythia_70m_shaped, word_tokens
-from _machine import machine_line, matmul_gflops, peak_rss_mib
+from _machine import Work, machine_line, matmul_gflops, peak_rss_mib
 
 import tl_degen
 
@@ -153,20 +155,10 @@ def main() -> None:
           + ("" if seconds is None else f", interaction_graph {seconds / base:.0f}x"))
 
 
-def count_flops(fn) -> int:
-    """Floating-point operations of ``fn()`` (``torch.utils.flop_counter``: matmuls,
-    convolutions and attention; elementwise work is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def whole(model, tokens: torch.Tensor, name: str, args, dtype: torch.dtype) -> None:
     """Every layer: fit_and_graph timed, then the flops of the fit and of each pair counted
-    on a few prompts and scaled (the work is linear in the prompts), against the float32
-    matmul rate of this run."""
+    on a few prompts and extended to all (the work is affine in the prompts), against the
+    matmul rates of this run."""
     sites = tl_degen.every_layer(model, end="resid_post:last" if args.no_logits else
                                  "logits:last")
     print(f"{name}, {tokens.shape[0]} prompts x {tokens.shape[1]} tokens, every layer: "
@@ -186,32 +178,44 @@ def whole(model, tokens: torch.Tensor, name: str, args, dtype: torch.dtype) -> N
     if errors:
         print(f"  probed Grams' relative SE: median {sorted(errors)[len(errors) // 2]:.1%}, "
               f"max {max(errors):.1%} ({len(errors)} sites)")
-    rate = matmul_gflops(torch.float32) * 1e9
-    scale = tokens.shape[0] / args.count_prompts
-    few = tokens[:args.count_prompts]
-    fit_flops = scale * count_flops(lambda: tl_degen.fit_bases(
-        model, few, sites, progress=False, **kwargs))
-    print(f"float32 matmul {rate / 1e9:.0f} GFLOP/s now; fit: {fit_flops / 1e12:.2f} TFLOP, "
-          f"floor {fit_flops / rate:.1f} s, took {total - graph_s:.1f} s "
-          f"({(total - graph_s) * rate / fit_flops:.1f}x)")
+    rates = {dt: matmul_gflops(dt) * 1e9 for dt in (torch.float32, torch.float64)}
+    p, n = args.count_prompts, tokens.shape[0]
+
+    def counted(fn) -> Work:
+        """``fn(tokens)``'s work on all the prompts, from counts on ``p`` and ``2p``: the
+        work is affine in the prompts (per-prompt passes and products, plus per-pass
+        products and decompositions counted once; per-batch ones counted once, which can
+        only lower the floor)."""
+        one, two = Work.of(lambda: fn(tokens[:p])), Work.of(lambda: fn(tokens[:2 * p]))
+        return one + (two - one) * ((n - p) / p)
+
+    fit_work = counted(lambda few: tl_degen.fit_bases(model, few, sites, progress=False,
+                                                      **kwargs))
+    fit_floor = fit_work.floor(rates)
+    print(f"matmul now: float32 {rates[torch.float32] / 1e9:.0f}, float64 "
+          f"{rates[torch.float64] / 1e9:.0f} GFLOP/s; each floor is a stage's flops "
+          "(matmuls and decompositions) at the rate of their dtype")
+    print(f"fit: {fit_work}, floor {fit_floor:.1f} s, took {total - graph_s:.1f} s "
+          f"({(total - graph_s) / fit_floor:.2f}x)")
     print(f"  {'pair':<36} {'route':<26} {'time':>8} {'TFLOP':>7} {'floor':>7} {'x':>5}")
     # each pair counted alone reads its input site with a model pass of its own, which the
     # whole run shares (one pass reads every site): that pass is taken out of each pair and
     # counted once, as the whole model's forward pass
     with torch.no_grad():
-        reads = scale * count_flops(lambda: model(few))
-    floor = reads / rate
-    print(f"  {'site reads (one forward pass)':<36} {'':<26} {'':>8} {reads / 1e12:7.2f} "
-          f"{reads / rate:6.1f}s")
+        reads = counted(model)
+    floor = reads.floor(rates)
+    print(f"  {'site reads (one forward pass)':<36} {'':<26} {'':>8} {reads.total / 1e12:7.2f} "
+          f"{floor:6.1f}s")
     for (a, b) in graph.pairs():
         key = f"{a.name}->{b.name}"
         pair = tl_degen.BasisSet([bases[a], bases[b]])
-        read = count_flops(lambda: tl_degen.site_activations(model, few, a))
-        flops = scale * (count_flops(lambda: tl_degen.interaction_graph(
-            model, few, pair, progress=False, **kwargs)) - read)
-        floor += flops / rate
+        work = (counted(lambda few: tl_degen.interaction_graph(
+            model, few, pair, progress=False, **kwargs))
+            - counted(lambda few: tl_degen.site_activations(model, few, a)))
+        pair_floor = work.floor(rates)
+        floor += pair_floor
         print(f"  {key:<36} {graph.config['edge_routes'][key]:<26} {seconds[key]:7.1f}s "
-              f"{flops / 1e12:7.2f} {flops / rate:6.1f}s {seconds[key] * rate / flops:5.1f}")
+              f"{work.total / 1e12:7.2f} {pair_floor:6.1f}s {seconds[key] / pair_floor:5.1f}")
     print(f"graph: {graph_s:.1f} s against a floor of {floor:.1f} s "
           f"({graph_s / floor:.2f}x); bases + graph {total:.1f} s")
 

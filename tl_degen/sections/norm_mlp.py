@@ -297,11 +297,10 @@ class NormMLPSection(PositionwiseSection):
         S[n:, n:] += (YY + YY.T) / 2
 
     # ------------------------------------------------------------------ pullbacks
-    def _jc(self, xr: Tensor, C: Tensor, alphas: list[float], weights: list[float]
-            ) -> Float[Tensor, "R d1 k"]:
-        """``J̄_t C`` of each row, formed (float64)."""
+    def _jc(self, xr: Tensor, C: Tensor, Q: Tensor, ww: Tensor, alphas: list[float],
+            weights: list[float]) -> Float[Tensor, "R d1 k"]:
+        """``J̄_t C`` of each row, formed (float64; ``Q = Q̃ C`` and ``W_w`` given)."""
         d = self.d
-        Q, ww = self._q(C), self._ww()
         e, q1, r, ys = self._terms(xr, Q, alphas, weights, ww)
         g = (self._j0 @ C).expand(xr.shape[0], -1, -1).clone()
         g[:, :d] += ww @ (e[:, :, None] * Q)  # [d, m] @ [b, m, k]: W_w diag(ē) Q
@@ -314,10 +313,25 @@ class NormMLPSection(PositionwiseSection):
     def pullbacks(self, x: Tensor, out_basis: Tensor | None, alphas: list[float],
                   weights: list[float], tokens: Tensor | None = None,
                   chunk: int = 64) -> Iterator[Pullback]:
+        """Per output position, ``J̄_t C`` formed for ``chunk`` samples' worth of
+        ``[d + 1, k]`` blocks at a time: with few directions (a narrow ``out_basis``) one
+        block holds several positions, or all of them."""
         C = _out_matrix(self, out_basis, torch.float64, x.device)
+        Q, ww = self._q(C), self._ww()
         dirs = torch.arange(C.shape[1], device=x.device)
-        for start in range(0, x.shape[0], chunk):
-            xb = x[start:start + chunk]
-            for t, r in zip(self.out_rows, self.in_rows):
-                g = self._jc(xb[:, r], C, alphas, weights).to(x.dtype)
-                yield Pullback(slice(start, start + xb.shape[0]), [r], t, dirs, g[:, None])
+        pairs = list(zip(self.out_rows, self.in_rows))
+        d1 = self.d + 1
+        budget = chunk * d1 * d1  # float64 entries of J̄C held at once
+        per = max(1, budget // (d1 * C.shape[1]))  # rows (sample, position) per block
+        n_samples = max(1, min(x.shape[0], per))
+        n_pos = max(1, per // n_samples)
+        for start in range(0, x.shape[0], n_samples):
+            xb = x[start:start + n_samples]
+            b = xb.shape[0]
+            for p0 in range(0, len(pairs), n_pos):
+                group = pairs[p0:p0 + n_pos]
+                rows = xb[:, [r for _, r in group]].reshape(b * len(group), -1)
+                g = self._jc(rows, C, Q, ww, alphas, weights).to(x.dtype)
+                g = g.view(b, len(group), *g.shape[1:])
+                for i, (t, r) in enumerate(group):
+                    yield Pullback(slice(start, start + b), [r], t, dirs, g[:, i:i + 1])
