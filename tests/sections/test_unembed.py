@@ -30,11 +30,14 @@ def _gram(section, x, C, rule, tokens):
 
 @pytest.mark.parametrize("arch", ["native_ln_gelu", "gpt2", "llama"])
 @pytest.mark.parametrize("positions", ["", ":last"])
-def test_final_norm_and_unembedding_in_closed_form_equal_autograd(arch, positions,
-                                                                  tokenizer_dir):
+@pytest.mark.parametrize("vocab_block", [U.VOCAB_BLOCK, 7])
+def test_final_norm_and_unembedding_in_closed_form_equal_autograd(arch, positions, vocab_block,
+                                                                  tokenizer_dir, monkeypatch):
     """LayerNorm (with and without a bias in the unembedding) and RMSNorm: the section's
     forward pass, its Jacobian Gram into the raw logits and into a basis, and its edges equal
-    autograd through the model to 1e-10, under the gradient rule and a 3-point rule."""
+    autograd through the model to 1e-10, under the gradient rule and a 3-point rule; the
+    unembedding met by the basis in one block of the vocabulary or in blocks of 7."""
+    monkeypatch.setattr(U, "VOCAB_BLOCK", vocab_block)
     model = M.build(arch, tokenizer_dir)
     if arch == "llama":
         M.exact_float64(model)

@@ -50,6 +50,10 @@ __all__ = ["FACTOR_VOCAB", "LogitFactor", "logit_factor", "statistics_dim", "Une
 #: basis, as the reference does).
 FACTOR_VOCAB = 4096
 
+#: Vocabulary columns converted to float64 at a time when the unembedding meets an output
+#: basis (``B K``).
+VOCAB_BLOCK = 8192
+
 
 class LogitFactor(NamedTuple):
     """The logits' factor space (module docstring): ``Q`` (``[V, r]``, orthonormal columns)
@@ -180,8 +184,13 @@ class UnembedSection(PositionwiseSection):
         """``B K`` in float64 (``B`` for the raw logits), formed once per output basis."""
         if self._cache is not None and self._cache[0] is out_basis:
             return self._cache[1]
-        B = self.B.double()
-        BK = B if out_basis is None else B @ out_basis.double()
+        if out_basis is None:
+            BK = self.B.double()
+        else:  # over vocabulary blocks: never a float64 copy of the whole unembedding
+            BK = torch.zeros(self.B.shape[0], out_basis.shape[1], dtype=torch.float64,
+                             device=self.B.device)
+            for v in range(0, self.B.shape[1], VOCAB_BLOCK):
+                BK += self.B[:, v:v + VOCAB_BLOCK].double() @ out_basis[v:v + VOCAB_BLOCK].double()
         self._cache = (out_basis, BK)
         return BK
 
