@@ -40,7 +40,8 @@ def _decomposition_flops() -> dict:
     """Textbook flop counts of the dense decompositions (Golub & Van Loan, *Matrix
     Computations*, 4th ed., §5.2 and §8.6), which ``torch.utils.flop_counter`` leaves
     uncounted: thin SVD with both vector sets ``6mn² + 20n³`` (R-SVD, ``m ≥ n``), symmetric
-    eigendecomposition with vectors ``9n³``, thin Householder QR with ``Q`` ``4mn² − 4n³/3``."""
+    eigendecomposition with vectors ``9n³``, thin Householder QR with ``Q`` ``4mn² − 4n³/3``;
+    and the in-place ``addmm_``/``baddbmm_``, as their out-of-place forms."""
     import math
 
     aten = torch.ops.aten
@@ -59,7 +60,16 @@ def _decomposition_flops() -> dict:
         m, n = max(a_shape[-2:]), min(a_shape[-2:])
         return batch(a_shape) * (4 * m * n * n - 4 * n**3 // 3)
 
-    return {aten._linalg_svd: svd, aten._linalg_eigh: eigh, aten.linalg_qr: qr}
+    # the in-place products (``S.addmm_(a, b)``) are separate ops that flop_counter leaves
+    # uncounted; they cost what their out-of-place twins do (2 flops per multiply-add)
+    def addmm_(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    def baddbmm_(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+    return {aten._linalg_svd: svd, aten._linalg_eigh: eigh, aten.linalg_qr: qr,
+            aten.addmm_: addmm_, aten.baddbmm_: baddbmm_}
 
 
 class Work:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tl_degen import DataError, NonFiniteError
-from tl_degen.stats import GramAccumulator, MomentAccumulator, stack_factors
+from tl_degen.stats import GramAccumulator, MomentAccumulator, reusing_buffers, stack_factors
 
 
 def _data(n=1000, d=9, seed=0):
@@ -222,3 +222,41 @@ def test_factored_blocks_are_summed_then_formed_once():
     bad.add_count(1)
     with pytest.raises(NonFiniteError):
         _ = bad.value
+
+
+def test_factored_sums_finish_once_and_reuse_the_buffer():
+    """``finish`` (a linear map) is applied once, to the summed ``S``, before it is formed:
+    the same as mapping each batch's block. Inside ``reusing_buffers`` the next key gets the
+    folded ``S`` back, zeroed; outside, every key gets a fresh one."""
+    g = torch.Generator().manual_seed(1)
+    d, n = 4, 6
+    U = torch.randn(d, n, generator=g, dtype=torch.float64)
+    H = torch.randn(n, n, generator=g, dtype=torch.float64)
+    H = H + H.T
+    blocks = [torch.randn(n, n, generator=g, dtype=torch.float64) for _ in range(3)]
+    blocks = [b + b.T for b in blocks]
+
+    def finish(S, factors):
+        assert factors[0] is U
+        S.mul_(H)
+
+    ref = GramAccumulator(d)
+    for b in blocks:
+        ref.add_matrix(U @ (b * H) @ U.T)
+    ref.add_count(1)
+    with reusing_buffers():
+        values, buffers = [], []
+        for owner in (object(), object()):  # two accumulators, one after the other
+            acc = GramAccumulator(d)
+            for b in blocks:
+                S, _ = acc.factored_sum((owner,), lambda: (U,), finish)
+                S += b
+            acc.add_count(1)
+            buffers.append(S)
+            values.append(acc.value)
+    assert buffers[1] is buffers[0]  # the first's S, zeroed and used again
+    for value in values:
+        torch.testing.assert_close(value, ref.value, rtol=1e-13, atol=0)
+    acc = GramAccumulator(d)
+    S, _ = acc.factored_sum((object(),), lambda: (U,))
+    assert S is not buffers[0] and not S.any()  # outside: fresh

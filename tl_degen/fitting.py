@@ -42,7 +42,12 @@ from tl_degen.sections.reader import BatchReader
 from tl_degen.sections.rules import integration_rule
 from tl_degen.sections.unembed import LogitFactor, logit_factor, statistics_dim
 from tl_degen.sites import Site, check_forward_order, parse_sites
-from tl_degen.stats import EstimateAccumulator, GramAccumulator, MomentAccumulator
+from tl_degen.stats import (
+    EstimateAccumulator,
+    GramAccumulator,
+    MomentAccumulator,
+    reusing_buffers,
+)
 
 __all__ = ["fit_bases", "site_activations", "token_batches", "check_positions"]
 
@@ -347,7 +352,7 @@ def fit_bases(
         probe = model_probe(fit.adapter)  # in the model's own dtype, as check_model will see it
 
     run = _FitRun(fit.sites, fit.batches, ckpt, saved, shards.seed(seed))
-    with prepared(model, dtype):
+    with prepared(model, dtype), reusing_buffers():
         work = _BasisFit(fit, run, shards, n_samples)
         accs = work.activation_statistics()  # pass 1: every site's mean and Gram
         bases: dict[Site, InteractionBasis] = {}

@@ -16,7 +16,8 @@ singular values of ``R`` give the same eigenvalue to about ``1e-9``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,41 @@ from torch import Tensor
 from tl_degen.errors import DataError, NonFiniteError, TLDegenError
 
 __all__ = ["MomentAccumulator", "GramAccumulator", "StochasticEstimate", "EstimateAccumulator",
-           "CHUNK_ROWS", "stack_factors"]
+           "CHUNK_ROWS", "stack_factors", "reusing_buffers"]
 
 #: Rows per matmul when forming sums of outer products (precision, not memory).
 CHUNK_ROWS = 512
+
+#: The ``S`` buffer of the last folded :meth:`GramAccumulator.factored_sum`, kept for the
+#: next of the same shape while :func:`reusing_buffers` is active (else ``None``).
+_spare: list[Tensor] | None = None
+
+
+@contextmanager
+def reusing_buffers() -> Iterator[None]:
+    """Inside, a folded :meth:`GramAccumulator.factored_sum`'s ``S`` is kept and zeroed for
+    the next one of the same shape instead of allocated afresh: a fresh ``[n, n]`` float64
+    buffer is memory the process has not touched, and at ``n`` in the thousands (the MLP's
+    ``U′ S U′ᵀ``) its page faults cost more than zeroing used memory. The buffer is let go
+    on leaving (nesting: the outermost leaves)."""
+    global _spare
+    if _spare is not None:
+        yield
+        return
+    _spare = []
+    try:
+        yield
+    finally:
+        _spare = None
+
+
+def _zeros(n: int, device: torch.device) -> Tensor:
+    """``[n, n]`` float64 zeros, in the spare buffer when it fits."""
+    if _spare:
+        buf = _spare.pop()
+        if buf.shape == (n, n) and buf.device == device:
+            return buf.zero_()
+    return torch.zeros(n, n, dtype=torch.float64, device=device)
 
 
 def stack_factors(*parts: Tensor) -> Float[Tensor, "d d"]:
@@ -236,16 +268,20 @@ class GramAccumulator:
         self.count = 0
         self._sum = torch.zeros(d, d, dtype=torch.float64, device=device)  # formed blocks
         self._R = torch.zeros(d, d, dtype=torch.float64, device=device)  # RᵀR = Σ rows
-        self._pending: tuple | None = None  # (key, (U, ...), Σ S) of U S Uᵀ blocks
+        self._pending: tuple | None = None  # (key, (U, ...), Σ S, finish) of U S Uᵀ blocks
 
-    def factored_sum(self, key: tuple, factors: Callable[[], tuple[Tensor, ...]]
+    def factored_sum(self, key: tuple, factors: Callable[[], tuple[Tensor, ...]],
+                     finish: Callable[[Tensor, tuple[Tensor, ...]], None] | None = None
                      ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """``(S, factors)``: the running ``S`` (float64, zeros at first) of the blocks
         ``U S Uᵀ`` added under ``key`` (its items compared by identity, e.g. the section and
         its output basis), and the factors ``factors()`` built when the key is new (``U``
         first; the rest kept for the caller until the block is formed). The caller adds its
         batch's symmetric ``S`` into it in place; ``U S Uᵀ`` is formed once, when the sums
-        are next read or another key comes, and the factors are then let go."""
+        are next read or another key comes, and the factors are then let go. ``finish``
+        (given with a new key): ``finish(S, factors)``, a linear map applied to the summed
+        ``S`` in place just before it is formed (e.g. a Hadamard product with a fixed
+        matrix), so that each batch can add the cheaper unmapped terms."""
         pending = self._pending
         if pending is not None and not (len(pending[0]) == len(key) and all(
                 a is b for a, b in zip(pending[0], key))):
@@ -253,19 +289,23 @@ class GramAccumulator:
         if self._pending is None:
             built = factors()
             n = built[0].shape[1]
-            S = torch.zeros(n, n, dtype=torch.float64, device=self._sum.device)
-            self._pending = (key, built, S)
+            self._pending = (key, built, _zeros(n, self._sum.device), finish)
         return self._pending[2], self._pending[1]
 
     def _fold(self) -> None:
         """Form the pending ``U S Uᵀ`` into the formed blocks."""
         if self._pending is None:
             return
-        _, (U, *_), S = self._pending
+        _, built, S, finish = self._pending
         self._pending = None
+        if finish is not None:
+            finish(S, built)
+        U = built[0]
         _check_finite(S, f"Jacobian Gram at {self.name}")
         G = U.double() @ S @ U.double().T
         self._sum += (G + G.T) / 2
+        if _spare is not None:
+            _spare[:] = [S]
 
     @property
     def _formed(self) -> Tensor:

@@ -63,6 +63,9 @@ class Adapter:
         self.arch: Architecture = Architecture.from_model(model, hook_names=self._hook_names)
         self.pattern_before_output: bool = self._probe_pattern_order()
         self._warned_pattern = False
+        #: kinds of closed-form section whose derivative has been checked against this
+        #: model's autograd (:func:`tl_degen.sections.recognise.recognise`)
+        self.checked_derivatives: set[tuple] = set()
 
     def _probe_pattern_order(self) -> bool:
         """Whether ``attn.hook_pattern`` fires before ``hook_attn_out`` (it does not on

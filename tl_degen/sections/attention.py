@@ -162,13 +162,18 @@ class AttentionFormula(Section):
         ``[h_kv, group, t]``), never a repeated copy of the keys."""
         H, pos, W = self.H, self.out_pos, self.weights
         H_kv = W.H_kv
-        xn = self._inputs(x)
         b, S, D = x.shape
+        # one split, no slices of x: under autograd a slice's gradient is a zero-filled copy
+        # of all of x, one per slice, added up; a split's is one concatenation
+        c = x.split([D - 1, 1], -1)[1]
+        xn = self._inputs(x)
         e = self.wq.shape[-1]
         kv = (xn.reshape(b * S, D) @ self._w_kv).view(b, S, H_kv, 2 * e).transpose(1, 2)
-        k, v = kv[..., :e], kv[..., e:]  # [b, H_kv, S, e]
+        k, v = kv.split(e, -1)  # [b, H_kv, S, e]
         T = len(pos)
-        q = (xn[:, pos].reshape(b * T, D) @ self._w_q).view(b, T, H, e).transpose(1, 2)
+        every = T == S  # every position read (in order): no gather of the queries' rows
+        q = ((xn if every else xn[:, pos]).reshape(b * T, D) @ self._w_q
+             ).view(b, T, H, e).transpose(1, 2)
         if W.rotary is not None:
             q, k = W.rotary(q, pos), W.rotary(k)
         if H_kv != H:  # [b, H_kv, (group, t), e]
@@ -177,9 +182,9 @@ class AttentionFormula(Section):
         A = scores.masked_fill(self._future, float("-inf")).softmax(-1)  # [b, H, t, s]
         z = (A.view(b, H_kv, -1, S) @ v).view(b, H, T, e)
         z = z.transpose(1, 2).reshape(b * T, H * e)
-        resid = (x[:, pos, :-1] + (z @ self._w_o).view(b, T, -1)
-                 + (A.sum(1) @ x[..., -1:]) * self.b_O / H)
-        return torch.cat([resid, x[:, pos, -1:]], dim=-1)
+        delta = (z @ self._w_o).view(b, T, -1) + (A.sum(1) @ c) * self.b_O / H
+        # [x_t + Δ_t, c_t]: x's gradient passes through unchanged
+        return (x if every else x[:, pos]) + torch.nn.functional.pad(delta, (0, 1))
 
 
 class NormAttentionSection(AttentionFormula):
@@ -201,7 +206,7 @@ class NormAttentionSection(AttentionFormula):
         N = self.norm
         if N is None:
             return x
-        xs, c = x[..., :-1], x[..., -1:]
+        xs, c = x.split([x.shape[-1] - 1, 1], -1)
         d = (xs.shape[-1],)
         y = (torch.nn.functional.rms_norm(xs, d, N.w, N.eps) if N.rms else
              torch.nn.functional.layer_norm(xs, d, N.w, None, N.eps))

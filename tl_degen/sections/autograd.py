@@ -87,7 +87,10 @@ def pull_back(graphs: list[tuple[Tensor, Tensor]], weights: list[float], grad_ou
         else:
             (g,) = torch.autograd.grad(y, leaf, grad_out, retain_graph=True,
                                        is_grads_batched=batched)
-        total = w * g if total is None else total + w * g
+        if total is None:
+            total = g if w == 1.0 else w * g  # one point of weight 1: no copy
+        else:
+            total = total + w * g
     return total
 
 

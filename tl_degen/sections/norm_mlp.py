@@ -238,9 +238,8 @@ class NormMLPSection(PositionwiseSection):
         which also keeps ``U′``, ``Q`` and ``QQᵀ`` for the pass), and ``U′ S U′ᵀ`` is formed
         once per pass, not per batch."""
         S, (U, Q, QQ) = acc.factored_sum((self, out_basis),
-                                         lambda: self._gram_factors(out_basis))
-        self._add_gram_terms(S, self._rows(x), Q, QQ, U[:self.d, :Q.shape[0]], alphas,
-                             weights)
+                                         lambda: self._gram_factors(out_basis), _finish_gram)
+        self._add_gram_terms(S, self._rows(x), Q, U[:self.d, :Q.shape[0]], alphas, weights)
         acc.add_count(x.shape[0] * x.shape[1])
 
     def _gram_factors(self, out_basis: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -260,41 +259,39 @@ class NormMLPSection(PositionwiseSection):
         U[:, m + 2 + k:] = torch.eye(d + 1, dtype=f64, device=dev)
         return U, Q, Q @ Q.T
 
-    def _add_gram_terms(self, S: Tensor, xr: Float[Tensor, "R d1"], Q: Tensor, QQ: Tensor,
-                        ww: Tensor, alphas: list[float], weights: list[float]) -> None:
+    def _add_gram_terms(self, S: Tensor, xr: Float[Tensor, "R d1"], Q: Tensor, ww: Tensor,
+                        alphas: list[float], weights: list[float]) -> None:
         """Add this batch's symmetric ``S`` (see :meth:`add_jacobian_gram`) into ``S``:
-        ``Z_t = [diag(ē) Q; −q1ᵀ; rᵀ; I_k]``, ``Y_t = −Σ_α (w_α ỹ_α) q2_αᵀ``."""
+        ``Z_t = [diag(ē) Q; −q1ᵀ; rᵀ; I_k]``, ``Y_t = −Σ_α (w_α ỹ_α) q2_αᵀ``. Only the
+        diagonal blocks and the blocks above them are added, each product straight into
+        ``S``; the units' block ``Σ_t diag(ē) Q Qᵀ diag(ē) = (Σ_t ē ēᵀ) ⊙ QQᵀ`` is added as
+        ``Σ_t ē ēᵀ``. :func:`_finish_gram` takes the product with ``QQᵀ`` and fills the
+        blocks below the diagonal once, on the sum."""
         d = self.d
         m, k = Q.shape
         n = m + 2 + k
         R = xr.shape[0]
         e, q1, r, ys = self._terms(xr, Q, alphas, weights, ww)
-        # Σ Z Zᵀ, both triangles
-        S[:m, :m].addcmul_(e.T @ e, QQ)
+        # Σ Z Zᵀ: the units' block (before ⊙ QQᵀ), then the blocks right of it
+        S[:m, :m].addmm_(e.T, e)
         esum = e.sum(0)
         cols = torch.stack([-(e * (q1 @ Q.T)).sum(0), (e * (r @ Q.T)).sum(0)], 1)  # [m, 2]
         S[:m, m:m + 2] += cols
-        S[m:m + 2, :m] += cols.T
         S[:m, m + 2:n].addcmul_(esum[:, None], Q)
-        S[m + 2:n, :m].addcmul_(Q.T, esum[None, :])
         small = torch.stack([q1, -r], 1)  # [R, 2, k]: the rows −q1ᵀ, rᵀ up to sign
         S[m:m + 2, m:m + 2] += torch.stack([torch.stack([q1.square().sum(), -(q1 * r).sum()]),
                                             torch.stack([-(q1 * r).sum(), r.square().sum()])])
-        rows = -small.sum(0)  # [2, k]: −Σ q1, Σ r
-        S[m:m + 2, m + 2:n] += rows
-        S[m + 2:n, m:m + 2] += rows.T
+        S[m:m + 2, m + 2:n] -= small.sum(0)  # [2, k]: −Σ q1, Σ r
         S[m + 2:n, m + 2:n].diagonal().add_(R)
         # X = Σ_t Z_t Y_tᵀ and Σ Y Yᵀ
         ywt = torch.stack([torch.cat([wy, wy.new_zeros(R, 1)], 1) for wy, _ in ys], 1)
         q2 = torch.stack([q for _, q in ys], 1)  # [R, n_α, k]
         Zq = torch.cat([e[:, None] * (q2 @ Q.T), -(q2 * q1[:, None]).sum(-1, keepdim=True),
                         (q2 * r[:, None]).sum(-1, keepdim=True), q2], -1)  # [R, n_α, n]
-        X = -Zq.reshape(-1, n).T @ ywt.reshape(-1, d + 1)
-        S[:n, n:] += X
-        S[n:, :n] += X.T
+        yw = ywt.reshape(-1, d + 1)
+        S[:n, n:].addmm_(Zq.reshape(-1, n).T, yw, alpha=-1.0)
         Gq = q2 @ q2.transpose(1, 2)  # [R, n_α, n_α]
-        YY = ywt.reshape(-1, d + 1).T @ (Gq @ ywt).reshape(-1, d + 1)
-        S[n:, n:] += (YY + YY.T) / 2
+        S[n:, n:].addmm_(yw.T, (Gq @ ywt).reshape(-1, d + 1))
 
     # ------------------------------------------------------------------ pullbacks
     def _jc(self, xr: Tensor, C: Tensor, Q: Tensor, ww: Tensor, alphas: list[float],
@@ -335,3 +332,19 @@ class NormMLPSection(PositionwiseSection):
                 g = g.view(b, len(group), *g.shape[1:])
                 for i, (t, r) in enumerate(group):
                     yield Pullback(slice(start, start + b), [r], t, dirs, g[:, i:i + 1])
+
+
+def _finish_gram(S: Tensor, factors: tuple[Tensor, ...]) -> None:
+    """Finish a summed ``S`` of :meth:`NormMLPSection.add_jacobian_gram`, which holds its
+    diagonal blocks and the blocks above them (:meth:`NormMLPSection._add_gram_terms`): the
+    units' block ``Σ_t ē ēᵀ`` becomes ``(Σ_t ē ēᵀ) ⊙ QQᵀ``, the ``Y`` block is symmetrised,
+    and each block below the diagonal is the transpose of its mirror (``factors``:
+    ``(U′, Q, QQᵀ)``)."""
+    _, Q, QQ = factors
+    m, k = Q.shape
+    n = m + 2 + k
+    S[:m, :m].mul_(QQ)
+    yy = S[n:, n:]
+    yy.copy_((yy + yy.T) / 2)
+    for b, c in ((m, 0), (m + 2, m), (n, m + 2)):  # rows from b, columns c..b
+        S[b:, c:b] = S[c:b, b:].T

@@ -71,8 +71,8 @@ def estimate_jacobian_gram(
                               device="cpu").to(x.device, x.dtype) * 2 - 1
             g = pull_back(graphs, weights, r if C is None else r @ C.T, batched=True).reshape(
                 -1, x.shape[-1]).double()
-            acc += g.T @ g
-        groups.append(acc / per_group)
+            acc.addmm_(g.T, g)
+        groups.append(acc.div_(per_group))
     return StochasticEstimate(groups)
 
 

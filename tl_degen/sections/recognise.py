@@ -19,7 +19,11 @@ model's architecture (:class:`tl_degen.adapters.Architecture`) allow one:
 The other MLP and linear sections need a model without normalisation. Before use, the
 section's own forward pass — the one the pipeline runs — must reproduce the model's on the
 first :data:`CHECK_ROWS` sequences of a batch, and one vector-Jacobian product must agree
-with autograd through the model. Only :class:`~tl_degen.sections.plan.SectionPlan` calls
+with autograd through the model. The derivative is checked once per kind of section
+(its class, site kinds and positions, prompt length and dtype;
+:attr:`Adapter.checked_derivatives`): every layer's section of that kind runs the same
+derivative code on weights its own forward check has already tested, so the other layers
+skip the model pass of that check. Only :class:`~tl_degen.sections.plan.SectionPlan` calls
 :func:`recognise`.
 """
 
@@ -102,7 +106,21 @@ def recognise(adapter: Adapter, tokens: Tensor, in_site: Site, out_site: Site,
     tol = _tolerance(section, x.dtype)
     if not _close(out, want, tol):
         return None
-    return section if _vjp_agrees(section, tokens, x, tol) else None
+    kind = _derivative_kind(section, x)
+    if kind in adapter.checked_derivatives:
+        return section
+    if not _vjp_agrees(section, tokens, x, tol):
+        return None
+    adapter.checked_derivatives.add(kind)
+    return section
+
+
+def _derivative_kind(section: Section, x: Tensor) -> tuple:
+    """What a section's derivative code depends on beyond the weights its forward pass
+    uses: its class, site kinds and positions, prompt length and dtype (not its layer)."""
+    out_site = block_output(section.in_site, section.out_site)
+    return (type(section), section.in_site.kind, section.in_site.positions, out_site.kind,
+            out_site.positions, section.n_pos, x.dtype, x.device.type)
 
 
 def _build(adapter: Adapter, in_site: Site, out_site: Site, n_pos: int, dt: torch.dtype,
