@@ -108,6 +108,29 @@ def test_logit_factor_spans_the_logits():
         torch.testing.assert_close(factor.coordinates(y) @ factor.Q.T, y, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["well conditioned", "zero row", "ill conditioned"])
+def test_left_svd_by_the_gram_equals_the_svd(case):
+    """The factor's SVD through the ``[d1, d1]`` Gram equals LAPACK's SVD: the same singular
+    values (the zero one of an absent ``b_U`` dropped, as the factor's cut drops it),
+    ``Bᵀ = U S Vh``, ``U`` orthonormal to 1e-12; where small singular values make the Gram
+    imprecise, the SVD itself is returned."""
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(9, 300, generator=g, dtype=torch.float64)
+    if case == "zero row":
+        B[-1] = 0.0
+    if case == "ill conditioned":
+        B[-1] = B[-2] + 1e-7 * B[-1]  # a singular value ~1e-8 of the largest
+    U_, S_, Vh_ = U._left_svd(B)
+    ref = torch.linalg.svd(B.T, full_matrices=False)
+    r = 8 if case == "zero row" else 9
+    assert S_.shape == (r,)
+    torch.testing.assert_close(S_, ref.S[:r], rtol=1e-12, atol=0)
+    torch.testing.assert_close((U_ * S_) @ Vh_, B.T, rtol=0, atol=1e-12 * float(B.abs().max()))
+    torch.testing.assert_close(U_.T @ U_, torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-12)
+    if case == "ill conditioned":  # the SVD's own factors
+        assert torch.equal(U_, ref.U) and torch.equal(Vh_, ref.Vh)
+
+
 def test_factor_space_fit_equals_the_full_vocabulary_fit(monkeypatch, tmp_path):
     """The logits kept in their factor space (``FACTOR_VOCAB`` lowered below the test
     vocabulary) against one node per token: the same bases before the logits, to 1e-10; the

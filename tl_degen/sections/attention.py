@@ -149,8 +149,9 @@ class AttentionFormula(Section):
         idx = torch.arange(n_pos, device=dev)
         self._future = idx[None, :] > torch.tensor(self.out_pos, device=dev)[:, None]  # [t, s]
 
-    def _inputs(self, x: Tensor) -> Tensor:
-        """What the projections read: ``x`` itself."""
+    def _inputs(self, x: Tensor, xs: Tensor, c: Tensor) -> Tensor:
+        """What the projections read: ``x`` itself (``xs, c``: its split into the residual
+        and the constant coordinate, the only views of ``x`` the section takes)."""
         return x
 
     def forward(self, x: Float[Tensor, "batch n_pos d_in"], tokens: Tensor | None = None
@@ -165,8 +166,8 @@ class AttentionFormula(Section):
         b, S, D = x.shape
         # one split, no slices of x: under autograd a slice's gradient is a zero-filled copy
         # of all of x, one per slice, added up; a split's is one concatenation
-        c = x.split([D - 1, 1], -1)[1]
-        xn = self._inputs(x)
+        xs, c = x.split([D - 1, 1], -1)
+        xn = self._inputs(x, xs, c)
         e = self.wq.shape[-1]
         kv = (xn.reshape(b * S, D) @ self._w_kv).view(b, S, H_kv, 2 * e).transpose(1, 2)
         k, v = kv.split(e, -1)  # [b, H_kv, S, e]
@@ -199,14 +200,13 @@ class NormAttentionSection(AttentionFormula):
         super().__init__(adapter, in_site, out_site, n_pos, weights)
         self.norm = norm
 
-    def _inputs(self, x: Tensor) -> Tensor:
-        """``[norm(x), c]``: LayerNorm (or RMSNorm) of the residual stream with its bias
-        scaled by the constant coordinate ``c``, as the adapter runs it (every bias inside a
-        section is multiplied by ``c``)."""
+    def _inputs(self, x: Tensor, xs: Tensor, c: Tensor) -> Tensor:
+        """``[norm(x), c]``: LayerNorm (or RMSNorm) of the residual stream ``xs`` with its
+        bias scaled by the constant coordinate ``c``, as the adapter runs it (every bias
+        inside a section is multiplied by ``c``)."""
         N = self.norm
         if N is None:
             return x
-        xs, c = x.split([x.shape[-1] - 1, 1], -1)
         d = (xs.shape[-1],)
         y = (torch.nn.functional.rms_norm(xs, d, N.w, N.eps) if N.rms else
              torch.nn.functional.layer_norm(xs, d, N.w, None, N.eps))
@@ -330,7 +330,7 @@ class NormAttentionSection(AttentionFormula):
             out["sigma"], out["a"] = sigma, yhat @ cpd.T
             out["R_kv"] = yhat @ parts["kv"][2]
             out["R_q"] = yhat[:, pos] @ parts["q"][2]
-        xn = self._inputs(x)
+        xn = self._inputs(x, *x.split([D - 1, 1], -1))
         kv = (xn.reshape(b * S, D) @ self._w_kv).view(b, S, H_kv, 2 * e).transpose(1, 2)
         k, v = kv[..., :e], kv[..., e:]
         q = (xn[:, pos].reshape(b * T, D) @ self._w_q).view(b, T, H, e).transpose(1, 2)

@@ -110,9 +110,46 @@ def logit_factor(adapter: Adapter) -> LogitFactor | None:
         raise SiteError("cannot read the unembedding weights (model.unembed.W_U) that a "
                         "logits site of a large vocabulary is computed through; end the sites "
                         f"at 'resid_post.{arch.n_layers - 1}'")
-    U, S, Vh = torch.linalg.svd(B.T.to(adapter.device), full_matrices=False)
+    U, S, Vh = _left_svd(B.to(adapter.device))
     keep = S > S[0] * max(B.shape) * torch.finfo(torch.float64).eps
     return LogitFactor(Q=U[:, keep].contiguous(), R=(S[keep, None] * Vh[keep]).contiguous())
+
+
+#: How far from orthonormal (``‖(UᵀU − I) v‖ / ‖v‖`` on random ``v``) the Gram route's ``U``
+#: may be before :func:`_left_svd` takes the SVD instead.
+ORTHONORMAL_TOL = 1e-11
+
+
+def _left_svd(B: Float[Tensor, "d1 vocab"]) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``Bᵀ = U diag(S) Vh`` (float64, ``S`` descending) of a wide ``B``, for
+    the singular values :func:`logit_factor` keeps, through the ``[d1, d1]`` Gram:
+    ``B Bᵀ = Vhᵀ S² Vh`` by eigendecomposition and ``U = Bᵀ Vhᵀ S⁻¹``, three products at
+    the matmul rate where LAPACK's SVD of the ``[V, d1]`` matrix runs at a fraction of it.
+
+    The Gram squares the condition number, so it is used only where every eigenvalue is
+    either well resolved (``S² ≥ 10⁻⁴ S₀²``) or zero to working precision
+    (``|S²| ≤ 10·d1·eps·S₀²``, e.g. the row of an absent ``b_U``) with ``‖Bᵀv‖`` below the
+    factor's cut (so the SVD's cut would drop it too), and ``U`` is then checked to be
+    orthonormal to :data:`ORTHONORMAL_TOL` on random vectors; otherwise the SVD is taken."""
+    d1, eps = B.shape[0], torch.finfo(B.dtype).eps
+    lam, V = torch.linalg.eigh(B @ B.T)
+    lam, V = lam.flip(0), V.flip(1)
+    top = float(lam[0])
+    resolved = lam >= 1e-4 * top
+    null = lam.abs() <= 10 * d1 * eps * top
+    # a direction null in the Gram may still have a singular value up to ~1e-6 of the
+    # largest, which the SVD's cut would keep: measured directly, ‖Bᵀv‖ must be below it
+    cut = max(B.shape) * eps * max(top, 0.0) ** 0.5
+    if top > 0 and bool((resolved | null).all()) and (
+            not bool(null.any()) or float((B.T @ V[:, null]).norm(dim=0).max()) <= cut):
+        S = lam[resolved].sqrt()
+        Vk = V[:, resolved]
+        U = (B.T @ Vk) / S
+        v = torch.randn(U.shape[1], 2, generator=torch.Generator().manual_seed(0),
+                        dtype=U.dtype).to(U.device)
+        if float((U.T @ (U @ v) - v).norm() / v.norm()) <= ORTHONORMAL_TOL:
+            return U, S, Vk.T
+    return torch.linalg.svd(B.T, full_matrices=False)
 
 
 def statistics_dim(adapter: Adapter, site: Site, factor: LogitFactor | None = None) -> int:
