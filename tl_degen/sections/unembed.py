@@ -112,7 +112,9 @@ def logit_factor(adapter: Adapter) -> LogitFactor | None:
                         f"at 'resid_post.{arch.n_layers - 1}'")
     U, S, Vh = _left_svd(B.to(adapter.device))
     keep = S > S[0] * max(B.shape) * torch.finfo(torch.float64).eps
-    return LogitFactor(Q=U[:, keep].contiguous(), R=(S[keep, None] * Vh[keep]).contiguous())
+    if not bool(keep.all()):  # else U as it is: no copy of a [V, r] matrix
+        U, S, Vh = U[:, keep].contiguous(), S[keep], Vh[keep]
+    return LogitFactor(Q=U, R=(S[:, None] * Vh).contiguous())
 
 
 #: How far from orthonormal (``‖(UᵀU − I) v‖ / ‖v‖`` on random ``v``) the Gram route's ``U``
@@ -144,7 +146,7 @@ def _left_svd(B: Float[Tensor, "d1 vocab"]) -> tuple[Tensor, Tensor, Tensor]:
             not bool(null.any()) or float((B.T @ V[:, null]).norm(dim=0).max()) <= cut):
         S = lam[resolved].sqrt()
         Vk = V[:, resolved]
-        U = (B.T @ Vk) / S
+        U = B.T @ (Vk / S)  # scaled before the product: no second [V, r] matrix
         v = torch.randn(U.shape[1], 2, generator=torch.Generator().manual_seed(0),
                         dtype=U.dtype).to(U.device)
         if float((U.T @ (U @ v) - v).norm() / v.norm()) <= ORTHONORMAL_TOL:
