@@ -339,3 +339,42 @@ def test_closed_form_refuses_a_wrong_derivative():
     b = tl_degen.fit_bases(model, tokens, sites, progress=False, closed_form=False)
     lam_a, lam_b = a["resid_pre.0"].eigenvalues, b["resid_pre.0"].eigenvalues
     assert torch.allclose(lam_a, lam_b, rtol=1e-8, atol=1e-10 * lam_b.max())
+
+
+def test_derivative_is_checked_once_per_kind_of_section(monkeypatch, tokenizer_dir):
+    """Every layer's section is checked against the model's forward pass; the vector-Jacobian
+    product against autograd runs once per kind of section (class, sites' kinds and
+    positions, prompt length, dtype) on one adapter, and a failed check is never cached."""
+    from tl_degen.sections import recognise as R
+
+    calls = []
+    real = R._vjp_agrees
+
+    def counting(section, *args, **kwargs):
+        calls.append(section.in_site.name)
+        return real(section, *args, **kwargs)
+
+    monkeypatch.setattr(R, "_vjp_agrees", counting)
+    model = M.build("gpt2", tokenizer_dir)
+    adapter = get_adapter(model)
+    tokens = M.random_tokens(4, 5)
+    pairs = [("resid_pre.0", "resid_mid.0"), ("resid_pre.1", "resid_mid.1"),
+             ("resid_mid.0", "resid_pre.1"), ("resid_mid.1", "resid_post.1"),
+             ("resid_mid.1", "resid_post.1:last")]
+    with prepared(model, torch.float64):
+        for a, b in pairs:
+            in_site, out_site = Site.parse(a), Site.parse(b)
+            (x,) = adapter.read_sites(tokens, [in_site])
+            assert recognise(adapter, tokens, in_site, out_site, x) is not None, (a, b)
+    # attention once, the MLP into every position once, into the last position once
+    assert calls == ["resid_pre.0", "resid_mid.0", "resid_mid.1"]
+    assert len(adapter.checked_derivatives) == 3
+    calls.clear()
+    monkeypatch.setattr(R, "_vjp_agrees", lambda *a, **k: calls.append(1) and False)
+    fresh = get_adapter(model)
+    with prepared(model, torch.float64):
+        for a, b in pairs[:2]:
+            in_site, out_site = Site.parse(a), Site.parse(b)
+            (x,) = fresh.read_sites(tokens, [in_site])
+            assert recognise(fresh, tokens, in_site, out_site, x) is None
+    assert len(calls) == 2 and not fresh.checked_derivatives  # each layer checked, refused
